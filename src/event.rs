@@ -1,0 +1,225 @@
+//! The event envelope: what a source hands to the journal ([`NewEvent`]),
+//! what the journal hands back to a forwarder ([`StoredEvent`]), and how a
+//! stored event is written as a CloudEvents 1.0 JSON object upstream.
+//!
+//! This module owns the wire shape of an event. It must never touch I/O: it is
+//! plain data and serialisation, shared by sources, the journal and sinks.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// CloudEvents `type` of the event announcing a range evicted from a full journal.
+pub const GAP_EVENT_TYPE: &str = "plantrelay.gap";
+
+/// Delivery class of an event. Under `when_full = "drop_oldest"` telemetry is
+/// evicted before anything critical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Business events (confirmations, consumptions, quality results).
+    Critical,
+    /// Machine states and measurements: the first to go when space runs out.
+    Telemetry,
+}
+
+impl Class {
+    /// The integer stored in the journal's `class` column.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            Class::Critical => 0,
+            Class::Telemetry => 1,
+        }
+    }
+
+    /// The inverse of [`Class::as_i64`]; unknown values read as critical so
+    /// that nothing is evicted early by mistake.
+    pub fn from_i64(v: i64) -> Class {
+        if v == 1 {
+            Class::Telemetry
+        } else {
+            Class::Critical
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Critical => "critical",
+            Class::Telemetry => "telemetry",
+        }
+    }
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event as a source hands it to the journal, before it has a `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The configured name of the source (`[[sources.*]] name`). Together with
+    /// `id` it is the deduplication key.
+    pub source: String,
+    /// Source-given or derived event id, stable across redeliveries.
+    pub id: String,
+    /// The ordering key (CloudEvents `subject`).
+    pub stream: String,
+    pub class: Class,
+    /// CloudEvents `type`.
+    pub event_type: String,
+    /// Source time as RFC 3339, when the source gave one.
+    pub source_time: Option<String>,
+    /// The event's `data` as JSON text (any JSON value).
+    pub data: Vec<u8>,
+    /// Further CloudEvents attributes and extensions to forward unchanged, as
+    /// a JSON object text (e.g. `{"datacontenttype":"application/json"}`).
+    pub attrs: Option<String>,
+}
+
+impl NewEvent {
+    /// Bytes this event is accounted for in batch and capacity limits.
+    pub fn size(&self) -> usize {
+        self.source.len()
+            + self.id.len()
+            + self.stream.len()
+            + self.event_type.len()
+            + self.source_time.as_ref().map_or(0, String::len)
+            + self.data.len()
+            + self.attrs.as_ref().map_or(0, String::len)
+    }
+}
+
+/// An event read back from the journal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Journal sequence: gap-free and monotonic over the journal's life.
+    pub seq: u64,
+    pub source: String,
+    pub id: String,
+    pub stream: String,
+    /// Per `(source, stream)` sequence, gap-free.
+    pub stream_seq: u64,
+    pub class: Class,
+    pub event_type: String,
+    pub source_time: Option<String>,
+    /// When the agent committed it, microseconds since the Unix epoch
+    /// (monotonic over the journal's life).
+    pub recv_time_us: i64,
+    pub data: Vec<u8>,
+    pub attrs: Option<String>,
+}
+
+impl StoredEvent {
+    pub fn size(&self) -> usize {
+        self.source.len()
+            + self.id.len()
+            + self.stream.len()
+            + self.event_type.len()
+            + self.source_time.as_ref().map_or(0, String::len)
+            + self.data.len()
+            + self.attrs.as_ref().map_or(0, String::len)
+    }
+
+    /// Writes this event as one CloudEvents 1.0 JSON object.
+    ///
+    /// `data` and `attrs` were validated as JSON when the event was
+    /// journaled; should a row still hold invalid JSON (a damaged file), the
+    /// data is forwarded as a JSON string rather than producing invalid JSON.
+    pub fn write_cloudevent(&self, agent_id: &str, out: &mut Vec<u8>) {
+        let data: Box<RawValue> = std::str::from_utf8(&self.data)
+            .ok()
+            .and_then(|s| RawValue::from_string(s.to_owned()).ok())
+            .unwrap_or_else(|| {
+                let text = String::from_utf8_lossy(&self.data);
+                // Serialising a string into a RawValue cannot fail.
+                serde_json::value::to_raw_value(&text).unwrap_or_default()
+            });
+        let extra: Option<serde_json::Map<String, serde_json::Value>> = self
+            .attrs
+            .as_deref()
+            .and_then(|a| serde_json::from_str(a).ok());
+        let ce = CloudEventOut {
+            specversion: "1.0",
+            id: &self.id,
+            source: format!("plantrelay://{agent_id}/{}", self.source),
+            event_type: &self.event_type,
+            subject: &self.stream,
+            time: self.source_time.as_deref(),
+            sequence: self.seq,
+            streamsequence: self.stream_seq,
+            data: &data,
+            extra,
+        };
+        // Writing plain strings, numbers and already-valid JSON into a Vec
+        // cannot fail.
+        let _ = serde_json::to_writer(out, &ce);
+    }
+}
+
+#[derive(Serialize)]
+struct CloudEventOut<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: String,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
+    sequence: u64,
+    streamsequence: u64,
+    data: &'a RawValue,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> StoredEvent {
+        StoredEvent {
+            seq: 7,
+            source: "mes".into(),
+            id: "e-1".into(),
+            stream: "line3/press07".into(),
+            stream_seq: 3,
+            class: Class::Critical,
+            event_type: "com.example.confirmation".into(),
+            source_time: Some("2026-11-29T10:00:00Z".into()),
+            recv_time_us: 1,
+            data: br#"{"qty":5}"#.to_vec(),
+            attrs: Some(r#"{"datacontenttype":"application/json"}"#.into()),
+        }
+    }
+
+    #[test]
+    fn cloudevent_carries_sequence_streamsequence_and_source_uri() {
+        let mut out = Vec::new();
+        stored().write_cloudevent("gw-1", &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], "e-1");
+        assert_eq!(v["source"], "plantrelay://gw-1/mes");
+        assert_eq!(v["type"], "com.example.confirmation");
+        assert_eq!(v["subject"], "line3/press07");
+        assert_eq!(v["time"], "2026-11-29T10:00:00Z");
+        assert_eq!(v["sequence"], 7);
+        assert_eq!(v["streamsequence"], 3);
+        assert_eq!(v["data"]["qty"], 5);
+        assert_eq!(v["datacontenttype"], "application/json");
+    }
+
+    #[test]
+    fn damaged_data_is_forwarded_as_a_string_not_as_invalid_json() {
+        let mut e = stored();
+        e.data = b"{not json".to_vec();
+        let mut out = Vec::new();
+        e.write_cloudevent("gw-1", &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["data"], "{not json");
+    }
+}
