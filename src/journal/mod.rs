@@ -1,1 +1,543 @@
-//! placeholder
+//! The journal: a SQLite file (WAL mode) that holds every event between its
+//! arrival and its delivery to every sink. It is the one place where state
+//! lives, and this module is the only one that runs SQL.
+//!
+//! # Layout (`<state_dir>/journal.db`, schema version in `PRAGMA user_version`)
+//!
+//! - `events(seq PK, source, event_id, stream, stream_seq, class, type,
+//!   source_time, recv_time, data, attrs, size, only_sink)`: one row per
+//!   stored event. `seq` is assigned by the writer: strictly increasing over
+//!   the journal's whole life (the high-water mark is kept in `meta`, so it
+//!   never restarts, not even after every row was deleted). Without
+//!   evictions, retention or dead-letter retries, seqs are gap-free.
+//!   `stream_seq` counts per `(source, stream)` and is gap-free: an evicted
+//!   range is replaced by a `plantrelay.gap` row that names it. `recv_time`
+//!   (µs since the epoch) never decreases with `seq` (the writer clamps a
+//!   clock that steps back), so time lookups are binary searches on `seq`.
+//!   `only_sink` is set on a dead letter put back for one sink.
+//! - `streams(source, stream, last_seq)`: the per-stream counters.
+//! - `cursors(sink, seq)`: per sink, the highest seq the upstream acknowledged.
+//! - `dead_letters(id, sink, seq, reason, time, <a copy of the event>)`:
+//!   events a sink rejected for good; a copy, so retention cannot take them.
+//! - `gaps(...)`: every range evicted by `when_full = "drop_oldest"`.
+//! - `meta(key, value)`: `last_seq`, counters that must survive restarts.
+//!
+//! There is no index on `(source, event_id)`: random keys in an on-disk
+//! B-tree cost ~10× the insert rate. Deduplication is the in-memory
+//! [`dedup::DedupIndex`] over `dedup_window`, rebuilt from the rows at start.
+//!
+//! # The commit point
+//!
+//! One writer thread owns the only write connection. It takes whatever is
+//! queued on a bounded channel (appends, cursor moves, dead letters, up to a
+//! batch limit), applies it in one transaction and commits; only then does it
+//! answer each caller. An append answered with a seq is durable: with
+//! `sync = "full"` against power loss, with `"normal"` against a process
+//! crash. A failed commit is answered as failed to every caller in it, and the
+//! in-memory state (next seq, stream counters, dedup entries) is rolled back
+//! with it; after a disk-full error the connection is reopened.
+//!
+//! # The cursor rule
+//!
+//! A sink's cursor moves only forward, only past what its upstream
+//! acknowledged, and only by the writer ([`Journal::advance`]). A replay
+//! ([`Journal::rewind`]) moves it back, and refuses a point older than the
+//! oldest retained row. A sink with no cursor row starts at the beginning.
+//!
+//! # Retention
+//!
+//! A row is deleted once every configured sink's cursor is past it and it is
+//! older than `retain_acked`; the writer deletes in chunks of a few thousand
+//! rows between batches, never in one large transaction. Readers use short
+//! transactions so checkpoints can complete; the WAL is truncated to
+//! [`schema::WAL_SIZE_LIMIT`] after checkpoints and force-checkpointed when it
+//! grows past it.
+//!
+//! # Capacity
+//!
+//! Used bytes are the file's live pages (page count less free pages). When an
+//! append would pass `max_size`, delivered rows still kept for replay go
+//! first. Then, with `when_full = "block"`, the append is refused as
+//! [`JournalError::Full`] (the caller waits up to `block_timeout` for space,
+//! and its source turns the refusal into back-pressure); with
+//! `"drop_oldest"` the oldest undelivered telemetry is evicted, then critical
+//! events, each evicted range counted, logged, kept in `gaps` and replaced in
+//! place by a `plantrelay.gap` event so every sink that had not yet received
+//! it learns of it in order.
+//!
+//! # Damage
+//!
+//! At open, `PRAGMA quick_check` runs. A file SQLite calls corrupt is renamed
+//! to `journal.db.corrupt-<utc time>`, a fresh journal continues the seq
+//! numbering where the old one can still be read (or from the clock), and the
+//! quarantine is reported in the status. The agent never crash-loops on a
+//! damaged file.
+
+pub mod dedup;
+mod reader;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+pub use reader::{DeadLetter, GapRecord, JournalStats, Reader, SinkPosition};
+pub use schema::SCHEMA_VERSION;
+
+use crate::event::{NewEvent, StoredEvent};
+
+/// `PRAGMA synchronous` for the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Every commit is on disk before it is acknowledged: survives power loss.
+    Full,
+    /// Commits survive a process crash; the last ones may be lost on power loss.
+    Normal,
+}
+
+/// What an append does when the journal is at `max_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    Block,
+    DropOldest,
+}
+
+/// Everything the journal needs to open; built from `[journal]` by the agent.
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    pub path: PathBuf,
+    pub sync: SyncMode,
+    pub max_size: u64,
+    pub when_full: WhenFull,
+    pub retain_acked: Duration,
+    pub dedup_window: Duration,
+    pub dedup_max_ids: usize,
+    pub block_timeout: Duration,
+    /// The configured sinks: retention waits for every one of them.
+    pub sinks: Vec<String>,
+}
+
+impl JournalOptions {
+    /// Defaults of the config contract, for the journal at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> JournalOptions {
+        JournalOptions {
+            path: path.into(),
+            sync: SyncMode::Full,
+            max_size: 2 << 30,
+            when_full: WhenFull::Block,
+            retain_acked: Duration::from_secs(24 * 3600),
+            dedup_window: Duration::from_secs(3600),
+            dedup_max_ids: 2_000_000,
+            block_timeout: Duration::from_secs(5),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// The answer to one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Committed under this seq and per-stream seq.
+    Stored { seq: u64, stream_seq: u64 },
+    /// Not stored again: `(source, id)` was already journaled as `seq`.
+    Duplicate { seq: u64 },
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewindTo {
+    /// Deliver again from this seq on (inclusive).
+    Seq(u64),
+    /// Deliver again every event received at or after this time.
+    Since(SystemTime),
+}
+
+/// A journal that was found damaged at open and moved aside.
+#[derive(Debug, Clone)]
+pub struct Quarantine {
+    pub moved_to: PathBuf,
+    pub reason: String,
+    pub time: SystemTime,
+    pub salvaged_last_seq: Option<u64>,
+    pub salvaged_streams: Vec<(String, String, u64)>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum JournalError {
+    #[error("journal at {}: {detail}", path.display())]
+    Sqlite { path: PathBuf, detail: String },
+    #[error("journal at {}: disk full (the filesystem has no space left; the last commit was not stored)", path.display())]
+    DiskFull { path: PathBuf },
+    #[error("journal at {}: full ({} of {} limit reached, when_full = \"block\")", path.display(), fmt_bytes(*used), fmt_bytes(*max))]
+    Full { path: PathBuf, used: u64, max: u64 },
+    #[error("journal at {}: {what}: {detail}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        detail: String,
+    },
+    #[error("journal at {}: in use by another plantrelay process (lock file {})", path.display(), lock.display())]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("journal at {}: cannot replay from seq {requested}: retention already deleted everything before seq {oldest}", path.display())]
+    BeyondRetention {
+        path: PathBuf,
+        requested: u64,
+        oldest: u64,
+    },
+    #[error("journal at {}: {what}", path.display())]
+    NotFound { path: PathBuf, what: String },
+    #[error("journal writer has stopped")]
+    Closed,
+}
+
+pub(crate) fn fmt_bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
+}
+
+pub(crate) fn unix_micros(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Counters the writer keeps current for status and metrics; lock-free reads.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    /// Highest committed seq.
+    pub head_seq: AtomicU64,
+    /// Live bytes of the file (pages in use × page size).
+    pub used_bytes: AtomicU64,
+    pub events_stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub evicted_telemetry: AtomicU64,
+    pub evicted_critical: AtomicU64,
+    pub retention_deleted: AtomicU64,
+    pub commits: AtomicU64,
+    pub dedup_ids: AtomicU64,
+    /// Wall-clock µs of the writer's last loop turn (a liveness beacon).
+    pub writer_heartbeat_us: AtomicI64,
+    pub writer_alive: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+pub(crate) enum Request {
+    Append {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<Vec<AppendOutcome>, JournalError>>,
+    },
+    Advance {
+        sink: String,
+        from: Option<u64>,
+        to: u64,
+        reply: oneshot::Sender<Result<bool, JournalError>>,
+    },
+    Rewind {
+        sink: String,
+        to: RewindTo,
+        reply: oneshot::Sender<Result<u64, JournalError>>,
+    },
+    DeadLetter {
+        sink: String,
+        event: Box<StoredEvent>,
+        reason: String,
+        reply: oneshot::Sender<Result<i64, JournalError>>,
+    },
+    RetryDeadLetter {
+        id: i64,
+        reply: oneshot::Sender<Result<u64, JournalError>>,
+    },
+    DropDeadLetter {
+        id: i64,
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
+    Maintain,
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+struct Inner {
+    opts: JournalOptions,
+    tx: mpsc::Sender<Request>,
+    committed: watch::Receiver<u64>,
+    space: Arc<Notify>,
+    stats: Arc<SharedStats>,
+    quarantine: Option<Quarantine>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    // Held for the journal's life: a second agent on the same state_dir is
+    // refused at open.
+    _lock: std::fs::File,
+}
+
+/// A handle on the open journal; clones share the one writer.
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+/// Capacity of the writer's request queue: appenders beyond it wait, which
+/// is the back-pressure sources see.
+const QUEUE_DEPTH: usize = 1024;
+
+impl Journal {
+    /// Opens or creates the journal, rebuilds the dedup index and starts the
+    /// writer thread. Must be called within a Tokio runtime only for the
+    /// async methods; opening itself is blocking work (call it from
+    /// `spawn_blocking` in async code if start-up latency matters).
+    pub fn open(opts: JournalOptions) -> Result<Journal, JournalError> {
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
+                path: opts.path.clone(),
+                what: format!("cannot create directory {}", dir.display()),
+                detail: e.to_string(),
+            })?;
+        }
+        let lock = lock_file(&opts.path)?;
+        let (conn, quarantine) = schema::open_writer(&opts.path, opts.sync)?;
+        let stats = Arc::new(SharedStats::default());
+        let state = writer::WriterState::load(conn, &opts, stats.clone())?;
+        let (committed_tx, committed) = watch::channel(state.head_seq());
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let space = Arc::new(Notify::new());
+        let writer = {
+            let space = space.clone();
+            std::thread::Builder::new()
+                .name("journal-writer".into())
+                .spawn(move || writer::run(state, rx, committed_tx, space))
+                .map_err(|e| JournalError::Io {
+                    path: opts.path.clone(),
+                    what: "cannot start the writer thread".into(),
+                    detail: e.to_string(),
+                })?
+        };
+        spawn_ticker(tx.clone());
+        Ok(Journal {
+            inner: Arc::new(Inner {
+                opts,
+                tx,
+                committed,
+                space,
+                stats,
+                quarantine,
+                writer: Mutex::new(Some(writer)),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.opts.path
+    }
+
+    pub fn options(&self) -> &JournalOptions {
+        &self.inner.opts
+    }
+
+    pub fn stats(&self) -> &SharedStats {
+        &self.inner.stats
+    }
+
+    /// The damaged file this open moved aside, if any.
+    pub fn quarantine(&self) -> Option<&Quarantine> {
+        self.inner.quarantine.as_ref()
+    }
+
+    /// A watch of the highest committed seq: forwarders wait on it for work.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.inner.committed.clone()
+    }
+
+    /// A new read connection (forwarders, status). Blocking; keep each call short.
+    pub fn reader(&self) -> Result<Reader, JournalError> {
+        Reader::open(&self.inner.opts.path)
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Request,
+    ) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Appends events and returns once they are committed (or found to be
+    /// duplicates). Under `when_full = "block"` a full journal is retried
+    /// until `block_timeout`, then reported as [`JournalError::Full`].
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<AppendOutcome>, JournalError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + self.inner.opts.block_timeout;
+        let mut events = events;
+        loop {
+            // The writer hands the events back on a full journal only by
+            // error; keep a copy for the retry.
+            let attempt = if self.inner.opts.when_full == WhenFull::Block {
+                events.clone()
+            } else {
+                std::mem::take(&mut events)
+            };
+            match self
+                .request(|reply| Request::Append {
+                    events: attempt,
+                    reply,
+                })
+                .await
+            {
+                Err(JournalError::Full { .. }) if Instant::now() < deadline => {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(200));
+                    let _ = tokio::time::timeout(wait, self.inner.space.notified()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Moves `sink`'s cursor forward to `to`, if it still stands at `from`
+    /// (`None`: wherever it stands). Returns false when it did not move: the
+    /// cursor was already there or beyond, or a replay moved it meanwhile (the
+    /// caller then reloads it). Never moves a cursor backwards: that is
+    /// [`Journal::rewind`].
+    pub async fn advance(
+        &self,
+        sink: &str,
+        from: Option<u64>,
+        to: u64,
+    ) -> Result<bool, JournalError> {
+        let sink = sink.to_string();
+        self.request(|reply| Request::Advance {
+            sink,
+            from,
+            to,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves `sink`'s cursor back for a replay; returns the new cursor.
+    pub async fn rewind(&self, sink: &str, to: RewindTo) -> Result<u64, JournalError> {
+        let sink = sink.to_string();
+        self.request(|reply| Request::Rewind { sink, to, reply })
+            .await
+    }
+
+    /// Records that `sink`'s upstream rejected `event` for good; returns the
+    /// dead letter's id.
+    pub async fn dead_letter(
+        &self,
+        sink: &str,
+        event: StoredEvent,
+        reason: &str,
+    ) -> Result<i64, JournalError> {
+        let sink = sink.to_string();
+        let reason = reason.to_string();
+        self.request(|reply| Request::DeadLetter {
+            sink,
+            event: Box::new(event),
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Puts a dead letter back for delivery to its sink (as a new row at the
+    /// end of the journal, so retries go out in the order they were asked
+    /// for); returns the new seq.
+    pub async fn retry_dead_letter(&self, id: i64) -> Result<u64, JournalError> {
+        self.request(|reply| Request::RetryDeadLetter { id, reply })
+            .await
+    }
+
+    pub async fn drop_dead_letter(&self, id: i64) -> Result<(), JournalError> {
+        self.request(|reply| Request::DropDeadLetter { id, reply })
+            .await
+    }
+
+    /// Lets the writer commit what is queued, checkpoints, and stops it.
+    pub async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .tx
+            .send(Request::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+fn lock_file(path: &Path) -> Result<std::fs::File, JournalError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| JournalError::Io {
+            path: path.to_path_buf(),
+            what: format!("cannot open lock file {}", lock_path.display()),
+            detail: e.to_string(),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Locked {
+            path: path.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(JournalError::Io {
+            path: path.to_path_buf(),
+            what: format!("cannot lock {}", lock_path.display()),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// True if an agent holds the journal at `path` open right now.
+pub fn is_locked(path: &Path) -> bool {
+    matches!(lock_file(path), Err(JournalError::Locked { .. }))
+}
+
+/// Wakes the writer once a second for retention, dedup expiry and WAL
+/// checks. Ends when the writer's queue closes.
+fn spawn_ticker(tx: mpsc::Sender<Request>) {
+    let spawned = std::thread::Builder::new()
+        .name("journal-ticker".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                match tx.try_send(Request::Maintain) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the journal maintenance ticker; retention runs only between appends");
+    }
+}
+
+pub(crate) fn stats_set_error(stats: &SharedStats, e: &JournalError) {
+    if let Ok(mut last) = stats.last_error.lock() {
+        *last = Some(e.to_string());
+    }
+}

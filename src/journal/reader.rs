@@ -1,0 +1,388 @@
+//! Read connections: forwarders read batches after their cursor, the status
+//! endpoint and the CLI read positions and statistics. Every call is its own
+//! short read transaction so that checkpoints can complete. A reader must
+//! never write.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::schema::{open_reader, sqlite_err};
+use super::{JournalError, SCHEMA_VERSION};
+use crate::event::{Class, StoredEvent};
+
+/// The first seq whose `recv_time` is at or after `t_us`, by binary search
+/// on seq (receive times never decrease with seq).
+pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::Result<Option<u64>> {
+    let bounds: Option<(i64, i64)> =
+        conn.query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
+            Ok(
+                match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
+                    (Some(a), Some(b)) => Some((a, b)),
+                    _ => None,
+                },
+            )
+        })?;
+    let Some((mut lo, mut hi)) = bounds else {
+        return Ok(None);
+    };
+    let mut probe = conn
+        .prepare_cached("SELECT seq, recv_time FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+    let mut at = |s: i64| -> rusqlite::Result<Option<(i64, i64)>> {
+        probe
+            .query_row([s], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    // Invariant: every row below `lo` is older than t; `hi` is a seq bound.
+    match at(hi)? {
+        Some((_, t)) if t < t_us => return Ok(None),
+        _ => {}
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match at(mid)? {
+            Some((seq, t)) if t < t_us => lo = seq + 1,
+            Some((seq, _)) => hi = seq.min(hi),
+            None => hi = mid,
+        }
+        if let Some((seq, t)) = at(lo)? {
+            if t >= t_us {
+                return Ok(Some(seq as u64));
+            }
+        }
+    }
+    Ok(at(lo)?.filter(|&(_, t)| t >= t_us).map(|(s, _)| s as u64))
+}
+
+/// A sink's position in the journal.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SinkPosition {
+    pub sink: String,
+    pub cursor: u64,
+    /// Events after the cursor (head seq minus cursor; gaps left by
+    /// evictions make it an upper bound).
+    pub backlog: u64,
+    /// Receive time (µs) of the oldest event not yet delivered.
+    pub oldest_undelivered_us: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub sink: String,
+    pub seq: u64,
+    pub reason: String,
+    pub time_us: i64,
+    pub source: String,
+    pub event_id: String,
+    pub stream: String,
+    pub stream_seq: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GapRecord {
+    pub source: String,
+    pub stream: String,
+    pub first_stream_seq: u64,
+    pub last_stream_seq: u64,
+    pub count: u64,
+    pub class: Class,
+    pub reason: String,
+    pub time_us: i64,
+}
+
+/// A snapshot of the journal for `plantrelay journal stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalStats {
+    pub path: PathBuf,
+    pub schema_version: i64,
+    pub file_bytes: u64,
+    pub wal_bytes: u64,
+    /// Live bytes: pages in use × page size.
+    pub used_bytes: u64,
+    pub events: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub streams: u64,
+    pub duplicates: u64,
+    pub evicted_telemetry: u64,
+    pub evicted_critical: u64,
+    pub gaps: u64,
+    pub dead_letters: u64,
+    pub retention_through: u64,
+    pub quarantined_at_us: Option<i64>,
+    pub cursors: Vec<(String, u64)>,
+}
+
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const EVENT_COLUMNS: &str =
+    "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs";
+
+fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: r.get::<_, i64>(0)?.max(0) as u64,
+        source: r.get(1)?,
+        id: r.get(2)?,
+        stream: r.get(3)?,
+        stream_seq: r.get::<_, i64>(4)?.max(0) as u64,
+        class: Class::from_i64(r.get(5)?),
+        event_type: r.get(6)?,
+        source_time: r.get(7)?,
+        recv_time_us: r.get(8)?,
+        data: r.get(9)?,
+        attrs: r.get(10)?,
+    })
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Reader, JournalError> {
+        Ok(Reader {
+            conn: open_reader(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, e: rusqlite::Error) -> JournalError {
+        sqlite_err(&self.path, e)
+    }
+
+    /// Events after `after` in seq order, for `sink` (rows put back for
+    /// another sink are skipped): at most `max_events`, and no more than
+    /// `max_bytes` unless a single event is larger (it then comes alone).
+    pub fn read_after(
+        &self,
+        after: u64,
+        sink: &str,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>, JournalError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
+             ORDER BY seq LIMIT ?3"
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut rows = st
+            .query(params![after as i64, sink, max_events as i64])
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            let ev = event_from_row(row).map_err(|e| self.err(e))?;
+            bytes += ev.size();
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    /// The durable cursor of `sink` (0 when it has none yet).
+    pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
+        let c: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT seq FROM cursors WHERE sink = ?1")
+            .and_then(|mut st| st.query_row([sink], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?;
+        Ok(c.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The highest seq ever assigned.
+    pub fn head_seq(&self) -> Result<u64, JournalError> {
+        let meta: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let rows: Option<i64> = self
+            .conn
+            .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(meta.unwrap_or(0).max(rows.unwrap_or(0)).max(0) as u64)
+    }
+
+    pub fn position(&self, sink: &str, head_seq: u64) -> Result<SinkPosition, JournalError> {
+        let cursor = self.cursor(sink)?;
+        let oldest: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT recv_time FROM events WHERE seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
+                 ORDER BY seq LIMIT 1",
+            )
+            .and_then(|mut st| st.query_row(params![cursor as i64, sink], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))?;
+        Ok(SinkPosition {
+            sink: sink.to_string(),
+            cursor,
+            backlog: head_seq.saturating_sub(cursor),
+            oldest_undelivered_us: oldest,
+        })
+    }
+
+    /// The last `n` events (optionally of one stream), in seq order.
+    pub fn tail(&self, n: usize, stream: Option<&str>) -> Result<Vec<StoredEvent>, JournalError> {
+        let sql = format!(
+            "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events
+               WHERE (?1 IS NULL OR stream = ?1) ORDER BY seq DESC LIMIT ?2)
+             ORDER BY seq"
+        );
+        let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![stream, n as i64], event_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Every stored event from `from_seq` on, in order (tests, tools).
+    pub fn events_from(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, JournalError> {
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2");
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![from_seq as i64, limit as i64], event_from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, sink, seq, reason, time_us, source, event_id, stream, stream_seq, type
+                 FROM dead_letters WHERE (?1 IS NULL OR sink = ?1) ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([sink], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    sink: r.get(1)?,
+                    seq: r.get::<_, i64>(2)?.max(0) as u64,
+                    reason: r.get(3)?,
+                    time_us: r.get(4)?,
+                    source: r.get(5)?,
+                    event_id: r.get(6)?,
+                    stream: r.get(7)?,
+                    stream_seq: r.get::<_, i64>(8)?.max(0) as u64,
+                    event_type: r.get(9)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn dead_letter_count(&self, sink: &str) -> Result<u64, JournalError> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM dead_letters WHERE sink = ?1")
+            .and_then(|mut st| st.query_row([sink], |r| r.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn gaps(&self) -> Result<Vec<GapRecord>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT source, stream, first_stream_seq, last_stream_seq, count, class, reason, time_us
+                 FROM gaps ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(GapRecord {
+                    source: r.get(0)?,
+                    stream: r.get(1)?,
+                    first_stream_seq: r.get::<_, i64>(2)?.max(0) as u64,
+                    last_stream_seq: r.get::<_, i64>(3)?.max(0) as u64,
+                    count: r.get::<_, i64>(4)?.max(0) as u64,
+                    class: Class::from_i64(r.get(5)?),
+                    reason: r.get(6)?,
+                    time_us: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Full statistics; counts rows, so it costs a scan: for the CLI, not
+    /// for a hot path.
+    pub fn stats(&self) -> Result<JournalStats, JournalError> {
+        let e = |e| sqlite_err(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        let count = |sql: &str| -> Result<u64, JournalError> {
+            tx.query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(e)
+        };
+        let events = count("SELECT count(*) FROM events")?;
+        let streams = count("SELECT count(*) FROM streams")?;
+        let gaps = count("SELECT count(*) FROM gaps")?;
+        let dead_letters = count("SELECT count(*) FROM dead_letters")?;
+        let first_seq: Option<i64> = tx
+            .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))
+            .map_err(e)?;
+        let pages: i64 = tx
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .map_err(e)?;
+        let free: i64 = tx
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .map_err(e)?;
+        let page_size: i64 = tx
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(e)?;
+        let cursors = {
+            let mut st = tx
+                .prepare("SELECT sink, seq FROM cursors ORDER BY sink")
+                .map_err(e)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                })
+                .map_err(e)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(e)?
+        };
+        drop(tx);
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(JournalStats {
+            path: self.path.clone(),
+            schema_version: SCHEMA_VERSION,
+            file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
+            wal_bytes: std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len()),
+            used_bytes: ((pages - free).max(0) * page_size) as u64,
+            events,
+            first_seq: first_seq.map(|s| s.max(0) as u64),
+            last_seq: self.head_seq()?,
+            streams,
+            duplicates: self.meta("duplicates")?.unwrap_or(0).max(0) as u64,
+            evicted_telemetry: self.meta("evicted_telemetry")?.unwrap_or(0).max(0) as u64,
+            evicted_critical: self.meta("evicted_critical")?.unwrap_or(0).max(0) as u64,
+            gaps,
+            dead_letters,
+            retention_through: self.meta("retention_through")?.unwrap_or(0).max(0) as u64,
+            quarantined_at_us: self.meta("quarantined_at_us")?,
+            cursors,
+        })
+    }
+}

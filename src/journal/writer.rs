@@ -1,0 +1,1246 @@
+//! The writer thread: owns the only write connection, applies every queued
+//! request in one transaction (group commit) and answers after the commit.
+//! Between batches it does retention and WAL upkeep. It must never block on
+//! anything but SQLite and its own queue.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use super::dedup::{DedupIndex, Verified, key_hash};
+use super::reader::first_seq_at_or_after;
+use super::schema::{WAL_SIZE_LIMIT, sqlite_err};
+use super::{
+    AppendOutcome, JournalError, JournalOptions, Request, RewindTo, SharedStats, WhenFull,
+    unix_micros,
+};
+use crate::event::{Class, GAP_EVENT_TYPE, NewEvent};
+
+/// Most events taken into one transaction.
+const MAX_BATCH_EVENTS: usize = 16_384;
+/// Rows deleted per retention transaction.
+const RETENTION_CHUNK: u64 = 4_096;
+/// Rows examined per eviction round.
+const EVICTION_CHUNK: i64 = 2_048;
+/// Per-row overhead on disk beyond the accounted event size (row header,
+/// integer columns, B-tree cell).
+const ROW_OVERHEAD: u64 = 64;
+
+pub(crate) struct WriterState {
+    conn: Connection,
+    path: PathBuf,
+    opts: JournalOptions,
+    next_seq: u64,
+    last_recv_us: i64,
+    /// Last stream sequence per source, per stream.
+    streams: HashMap<String, HashMap<String, u64>>,
+    cursors: HashMap<String, u64>,
+    dedup: DedupIndex,
+    stats: Arc<SharedStats>,
+    page_size: u64,
+    /// Highest seq deleted by retention (not eviction): replays cannot start
+    /// at or below it.
+    retention_through: u64,
+    retention_pending: bool,
+    full_logged: bool,
+}
+
+struct Undo {
+    next_seq: u64,
+    last_recv_us: i64,
+    /// Streams this batch touched, with their value before it.
+    streams: HashMap<String, HashMap<String, Option<u64>>>,
+    cursors: Vec<(String, Option<u64>)>,
+    dedup_inserted: usize,
+    retention_through: u64,
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<Vec<AppendOutcome>, JournalError>>,
+        Result<Vec<AppendOutcome>, JournalError>,
+    ),
+    Unit(
+        oneshot::Sender<Result<(), JournalError>>,
+        Result<(), JournalError>,
+    ),
+    Advance(
+        oneshot::Sender<Result<bool, JournalError>>,
+        Result<bool, JournalError>,
+    ),
+    Seq(
+        oneshot::Sender<Result<u64, JournalError>>,
+        Result<u64, JournalError>,
+    ),
+    Id(
+        oneshot::Sender<Result<i64, JournalError>>,
+        Result<i64, JournalError>,
+    ),
+}
+
+impl Reply {
+    fn fail(self, e: &JournalError) -> Reply {
+        match self {
+            Reply::Append(tx, Ok(_)) => Reply::Append(tx, Err(e.clone())),
+            Reply::Unit(tx, Ok(_)) => Reply::Unit(tx, Err(e.clone())),
+            Reply::Advance(tx, Ok(_)) => Reply::Advance(tx, Err(e.clone())),
+            Reply::Seq(tx, Ok(_)) => Reply::Seq(tx, Err(e.clone())),
+            Reply::Id(tx, Ok(_)) => Reply::Id(tx, Err(e.clone())),
+            other => other,
+        }
+    }
+
+    fn send(self) {
+        // A caller that gave up waiting dropped its receiver; nothing to do.
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(r)),
+            Reply::Unit(tx, r) => drop(tx.send(r)),
+            Reply::Advance(tx, r) => drop(tx.send(r)),
+            Reply::Seq(tx, r) => drop(tx.send(r)),
+            Reply::Id(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn meta_set(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
+fn meta_add(conn: &Connection, key: &str, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(params![key, delta])?;
+    Ok(())
+}
+
+impl WriterState {
+    pub(crate) fn load(
+        conn: Connection,
+        opts: &JournalOptions,
+        stats: Arc<SharedStats>,
+    ) -> Result<WriterState, JournalError> {
+        let path = opts.path.clone();
+        let e = |e| sqlite_err(&path, e);
+        let meta_last = meta_get(&conn, "last_seq").map_err(e)?.unwrap_or(0).max(0) as u64;
+        let (max_seq, last_recv): (Option<i64>, Option<i64>) = conn
+            .query_row(
+                "SELECT seq, recv_time FROM events ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(e)?
+            .unwrap_or((None, None));
+        let head = meta_last.max(max_seq.unwrap_or(0).max(0) as u64);
+        let last_recv_us = last_recv
+            .unwrap_or(0)
+            .max(meta_get(&conn, "last_recv_us").map_err(e)?.unwrap_or(0));
+
+        let mut streams: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        {
+            let mut st = conn
+                .prepare("SELECT source, stream, last_seq FROM streams")
+                .map_err(e)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?.max(0) as u64,
+                    ))
+                })
+                .map_err(e)?;
+            for row in rows {
+                let (source, stream, v) = row.map_err(e)?;
+                streams.entry(source).or_default().insert(stream, v);
+            }
+        }
+        let mut cursors = HashMap::new();
+        {
+            let mut st = conn.prepare("SELECT sink, seq FROM cursors").map_err(e)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                })
+                .map_err(e)?;
+            for row in rows {
+                let (k, v) = row.map_err(e)?;
+                cursors.insert(k, v);
+            }
+        }
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(e)?;
+
+        let started = Instant::now();
+        let mut dedup = DedupIndex::new(opts.dedup_window, opts.dedup_max_ids);
+        let now_us = unix_micros(SystemTime::now());
+        let window_us = i64::try_from(opts.dedup_window.as_micros()).unwrap_or(i64::MAX);
+        let from = first_seq_at_or_after(&conn, now_us.saturating_sub(window_us)).map_err(e)?;
+        if let Some(from) = from {
+            let mut st = conn
+                .prepare(
+                    "SELECT seq, source, event_id, recv_time FROM events
+                     WHERE seq >= ?1 AND only_sink IS NULL AND type != ?2 ORDER BY seq",
+                )
+                .map_err(e)?;
+            let mut rows = st.query(params![from as i64, GAP_EVENT_TYPE]).map_err(e)?;
+            while let Some(row) = rows.next().map_err(e)? {
+                let seq: i64 = row.get(0).map_err(e)?;
+                let source: String = row.get(1).map_err(e)?;
+                let id: String = row.get(2).map_err(e)?;
+                let recv: i64 = row.get(3).map_err(e)?;
+                dedup.insert(key_hash(&source, &id), seq as u64, recv);
+            }
+        }
+        if !dedup.is_empty() {
+            info!(
+                ids = dedup.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "dedup index rebuilt from the journal"
+            );
+        }
+
+        let retention_through = meta_get(&conn, "retention_through")
+            .map_err(e)?
+            .unwrap_or(0)
+            .max(0) as u64;
+        stats.head_seq.store(head, Ordering::Relaxed);
+        stats.dedup_ids.store(dedup.len() as u64, Ordering::Relaxed);
+        stats.evicted_telemetry.store(
+            meta_get(&conn, "evicted_telemetry")
+                .map_err(e)?
+                .unwrap_or(0) as u64,
+            Ordering::Relaxed,
+        );
+        stats.evicted_critical.store(
+            meta_get(&conn, "evicted_critical").map_err(e)?.unwrap_or(0) as u64,
+            Ordering::Relaxed,
+        );
+        stats.writer_alive.store(true, Ordering::Relaxed);
+        let mut state = WriterState {
+            conn,
+            path: path.clone(),
+            opts: opts.clone(),
+            next_seq: head + 1,
+            last_recv_us,
+            streams,
+            cursors,
+            dedup,
+            stats,
+            page_size: page_size.max(512) as u64,
+            retention_through,
+            retention_pending: true,
+            full_logged: false,
+        };
+        state.refresh_used().map_err(e)?;
+        Ok(state)
+    }
+
+    pub(crate) fn head_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn err(&self, e: rusqlite::Error) -> JournalError {
+        sqlite_err(&self.path, e)
+    }
+
+    fn refresh_used(&mut self) -> rusqlite::Result<u64> {
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let used = (pages - free).max(0) as u64 * self.page_size;
+        self.stats.used_bytes.store(used, Ordering::Relaxed);
+        Ok(used)
+    }
+
+    fn min_cursor(&self) -> u64 {
+        self.opts
+            .sinks
+            .iter()
+            .map(|s| self.cursors.get(s).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn recv_now(&mut self) -> i64 {
+        let now = unix_micros(SystemTime::now());
+        if now < self.last_recv_us {
+            if self.last_recv_us - now > 1_000_000 {
+                warn!(
+                    behind_ms = (self.last_recv_us - now) / 1000,
+                    "system clock stepped back: receive times hold at the last value until it catches up"
+                );
+            }
+            self.last_recv_us
+        } else {
+            self.last_recv_us = now;
+            now
+        }
+    }
+
+    /// Applies one batch of requests: one transaction, then the answers.
+    fn process(&mut self, batch: Vec<Request>, committed: &watch::Sender<u64>, space: &Notify) {
+        let incoming: u64 = batch
+            .iter()
+            .map(|r| match r {
+                Request::Append { events, .. } => {
+                    events.iter().map(|e| e.size() as u64 + ROW_OVERHEAD).sum()
+                }
+                _ => 0,
+            })
+            .sum();
+        let room = if incoming > 0 {
+            self.make_room(incoming)
+        } else {
+            Ok(())
+        };
+
+        let undo = Undo {
+            next_seq: self.next_seq,
+            last_recv_us: self.last_recv_us,
+            streams: HashMap::new(),
+            cursors: Vec::new(),
+            dedup_inserted: 0,
+            retention_through: self.retention_through,
+        };
+        let mut undo = undo;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut advanced = false;
+        let mut appended = 0u64;
+        let mut duplicates = 0u64;
+
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = self.err(e);
+            error!(error = %e, "journal: cannot begin a transaction");
+            for r in batch {
+                fail_request(r, &e);
+            }
+            return;
+        }
+        let recv_us = self.recv_now();
+        let mut failed: Option<JournalError> = None;
+        for req in batch {
+            if failed.is_some() {
+                // The transaction is already lost; answer the rest as failed.
+                if let Some(reply) = reply_slot(req) {
+                    replies.push(reply);
+                }
+                continue;
+            }
+            match req {
+                Request::Append { events, reply } => {
+                    if let Err(e) = &room {
+                        replies.push(Reply::Append(reply, Err(e.clone())));
+                        continue;
+                    }
+                    match self.append(&events, recv_us, &mut undo) {
+                        Ok(out) => {
+                            for o in &out {
+                                match o {
+                                    AppendOutcome::Stored { .. } => appended += 1,
+                                    AppendOutcome::Duplicate { .. } => duplicates += 1,
+                                }
+                            }
+                            replies.push(Reply::Append(reply, Ok(out)));
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            replies.push(Reply::Append(reply, Ok(Vec::new())));
+                        }
+                    }
+                }
+                Request::Advance {
+                    sink,
+                    from,
+                    to,
+                    reply,
+                } => match self.advance(&sink, from, to, &mut undo) {
+                    Ok(applied) => {
+                        advanced |= applied;
+                        replies.push(Reply::Advance(reply, Ok(applied)));
+                    }
+                    Err(Fatal(e)) => {
+                        failed = Some(e);
+                        replies.push(Reply::Advance(reply, Ok(false)));
+                    }
+                },
+                Request::Rewind { sink, to, reply } => match self.rewind(&sink, to, &mut undo) {
+                    Ok(r) => replies.push(Reply::Seq(reply, r)),
+                    Err(Fatal(e)) => {
+                        failed = Some(e);
+                        replies.push(Reply::Seq(reply, Ok(0)));
+                    }
+                },
+                Request::DeadLetter {
+                    sink,
+                    event,
+                    reason,
+                    reply,
+                } => match self.dead_letter(&sink, &event, &reason) {
+                    Ok(id) => replies.push(Reply::Id(reply, Ok(id))),
+                    Err(e) => {
+                        failed = Some(e);
+                        replies.push(Reply::Id(reply, Ok(0)));
+                    }
+                },
+                Request::RetryDeadLetter { id, reply } => {
+                    match self.retry_dead_letter(id, recv_us) {
+                        Ok(r) => replies.push(Reply::Seq(reply, r)),
+                        Err(Fatal(e)) => {
+                            failed = Some(e);
+                            replies.push(Reply::Seq(reply, Ok(0)));
+                        }
+                    }
+                }
+                Request::DropDeadLetter { id, reply } => match self.drop_dead_letter(id) {
+                    Ok(r) => replies.push(Reply::Unit(reply, r)),
+                    Err(Fatal(e)) => {
+                        failed = Some(e);
+                        replies.push(Reply::Unit(reply, Ok(())));
+                    }
+                },
+                Request::Maintain | Request::Shutdown { .. } => {}
+            }
+        }
+
+        if failed.is_none() {
+            if let Err(e) = self.finish_batch(&undo, duplicates) {
+                failed = Some(e);
+            }
+        }
+        let outcome = match failed {
+            None => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
+            Some(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                self.stats
+                    .events_stored
+                    .fetch_add(appended, Ordering::Relaxed);
+                self.stats
+                    .duplicates
+                    .fetch_add(duplicates, Ordering::Relaxed);
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .head_seq
+                    .store(self.next_seq - 1, Ordering::Relaxed);
+                self.stats
+                    .dedup_ids
+                    .store(self.dedup.len() as u64, Ordering::Relaxed);
+                if let Err(e) = self.refresh_used() {
+                    debug!(error = %e, "cannot read page counts");
+                }
+                if self.next_seq != undo.next_seq {
+                    committed.send_replace(self.next_seq - 1);
+                }
+                for r in replies {
+                    r.send();
+                }
+                if advanced {
+                    self.retention_pending = true;
+                    space.notify_waiters();
+                }
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                error!(error = %e, "journal commit failed: nothing of this batch was stored");
+                super::stats_set_error(&self.stats, &e);
+                self.rollback(undo);
+                for r in replies {
+                    r.fail(&e).send();
+                }
+                if matches!(e, JournalError::DiskFull { .. }) {
+                    self.reopen();
+                }
+            }
+        }
+    }
+
+    fn rollback(&mut self, undo: Undo) {
+        self.next_seq = undo.next_seq;
+        self.last_recv_us = undo.last_recv_us;
+        for (source, touched) in undo.streams {
+            let per_source = self.streams.entry(source).or_default();
+            for (stream, v) in touched {
+                match v {
+                    Some(v) => per_source.insert(stream, v),
+                    None => per_source.remove(&stream),
+                };
+            }
+        }
+        for (k, v) in undo.cursors.into_iter().rev() {
+            match v {
+                Some(v) => self.cursors.insert(k, v),
+                None => self.cursors.remove(&k),
+            };
+        }
+        self.dedup.rollback(undo.dedup_inserted);
+        self.retention_through = undo.retention_through;
+    }
+
+    /// After a disk-full error SQLite's state for this connection is
+    /// suspect (an fsync that failed cannot be retried safely): reopen.
+    fn reopen(&mut self) {
+        match super::schema::open_writer(&self.path, self.opts.sync) {
+            Ok((conn, _)) => {
+                self.conn = conn;
+                warn!(journal = %self.path.display(), "journal reopened after a failed commit");
+            }
+            Err(e) => error!(error = %e, "cannot reopen the journal; keeping the old connection"),
+        }
+    }
+
+    fn bump_stream(&mut self, source: &str, stream: &str, undo: &mut Undo) -> u64 {
+        // Lookups by &str first: allocation only for a stream's first event
+        // in a batch.
+        let per_source = match self.streams.get_mut(source) {
+            Some(m) => m,
+            None => self.streams.entry(source.to_string()).or_default(),
+        };
+        let prev = per_source.get(stream).copied();
+        let next = prev.unwrap_or(0) + 1;
+        match per_source.get_mut(stream) {
+            Some(v) => *v = next,
+            None => {
+                per_source.insert(stream.to_string(), next);
+            }
+        }
+        let touched = match undo.streams.get_mut(source) {
+            Some(m) => m,
+            None => undo.streams.entry(source.to_string()).or_default(),
+        };
+        if !touched.contains_key(stream) {
+            touched.insert(stream.to_string(), prev);
+        }
+        next
+    }
+
+    fn append(
+        &mut self,
+        events: &[NewEvent],
+        recv_us: i64,
+        undo: &mut Undo,
+    ) -> Result<Vec<AppendOutcome>, JournalError> {
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            let hash = key_hash(&ev.source, &ev.id);
+            let conn = &self.conn;
+            let found = self
+                .dedup
+                .find(hash, |seq| verify(conn, seq, &ev.source, &ev.id));
+            if let Some(seq) = found {
+                out.push(AppendOutcome::Duplicate { seq });
+                continue;
+            }
+            let seq = self.next_seq;
+            let stream_seq = self.bump_stream(&ev.source, &ev.stream, undo);
+            self.insert_row(seq, ev, stream_seq, recv_us, None)
+                .map_err(|e| self.err(e))?;
+            self.next_seq += 1;
+            self.dedup.insert(hash, seq, recv_us);
+            undo.dedup_inserted += 1;
+            out.push(AppendOutcome::Stored { seq, stream_seq });
+        }
+        Ok(out)
+    }
+
+    fn insert_row(
+        &self,
+        seq: u64,
+        ev: &NewEvent,
+        stream_seq: u64,
+        recv_us: i64,
+        only_sink: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        let mut st = self.conn.prepare_cached(
+            "INSERT INTO events (seq, source, event_id, stream, stream_seq, class, type,
+                                 source_time, recv_time, data, attrs, size, only_sink)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        st.execute(params![
+            seq as i64,
+            ev.source,
+            ev.id,
+            ev.stream,
+            stream_seq as i64,
+            ev.class.as_i64(),
+            ev.event_type,
+            ev.source_time,
+            recv_us,
+            ev.data,
+            ev.attrs,
+            ev.size() as i64,
+            only_sink,
+        ])?;
+        Ok(())
+    }
+
+    fn finish_batch(&mut self, undo: &Undo, duplicates: u64) -> Result<(), JournalError> {
+        let conn = &self.conn;
+        let e = |e| sqlite_err(&self.path, e);
+        if !undo.streams.is_empty() {
+            let mut st = conn
+                .prepare_cached(
+                    "INSERT INTO streams(source, stream, last_seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(source, stream) DO UPDATE SET last_seq = excluded.last_seq",
+                )
+                .map_err(e)?;
+            for (source, touched) in &undo.streams {
+                for stream in touched.keys() {
+                    let last = self
+                        .streams
+                        .get(source)
+                        .and_then(|m| m.get(stream))
+                        .copied()
+                        .unwrap_or(0);
+                    st.execute(params![source, stream, last as i64])
+                        .map_err(e)?;
+                }
+            }
+            meta_set(conn, "last_seq", (self.next_seq - 1) as i64).map_err(e)?;
+            meta_set(conn, "last_recv_us", self.last_recv_us).map_err(e)?;
+        }
+        if duplicates > 0 {
+            meta_add(conn, "duplicates", duplicates as i64).map_err(e)?;
+        }
+        Ok(())
+    }
+
+    fn advance(
+        &mut self,
+        sink: &str,
+        from: Option<u64>,
+        to: u64,
+        undo: &mut Undo,
+    ) -> Result<bool, Fatal> {
+        let current = self.cursors.get(sink).copied();
+        if let Some(from) = from {
+            if current.unwrap_or(0) != from {
+                // A replay moved the cursor while this batch was in flight.
+                return Ok(false);
+            }
+        }
+        if to <= current.unwrap_or(0) && current.is_some() {
+            return Ok(false);
+        }
+        let to = to.min(self.next_seq - 1);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
+            )
+            .and_then(|mut st| st.execute(params![sink, to as i64, unix_micros(SystemTime::now())]))
+            .map_err(|e| Fatal(self.err(e)))?;
+        undo.cursors.push((sink.to_string(), current));
+        self.cursors.insert(sink.to_string(), to);
+        Ok(true)
+    }
+
+    fn rewind(
+        &mut self,
+        sink: &str,
+        to: RewindTo,
+        undo: &mut Undo,
+    ) -> Result<Result<u64, JournalError>, Fatal> {
+        let from_seq = match to {
+            RewindTo::Seq(s) => s.max(1),
+            RewindTo::Since(t) => {
+                let t_us = unix_micros(t);
+                match first_seq_at_or_after(&self.conn, t_us).map_err(|e| Fatal(self.err(e)))? {
+                    Some(s) => s,
+                    None => self.next_seq,
+                }
+            }
+        };
+        if from_seq <= self.retention_through {
+            return Ok(Err(JournalError::BeyondRetention {
+                path: self.path.clone(),
+                requested: from_seq,
+                oldest: self.retention_through + 1,
+            }));
+        }
+        let current = self.cursors.get(sink).copied();
+        let target = from_seq - 1;
+        if current.is_some_and(|c| c <= target) {
+            // Nothing delivered at or after that point yet: nothing to do.
+            return Ok(Ok(current.unwrap_or(0)));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
+            )
+            .and_then(|mut st| st.execute(params![sink, target as i64, unix_micros(SystemTime::now())]))
+            .map_err(|e| Fatal(self.err(e)))?;
+        undo.cursors.push((sink.to_string(), current));
+        self.cursors.insert(sink.to_string(), target);
+        info!(sink, from_seq, "replay: cursor rewound");
+        Ok(Ok(target))
+    }
+
+    fn dead_letter(
+        &mut self,
+        sink: &str,
+        ev: &crate::event::StoredEvent,
+        reason: &str,
+    ) -> Result<i64, JournalError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO dead_letters (sink, seq, reason, time_us, source, event_id, stream,
+                    stream_seq, class, type, source_time, recv_time, data, attrs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    sink,
+                    ev.seq as i64,
+                    reason,
+                    unix_micros(SystemTime::now()),
+                    ev.source,
+                    ev.id,
+                    ev.stream,
+                    ev.stream_seq as i64,
+                    ev.class.as_i64(),
+                    ev.event_type,
+                    ev.source_time,
+                    ev.recv_time_us,
+                    ev.data,
+                    ev.attrs,
+                ])
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn retry_dead_letter(
+        &mut self,
+        id: i64,
+        recv_us: i64,
+    ) -> Result<Result<u64, JournalError>, Fatal> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT sink, source, event_id, stream, stream_seq, class, type, source_time, data, attrs
+                 FROM dead_letters WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        NewEvent {
+                            source: r.get(1)?,
+                            id: r.get(2)?,
+                            stream: r.get(3)?,
+                            class: Class::from_i64(r.get(5)?),
+                            event_type: r.get(6)?,
+                            source_time: r.get(7)?,
+                            data: r.get(8)?,
+                            attrs: r.get(9)?,
+                        },
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| Fatal(self.err(e)))?;
+        let Some((sink, ev, stream_seq)) = row else {
+            return Ok(Err(JournalError::NotFound {
+                path: self.path.clone(),
+                what: format!("no dead letter with id {id}"),
+            }));
+        };
+        let seq = self.next_seq;
+        // The event keeps its stream sequence: it is the same event, late.
+        self.insert_row(seq, &ev, stream_seq.max(0) as u64, recv_us, Some(&sink))
+            .and_then(|_| {
+                self.conn
+                    .execute("DELETE FROM dead_letters WHERE id = ?1", [id])
+                    .map(|_| ())
+            })
+            .map_err(|e| Fatal(self.err(e)))?;
+        self.next_seq += 1;
+        meta_set(&self.conn, "last_seq", seq as i64).map_err(|e| Fatal(self.err(e)))?;
+        info!(
+            dead_letter = id,
+            sink, seq, "dead letter put back for delivery"
+        );
+        Ok(Ok(seq))
+    }
+
+    fn drop_dead_letter(&mut self, id: i64) -> Result<Result<(), JournalError>, Fatal> {
+        let n = self
+            .conn
+            .execute("DELETE FROM dead_letters WHERE id = ?1", [id])
+            .map_err(|e| Fatal(self.err(e)))?;
+        if n == 0 {
+            return Ok(Err(JournalError::NotFound {
+                path: self.path.clone(),
+                what: format!("no dead letter with id {id}"),
+            }));
+        }
+        info!(dead_letter = id, "dead letter dropped");
+        Ok(Ok(()))
+    }
+
+    /// Frees space for `need` more bytes, by the capacity rules of the module
+    /// doc. Runs its own transactions, before the batch's.
+    fn make_room(&mut self, need: u64) -> Result<(), JournalError> {
+        let max = self.opts.max_size;
+        let used = self.stats.used_bytes.load(Ordering::Relaxed);
+        if used + need <= max {
+            self.full_logged = false;
+            return Ok(());
+        }
+        // Free a little more than needed so that a full journal does not
+        // evict on every batch.
+        let target = max.saturating_sub(max / 20).max(need).saturating_sub(need);
+        let freed_acked = self.delete_acked_until(target).map_err(|e| self.err(e))?;
+        if freed_acked > 0 {
+            warn!(
+                rows = freed_acked,
+                "journal full: deleted delivered events kept for replay before their retain_acked time"
+            );
+        }
+        let used = self.refresh_used().map_err(|e| self.err(e))?;
+        if used + need <= max {
+            return Ok(());
+        }
+        if self.opts.when_full == WhenFull::DropOldest {
+            for class in [Class::Telemetry, Class::Critical] {
+                loop {
+                    let used = self.refresh_used().map_err(|e| self.err(e))?;
+                    if used <= target {
+                        return Ok(());
+                    }
+                    if self.evict_round(class).map_err(|e| self.err(e))? == 0 {
+                        break;
+                    }
+                }
+            }
+            let used = self.refresh_used().map_err(|e| self.err(e))?;
+            if used + need <= max {
+                return Ok(());
+            }
+        }
+        if !self.full_logged {
+            warn!(
+                journal = %self.path.display(),
+                used = %super::fmt_bytes(used),
+                max = %super::fmt_bytes(max),
+                backlog_from_seq = self.min_cursor() + 1,
+                "journal full: appends are refused until sinks deliver (when_full = \"block\")"
+            );
+            self.full_logged = true;
+        }
+        Err(JournalError::Full {
+            path: self.path.clone(),
+            used,
+            max,
+        })
+    }
+
+    /// Deletes delivered rows (every sink past them), oldest first, until the
+    /// live size is at most `target`. Returns the rows deleted.
+    fn delete_acked_until(&mut self, target: u64) -> rusqlite::Result<u64> {
+        let limit = self.min_cursor();
+        let mut total = 0;
+        loop {
+            if self.refresh_used()? <= target {
+                return Ok(total);
+            }
+            let n = self.delete_chunk(limit)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// Deletes up to one chunk of rows at or below `limit`, oldest first.
+    fn delete_chunk(&mut self, limit: u64) -> rusqlite::Result<u64> {
+        let oldest: Option<i64> = self
+            .conn
+            .query_row("SELECT seq FROM events ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(oldest) = oldest else { return Ok(0) };
+        let oldest = oldest.max(0) as u64;
+        if oldest > limit {
+            return Ok(0);
+        }
+        let upto = limit.min(oldest + RETENTION_CHUNK - 1);
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| {
+            let n = self.conn.execute(
+                "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2",
+                params![oldest as i64, upto as i64],
+            )?;
+            let through = self.retention_through.max(upto);
+            meta_set(&self.conn, "retention_through", through as i64)?;
+            Ok::<_, rusqlite::Error>((n, through))
+        })();
+        match result.and_then(|r| self.conn.execute_batch("COMMIT").map(|_| r)) {
+            Ok((n, through)) => {
+                self.retention_through = through;
+                self.stats
+                    .retention_deleted
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Ok(n as u64)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// Evicts the oldest undelivered events of `class` (one chunk) and puts a
+    /// gap event in place of every evicted range. Returns the rows evicted.
+    fn evict_round(&mut self, class: Class) -> rusqlite::Result<u64> {
+        let min_cursor = self.min_cursor();
+        let victims: Vec<(u64, String, String, u64)> = {
+            let mut st = self.conn.prepare_cached(
+                "SELECT seq, source, stream, stream_seq FROM events
+                 WHERE seq > ?1 AND class = ?2 AND type != ?3 ORDER BY seq LIMIT ?4",
+            )?;
+            st.query_map(
+                params![
+                    min_cursor as i64,
+                    class.as_i64(),
+                    GAP_EVENT_TYPE,
+                    EVICTION_CHUNK
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0) as u64,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get::<_, i64>(3)?.max(0) as u64,
+                    ))
+                },
+            )?
+            .collect::<Result<_, _>>()?
+        };
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        // Contiguous stream-sequence runs per (source, stream), each with the
+        // seq of its first evicted row, where its gap event will stand.
+        struct Run {
+            source: String,
+            stream: String,
+            first: u64,
+            last: u64,
+            at_seq: u64,
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        let mut open: HashMap<(String, String), usize> = HashMap::new();
+        for (seq, source, stream, sseq) in &victims {
+            let key = (source.clone(), stream.clone());
+            match open.get(&key).map(|&i| &mut runs[i]) {
+                Some(run) if run.last + 1 == *sseq => run.last = *sseq,
+                _ => {
+                    open.insert(key, runs.len());
+                    runs.push(Run {
+                        source: source.clone(),
+                        stream: stream.clone(),
+                        first: *sseq,
+                        last: *sseq,
+                        at_seq: *seq,
+                    });
+                }
+            }
+        }
+        let reason = "journal full (when_full = \"drop_oldest\")";
+        let now_us = unix_micros(SystemTime::now());
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = (|| {
+            {
+                let mut del = self
+                    .conn
+                    .prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+                for (seq, ..) in &victims {
+                    del.execute([*seq as i64])?;
+                }
+            }
+            for run in &runs {
+                let count = run.last - run.first + 1;
+                let data = serde_json::json!({
+                    "first_stream_seq": run.first,
+                    "last_stream_seq": run.last,
+                    "count": count,
+                    "class": class.as_str(),
+                    "reason": reason,
+                });
+                let gap = NewEvent {
+                    source: run.source.clone(),
+                    id: format!("gap:{}:{}-{}", run.stream, run.first, run.last),
+                    stream: run.stream.clone(),
+                    class: Class::Critical,
+                    event_type: GAP_EVENT_TYPE.to_string(),
+                    source_time: Some(
+                        humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+                    ),
+                    data: data.to_string().into_bytes(),
+                    attrs: None,
+                };
+                // The gap takes the place (seq) of the first evicted row and
+                // the stream sequence of the first evicted event, so a sink
+                // that had not received the range learns of it in order.
+                self.insert_row(run.at_seq, &gap, run.first, now_us, None)?;
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO gaps (source, stream, first_stream_seq, last_stream_seq, count,
+                                           class, reason, time_us)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        run.source,
+                        run.stream,
+                        run.first as i64,
+                        run.last as i64,
+                        count as i64,
+                        class.as_i64(),
+                        reason,
+                        now_us
+                    ])?;
+            }
+            let key = match class {
+                Class::Telemetry => "evicted_telemetry",
+                Class::Critical => "evicted_critical",
+            };
+            meta_add(&self.conn, key, victims.len() as i64)?;
+            Ok::<_, rusqlite::Error>(())
+        })();
+        match result.and_then(|_| self.conn.execute_batch("COMMIT")) {
+            Ok(()) => {
+                let n = victims.len() as u64;
+                match class {
+                    Class::Telemetry => {
+                        self.stats.evicted_telemetry.fetch_add(n, Ordering::Relaxed)
+                    }
+                    Class::Critical => self.stats.evicted_critical.fetch_add(n, Ordering::Relaxed),
+                };
+                for run in &runs {
+                    warn!(
+                        source = %run.source,
+                        stream = %run.stream,
+                        class = %class,
+                        first_stream_seq = run.first,
+                        last_stream_seq = run.last,
+                        count = run.last - run.first + 1,
+                        "journal full: evicted undelivered events (when_full = \"drop_oldest\"); a plantrelay.gap event takes their place"
+                    );
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// One step of idle-time upkeep: retention, dedup expiry, WAL size.
+    fn maintain(&mut self) {
+        let now_us = unix_micros(SystemTime::now());
+        self.dedup.expire(now_us);
+        self.stats
+            .dedup_ids
+            .store(self.dedup.len() as u64, Ordering::Relaxed);
+        self.check_wal();
+        self.retention_pending = true;
+    }
+
+    fn retention_step(&mut self) {
+        let now_us = unix_micros(SystemTime::now());
+        let retain_us = i64::try_from(self.opts.retain_acked.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = now_us.saturating_sub(retain_us);
+        let result = first_seq_at_or_after(&self.conn, cutoff).and_then(|young| {
+            let old_until = match young {
+                Some(s) => s.saturating_sub(1),
+                None => self.next_seq - 1,
+            };
+            let limit = old_until.min(self.min_cursor());
+            if self.opts.sinks.is_empty() {
+                return Ok(0);
+            }
+            self.delete_chunk(limit)
+        });
+        match result {
+            Ok(0) => self.retention_pending = false,
+            Ok(n) => {
+                debug!(
+                    rows = n,
+                    "retention: deleted delivered events past retain_acked"
+                );
+                let _ = self.refresh_used();
+            }
+            Err(e) => {
+                warn!(error = %self.err(e), "retention step failed; will retry");
+                self.retention_pending = false;
+            }
+        }
+    }
+
+    fn check_wal(&mut self) {
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        let size = std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len());
+        if size as i64 > WAL_SIZE_LIMIT {
+            let r: rusqlite::Result<(i64, i64, i64)> =
+                self.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    });
+            match r {
+                Ok((busy, log, done)) => debug!(
+                    wal_bytes = size,
+                    busy, log, done, "WAL over its limit: checkpointed"
+                ),
+                Err(e) => warn!(error = %e, wal_bytes = size, "WAL checkpoint failed"),
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let r: rusqlite::Result<i64> =
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
+        if let Err(e) = r {
+            debug!(error = %e, "final checkpoint failed");
+        }
+    }
+}
+
+/// A request-level failure that aborts the whole transaction.
+struct Fatal(JournalError);
+
+fn verify(conn: &Connection, seq: u64, source: &str, id: &str) -> Verified {
+    let row: rusqlite::Result<Option<(String, String)>> = conn
+        .prepare_cached("SELECT source, event_id FROM events WHERE seq = ?1")
+        .and_then(|mut st| {
+            st.query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        });
+    match row {
+        Ok(Some((s, i))) if s == source && i == id => Verified::Same,
+        Ok(Some(_)) => Verified::Different,
+        // Gone, or unreadable: trust the 64-bit hash rather than store twice.
+        Ok(None) | Err(_) => Verified::Gone,
+    }
+}
+
+fn reply_slot(req: Request) -> Option<Reply> {
+    match req {
+        Request::Append { reply, .. } => Some(Reply::Append(reply, Ok(Vec::new()))),
+        Request::Advance { reply, .. } => Some(Reply::Advance(reply, Ok(false))),
+        Request::Rewind { reply, .. } => Some(Reply::Seq(reply, Ok(0))),
+        Request::DeadLetter { reply, .. } => Some(Reply::Id(reply, Ok(0))),
+        Request::RetryDeadLetter { reply, .. } => Some(Reply::Seq(reply, Ok(0))),
+        Request::DropDeadLetter { reply, .. } => Some(Reply::Unit(reply, Ok(()))),
+        Request::Maintain | Request::Shutdown { .. } => None,
+    }
+}
+
+fn fail_request(req: Request, e: &JournalError) {
+    if let Some(r) = reply_slot(req) {
+        r.fail(e).send();
+    }
+}
+
+fn event_count(r: &Request) -> usize {
+    match r {
+        Request::Append { events, .. } => events.len(),
+        _ => 1,
+    }
+}
+
+/// The writer thread's loop.
+pub(crate) fn run(
+    mut state: WriterState,
+    mut rx: mpsc::Receiver<Request>,
+    committed: watch::Sender<u64>,
+    space: Arc<Notify>,
+) {
+    let mut shutdown: Option<oneshot::Sender<()>> = None;
+    loop {
+        state
+            .stats
+            .writer_heartbeat_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        let first = if state.retention_pending {
+            match rx.try_recv() {
+                Ok(r) => r,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    state.retention_step();
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            }
+        };
+        let mut batch = Vec::new();
+        let mut n = 0;
+        let mut maintain = false;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Maintain => maintain = true,
+                Request::Shutdown { reply } => {
+                    shutdown = Some(reply);
+                    break;
+                }
+                other => {
+                    n += event_count(&other);
+                    batch.push(other);
+                }
+            }
+            if n < MAX_BATCH_EVENTS {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            state.process(batch, &committed, &space);
+        }
+        if maintain {
+            state.maintain();
+        }
+        if shutdown.is_some() {
+            break;
+        }
+    }
+    state.shutdown();
+    state.stats.writer_alive.store(false, Ordering::Relaxed);
+    info!(journal = %state.path.display(), head_seq = state.next_seq - 1, "journal writer stopped");
+    drop(rx);
+    if let Some(reply) = shutdown {
+        let _ = reply.send(());
+    }
+}

@@ -1,0 +1,640 @@
+//! The journal against real SQLite files on disk: dedup, order, cursors,
+//! retention, WAL bounds, capacity rules, quarantine, dead letters.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use plantrelay::event::{Class, GAP_EVENT_TYPE, NewEvent};
+use plantrelay::journal::{
+    AppendOutcome, Journal, JournalError, JournalOptions, Reader, RewindTo, WhenFull,
+};
+
+fn ev(source: &str, id: &str, stream: &str, class: Class, data_len: usize) -> NewEvent {
+    NewEvent {
+        source: source.into(),
+        id: id.into(),
+        stream: stream.into(),
+        class,
+        event_type: "test.event".into(),
+        source_time: None,
+        data: format!("\"{}\"", "x".repeat(data_len)).into_bytes(),
+        attrs: None,
+    }
+}
+
+fn opts(dir: &Path) -> JournalOptions {
+    let mut o = JournalOptions::new(dir.join("journal.db"));
+    o.sinks = vec!["central".into()];
+    o
+}
+
+fn seqs(out: &[AppendOutcome]) -> Vec<u64> {
+    out.iter()
+        .map(|o| match o {
+            AppendOutcome::Stored { seq, .. } => *seq,
+            AppendOutcome::Duplicate { seq } => *seq,
+        })
+        .collect()
+}
+
+fn all_events(path: &Path) -> Vec<plantrelay::event::StoredEvent> {
+    Reader::open(path)
+        .unwrap()
+        .events_from(0, usize::MAX >> 1)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn duplicates_are_answered_with_the_first_seq_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let out = j
+        .append(vec![
+            ev("mes", "a", "s1", Class::Critical, 10),
+            ev("mes", "b", "s1", Class::Critical, 10),
+            ev("mes", "a", "s1", Class::Critical, 10),
+            ev("line3", "a", "s1", Class::Critical, 10),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            AppendOutcome::Stored {
+                seq: 1,
+                stream_seq: 1
+            },
+            AppendOutcome::Stored {
+                seq: 2,
+                stream_seq: 2
+            },
+            AppendOutcome::Duplicate { seq: 1 },
+            AppendOutcome::Stored {
+                seq: 3,
+                stream_seq: 1
+            },
+        ],
+        "same id from another source is a different event"
+    );
+    j.close().await;
+    drop(j);
+
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let out = j
+        .append(vec![
+            ev("mes", "b", "s1", Class::Critical, 10),
+            ev("mes", "c", "s1", Class::Critical, 10),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            AppendOutcome::Duplicate { seq: 2 },
+            AppendOutcome::Stored {
+                seq: 4,
+                stream_seq: 3
+            },
+        ]
+    );
+    assert_eq!(
+        j.stats()
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    j.close().await;
+    let rows = all_events(&dir.path().join("journal.db"));
+    assert_eq!(rows.len(), 4);
+    let stats = Reader::open(&dir.path().join("journal.db"))
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(
+        stats.duplicates, 2,
+        "duplicate count persists across restarts"
+    );
+}
+
+#[tokio::test]
+async fn seqs_and_stream_seqs_stay_gap_free_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let j = Journal::open(opts(dir.path())).unwrap();
+        for i in 0..50 {
+            let stream = format!("s{}", i % 5);
+            j.append(vec![ev(
+                "mes",
+                &format!("{round}-{i}"),
+                &stream,
+                Class::Critical,
+                5,
+            )])
+            .await
+            .unwrap();
+        }
+        j.close().await;
+    }
+    let rows = all_events(&dir.path().join("journal.db"));
+    assert_eq!(rows.len(), 150);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1);
+    }
+    let mut per_stream: HashMap<String, u64> = HashMap::new();
+    for r in &rows {
+        let last = per_stream.entry(r.stream.clone()).or_insert(0);
+        assert_eq!(
+            r.stream_seq,
+            *last + 1,
+            "stream {} at seq {}",
+            r.stream,
+            r.seq
+        );
+        *last = r.stream_seq;
+    }
+    assert!(
+        rows.windows(2)
+            .all(|w| w[0].recv_time_us <= w[1].recv_time_us)
+    );
+}
+
+#[tokio::test]
+async fn cursors_advance_only_forward_and_rewind_for_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| ev("mes", &i.to_string(), "s", Class::Critical, 5))
+        .collect();
+    j.append(events).await.unwrap();
+    let r = j.reader().unwrap();
+    assert_eq!(r.cursor("central").unwrap(), 0);
+    let batch = r.read_after(0, "central", 4, 1 << 20).unwrap();
+    assert_eq!(
+        batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(j.advance("central", Some(0), 4).await.unwrap());
+    assert_eq!(r.cursor("central").unwrap(), 4);
+    assert!(
+        !j.advance("central", None, 2).await.unwrap(),
+        "never backwards"
+    );
+    assert!(
+        !j.advance("central", Some(3), 8).await.unwrap(),
+        "stale expected cursor"
+    );
+    assert_eq!(r.cursor("central").unwrap(), 4);
+    assert!(j.advance("central", Some(4), 10).await.unwrap());
+
+    assert_eq!(j.rewind("central", RewindTo::Seq(3)).await.unwrap(), 2);
+    let again = r
+        .read_after(r.cursor("central").unwrap(), "central", 100, 1 << 20)
+        .unwrap();
+    assert_eq!(again.first().map(|e| e.seq), Some(3));
+    assert_eq!(again.len(), 8);
+
+    // Since a time: every event received at or after it.
+    let cut = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    j.append(vec![ev("mes", "late", "s", Class::Critical, 5)])
+        .await
+        .unwrap();
+    j.advance("central", None, 11).await.unwrap();
+    assert_eq!(j.rewind("central", RewindTo::Since(cut)).await.unwrap(), 10);
+
+    // max_bytes cuts a batch, but a single event always comes.
+    let small = r.read_after(0, "central", 100, 1).unwrap();
+    assert_eq!(small.len(), 1);
+    j.close().await;
+}
+
+#[tokio::test]
+async fn retention_deletes_only_what_every_sink_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.sinks = vec!["a".into(), "b".into()];
+    o.retain_acked = Duration::ZERO;
+    let j = Journal::open(o).unwrap();
+    let events: Vec<_> = (0..100)
+        .map(|i| ev("mes", &i.to_string(), "s", Class::Critical, 5))
+        .collect();
+    j.append(events).await.unwrap();
+    j.advance("a", None, 80).await.unwrap();
+    j.advance("b", None, 30).await.unwrap();
+    let path = dir.path().join("journal.db");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let first = Reader::open(&path).unwrap().stats().unwrap().first_seq;
+        if first == Some(31) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not reach seq 30: first = {first:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Rows acked by only one sink are still there; replay before them is refused.
+    let err = j.rewind("a", RewindTo::Seq(10)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JournalError::BeyondRetention {
+                requested: 10,
+                oldest: 31,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("retention already deleted everything before seq 31")
+    );
+    assert_eq!(j.rewind("a", RewindTo::Seq(31)).await.unwrap(), 30);
+    j.close().await;
+    assert_eq!(all_events(&path).len(), 70);
+}
+
+#[tokio::test]
+async fn retention_keeps_acked_rows_younger_than_retain_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap(); // retain_acked = 24h
+    j.append(
+        (0..20)
+            .map(|i| ev("mes", &i.to_string(), "s", Class::Critical, 5))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    j.advance("central", None, 20).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    j.close().await;
+    assert_eq!(all_events(&dir.path().join("journal.db")).len(), 20);
+}
+
+#[tokio::test]
+async fn the_wal_stays_bounded_while_a_reader_reads_continuously() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mut o = opts(dir.path());
+    o.sync = plantrelay::journal::SyncMode::Normal;
+    let j = Journal::open(o).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let path = path.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let r = Reader::open(&path).unwrap();
+            let mut reads = 0u64;
+            let mut cursor = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = r.read_after(cursor, "central", 500, 1 << 20).unwrap();
+                if let Some(last) = batch.last() {
+                    cursor = if last.seq > 50_000 { 0 } else { last.seq };
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let wal = dir.path().join("journal.db-wal");
+    let mut max_wal = 0;
+    // ~150 MB of rows through the WAL: far over its 64 MiB limit.
+    for round in 0..150 {
+        let events: Vec<_> = (0..1000)
+            .map(|i| ev("mes", &format!("{round}-{i}"), "s", Class::Telemetry, 1000))
+            .collect();
+        j.append(events).await.unwrap();
+        max_wal = max_wal.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    j.close().await;
+    assert!(reads > 100, "the reader really read ({reads} reads)");
+    assert!(max_wal <= 80 << 20, "WAL grew to {max_wal} bytes");
+}
+
+#[tokio::test]
+async fn block_refuses_appends_when_full_and_accepts_them_after_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.max_size = 16 << 20;
+    o.block_timeout = Duration::from_millis(300);
+    o.sync = plantrelay::journal::SyncMode::Normal;
+    let j = Journal::open(o).unwrap();
+    let mut stored = 0u64;
+    let mut refused = None;
+    for round in 0..100 {
+        let events: Vec<_> = (0..100)
+            .map(|i| ev("mes", &format!("{round}-{i}"), "s", Class::Critical, 2000))
+            .collect();
+        match j.append(events).await {
+            Ok(out) => stored += out.len() as u64,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("a 16 MiB journal cannot hold 20 MB");
+    assert!(matches!(err, JournalError::Full { .. }), "{err}");
+    assert!(err.to_string().contains("16.0 MiB limit reached"), "{err}");
+    assert_eq!(
+        j.stats()
+            .evicted_critical
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        all_events(&dir.path().join("journal.db")).len() as u64,
+        stored,
+        "nothing dropped"
+    );
+    // Delivered rows make room, even before retain_acked.
+    j.advance("central", None, stored).await.unwrap();
+    let events: Vec<_> = (0..100)
+        .map(|i| ev("mes", &format!("after-{i}"), "s", Class::Critical, 2000))
+        .collect();
+    j.append(events).await.unwrap();
+    j.close().await;
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mut o = opts(dir.path());
+    o.max_size = 16 << 20;
+    o.when_full = WhenFull::DropOldest;
+    o.sync = plantrelay::journal::SyncMode::Normal;
+    let j = Journal::open(o).unwrap();
+    // 2,000 critical first, then telemetry far past the limit.
+    let crit: Vec<_> = (0..2000)
+        .map(|i| ev("mes", &format!("c{i}"), "orders", Class::Critical, 1000))
+        .collect();
+    j.append(crit).await.unwrap();
+    let mut telemetry_sent = 0u64;
+    for round in 0..40 {
+        let events: Vec<_> = (0..500)
+            .map(|i| {
+                ev(
+                    "opc",
+                    &format!("t{round}-{i}"),
+                    &format!("m{}", i % 3),
+                    Class::Telemetry,
+                    1000,
+                )
+            })
+            .collect();
+        telemetry_sent += j.append(events).await.unwrap().len() as u64;
+    }
+    let evicted_t = j
+        .stats()
+        .evicted_telemetry
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let evicted_c = j
+        .stats()
+        .evicted_critical
+        .load(std::sync::atomic::Ordering::Relaxed);
+    j.close().await;
+    assert!(evicted_t > 0);
+    assert_eq!(evicted_c, 0, "critical events stay while telemetry can go");
+
+    let rows = all_events(&path);
+    let critical = rows.iter().filter(|e| e.stream == "orders").count();
+    assert_eq!(critical, 2000);
+    let telemetry_left = rows.iter().filter(|e| e.class == Class::Telemetry).count() as u64;
+    let gaps: Vec<_> = rows
+        .iter()
+        .filter(|e| e.event_type == GAP_EVENT_TYPE)
+        .collect();
+    let gap_count: u64 = gaps
+        .iter()
+        .map(|g| {
+            serde_json::from_slice::<serde_json::Value>(&g.data).unwrap()["count"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        telemetry_left + evicted_t,
+        telemetry_sent,
+        "every telemetry event is stored or counted"
+    );
+    assert_eq!(
+        gap_count, evicted_t,
+        "every evicted event is named by a gap event"
+    );
+    let stats = Reader::open(&path).unwrap().stats().unwrap();
+    assert_eq!(stats.evicted_telemetry, evicted_t);
+    assert_eq!(
+        Reader::open(&path)
+            .unwrap()
+            .gaps()
+            .unwrap()
+            .iter()
+            .map(|g| g.count)
+            .sum::<u64>(),
+        evicted_t
+    );
+    // Per stream, what a sink reads is gap-free once gap events are counted.
+    let mut expect: HashMap<(String, String), u64> = HashMap::new();
+    for e in &rows {
+        let next = expect
+            .entry((e.source.clone(), e.stream.clone()))
+            .or_insert(1);
+        assert_eq!(e.stream_seq, *next, "stream {} seq {}", e.stream, e.seq);
+        *next = if e.event_type == GAP_EVENT_TYPE {
+            serde_json::from_slice::<serde_json::Value>(&e.data).unwrap()["last_stream_seq"]
+                .as_u64()
+                .unwrap()
+                + 1
+        } else {
+            e.stream_seq + 1
+        };
+    }
+    assert!(stats.used_bytes <= 16 << 20);
+}
+
+#[tokio::test]
+async fn a_corrupted_journal_is_quarantined_and_a_fresh_one_continues_the_numbering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    {
+        let j = Journal::open(opts(dir.path())).unwrap();
+        j.append(
+            (0..500)
+                .map(|i| ev("mes", &i.to_string(), "s", Class::Critical, 200))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        j.close().await;
+    }
+    // Overwrite pages in the middle of the file (not the header).
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(len > 16384);
+        for off in [4096u64, 8192, len / 2] {
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(&[0xA5; 2048]).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let q = j.quarantine().expect("the damage was noticed").clone();
+    assert!(
+        q.moved_to.exists(),
+        "damaged file kept for inspection at {}",
+        q.moved_to.display()
+    );
+    assert!(
+        q.moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("journal.db.corrupt-"),
+        "{}",
+        q.moved_to.display()
+    );
+    let out = j
+        .append(vec![ev("mes", "new", "s", Class::Critical, 5)])
+        .await
+        .unwrap();
+    assert!(
+        seqs(&out)[0] > 500,
+        "seq continues above the old file's: {out:?}"
+    );
+    j.close().await;
+    drop(j);
+    // The fresh journal opens cleanly next time: no crash loop.
+    let j = Journal::open(opts(dir.path())).unwrap();
+    assert!(j.quarantine().is_none());
+    j.close().await;
+}
+
+#[tokio::test]
+async fn garbage_in_place_of_a_journal_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    std::fs::write(&path, vec![0x42u8; 10_000]).unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap();
+    assert!(j.quarantine().is_some());
+    let out = j
+        .append(vec![ev("mes", "a", "s", Class::Critical, 5)])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    j.close().await;
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_journal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let err = Journal::open(opts(dir.path())).err().expect("locked");
+    assert!(matches!(err, JournalError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("in use by another plantrelay process")
+    );
+    j.close().await;
+}
+
+#[tokio::test]
+async fn an_unwritable_state_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Journal::open(JournalOptions::new(file.join("journal.db")))
+        .err()
+        .expect("fails");
+    let msg = err.to_string();
+    assert!(msg.contains("not-a-dir"), "{msg}");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_retried_in_order_for_their_sink_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.sinks = vec!["central".into(), "backup".into()];
+    let j = Journal::open(o).unwrap();
+    j.append(
+        (0..5)
+            .map(|i| ev("mes", &i.to_string(), "s", Class::Critical, 5))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let r = j.reader().unwrap();
+    let batch = r.read_after(0, "central", 10, 1 << 20).unwrap();
+    let d1 = j
+        .dead_letter("central", batch[3].clone(), "422: bad unit")
+        .await
+        .unwrap();
+    let d2 = j
+        .dead_letter("central", batch[1].clone(), "422: bad qty")
+        .await
+        .unwrap();
+    j.advance("central", None, 5).await.unwrap();
+    let list = r.dead_letters(Some("central")).unwrap();
+    assert_eq!(
+        list.iter()
+            .map(|d| (d.seq, d.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(4, "422: bad unit"), (2, "422: bad qty")]
+    );
+    assert!(r.dead_letters(Some("backup")).unwrap().is_empty());
+
+    // Retried in the order asked: d2 then d1, only for "central".
+    let s2 = j.retry_dead_letter(d2).await.unwrap();
+    let s1 = j.retry_dead_letter(d1).await.unwrap();
+    assert_eq!((s2, s1), (6, 7));
+    let again = r.read_after(5, "central", 10, 1 << 20).unwrap();
+    assert_eq!(
+        again.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        vec!["1", "3"]
+    );
+    assert_eq!(
+        again[0].stream_seq, 2,
+        "the same event, with its stream sequence"
+    );
+    assert!(
+        r.read_after(5, "backup", 10, 1 << 20).unwrap().is_empty(),
+        "other sinks already had it"
+    );
+    assert!(r.dead_letters(None).unwrap().is_empty());
+
+    let d3 = j
+        .dead_letter("central", batch[0].clone(), "400")
+        .await
+        .unwrap();
+    j.drop_dead_letter(d3).await.unwrap();
+    assert!(matches!(
+        j.drop_dead_letter(d3).await,
+        Err(JournalError::NotFound { .. })
+    ));
+    assert!(r.dead_letters(None).unwrap().is_empty());
+    j.close().await;
+}
+
+#[tokio::test]
+async fn appends_after_close_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Journal::open(opts(dir.path())).unwrap();
+    j.close().await;
+    let err = j
+        .append(vec![ev("mes", "a", "s", Class::Critical, 5)])
+        .await
+        .unwrap_err();
+    assert_eq!(err, JournalError::Closed);
+}
+
+#[allow(dead_code)]
+fn _path(p: &Path) -> PathBuf {
+    p.to_path_buf()
+}
