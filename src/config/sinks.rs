@@ -1,0 +1,231 @@
+//! `[[sinks.https]]`, `[[sinks.mqtt]]` and `[[sinks.jetstream]]`: where the
+//! journal is forwarded to. Plain data; the field docs are the user
+//! documentation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use super::sources::MqttProtocol;
+use super::units;
+
+/// `[[sinks.https]]`: POST CloudEvents batches
+/// (`application/cloudevents-batch+json`) to an HTTPS ingest API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsSinkConfig {
+    /// Unique sink name (`[A-Za-z0-9][A-Za-z0-9._-]{0,62}`); names its cursor
+    /// in the journal. Required.
+    pub name: String,
+    /// Ingest URL, `https://...` (`http://` only with `allow_plain_http`). Required.
+    #[serde(deserialize_with = "units::url")]
+    pub url: Url,
+    /// PEM CA certificate(s) trusted for the upstream, in addition to the
+    /// bundled web PKI roots (see `ca_only`). Default: none.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Trust only `ca_file`, not the bundled roots; requires `ca_file`.
+    /// Default: `false`.
+    #[serde(default)]
+    pub ca_only: bool,
+    /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`. Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// File holding a bearer token sent as `Authorization: Bearer`. Default: none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Timeout of one batch request. Default: `"30s"`.
+    #[serde(default = "default_30s", deserialize_with = "units::duration_nonzero")]
+    pub timeout: Duration,
+    /// Request body compression: `"gzip"`, `"zstd"` or `"none"`. Default: `"gzip"`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Most events per batch, 1 to 100000. Default: `1000`.
+    #[serde(default = "default_1000")]
+    pub batch_max_events: usize,
+    /// Largest uncompressed batch body (a size). Default: `"4MiB"`.
+    #[serde(default = "default_4mib", deserialize_with = "units::size")]
+    pub batch_max_bytes: u64,
+    /// Cap on events sent per second, to drain a backlog gently after an
+    /// outage; `0` = unlimited. Default: `0`.
+    #[serde(default)]
+    pub max_events_per_sec: u32,
+    /// First retry delay after a failed batch (doubles, with jitter, up to
+    /// `retry_max`). Default: `"500ms"`.
+    #[serde(
+        default = "default_500ms",
+        deserialize_with = "units::duration_nonzero"
+    )]
+    pub retry_initial: Duration,
+    /// Longest retry delay, at least `retry_initial`. Default: `"60s"`.
+    #[serde(default = "default_60s", deserialize_with = "units::duration_nonzero")]
+    pub retry_max: Duration,
+    /// Allow a plain `http://` URL (tests and local relays only). Default: `false`.
+    #[serde(default)]
+    pub allow_plain_http: bool,
+}
+
+/// Request body compression of an HTTPS sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// `Content-Encoding: gzip` (`"gzip"`).
+    #[default]
+    Gzip,
+    /// `Content-Encoding: zstd` (`"zstd"`).
+    Zstd,
+    /// Uncompressed (`"none"`).
+    None,
+}
+
+/// `[[sinks.mqtt]]`: publish each event to an upstream MQTT broker.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Unique sink name. Required.
+    pub name: String,
+    /// Broker URL: `mqtt://host[:port]` or `mqtts://host[:port]`. Required.
+    #[serde(deserialize_with = "units::url")]
+    pub url: Url,
+    /// Topic template; placeholders `{agent}`, `{source}` and `{stream}`; no
+    /// wildcards. Default: `"plantrelay/{agent}/{stream}"`.
+    #[serde(default = "default_mqtt_topic")]
+    pub topic: String,
+    /// Publish QoS: 1 or 2 (0 cannot be acknowledged). Default: `1`.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// MQTT client id. Default: `plantrelay-<agent id>-<sink name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// MQTT keep-alive interval, 1s to 65535s. Default: `"30s"`.
+    #[serde(default = "default_30s", deserialize_with = "units::duration_nonzero")]
+    pub keep_alive: Duration,
+    /// User name for the broker. Default: none.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password for `username`. Default: none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify the broker with (`mqtts://` only).
+    /// Default: none (the bundled web PKI roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`. Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Protocol version: `"v311"` or `"v5"`. Default: `"v311"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Most publishes in flight (unacknowledged) at once, 1 to 65535. Default: `100`.
+    #[serde(default = "default_100")]
+    pub batch_max_events: usize,
+    /// Cap on events sent per second; `0` = unlimited. Default: `0`.
+    #[serde(default)]
+    pub max_events_per_sec: u32,
+    /// First retry delay after a failure. Default: `"500ms"`.
+    #[serde(
+        default = "default_500ms",
+        deserialize_with = "units::duration_nonzero"
+    )]
+    pub retry_initial: Duration,
+    /// Longest retry delay, at least `retry_initial`. Default: `"60s"`.
+    #[serde(default = "default_60s", deserialize_with = "units::duration_nonzero")]
+    pub retry_max: Duration,
+}
+
+/// `[[sinks.jetstream]]`: publish each event to NATS JetStream with
+/// `Nats-Msg-Id` set to the event id (server-side dedup).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamSinkConfig {
+    /// Unique sink name. Required.
+    pub name: String,
+    /// Server URL: `nats://host[:port]` or `tls://host[:port]`. Required.
+    #[serde(deserialize_with = "units::url")]
+    pub url: Url,
+    /// Subject template; placeholders `{agent}`, `{source}` and `{stream}`; no
+    /// wildcards or spaces. Default: `"plantrelay.{agent}.{stream}"`.
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// JetStream stream that must exist and capture the subjects; checked at
+    /// start. Default: none (not checked).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// File holding a NATS token; excludes `credentials_file`. Default: none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// NATS `.creds` file (JWT and NKey seed). Default: none.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify the server with. Default: none (the
+    /// bundled web PKI roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`. Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Most publishes awaiting their JetStream ack at once, 1 to 100000.
+    /// Default: `256`.
+    #[serde(default = "default_256")]
+    pub batch_max_events: usize,
+    /// Cap on events sent per second; `0` = unlimited. Default: `0`.
+    #[serde(default)]
+    pub max_events_per_sec: u32,
+    /// First retry delay after a failure. Default: `"500ms"`.
+    #[serde(
+        default = "default_500ms",
+        deserialize_with = "units::duration_nonzero"
+    )]
+    pub retry_initial: Duration,
+    /// Longest retry delay, at least `retry_initial`. Default: `"60s"`.
+    #[serde(default = "default_60s", deserialize_with = "units::duration_nonzero")]
+    pub retry_max: Duration,
+    /// Timeout for connecting and for each publish acknowledgement. Default: `"10s"`.
+    #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
+    pub timeout: Duration,
+}
+
+fn default_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_60s() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_500ms() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_1000() -> usize {
+    1000
+}
+fn default_100() -> usize {
+    100
+}
+fn default_256() -> usize {
+    256
+}
+fn default_4mib() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_mqtt_topic() -> String {
+    "plantrelay/{agent}/{stream}".to_owned()
+}
+fn default_subject() -> String {
+    "plantrelay.{agent}.{stream}".to_owned()
+}

@@ -1,0 +1,519 @@
+//! `[[sources.http]]`, `[[sources.mqtt]]` and `[[sources.opcua]]`: where events
+//! come from. Plain data; the field docs are the user documentation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+use super::units;
+use crate::event::Class;
+
+/// `[[sources.http]]`: the local ingest API (`POST /v1/events`), typically fed
+/// by the MES.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    /// Unique source name (`[A-Za-z0-9][A-Za-z0-9._-]{0,62}`); part of every
+    /// event's CloudEvents `source`. Required.
+    pub name: String,
+    /// Address to listen on, `IP:port` (e.g. `"127.0.0.1:8081"`). Required.
+    #[serde(deserialize_with = "units::socket_addr")]
+    pub listen: SocketAddr,
+    /// Delivery class of events posted here: `"critical"` or `"telemetry"`.
+    /// Default: `"critical"`.
+    #[serde(default = "default_critical")]
+    pub class: Class,
+    /// File holding the bearer token clients must send. Default: none (no
+    /// token required; bind to loopback then).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain to serve HTTPS with; requires `tls_key`. Default:
+    /// none (plain HTTP).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`; requires `tls_cert`. Default: none.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Largest accepted request body (a size such as `"4MiB"`); larger requests
+    /// get `413`. Default: `"4MiB"`.
+    #[serde(default = "default_max_body", deserialize_with = "units::size")]
+    pub max_body: u64,
+}
+
+/// `[[sources.mqtt]]`: subscribe to topics on a plant MQTT broker. Messages
+/// are acknowledged to the broker only after the journal commit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Unique source name. Required.
+    pub name: String,
+    /// Broker URL: `mqtt://host[:port]` (default port 1883) or
+    /// `mqtts://host[:port]` for TLS (default port 8883). Required.
+    #[serde(deserialize_with = "units::url")]
+    pub url: Url,
+    /// MQTT client id. Default: `plantrelay-<agent id>-<source name>`. Keep it
+    /// stable: the broker keeps the session (and unacknowledged messages) under it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Start with a clean session, dropping what the broker queued while the
+    /// agent was away. Default: `false`.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// MQTT keep-alive interval, 1s to 65535s. Default: `"30s"`.
+    #[serde(default = "default_30s", deserialize_with = "units::duration_nonzero")]
+    pub keep_alive: Duration,
+    /// User name for the broker. Default: none.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password for `username`. Default: none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify the broker with (`mqtts://` only).
+    /// Default: none (the bundled web PKI roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`. Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Protocol version: `"v311"` or `"v5"`. Default: `"v311"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Topic filters to subscribe to; at least one. Each entry is a filter
+    /// string (QoS 1) or a table `{ filter = "...", qos = 0 | 1 | 2 }`. Required.
+    pub topics: Vec<TopicSubscription>,
+    /// Payload format: `"json"`, `"raw"` (bytes, forwarded base64) or
+    /// `"sparkplug_b"`. Default: `"json"`.
+    #[serde(default)]
+    pub format: MqttFormat,
+    /// JSON pointer (e.g. `"/eventId"`) to the event id inside a JSON payload
+    /// (`format = "json"` only). Default: none (the id is derived by hashing).
+    #[serde(default)]
+    pub id_pointer: Option<String>,
+    /// JSON pointer to the source timestamp (RFC 3339) inside a JSON payload
+    /// (`format = "json"` only). Default: none (arrival time).
+    #[serde(default)]
+    pub time_pointer: Option<String>,
+    /// Stream (ordering key) of each message: a template where `{topic}` is the
+    /// whole topic and `{N}` its N-th level, counted from 1. Default: `"{topic}"`.
+    #[serde(default = "default_stream_template")]
+    pub stream: String,
+    /// Delivery class: `"critical"` or `"telemetry"`. Default: `"telemetry"`.
+    #[serde(default = "default_telemetry")]
+    pub class: Class,
+    /// CloudEvents `type` of the events (TOML key `type`). Default:
+    /// `"plantrelay.mqtt.message"`.
+    #[serde(rename = "type", default = "default_mqtt_event_type")]
+    pub event_type: String,
+    /// Most unacknowledged messages the broker may have in flight to us,
+    /// 1 to 65535. Default: `100`.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Largest accepted payload (a size). Default: `"1MiB"`.
+    #[serde(default = "default_max_payload", deserialize_with = "units::size")]
+    pub max_payload: u64,
+    /// What to do with a payload that does not parse as `format`: `"journal"`
+    /// (store it as a rejected event, visible upstream) or `"drop"` (count and
+    /// log it). Default: `"journal"`.
+    #[serde(default)]
+    pub on_invalid: OnInvalid,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1 (`"v311"`).
+    #[default]
+    V311,
+    /// MQTT 5 (`"v5"`).
+    V5,
+}
+
+/// Payload format of an MQTT source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttFormat {
+    /// A JSON document per message (`"json"`).
+    #[default]
+    Json,
+    /// Opaque bytes (`"raw"`).
+    Raw,
+    /// Eclipse Sparkplug B protobuf (`"sparkplug_b"`).
+    SparkplugB,
+}
+
+/// What an MQTT source does with a payload that does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInvalid {
+    /// Journal it as a rejected event (`"journal"`).
+    #[default]
+    Journal,
+    /// Count, log and drop it (`"drop"`).
+    Drop,
+}
+
+/// One subscription of an MQTT source. In TOML either a filter string
+/// (subscribed with QoS 1) or a table `{ filter = "...", qos = 0 | 1 | 2 }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSubscription {
+    /// MQTT topic filter (`+` and `#` wildcards allowed).
+    pub filter: String,
+    /// Subscription QoS: 0, 1 or 2. Default: 1.
+    pub qos: u8,
+}
+
+/// `[[sources.opcua]]`: subscribe to nodes of an OPC UA server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcuaSourceConfig {
+    /// Unique source name. Required.
+    pub name: String,
+    /// Server endpoint, `opc.tcp://host:port[/path]`. Required.
+    #[serde(deserialize_with = "units::url")]
+    pub endpoint: Url,
+    /// Security policy: `"None"`, `"Basic256Sha256"`, `"Aes128_Sha256_RsaOaep"`
+    /// or `"Aes256_Sha256_RsaPss"`. Default: `"Basic256Sha256"`.
+    #[serde(default)]
+    pub security_policy: SecurityPolicy,
+    /// Security mode: `"None"`, `"Sign"` or `"SignAndEncrypt"`; `"None"` exactly
+    /// when the policy is `"None"`. Default: `"SignAndEncrypt"`.
+    #[serde(default)]
+    pub security_mode: SecurityMode,
+    /// User name for a user-name identity token. Default: none (anonymous,
+    /// unless `user_cert` is set).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password for `username`. Default: none.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM certificate for an X.509 user identity token; requires `user_key`;
+    /// excludes `username`. Default: none.
+    #[serde(default)]
+    pub user_cert: Option<PathBuf>,
+    /// PEM private key for `user_cert`. Default: none.
+    #[serde(default)]
+    pub user_key: Option<PathBuf>,
+    /// SHA-256 fingerprint of the server certificate to pin: 64 hex digits,
+    /// colons allowed. Default: none.
+    #[serde(default)]
+    pub server_cert_sha256: Option<String>,
+    /// Accept a server certificate that is neither pinned nor trusted (for
+    /// commissioning only). Default: `false`.
+    #[serde(default)]
+    pub trust_unknown_server: bool,
+    /// Subscription publishing interval. Default: `"1s"`.
+    #[serde(default = "default_1s", deserialize_with = "units::duration_nonzero")]
+    pub publishing_interval: Duration,
+    /// Subscription keep-alive count (publishing intervals without data before
+    /// the server sends a keep-alive), at least 1. Default: `10`.
+    #[serde(default = "default_keep_alive_count")]
+    pub keep_alive_count: u32,
+    /// Subscription lifetime count, at least 3 × `keep_alive_count`. Default: `30`.
+    #[serde(default = "default_lifetime_count")]
+    pub lifetime_count: u32,
+    /// Timeout for connecting and activating the session. Default: `"10s"`.
+    #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
+    pub connect_timeout: Duration,
+    /// Delivery class: `"critical"` or `"telemetry"`. Default: `"telemetry"`.
+    #[serde(default = "default_telemetry")]
+    pub class: Class,
+    /// Monitored nodes (`[[sources.opcua.nodes]]`); at least one. Required.
+    pub nodes: Vec<OpcuaNodeConfig>,
+}
+
+/// OPC UA security policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+pub enum SecurityPolicy {
+    /// No security (`"None"`).
+    None,
+    /// `"Basic256Sha256"`.
+    #[default]
+    Basic256Sha256,
+    /// `"Aes128_Sha256_RsaOaep"`.
+    #[serde(rename = "Aes128_Sha256_RsaOaep")]
+    Aes128Sha256RsaOaep,
+    /// `"Aes256_Sha256_RsaPss"`.
+    #[serde(rename = "Aes256_Sha256_RsaPss")]
+    Aes256Sha256RsaPss,
+}
+
+impl SecurityPolicy {
+    /// The spelling used in the config file (and in OPC UA policy URIs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityPolicy::None => "None",
+            SecurityPolicy::Basic256Sha256 => "Basic256Sha256",
+            SecurityPolicy::Aes128Sha256RsaOaep => "Aes128_Sha256_RsaOaep",
+            SecurityPolicy::Aes256Sha256RsaPss => "Aes256_Sha256_RsaPss",
+        }
+    }
+
+    /// The policy URI, e.g. `http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256`.
+    pub fn uri(self) -> String {
+        format!(
+            "http://opcfoundation.org/UA/SecurityPolicy#{}",
+            self.as_str()
+        )
+    }
+}
+
+impl fmt::Display for SecurityPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// OPC UA message security mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+pub enum SecurityMode {
+    /// `"None"`.
+    None,
+    /// `"Sign"`.
+    Sign,
+    /// `"SignAndEncrypt"`.
+    #[default]
+    SignAndEncrypt,
+}
+
+impl SecurityMode {
+    /// The spelling used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityMode::None => "None",
+            SecurityMode::Sign => "Sign",
+            SecurityMode::SignAndEncrypt => "SignAndEncrypt",
+        }
+    }
+}
+
+impl fmt::Display for SecurityMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[sources.opcua.nodes]]`: one monitored item.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcuaNodeConfig {
+    /// Node id in standard notation: optional `ns=<index>;` or `nsu=<uri>;`,
+    /// then `i=<number>`, `s=<string>`, `g=<guid>` or `b=<base64>`
+    /// (e.g. `"ns=2;s=Press07.State"`). Required.
+    pub node_id: String,
+    /// Stream (ordering key) the node's data changes go to, e.g.
+    /// `"line3/press07"`. Required.
+    pub stream: String,
+    /// Sampling interval requested from the server; `"0s"` asks for the
+    /// fastest rate the server supports. Default: `"500ms"`.
+    #[serde(default = "default_500ms", deserialize_with = "units::duration")]
+    pub sampling_interval: Duration,
+    /// Server-side queue size for the item, at least 1. Default: `10`.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u32,
+    /// Data-change deadband: `{ absolute = <f64> }` or `{ percent = <0..100> }`.
+    /// Default: none (every change is reported).
+    #[serde(default)]
+    pub deadband: Option<Deadband>,
+    /// Map from integer values to names (TOML keys are the integers as
+    /// strings, e.g. `{ "0" = "stopped", "1" = "running" }`); mapped values
+    /// are forwarded as `{ "value": 1, "name": "running" }`. Default: none.
+    #[serde(default, deserialize_with = "state_map")]
+    pub state_map: Option<BTreeMap<i64, String>>,
+}
+
+/// A data-change deadband. In TOML a table with exactly one of `absolute` or
+/// `percent`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Deadband {
+    /// Report a change only when it exceeds this absolute amount (≥ 0).
+    Absolute(f64),
+    /// Report a change only when it exceeds this percentage (0 to 100) of the
+    /// node's EU range.
+    Percent(f64),
+}
+
+fn default_critical() -> Class {
+    Class::Critical
+}
+fn default_telemetry() -> Class {
+    Class::Telemetry
+}
+fn default_max_body() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_1s() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_500ms() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_stream_template() -> String {
+    "{topic}".to_owned()
+}
+fn default_mqtt_event_type() -> String {
+    "plantrelay.mqtt.message".to_owned()
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_max_payload() -> u64 {
+    1024 * 1024
+}
+fn default_keep_alive_count() -> u32 {
+    10
+}
+fn default_lifetime_count() -> u32 {
+    30
+}
+fn default_queue_size() -> u32 {
+    10
+}
+
+/// The keys of a topic table.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum TopicField {
+    Filter,
+    Qos,
+}
+
+/// A QoS level 0, 1 or 2, validated where it is written.
+struct Qos(u8);
+
+impl<'de> Deserialize<'de> for Qos {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Qos, D::Error> {
+        let qos = u8::deserialize(d)?;
+        if qos > 2 {
+            return Err(de::Error::custom(format!(
+                "invalid qos {qos}: expected 0, 1 or 2"
+            )));
+        }
+        Ok(Qos(qos))
+    }
+}
+
+impl<'de> Deserialize<'de> for TopicSubscription {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TopicSubscription, D::Error> {
+        d.deserialize_any(TopicVisitor)
+    }
+}
+
+struct TopicVisitor;
+
+impl<'de> Visitor<'de> for TopicVisitor {
+    type Value = TopicSubscription;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a topic filter string or a table { filter = "...", qos = 1 }"#)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<TopicSubscription, E> {
+        Ok(TopicSubscription {
+            filter: v.to_owned(),
+            qos: 1,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopicSubscription, A::Error> {
+        let mut filter = None;
+        let mut qos = 1;
+        while let Some(field) = map.next_key::<TopicField>()? {
+            match field {
+                TopicField::Filter => filter = Some(map.next_value::<String>()?),
+                TopicField::Qos => qos = map.next_value::<Qos>()?.0,
+            }
+        }
+        let filter = filter.ok_or_else(|| de::Error::missing_field("filter"))?;
+        Ok(TopicSubscription { filter, qos })
+    }
+}
+
+/// The keys of a deadband table.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum DeadbandField {
+    Absolute,
+    Percent,
+}
+
+impl<'de> Deserialize<'de> for Deadband {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Deadband, D::Error> {
+        d.deserialize_map(DeadbandVisitor)
+    }
+}
+
+struct DeadbandVisitor;
+
+impl<'de> Visitor<'de> for DeadbandVisitor {
+    type Value = Deadband;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a table with exactly one of `absolute` or `percent`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Deadband, A::Error> {
+        let mut found = Vec::new();
+        while let Some(field) = map.next_key::<DeadbandField>()? {
+            let value = map.next_value::<f64>()?;
+            found.push(match field {
+                DeadbandField::Absolute => Deadband::Absolute(value),
+                DeadbandField::Percent => Deadband::Percent(value),
+            });
+        }
+        match found.as_slice() {
+            [one] => Ok(*one),
+            _ => Err(de::Error::custom(
+                "deadband needs exactly one of `absolute` or `percent`",
+            )),
+        }
+    }
+}
+
+/// Deserialises `state_map`: string keys that must be integers.
+fn state_map<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<i64, String>>, D::Error> {
+    d.deserialize_map(StateMapVisitor).map(Some)
+}
+
+struct StateMapVisitor;
+
+impl<'de> Visitor<'de> for StateMapVisitor {
+    type Value = BTreeMap<i64, String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            r#"a table of integer values to names, e.g. { "0" = "stopped", "1" = "running" }"#,
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let name = map.next_value::<String>()?;
+            let value = key.trim().parse::<i64>().map_err(|_| {
+                de::Error::custom(format!("state_map key `{key}` is not an integer"))
+            })?;
+            if out.insert(value, name).is_some() {
+                return Err(de::Error::custom(format!(
+                    "state_map has value {value} more than once"
+                )));
+            }
+        }
+        Ok(out)
+    }
+}

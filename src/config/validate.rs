@@ -1,0 +1,916 @@
+//! Semantic validation of a deserialised [`Config`]: everything the types
+//! alone cannot say (names, URL schemes, paired keys, ranges, node ids, topic
+//! filters, templates, listener clashes). Every issue is collected, none stops
+//! the others; positions are added later by the locator. No I/O here.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use url::Url;
+
+use super::locate::RawIssue;
+use super::sinks::{HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig};
+use super::sources::{
+    Deadband, HttpSourceConfig, MqttFormat, MqttSourceConfig, OpcuaNodeConfig, OpcuaSourceConfig,
+    SecurityMode, SecurityPolicy,
+};
+use super::{AgentConfig, Config, HealthConfig, JournalConfig};
+
+/// Smallest accepted `journal.max_size`.
+pub(crate) const MIN_JOURNAL_SIZE: u64 = 16 * 1024 * 1024;
+/// Smallest accepted `journal.dedup_max_ids`.
+const MIN_DEDUP_IDS: usize = 1000;
+/// Largest batch of an HTTPS or JetStream sink.
+const MAX_BATCH_EVENTS: usize = 100_000;
+/// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
+const MAX_MQTT_INFLIGHT: usize = 65_535;
+/// Placeholders a sink topic or subject template may use.
+const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
+
+/// Collects issues, each for a key path.
+struct Issues<'a> {
+    out: &'a mut Vec<RawIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.out.push(RawIssue::new(path, message));
+    }
+
+    /// Reports on whichever of two keys that must come together is set alone.
+    fn pair(&mut self, prefix: &str, a: (&str, bool), b: (&str, bool)) {
+        let (set, unset) = match (a.1, b.1) {
+            (true, false) => (a.0, b.0),
+            (false, true) => (b.0, a.0),
+            _ => return,
+        };
+        self.push(
+            format!("{prefix}.{set}"),
+            format!("`{set}` is set but `{unset}` is not: set both or neither"),
+        );
+    }
+
+    /// Reports a key that is set although the key it depends on is not.
+    fn requires(&mut self, prefix: &str, key: (&str, bool), needed: (&str, bool)) {
+        if key.1 && !needed.1 {
+            self.push(
+                format!("{prefix}.{}", key.0),
+                format!("`{}` requires `{}` to be set", key.0, needed.0),
+            );
+        }
+    }
+
+    /// Checks a URL's scheme, host and that it carries no credentials.
+    fn url(&mut self, path: &str, url: &Url, schemes: &[&str], note: &str) {
+        if !schemes.contains(&url.scheme()) {
+            let expected: Vec<String> = schemes.iter().map(|s| format!("`{s}://`")).collect();
+            self.push(
+                path,
+                format!(
+                    "unsupported URL scheme `{}://`: expected {}{note}",
+                    url.scheme(),
+                    expected.join(" or ")
+                ),
+            );
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            self.push(path, format!("URL `{url}` has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.push(
+                path,
+                "credentials in URLs are not allowed: secrets are read from files \
+                 (username with password_file, or token_file)",
+            );
+        }
+    }
+
+    fn batch(&mut self, path: String, value: usize, max: usize) {
+        if !(1..=max).contains(&value) {
+            self.push(path, format!("must be between 1 and {max}, got {value}"));
+        }
+    }
+
+    fn retry(&mut self, prefix: &str, initial: Duration, max: Duration) {
+        if max < initial {
+            self.push(
+                format!("{prefix}.retry_max"),
+                format!(
+                    "retry_max ({}) must be at least retry_initial ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(initial)
+                ),
+            );
+        }
+    }
+
+    fn mqtt_keep_alive(&mut self, path: String, keep_alive: Duration) {
+        if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65_535) {
+            self.push(path, "must be between 1s and 65535s");
+        }
+    }
+
+    fn non_empty(&mut self, path: String, value: &str) {
+        if value.trim().is_empty() {
+            self.push(path, "must not be empty");
+        }
+    }
+}
+
+/// Validates everything that needs no filesystem access.
+pub(crate) fn validate(config: &Config, out: &mut Vec<RawIssue>) {
+    let mut issues = Issues { out };
+    agent(&mut issues, &config.agent);
+    journal(&mut issues, &config.journal);
+    if let Some(health_config) = &config.health {
+        health(&mut issues, health_config);
+    }
+
+    let sources = &config.sources;
+    for (i, s) in sources.http.iter().enumerate() {
+        http_source(&mut issues, &format!("sources.http[{i}]"), s);
+    }
+    for (i, s) in sources.mqtt.iter().enumerate() {
+        mqtt_source(&mut issues, &format!("sources.mqtt[{i}]"), s);
+    }
+    for (i, s) in sources.opcua.iter().enumerate() {
+        opcua_source(&mut issues, &format!("sources.opcua[{i}]"), s);
+    }
+    let sinks = &config.sinks;
+    for (i, s) in sinks.https.iter().enumerate() {
+        https_sink(&mut issues, &format!("sinks.https[{i}]"), s);
+    }
+    for (i, s) in sinks.mqtt.iter().enumerate() {
+        mqtt_sink(&mut issues, &format!("sinks.mqtt[{i}]"), s);
+    }
+    for (i, s) in sinks.jetstream.iter().enumerate() {
+        jetstream_sink(&mut issues, &format!("sinks.jetstream[{i}]"), s);
+    }
+
+    let source_names: Vec<(String, &str)> = (sources.http.iter().enumerate())
+        .map(|(i, s)| (format!("sources.http[{i}].name"), s.name.as_str()))
+        .chain(
+            (sources.mqtt.iter().enumerate())
+                .map(|(i, s)| (format!("sources.mqtt[{i}].name"), s.name.as_str())),
+        )
+        .chain(
+            (sources.opcua.iter().enumerate())
+                .map(|(i, s)| (format!("sources.opcua[{i}].name"), s.name.as_str())),
+        )
+        .collect();
+    let sink_names: Vec<(String, &str)> = (sinks.https.iter().enumerate())
+        .map(|(i, s)| (format!("sinks.https[{i}].name"), s.name.as_str()))
+        .chain(
+            (sinks.mqtt.iter().enumerate())
+                .map(|(i, s)| (format!("sinks.mqtt[{i}].name"), s.name.as_str())),
+        )
+        .chain(
+            (sinks.jetstream.iter().enumerate())
+                .map(|(i, s)| (format!("sinks.jetstream[{i}].name"), s.name.as_str())),
+        )
+        .collect();
+    if source_names.is_empty() {
+        issues.push(
+            "sources",
+            "at least one source is required ([[sources.http]], [[sources.mqtt]] or [[sources.opcua]])",
+        );
+    }
+    if sink_names.is_empty() {
+        issues.push(
+            "sinks",
+            "at least one sink is required ([[sinks.https]], [[sinks.mqtt]] or [[sinks.jetstream]])",
+        );
+    }
+    names(&mut issues, "source", &source_names);
+    names(&mut issues, "sink", &sink_names);
+
+    let mut listeners: Vec<(String, SocketAddr)> = Vec::new();
+    if let Some(h) = &config.health {
+        listeners.push(("health.listen".to_owned(), h.listen));
+    }
+    for (i, s) in sources.http.iter().enumerate() {
+        listeners.push((format!("sources.http[{i}].listen"), s.listen));
+    }
+    for (i, (path, addr)) in listeners.iter().enumerate() {
+        if let Some((other, other_addr)) = listeners[..i]
+            .iter()
+            .find(|(_, earlier)| listen_overlap(*earlier, *addr))
+        {
+            issues.push(
+                path.clone(),
+                format!("listen address {addr} clashes with {other} ({other_addr})"),
+            );
+        }
+    }
+}
+
+fn agent(issues: &mut Issues<'_>, agent: &AgentConfig) {
+    if let Err(message) = check_agent_id(&agent.id) {
+        issues.push("agent.id", message);
+    }
+}
+
+fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
+    if journal.max_size < MIN_JOURNAL_SIZE {
+        issues.push(
+            "journal.max_size",
+            format!(
+                "must be at least 16MiB ({MIN_JOURNAL_SIZE} bytes), got {} bytes",
+                journal.max_size
+            ),
+        );
+    }
+    if journal.dedup_max_ids < MIN_DEDUP_IDS {
+        issues.push(
+            "journal.dedup_max_ids",
+            format!(
+                "must be at least {MIN_DEDUP_IDS}, got {}",
+                journal.dedup_max_ids
+            ),
+        );
+    }
+}
+
+fn health(issues: &mut Issues<'_>, health: &HealthConfig) {
+    if health.token_file.is_none() && health.client_ca.is_none() && !health.allow_unauthenticated {
+        issues.push(
+            "health.token_file",
+            "no authentication configured: set token_file and/or client_ca, or allow_unauthenticated = true",
+        );
+    }
+}
+
+fn http_source(issues: &mut Issues<'_>, p: &str, s: &HttpSourceConfig) {
+    issues.pair(
+        p,
+        ("tls_cert", s.tls_cert.is_some()),
+        ("tls_key", s.tls_key.is_some()),
+    );
+    if s.max_body == 0 {
+        issues.push(format!("{p}.max_body"), "must be greater than zero");
+    }
+}
+
+fn mqtt_source(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
+    issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
+    mqtt_tls_needs_mqtts(
+        issues,
+        p,
+        &s.url,
+        &[
+            ("ca_file", s.ca_file.is_some()),
+            ("client_cert", s.client_cert.is_some()),
+        ],
+    );
+    if let Some(id) = &s.client_id {
+        issues.non_empty(format!("{p}.client_id"), id);
+    }
+    issues.mqtt_keep_alive(format!("{p}.keep_alive"), s.keep_alive);
+    issues.requires(
+        p,
+        ("password_file", s.password_file.is_some()),
+        ("username", s.username.is_some()),
+    );
+    issues.pair(
+        p,
+        ("client_cert", s.client_cert.is_some()),
+        ("client_key", s.client_key.is_some()),
+    );
+
+    if s.topics.is_empty() {
+        issues.push(
+            format!("{p}.topics"),
+            "at least one topic filter is required",
+        );
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, topic) in s.topics.iter().enumerate() {
+        let path = format!("{p}.topics[{i}]");
+        if let Err(message) = check_topic_filter(&topic.filter) {
+            issues.push(path, message);
+        } else if let Some(first) = seen.insert(topic.filter.as_str(), i) {
+            issues.push(
+                path,
+                format!(
+                    "topic filter `{}` is already subscribed by topics[{first}]",
+                    topic.filter
+                ),
+            );
+        }
+    }
+
+    for (key, pointer) in [
+        ("id_pointer", &s.id_pointer),
+        ("time_pointer", &s.time_pointer),
+    ] {
+        let Some(pointer) = pointer else { continue };
+        if let Err(message) = check_json_pointer(pointer) {
+            issues.push(format!("{p}.{key}"), message);
+        } else if s.format != MqttFormat::Json {
+            issues.push(
+                format!("{p}.{key}"),
+                format!("`{key}` only applies to format = \"json\""),
+            );
+        }
+    }
+    let stream_placeholder =
+        |name: &str| name == "topic" || name.parse::<usize>().is_ok_and(|n| n >= 1);
+    if let Err(message) =
+        check_template(&s.stream, &stream_placeholder, "`{topic}` or `{N}` (N ≥ 1)")
+    {
+        issues.push(format!("{p}.stream"), message);
+    }
+    issues.non_empty(format!("{p}.type"), &s.event_type);
+    if s.max_inflight == 0 {
+        issues.push(
+            format!("{p}.max_inflight"),
+            "must be between 1 and 65535, got 0",
+        );
+    }
+    if s.max_payload == 0 {
+        issues.push(format!("{p}.max_payload"), "must be greater than zero");
+    }
+}
+
+fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
+    issues.url(&format!("{p}.endpoint"), &s.endpoint, &["opc.tcp"], "");
+    let policy_none = s.security_policy == SecurityPolicy::None;
+    let mode_none = s.security_mode == SecurityMode::None;
+    if policy_none != mode_none {
+        issues.push(
+            format!("{p}.security_mode"),
+            format!(
+                "security_mode \"{}\" does not fit security_policy \"{}\": \
+                 use \"None\" for both, or a signing mode with a real policy",
+                s.security_mode, s.security_policy
+            ),
+        );
+    }
+    issues.requires(
+        p,
+        ("password_file", s.password_file.is_some()),
+        ("username", s.username.is_some()),
+    );
+    issues.pair(
+        p,
+        ("user_cert", s.user_cert.is_some()),
+        ("user_key", s.user_key.is_some()),
+    );
+    if s.username.is_some() && s.user_cert.is_some() {
+        issues.push(
+            format!("{p}.user_cert"),
+            "set either username or user_cert (one user identity), not both",
+        );
+    }
+    if let Some(fingerprint) = &s.server_cert_sha256
+        && let Err(message) = check_sha256_fingerprint(fingerprint)
+    {
+        issues.push(format!("{p}.server_cert_sha256"), message);
+    }
+    if s.keep_alive_count == 0 {
+        issues.push(format!("{p}.keep_alive_count"), "must be at least 1");
+    }
+    if u64::from(s.lifetime_count) < 3 * u64::from(s.keep_alive_count) {
+        issues.push(
+            format!("{p}.lifetime_count"),
+            format!(
+                "must be at least 3 × keep_alive_count ({}), got {}",
+                3 * u64::from(s.keep_alive_count),
+                s.lifetime_count
+            ),
+        );
+    }
+    if s.nodes.is_empty() {
+        issues.push(
+            format!("{p}.nodes"),
+            "at least one node is required ([[sources.opcua.nodes]])",
+        );
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in s.nodes.iter().enumerate() {
+        let np = format!("{p}.nodes[{i}]");
+        opcua_node(issues, &np, node);
+        if let Some(first) = seen.insert(node.node_id.as_str(), i) {
+            issues.push(
+                format!("{np}.node_id"),
+                format!(
+                    "node `{}` is already monitored by nodes[{first}]",
+                    node.node_id
+                ),
+            );
+        }
+    }
+}
+
+fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
+    if let Err(message) = check_node_id(&node.node_id) {
+        issues.push(format!("{p}.node_id"), message);
+    }
+    issues.non_empty(format!("{p}.stream"), &node.stream);
+    if node.queue_size == 0 {
+        issues.push(format!("{p}.queue_size"), "must be at least 1");
+    }
+    match node.deadband {
+        Some(Deadband::Absolute(v)) if !(v.is_finite() && v >= 0.0) => {
+            issues.push(
+                format!("{p}.deadband.absolute"),
+                format!("must be a finite number ≥ 0, got {v}"),
+            );
+        }
+        Some(Deadband::Percent(v)) if !(0.0..=100.0).contains(&v) => {
+            issues.push(
+                format!("{p}.deadband.percent"),
+                format!("must be between 0 and 100, got {v}"),
+            );
+        }
+        _ => {}
+    }
+}
+
+fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
+    let schemes: &[&str] = if s.allow_plain_http {
+        &["https", "http"]
+    } else {
+        &["https"]
+    };
+    let note = if s.allow_plain_http || s.url.scheme() != "http" {
+        ""
+    } else {
+        " (plain `http://` needs allow_plain_http = true)"
+    };
+    issues.url(&format!("{p}.url"), &s.url, schemes, note);
+    issues.requires(p, ("ca_only", s.ca_only), ("ca_file", s.ca_file.is_some()));
+    issues.pair(
+        p,
+        ("client_cert", s.client_cert.is_some()),
+        ("client_key", s.client_key.is_some()),
+    );
+    issues.batch(
+        format!("{p}.batch_max_events"),
+        s.batch_max_events,
+        MAX_BATCH_EVENTS,
+    );
+    if s.batch_max_bytes == 0 {
+        issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
+    }
+    issues.retry(p, s.retry_initial, s.retry_max);
+}
+
+fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
+    issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
+    mqtt_tls_needs_mqtts(
+        issues,
+        p,
+        &s.url,
+        &[
+            ("ca_file", s.ca_file.is_some()),
+            ("client_cert", s.client_cert.is_some()),
+        ],
+    );
+    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
+    let allowed = "`{agent}`, `{source}` or `{stream}`";
+    match check_template(&s.topic, &placeholder, allowed) {
+        Err(message) => issues.push(format!("{p}.topic"), message),
+        Ok(()) if s.topic.contains(['+', '#']) => issues.push(
+            format!("{p}.topic"),
+            "a publish topic must not contain the wildcards `+` or `#`",
+        ),
+        Ok(()) => {}
+    }
+    if !(1..=2).contains(&s.qos) {
+        issues.push(format!("{p}.qos"), format!("must be 1 or 2, got {}", s.qos));
+    }
+    if let Some(id) = &s.client_id {
+        issues.non_empty(format!("{p}.client_id"), id);
+    }
+    issues.mqtt_keep_alive(format!("{p}.keep_alive"), s.keep_alive);
+    issues.requires(
+        p,
+        ("password_file", s.password_file.is_some()),
+        ("username", s.username.is_some()),
+    );
+    issues.pair(
+        p,
+        ("client_cert", s.client_cert.is_some()),
+        ("client_key", s.client_key.is_some()),
+    );
+    issues.batch(
+        format!("{p}.batch_max_events"),
+        s.batch_max_events,
+        MAX_MQTT_INFLIGHT,
+    );
+    issues.retry(p, s.retry_initial, s.retry_max);
+}
+
+fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
+    issues.url(&format!("{p}.url"), &s.url, &["nats", "tls"], "");
+    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
+    let allowed = "`{agent}`, `{source}` or `{stream}`";
+    match check_template(&s.subject, &placeholder, allowed) {
+        Err(message) => issues.push(format!("{p}.subject"), message),
+        Ok(()) => {
+            if let Err(message) = check_subject_literal(&s.subject) {
+                issues.push(format!("{p}.subject"), message);
+            }
+        }
+    }
+    if let Some(stream) = &s.stream
+        && (stream.is_empty()
+            || stream.contains(|c: char| c.is_whitespace() || ".*>/\\".contains(c)))
+    {
+        issues.push(
+            format!("{p}.stream"),
+            format!(
+                "invalid JetStream stream name `{stream}`: must be non-empty without spaces, `.`, `*`, `>`, `/` or `\\`"
+            ),
+        );
+    }
+    if s.token_file.is_some() && s.credentials_file.is_some() {
+        issues.push(
+            format!("{p}.credentials_file"),
+            "set either token_file or credentials_file, not both",
+        );
+    }
+    issues.pair(
+        p,
+        ("client_cert", s.client_cert.is_some()),
+        ("client_key", s.client_key.is_some()),
+    );
+    issues.batch(
+        format!("{p}.batch_max_events"),
+        s.batch_max_events,
+        MAX_BATCH_EVENTS,
+    );
+    issues.retry(p, s.retry_initial, s.retry_max);
+}
+
+/// TLS settings on a plain `mqtt://` URL would silently not be used.
+fn mqtt_tls_needs_mqtts(issues: &mut Issues<'_>, p: &str, url: &Url, keys: &[(&str, bool)]) {
+    if url.scheme() != "mqtt" {
+        return;
+    }
+    for (key, set) in keys {
+        if *set {
+            issues.push(
+                format!("{p}.{key}"),
+                format!("`{key}` needs TLS: use an `mqtts://` URL"),
+            );
+        }
+    }
+}
+
+/// Reports duplicate and malformed names of one kind (sources or sinks).
+fn names(issues: &mut Issues<'_>, kind: &str, names: &[(String, &str)]) {
+    let mut first_use: HashMap<&str, &str> = HashMap::new();
+    for (path, name) in names {
+        if let Err(message) = check_name(name) {
+            issues.push(path.clone(), message);
+        } else if let Some(first) = first_use.get(name) {
+            issues.push(
+                path.clone(),
+                format!("duplicate {kind} name `{name}` (first used at {first})"),
+            );
+        } else {
+            first_use.insert(name, path);
+        }
+    }
+}
+
+/// Whether two listeners would fight over the same port.
+fn listen_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    // An unspecified IPv6 address also takes IPv4 (dual stack); IPv4 only IPv4.
+    let covers =
+        |x: IpAddr, y: IpAddr| x == y || (x.is_unspecified() && (x.is_ipv6() || y.is_ipv4()));
+    covers(a.ip(), b.ip()) || covers(b.ip(), a.ip())
+}
+
+/// Agent id: non-empty, `[A-Za-z0-9._-]`, at most 64 characters.
+pub(crate) fn check_agent_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if id.len() > 64 {
+        return Err(format!("must be at most 64 characters, got {}", id.len()));
+    }
+    if let Some(c) = id.chars().find(|c| !is_name_char(*c)) {
+        return Err(format!(
+            "invalid character {c:?} in agent id `{id}`: use only A-Z, a-z, 0-9, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// Source and sink names: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    let Some(first) = name.chars().next() else {
+        return Err("name must not be empty".to_owned());
+    };
+    if !first.is_ascii_alphanumeric() {
+        return Err(format!(
+            "invalid name `{name}`: must start with a letter or digit"
+        ));
+    }
+    if name.len() > 63 {
+        return Err(format!(
+            "invalid name `{name}`: at most 63 characters, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !is_name_char(*c)) {
+        return Err(format!(
+            "invalid character {c:?} in name `{name}`: use only A-Z, a-z, 0-9, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// MQTT topic filter: non-empty; `#` only as the whole last level; `+` only
+/// as a whole level.
+pub(crate) fn check_topic_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("topic filter must not be empty".to_owned());
+    }
+    if filter.contains('\0') {
+        return Err(format!("invalid topic filter {filter:?}: contains NUL"));
+    }
+    if filter.len() > 65_535 {
+        return Err("topic filter is longer than 65535 bytes".to_owned());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') {
+            if *level != "#" {
+                return Err(format!(
+                    "invalid topic filter `{filter}`: `#` must be alone in its level"
+                ));
+            }
+            if i + 1 != levels.len() {
+                return Err(format!(
+                    "invalid topic filter `{filter}`: `#` must be the last level"
+                ));
+            }
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(format!(
+                "invalid topic filter `{filter}`: `+` must be alone in its level"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// JSON pointer (RFC 6901): empty, or `/`-prefixed with `~` only in `~0`/`~1`.
+pub(crate) fn check_json_pointer(pointer: &str) -> Result<(), String> {
+    if !pointer.is_empty() && !pointer.starts_with('/') {
+        return Err(format!(
+            "invalid JSON pointer `{pointer}`: must be empty or start with `/` (e.g. \"/eventId\")"
+        ));
+    }
+    let mut chars = pointer.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err(format!(
+                "invalid JSON pointer `{pointer}`: `~` must be followed by 0 or 1"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A template with `{name}` placeholders; `allowed` decides which names exist.
+pub(crate) fn check_template(
+    template: &str,
+    allowed: &dyn Fn(&str) -> bool,
+    allowed_text: &str,
+) -> Result<(), String> {
+    if template.is_empty() {
+        return Err("template must not be empty".to_owned());
+    }
+    let mut rest = template;
+    while let Some(i) = rest.find(['{', '}']) {
+        if rest[i..].starts_with('}') {
+            return Err(format!("invalid template `{template}`: unmatched `}}`"));
+        }
+        let after = &rest[i + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("invalid template `{template}`: unclosed `{{`"));
+        };
+        let name = &after[..end];
+        if name.contains('{') {
+            return Err(format!("invalid template `{template}`: nested `{{`"));
+        }
+        if !allowed(name) {
+            return Err(format!(
+                "invalid template `{template}`: unknown placeholder `{{{name}}}`, expected {allowed_text}"
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// The literal parts of a NATS subject template: no spaces or wildcards, no
+/// empty tokens.
+fn check_subject_literal(subject: &str) -> Result<(), String> {
+    if subject.contains(|c: char| c.is_whitespace() || c == '*' || c == '>') {
+        return Err(format!(
+            "invalid subject `{subject}`: must not contain spaces or the wildcards `*` and `>`"
+        ));
+    }
+    if subject.starts_with('.') || subject.ends_with('.') || subject.contains("..") {
+        return Err(format!(
+            "invalid subject `{subject}`: tokens between `.` must not be empty"
+        ));
+    }
+    Ok(())
+}
+
+/// OPC UA node id in standard notation.
+pub(crate) fn check_node_id(node_id: &str) -> Result<(), String> {
+    let fail = |why: &str| {
+        Err(format!(
+            "invalid node id `{node_id}`: {why} (e.g. \"ns=2;s=Press07.State\", \"i=2258\")"
+        ))
+    };
+    let identifier = if let Some(rest) = node_id.strip_prefix("ns=") {
+        let Some((ns, rest)) = rest.split_once(';') else {
+            return fail("expected `;` after the namespace index");
+        };
+        if ns.parse::<u16>().is_err() {
+            return fail("the namespace index must be a number from 0 to 65535");
+        }
+        rest
+    } else if let Some(rest) = node_id.strip_prefix("nsu=") {
+        match rest.split_once(';') {
+            Some((uri, rest)) if !uri.is_empty() => rest,
+            _ => return fail("expected a namespace URI and `;` after `nsu=`"),
+        }
+    } else {
+        node_id
+    };
+    match identifier.split_once('=') {
+        Some(("i", v)) if v.parse::<u32>().is_ok() => Ok(()),
+        Some(("i", _)) => fail("a numeric identifier `i=` must be a number from 0 to 4294967295"),
+        Some(("s", v)) if !v.is_empty() => Ok(()),
+        Some(("s", _)) => fail("a string identifier `s=` must not be empty"),
+        Some(("g", v)) if is_guid(v) => Ok(()),
+        Some(("g", _)) => {
+            fail("a GUID identifier `g=` must look like 09087e75-8e5e-499b-954f-f2a9603db28a")
+        }
+        Some(("b", v)) if is_base64(v) => Ok(()),
+        Some(("b", _)) => fail("an opaque identifier `b=` must be non-empty base64"),
+        _ => fail("expected an identifier `i=`, `s=`, `g=` or `b=`"),
+    }
+}
+
+fn is_guid(v: &str) -> bool {
+    let groups: Vec<&str> = v.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn is_base64(v: &str) -> bool {
+    let body = v.trim_end_matches('=');
+    let padding = v.len() - body.len();
+    !v.is_empty()
+        && v.len().is_multiple_of(4)
+        && padding <= 2
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+}
+
+/// SHA-256 fingerprint: 64 hex digits, colons allowed between them.
+pub(crate) fn check_sha256_fingerprint(fingerprint: &str) -> Result<(), String> {
+    let hex: String = fingerprint.chars().filter(|c| *c != ':').collect();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid SHA-256 fingerprint `{fingerprint}`: expected 64 hex digits (colons allowed)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_in_every_standard_form_are_accepted() {
+        for ok in [
+            "i=2258",
+            "ns=2;s=Press07.State",
+            "ns=65535;i=4294967295",
+            "nsu=http://example.com/UA/;s=Line3;Press=7",
+            "ns=1;g=09087e75-8e5e-499b-954f-f2a9603db28a",
+            "ns=1;b=M/RbKBsRVkePCePcx24oRA==",
+        ] {
+            assert_eq!(check_node_id(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn malformed_node_ids_are_rejected_with_the_reason() {
+        for (bad, why) in [
+            ("ns=2;x=1", "expected an identifier"),
+            ("ns=70000;i=1", "namespace index"),
+            ("ns=2s=Press", "expected `;`"),
+            ("i=abc", "numeric identifier"),
+            ("ns=2;s=", "must not be empty"),
+            ("g=1234", "GUID"),
+            ("b=abc", "base64"),
+            ("nsu=;i=1", "namespace URI"),
+            ("Press07.State", "expected an identifier"),
+        ] {
+            let err = check_node_id(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn topic_filters_follow_mqtt_wildcard_rules() {
+        for ok in ["a/b", "a/+/c", "#", "a/#", "+", "+/+", "$share/g/a/#", "/a"] {
+            assert_eq!(check_topic_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a/#/c", "a#", "a/b+", "a/+b/c", "#/a"] {
+            assert!(check_topic_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates_reject_unknown_unclosed_and_stray_braces() {
+        let sink = |n: &str| SINK_PLACEHOLDERS.contains(&n);
+        assert_eq!(
+            check_template("plantrelay/{agent}/{stream}", &sink, ""),
+            Ok(())
+        );
+        assert!(
+            check_template("a/{nope}", &sink, "")
+                .unwrap_err()
+                .contains("{nope}")
+        );
+        assert!(
+            check_template("a/{agent", &sink, "")
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        assert!(
+            check_template("a/agent}", &sink, "")
+                .unwrap_err()
+                .contains("unmatched")
+        );
+        assert!(check_template("", &sink, "").is_err());
+    }
+
+    #[test]
+    fn json_pointers_must_start_with_a_slash_and_escape_tildes() {
+        assert_eq!(check_json_pointer(""), Ok(()));
+        assert_eq!(check_json_pointer("/a~1b/~0"), Ok(()));
+        assert!(check_json_pointer("eventId").is_err());
+        assert!(check_json_pointer("/a~2").is_err());
+    }
+
+    #[test]
+    fn names_and_agent_ids_follow_their_character_rules() {
+        assert_eq!(check_name("press-line-3"), Ok(()));
+        assert!(check_name("-press").is_err());
+        assert!(check_name("press line").is_err());
+        assert!(check_name(&"a".repeat(64)).is_err());
+        assert_eq!(check_agent_id(&"a".repeat(64)), Ok(()));
+        assert!(check_agent_id(&"a".repeat(65)).is_err());
+        assert!(check_agent_id("gw/1").is_err());
+    }
+
+    #[test]
+    fn listeners_clash_on_the_same_port_when_addresses_overlap() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listen_overlap(addr("127.0.0.1:80"), addr("127.0.0.1:80")));
+        assert!(listen_overlap(addr("0.0.0.0:80"), addr("127.0.0.1:80")));
+        assert!(listen_overlap(addr("[::1]:80"), addr("[::]:80")));
+        assert!(!listen_overlap(addr("0.0.0.0:80"), addr("[::1]:80")));
+        assert!(!listen_overlap(addr("127.0.0.1:80"), addr("127.0.0.1:81")));
+        assert!(!listen_overlap(addr("127.0.0.1:0"), addr("127.0.0.1:0")));
+    }
+
+    #[test]
+    fn fingerprints_need_64_hex_digits_with_optional_colons() {
+        let hex = "ab".repeat(32);
+        assert_eq!(check_sha256_fingerprint(&hex), Ok(()));
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(check_sha256_fingerprint(&colons), Ok(()));
+        assert!(check_sha256_fingerprint(&hex[2..]).is_err());
+        assert!(check_sha256_fingerprint(&"zz".repeat(32)).is_err());
+    }
+}
