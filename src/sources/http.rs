@@ -1,0 +1,1199 @@
+//! The MES ingest listener: `POST /v1/events` on a `[[sources.http]]`
+//! address, plain HTTP or HTTPS (rustls, ring).
+//!
+//! This module owns the HTTP ingest contract: authentication (optional
+//! bearer token, compared in constant time, checked before the body is
+//! read), the body limit, the accepted content types, the CloudEvents
+//! validation rules and how a CloudEvent maps onto a [`NewEvent`], and the
+//! answers (`202` with counts and seqs, `400`, `401`, `413`, `415`, `503`
+//! with `Retry-After`).
+//!
+//! It must never answer `2xx` before [`Journal::append`] returned `Ok` (the
+//! journal commit is the durable-before-ack point), and it must never store
+//! anything of a request it rejects: validation is all-or-nothing per
+//! request, so a batch with one bad event stores none of them.
+//!
+//! # Accepted bodies
+//!
+//! | `Content-Type` (parameters ignored)          | body                              |
+//! |----------------------------------------------|-----------------------------------|
+//! | `application/cloudevents+json`               | one CloudEvent object             |
+//! | `application/cloudevents-batch+json`         | a JSON array of CloudEvents       |
+//! | `application/x-ndjson`, `application/ndjson` | one CloudEvent per non-empty line |
+//! | `application/json`                           | an object or an array             |
+//!
+//! A leading UTF-8 byte-order mark is ignored.
+//!
+//! # Mapping a CloudEvent onto the journal
+//!
+//! - `id` (required, non-empty string, at most 1024 bytes): the dedup key
+//!   together with the source name. A re-posted id is acknowledged as a
+//!   duplicate with the seq it was first stored under.
+//! - `specversion`: optional; if present it must be `"1.0"`.
+//! - `subject`: the stream (ordering key); default: the source name.
+//! - `type`: kept; default `"plantrelay.http.event"`.
+//! - `time`: optional RFC 3339 timestamp (`Z` or a numeric offset), kept as
+//!   sent.
+//! - `data`: any JSON value, kept verbatim (byte for byte) as JSON text;
+//!   absent means `null`. `data_base64` (a base64 string) is kept as the
+//!   attribute `data_base64` with `data` set to `null`; both at once are
+//!   rejected.
+//! - `source`: the sender's own source is kept as the extension
+//!   `originsource` (plantrelay sets `source` to `plantrelay://<agent>/<name>`);
+//!   an event carrying both `source` and `originsource` is rejected as
+//!   ambiguous.
+//! - `sequence` and `streamsequence` are **dropped**: plantrelay assigns
+//!   these extensions itself when forwarding.
+//! - Every other attribute (`datacontenttype`, `dataschema`, any extension)
+//!   is forwarded unchanged. An attribute that appears twice in one event is
+//!   rejected. A `null` `subject`, `type`, `time` or `source` counts as absent.
+//!
+//! # Answers
+//!
+//! `202 {"accepted": n, "duplicates": d, "seqs": [...]}` once committed (one
+//! seq per event, in request order); `400 {"error", "index"}` (index of the
+//! first bad event, the 0-based line number for NDJSON; no index when the
+//! problem is not one event's); `401` + `WWW-Authenticate: Bearer`; `413`;
+//! `415` listing the accepted types; `503` + `Retry-After: 1` when the journal
+//! is full under `when_full = "block"`, `503` + `Retry-After: 5` when the
+//! commit failed (nothing was stored; the sender must retry).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{HttpSourceConfig, read_secret};
+use crate::event::{Class, NewEvent};
+use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::status::SourceStatus;
+use crate::tls::{self, TlsError};
+
+/// The one ingest path.
+pub const INGEST_PATH: &str = "/v1/events";
+
+/// CloudEvents `type` of an event that does not name its own.
+pub const DEFAULT_EVENT_TYPE: &str = "plantrelay.http.event";
+
+/// Longest accepted `id`, `subject` (stream) and `type`, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Attribute names plantrelay assigns itself; dropped from incoming events.
+pub const RESERVED_ATTRIBUTES: [&str; 2] = ["sequence", "streamsequence"];
+
+/// The content types `POST /v1/events` accepts (listed in a `415`).
+pub const ACCEPTED_CONTENT_TYPES: [&str; 5] = [
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/json",
+];
+
+/// How often the same kind of rejection is logged at `warn`.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Why an HTTP source could not start or stopped. Every message names the
+/// source and, where there is one, the address.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The token file could not be read (or is empty / multi-line).
+    #[error("sources.http '{name}': token_file: {source}")]
+    Token {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Only one of `tls_cert` / `tls_key` is set.
+    #[error(
+        "sources.http '{name}': tls_cert and tls_key must be set together; only {given} is set"
+    )]
+    IncompleteTls { name: String, given: &'static str },
+    /// The certificate or key could not be loaded.
+    #[error("sources.http '{name}': {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: TlsError,
+    },
+    /// The listener could not be bound.
+    #[error("sources.http '{name}': cannot listen on {addr}: {reason}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        reason: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The server stopped with an I/O error.
+    #[error("sources.http '{name}': serving on {addr} failed: {source}")]
+    Serve {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound (not yet serving) ingest listener.
+pub struct HttpSource {
+    name: String,
+    class: Class,
+    max_body: u64,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    token: Option<Token>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl fmt::Debug for HttpSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSource")
+            .field("name", &self.name)
+            .field("local_addr", &self.local_addr)
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bearer token; never printed.
+struct Token(Box<[u8]>);
+
+impl Token {
+    /// Constant-time check of an `Authorization` header value.
+    fn accepts(&self, header: Option<&HeaderValue>) -> bool {
+        let Some(value) = header else {
+            return false;
+        };
+        let value = value.as_bytes();
+        let Some(space) = value.iter().position(|b| *b == b' ') else {
+            return false;
+        };
+        let (scheme, rest) = value.split_at(space);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return false;
+        }
+        let given = rest.trim_ascii();
+        // `ct_eq` on slices of different lengths is false without comparing
+        // the contents: only the length can leak, never a prefix.
+        bool::from(given.ct_eq(&self.0))
+    }
+}
+
+impl HttpSource {
+    /// Reads the token file, builds TLS if configured, and binds the
+    /// listener (so the agent can report "listeners bound" before it serves).
+    /// Errors name the source, the address and the cause
+    /// (`sources.http 'mes': cannot listen on 127.0.0.1:8081: address in use`).
+    pub async fn bind(cfg: &HttpSourceConfig) -> Result<HttpSource, SourceError> {
+        let name = cfg.name.clone();
+        let token = match &cfg.token_file {
+            Some(path) => {
+                let secret = read_secret(path).map_err(|source| SourceError::Token {
+                    name: name.clone(),
+                    source,
+                })?;
+                Some(Token(secret.into_bytes().into_boxed_slice()))
+            }
+            None => None,
+        };
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                let config =
+                    tls::server_config(cert, key, None).map_err(|source| SourceError::Tls {
+                        name: name.clone(),
+                        source,
+                    })?;
+                Some(Arc::new(config))
+            }
+            (Some(_), None) => {
+                return Err(SourceError::IncompleteTls {
+                    name,
+                    given: "tls_cert",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(SourceError::IncompleteTls {
+                    name,
+                    given: "tls_key",
+                });
+            }
+            (None, None) => None,
+        };
+        let bind_err = |source: io::Error| SourceError::Bind {
+            name: name.clone(),
+            addr: cfg.listen,
+            reason: describe_bind_error(&source),
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        debug!(source = %name, addr = %local_addr, tls = tls.is_some(), "HTTP ingest listener bound");
+        Ok(HttpSource {
+            name,
+            class: cfg.class,
+            max_body: cfg.max_body,
+            listener,
+            local_addr,
+            token,
+            tls,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting and lets
+    /// requests in flight finish (graceful): each of them is still answered
+    /// after its journal commit.
+    pub async fn serve(
+        self,
+        journal: Journal,
+        status: Arc<SourceStatus>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let HttpSource {
+            name,
+            class,
+            max_body,
+            listener,
+            local_addr,
+            token,
+            tls,
+        } = self;
+        let ingest = Arc::new(Ingest {
+            name: name.clone(),
+            class,
+            max_body,
+            token,
+            journal,
+            status: status.clone(),
+            warnings: WarnLimiter::default(),
+        });
+        let app = Router::new()
+            .route(INGEST_PATH, post(post_events))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(
+                usize::try_from(max_body).unwrap_or(usize::MAX),
+            ))
+            .with_state(ingest);
+
+        let serve_err = |source: io::Error| SourceError::Serve {
+            name: name.clone(),
+            addr: local_addr,
+            source,
+        };
+        status
+            .started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        status
+            .connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        info!(source = %name, addr = %local_addr, "HTTP ingest listening on {scheme}://{local_addr}{INGEST_PATH}");
+
+        let result = match tls {
+            None => {
+                let stop = shutdown.clone();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+                    .map_err(serve_err)
+            }
+            Some(config) => {
+                let std_listener = listener.into_std().map_err(serve_err)?;
+                let handle = axum_server::Handle::<SocketAddr>::new();
+                let server = axum_server::from_tcp_rustls(
+                    std_listener,
+                    axum_server::tls_rustls::RustlsConfig::from_config(config),
+                )
+                .map_err(serve_err)?
+                .handle(handle.clone())
+                .http1_only();
+                let server = server.serve(app.into_make_service());
+                tokio::pin!(server);
+                tokio::select! {
+                    r = &mut server => r.map_err(serve_err),
+                    () = shutdown.cancelled() => {
+                        // Stop accepting; connections finish what they are
+                        // doing (the agent bounds the whole shutdown).
+                        handle.graceful_shutdown(None);
+                        server.await.map_err(serve_err)
+                    }
+                }
+            }
+        };
+        status
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match &result {
+            Ok(()) => info!(source = %name, addr = %local_addr, "HTTP ingest stopped"),
+            Err(e) => status.record_error(e.to_string()),
+        }
+        result
+    }
+}
+
+fn describe_bind_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address in use (another process listens there)".into(),
+        io::ErrorKind::AddrNotAvailable => "address not available (no such local address)".into(),
+        io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Request handling
+
+/// What every request of one source shares.
+struct Ingest {
+    name: String,
+    class: Class,
+    max_body: u64,
+    token: Option<Token>,
+    journal: Journal,
+    status: Arc<SourceStatus>,
+    warnings: WarnLimiter,
+}
+
+/// Logs a kind of rejection at `warn` at most once per [`WARN_EVERY`], with
+/// the number of rejections of that kind in between; the rest go to `debug`.
+#[derive(Default)]
+struct WarnLimiter {
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl WarnLimiter {
+    /// `Some(suppressed since the last warning)` when this one should be a warning.
+    fn check(&self, kind: &'static str) -> Option<u64> {
+        let Ok(mut last) = self.last.lock() else {
+            return Some(0);
+        };
+        let now = Instant::now();
+        match last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < WARN_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// A rejected request, before it becomes a response.
+struct Reject {
+    status: StatusCode,
+    /// Short, stable kind for logs and the warning limiter.
+    kind: &'static str,
+    message: String,
+    index: Option<usize>,
+}
+
+impl Reject {
+    fn bad_request(message: impl Into<String>, index: Option<usize>) -> Reject {
+        Reject {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid request",
+            message: message.into(),
+            index,
+        }
+    }
+
+    fn too_large(max_body: u64) -> Reject {
+        Reject {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "body too large",
+            message: format!(
+                "request body exceeds the limit of {max_body} bytes (max_body); send smaller batches"
+            ),
+            index: None,
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    let body = serde_json::json!({
+        "error": format!("not found; POST CloudEvents to {INGEST_PATH}")
+    });
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+async fn post_events(State(ingest): State<Arc<Ingest>>, req: Request) -> Response {
+    match ingest_request(&ingest, req).await {
+        Ok(response) => response,
+        Err(reject) => ingest.rejected(reject),
+    }
+}
+
+async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Reject> {
+    // 1. Who is asking: before anything of the body is read.
+    if let Some(token) = &ingest.token
+        && !token.accepts(req.headers().get(header::AUTHORIZATION))
+    {
+        return Err(Reject {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "unauthorized",
+            message: "unauthorized".into(),
+            index: None,
+        });
+    }
+    // 2. What it is.
+    let format = body_format(req.headers())?;
+    // 3. How big it claims to be (a streamed body is limited while read).
+    if let Some(len) = content_length(req.headers())
+        && len > ingest.max_body
+    {
+        return Err(Reject::too_large(ingest.max_body));
+    }
+    let body = match Bytes::from_request(req, &()).await {
+        Ok(body) => body,
+        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+            return Err(Reject::too_large(ingest.max_body));
+        }
+        Err(e) => {
+            return Err(Reject::bad_request(
+                format!("cannot read the request body: {}", e.body_text()),
+                None,
+            ));
+        }
+    };
+    // 4. Every event valid, or none stored.
+    let events = parse_events(&body, format, &ingest.name, ingest.class)?;
+    let count = events.len();
+    // 5. The commit: only its success is acknowledged.
+    match ingest.journal.append(events).await {
+        Ok(outcomes) => Ok(ingest.committed(count, &outcomes)),
+        Err(e) => Ok(ingest.commit_failed(count, &e)),
+    }
+}
+
+impl Ingest {
+    fn committed(&self, count: usize, outcomes: &[AppendOutcome]) -> Response {
+        let mut stored = 0u64;
+        let mut duplicates = 0u64;
+        let seqs: Vec<u64> = outcomes
+            .iter()
+            .map(|o| match *o {
+                AppendOutcome::Stored { seq, .. } => {
+                    stored += 1;
+                    seq
+                }
+                AppendOutcome::Duplicate { seq } => {
+                    duplicates += 1;
+                    seq
+                }
+            })
+            .collect();
+        self.status.record_events(stored, duplicates);
+        debug!(
+            source = %self.name,
+            events = count,
+            stored,
+            duplicates,
+            first_seq = seqs.first().copied(),
+            last_seq = seqs.last().copied(),
+            "ingest request committed"
+        );
+        let body = serde_json::json!({
+            "accepted": stored,
+            "duplicates": duplicates,
+            "seqs": seqs,
+        });
+        (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+    }
+
+    fn commit_failed(&self, count: usize, e: &JournalError) -> Response {
+        let (retry_after, message) = match e {
+            JournalError::Full { used, max, .. } => (
+                "1",
+                format!(
+                    "journal full ({} of {} used, when_full = \"block\"); nothing was stored, retry later",
+                    crate::journal::fmt_bytes(*used),
+                    crate::journal::fmt_bytes(*max)
+                ),
+            ),
+            other => ("5", format!("journal commit failed: {other}")),
+        };
+        warn!(source = %self.name, events = count, error = %e, "ingest request not stored; answered 503");
+        self.status.record_error(format!("answered 503: {message}"));
+        let body = serde_json::json!({ "error": message });
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
+        response
+    }
+
+    fn rejected(&self, reject: Reject) -> Response {
+        self.status.record_reject(1);
+        if reject.status != StatusCode::UNAUTHORIZED {
+            // The reason of a 401 stays out of the status page as well.
+            self.status.record_error(format!(
+                "rejected a request ({}): {}",
+                reject.status.as_u16(),
+                reject.message
+            ));
+        } else {
+            self.status
+                .record_error("rejected a request (401): missing or wrong bearer token");
+        }
+        match self.warnings.check(reject.kind) {
+            Some(suppressed) => warn!(
+                source = %self.name,
+                status = reject.status.as_u16(),
+                reason = %reject.message,
+                index = reject.index,
+                suppressed_since_last_warning = suppressed,
+                "ingest request rejected ({}); further ones are logged at debug for a minute",
+                reject.kind
+            ),
+            None => debug!(
+                source = %self.name,
+                status = reject.status.as_u16(),
+                reason = %reject.message,
+                index = reject.index,
+                "ingest request rejected ({})",
+                reject.kind
+            ),
+        }
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), reject.message.into());
+        if let Some(index) = reject.index {
+            body.insert("index".into(), index.into());
+        }
+        if reject.status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            body.insert("supported".into(), ACCEPTED_CONTENT_TYPES.to_vec().into());
+        }
+        let mut response = (reject.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match reject.status {
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                headers.insert(
+                    "accept-post",
+                    HeaderValue::from_static(
+                        "application/cloudevents+json, application/cloudevents-batch+json, \
+                         application/x-ndjson, application/ndjson, application/json",
+                    ),
+                );
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                // The rest of the body may still be on its way: do not try to
+                // keep this connection.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// What the body holds, by content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// One CloudEvent object.
+    Single,
+    /// A JSON array of CloudEvents.
+    Batch,
+    /// One CloudEvent per non-empty line.
+    Ndjson,
+    /// `application/json`: an object or an array.
+    Json,
+}
+
+fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
+    let unsupported = |given: &str| Reject {
+        status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        kind: "unsupported content type",
+        message: format!(
+            "unsupported content type {given}; send one of: {}",
+            ACCEPTED_CONTENT_TYPES.join(", ")
+        ),
+        index: None,
+    };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(unsupported("(none)"));
+    };
+    let Ok(text) = value.to_str() else {
+        return Err(unsupported("(not ASCII)"));
+    };
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    let lower = essence.to_ascii_lowercase();
+    match lower.as_str() {
+        "application/cloudevents+json" => Ok(Format::Single),
+        "application/cloudevents-batch+json" => Ok(Format::Batch),
+        "application/x-ndjson" | "application/ndjson" => Ok(Format::Ndjson),
+        "application/json" => Ok(Format::Json),
+        _ => Err(unsupported(&format!("\"{essence}\""))),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+// ---------------------------------------------------------------------------
+// Parsing and validation
+
+/// One CloudEvent as sent: its attributes in order, values as raw JSON.
+struct RawEvent(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for RawEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawEvent, D::Error> {
+        struct EventVisitor;
+        impl<'de> Visitor<'de> for EventVisitor {
+            type Value = RawEvent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a CloudEvent (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent, A::Error> {
+                let mut attrs = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: Box<RawValue> = map.next_value()?;
+                    attrs.push((key, value));
+                }
+                Ok(RawEvent(attrs))
+            }
+        }
+        d.deserialize_map(EventVisitor)
+    }
+}
+
+/// A JSON array of CloudEvents that records which element it is parsing, so
+/// that a syntax error can name the event.
+struct BatchSeed<'a> {
+    at: &'a std::cell::Cell<Option<usize>>,
+}
+
+impl<'de> DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = Vec<RawEvent>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<RawEvent>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BatchSeed<'_> {
+    type Value = Vec<RawEvent>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of CloudEvents")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawEvent>, A::Error> {
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        loop {
+            self.at.set(Some(events.len()));
+            match seq.next_element::<RawEvent>()? {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        self.at.set(None);
+        Ok(events)
+    }
+}
+
+fn no_events() -> Reject {
+    Reject::bad_request("no events", None)
+}
+
+/// Parses and validates a whole body; the first problem rejects all of it.
+fn parse_events(
+    body: &[u8],
+    format: Format,
+    source: &str,
+    class: Class,
+) -> Result<Vec<NewEvent>, Reject> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let trimmed = body.trim_ascii_start();
+    if trimmed.is_empty() {
+        return Err(no_events());
+    }
+    let format = match format {
+        Format::Json if trimmed.first() == Some(&b'[') => Format::Batch,
+        Format::Json => Format::Single,
+        other => other,
+    };
+    let mut events = Vec::new();
+    match format {
+        Format::Single | Format::Json => {
+            let raw: RawEvent = serde_json::from_slice(body)
+                .map_err(|e| Reject::bad_request(format!("malformed JSON: {e}"), Some(0)))?;
+            events.push(
+                to_new_event(raw, source, class).map_err(|m| Reject::bad_request(m, Some(0)))?,
+            );
+        }
+        Format::Batch => {
+            let at = std::cell::Cell::new(None);
+            let mut de = serde_json::Deserializer::from_slice(body);
+            let raws = BatchSeed { at: &at }
+                .deserialize(&mut de)
+                .and_then(|raws| de.end().map(|()| raws))
+                .map_err(|e| Reject::bad_request(format!("malformed JSON: {e}"), at.get()))?;
+            if raws.is_empty() {
+                return Err(no_events());
+            }
+            events.reserve_exact(raws.len());
+            for (i, raw) in raws.into_iter().enumerate() {
+                events.push(
+                    to_new_event(raw, source, class)
+                        .map_err(|m| Reject::bad_request(m, Some(i)))?,
+                );
+            }
+        }
+        Format::Ndjson => {
+            for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                let raw: RawEvent = serde_json::from_slice(line).map_err(|e| {
+                    Reject::bad_request(format!("malformed JSON on line {}: {e}", i + 1), Some(i))
+                })?;
+                events.push(
+                    to_new_event(raw, source, class)
+                        .map_err(|m| Reject::bad_request(m, Some(i)))?,
+                );
+            }
+            if events.is_empty() {
+                return Err(no_events());
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// An optional string attribute: `null` counts as absent.
+fn opt_string(name: &str, raw: &RawValue) -> Result<Option<String>, String> {
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    serde_json::from_str::<String>(raw.get())
+        .map(Some)
+        .map_err(|_| format!("{name} must be a string"))
+}
+
+fn check_len(name: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{name} must not be empty"));
+    }
+    if value.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "{name} is {} bytes long; at most {MAX_KEY_LEN} are allowed",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Maps one CloudEvent onto a [`NewEvent`] (see the module docs for the rules).
+fn to_new_event(raw: RawEvent, source: &str, class: Class) -> Result<NewEvent, String> {
+    let mut seen = HashSet::with_capacity(raw.0.len());
+    for (name, _) in &raw.0 {
+        if !seen.insert(name.as_str()) {
+            return Err(format!("attribute \"{name}\" appears more than once"));
+        }
+    }
+    drop(seen);
+
+    let mut id = None;
+    let mut stream = None;
+    let mut event_type = None;
+    let mut time = None;
+    let mut data: Option<Box<RawValue>> = None;
+    let mut data_base64 = false;
+    let mut origin: Option<Box<RawValue>> = None;
+    let mut has_originsource = false;
+    let mut attrs: Vec<(String, Box<RawValue>)> = Vec::new();
+
+    for (name, value) in raw.0 {
+        match name.as_str() {
+            "id" => {
+                if value.get() == "null" {
+                    continue;
+                }
+                let v = serde_json::from_str::<String>(value.get())
+                    .map_err(|_| "id must be a string".to_string())?;
+                check_len("id", &v)?;
+                id = Some(v);
+            }
+            "specversion" => {
+                if serde_json::from_str::<String>(value.get()).ok().as_deref() != Some("1.0") {
+                    return Err(format!(
+                        "unsupported specversion {}; only \"1.0\" is accepted",
+                        value.get()
+                    ));
+                }
+            }
+            "subject" => {
+                if let Some(v) = opt_string("subject", &value)? {
+                    check_len("subject", &v)?;
+                    stream = Some(v);
+                }
+            }
+            "type" => {
+                if let Some(v) = opt_string("type", &value)? {
+                    check_len("type", &v)?;
+                    event_type = Some(v);
+                }
+            }
+            "time" => {
+                if let Some(v) = opt_string("time", &value)? {
+                    if !is_rfc3339(&v) {
+                        return Err(format!(
+                            "time \"{}\" is not an RFC 3339 timestamp \
+                             (e.g. 2026-11-29T10:00:00Z or 2026-11-29T11:00:00.123+01:00)",
+                            v.escape_debug()
+                        ));
+                    }
+                    time = Some(v);
+                }
+            }
+            "data" => data = Some(value),
+            "data_base64" => {
+                let v = serde_json::from_str::<String>(value.get())
+                    .map_err(|_| "data_base64 must be a string".to_string())?;
+                if !is_base64(&v) {
+                    return Err("data_base64 is not valid base64".into());
+                }
+                data_base64 = true;
+                attrs.push((name, value));
+            }
+            "source" => {
+                if value.get() != "null" {
+                    origin = Some(value);
+                }
+            }
+            "originsource" => {
+                has_originsource = true;
+                attrs.push((name, value));
+            }
+            n if RESERVED_ATTRIBUTES.contains(&n) => {}
+            _ => attrs.push((name, value)),
+        }
+    }
+
+    let id = id.ok_or_else(|| "id is required (a non-empty string)".to_string())?;
+    if data.is_some() && data_base64 {
+        return Err("data and data_base64 are mutually exclusive".into());
+    }
+    if let Some(origin) = origin {
+        if has_originsource {
+            return Err(
+                "source and originsource are both present; plantrelay keeps the event's own \
+                 source as the extension originsource"
+                    .into(),
+            );
+        }
+        attrs.push(("originsource".into(), origin));
+    }
+    let data = match data {
+        Some(raw) => raw.get().as_bytes().to_vec(),
+        None => b"null".to_vec(),
+    };
+    let attrs = (!attrs.is_empty()).then(|| attrs_json(&attrs));
+    Ok(NewEvent {
+        source: source.to_string(),
+        id,
+        stream: stream.unwrap_or_else(|| source.to_string()),
+        class,
+        event_type: event_type.unwrap_or_else(|| DEFAULT_EVENT_TYPE.to_string()),
+        source_time: time,
+        data,
+        attrs,
+    })
+}
+
+/// `{"name":<raw value>,...}` in the given order.
+fn attrs_json(attrs: &[(String, Box<RawValue>)]) -> String {
+    let mut out = String::with_capacity(
+        2 + attrs
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>(),
+    );
+    out.push('{');
+    for (i, (name, value)) in attrs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Serialising a string cannot fail; fall back to an escaped debug
+        // form that is still valid JSON for plain names.
+        match serde_json::to_string(name) {
+            Ok(key) => out.push_str(&key),
+            Err(_) => out.push_str("\"\""),
+        }
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    out
+}
+
+/// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with a
+/// real calendar date (`T` and `Z` in either case, a leap second allowed).
+fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u32> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().try_fold(0u32, |acc, d| {
+            d.is_ascii_digit().then(|| acc * 10 + u32::from(d - b'0'))
+        })
+    };
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    let (Some(year), Some(month), Some(day)) = (num(0, 4), num(5, 2), num(8, 2)) else {
+        return false;
+    };
+    let (Some(hour), Some(minute), Some(second)) = (num(11, 2), num(14, 2), num(17, 2)) else {
+        return false;
+    };
+    if !(at(4, b'-')
+        && at(7, b'-')
+        && (at(10, b'T') || at(10, b't'))
+        && at(13, b':')
+        && at(16, b':'))
+    {
+        return false;
+    }
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    if day == 0 || day > days || hour > 23 || minute > 59 || second > 60 {
+        return false;
+    }
+    let mut i = 19;
+    if at(i, b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match b.get(i) {
+        Some(b'Z' | b'z') => i + 1 == b.len(),
+        Some(b'+' | b'-') => {
+            i + 6 == b.len()
+                && at(i + 3, b':')
+                && num(i + 1, 2).is_some_and(|h| h <= 23)
+                && num(i + 4, 2).is_some_and(|m| m <= 59)
+        }
+        _ => false,
+    }
+}
+
+/// Standard base64 (RFC 4648 §4) with padding; the empty string is valid.
+fn is_base64(s: &str) -> bool {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(4) {
+        return false;
+    }
+    let body = b
+        .strip_suffix(b"==")
+        .or_else(|| b.strip_suffix(b"="))
+        .unwrap_or(b);
+    body.iter()
+        .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str, format: Format) -> Result<Vec<NewEvent>, (String, Option<usize>)> {
+        parse_events(body.as_bytes(), format, "mes", Class::Critical)
+            .map_err(|r| (r.message, r.index))
+    }
+
+    #[test]
+    fn rfc3339_accepts_offsets_and_fractions_and_rejects_the_rest() {
+        for ok in [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29t10:00:00z",
+            "2026-11-29T10:00:00.123456789Z",
+            "2026-11-29T11:00:00+01:00",
+            "2024-02-29T23:59:60-05:30",
+        ] {
+            assert!(is_rfc3339(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-29",
+            "2026-11-29 10:00:00Z",
+            "2026-11-29T10:00:00",
+            "2026-11-29T10:00Z",
+            "2025-02-29T10:00:00Z",
+            "2026-13-01T10:00:00Z",
+            "2026-11-31T10:00:00Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29T10:00:00.Z",
+            "2026-11-29T10:00:00+0100",
+            "2026-11-29T10:00:00+01:00x",
+            "2026-11-29T10:00:00Zx",
+        ] {
+            assert!(!is_rfc3339(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn base64_check() {
+        assert!(is_base64(""));
+        assert!(is_base64("aGVsbG8="));
+        assert!(is_base64("aGk="));
+        assert!(is_base64("aGVs"));
+        assert!(!is_base64("aGVsbG8"));
+        assert!(!is_base64("a=Vs"));
+        assert!(!is_base64("aGV$"));
+    }
+
+    #[test]
+    fn data_is_kept_verbatim_and_attributes_in_order() {
+        let events = parse(
+            r#"{"id":"a","data":{"b":1, "a":12345678901234567890123},"zext":"z","aext":1,"sequence":9,"streamsequence":2}"#,
+            Format::Single,
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&events[0].data).unwrap(),
+            r#"{"b":1, "a":12345678901234567890123}"#
+        );
+        assert_eq!(events[0].attrs.as_deref(), Some(r#"{"zext":"z","aext":1}"#));
+    }
+
+    #[test]
+    fn validation_reasons() {
+        let cases = [
+            (r#"{"data":1}"#, "id is required"),
+            (r#"{"id":""}"#, "id must not be empty"),
+            (r#"{"id":5}"#, "id must be a string"),
+            (r#"{"id":"a","specversion":"0.3"}"#, "specversion"),
+            (r#"{"id":"a","time":"now"}"#, "RFC 3339"),
+            (r#"{"id":"a","subject":7}"#, "subject must be a string"),
+            (r#"{"id":"a","id":"b"}"#, "more than once"),
+            (
+                r#"{"id":"a","data":1,"data_base64":"aGk="}"#,
+                "mutually exclusive",
+            ),
+            (r#"{"id":"a","data_base64":"%%"}"#, "base64"),
+            (
+                r#"{"id":"a","source":"x","originsource":"y"}"#,
+                "both present",
+            ),
+        ];
+        for (body, reason) in cases {
+            let (msg, index) = parse(body, Format::Single).unwrap_err();
+            assert!(msg.contains(reason), "{body}: {msg}");
+            assert_eq!(index, Some(0));
+        }
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        let (msg, _) = parse(&format!(r#"{{"id":"{long}"}}"#), Format::Single).unwrap_err();
+        assert!(msg.contains("at most 1024"), "{msg}");
+        assert!(parse(&format!(r#"{{"id":"{}"}}"#, &long[1..]), Format::Single).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_element_or_line() {
+        let (msg, index) =
+            parse(r#"[{"id":"a"},{"id":"b"},{"id" "c"}]"#, Format::Batch).unwrap_err();
+        assert!(msg.contains("line 1 column"), "{msg}");
+        assert_eq!(index, Some(2));
+        let (msg, index) = parse(r#"[{"id":"a"}] x"#, Format::Batch).unwrap_err();
+        assert!(msg.contains("trailing"), "{msg}");
+        assert_eq!(index, None);
+        let (_, index) = parse(r#"{"id":"a"}"#, Format::Batch).unwrap_err();
+        assert_eq!(index, None);
+        let (_, index) = parse(r#"[{"id":"a"}, 5]"#, Format::Batch).unwrap_err();
+        assert_eq!(index, Some(1));
+        let (msg, index) = parse("{\"id\":\"a\"}\n\n{oops}\n", Format::Ndjson).unwrap_err();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert_eq!(index, Some(2));
+    }
+
+    #[test]
+    fn empty_bodies_have_no_events() {
+        for (body, format) in [
+            ("", Format::Single),
+            ("  \n", Format::Json),
+            ("[]", Format::Batch),
+            (" [ ] ", Format::Json),
+            ("\n\r\n  \n", Format::Ndjson),
+        ] {
+            let (msg, _) = parse(body, format).unwrap_err();
+            assert_eq!(msg, "no events", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn json_content_type_takes_an_object_or_an_array_and_a_bom() {
+        assert_eq!(
+            parse("\u{feff}{\"id\":\"a\"}", Format::Json).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            parse(r#" [{"id":"a"},{"id":"b"}]"#, Format::Json)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn bearer_token_check() {
+        let token = Token(b"s3cret".to_vec().into_boxed_slice());
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(token.accepts(Some(&h("Bearer s3cret"))));
+        assert!(token.accepts(Some(&h("bearer  s3cret"))));
+        assert!(!token.accepts(Some(&h("Bearer s3cre"))));
+        assert!(!token.accepts(Some(&h("Bearer s3cretx"))));
+        assert!(!token.accepts(Some(&h("Basic s3cret"))));
+        assert!(!token.accepts(Some(&h("Bearers3cret"))));
+        assert!(!token.accepts(None));
+    }
+}
