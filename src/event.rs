@@ -141,6 +141,11 @@ impl StoredEvent {
             .attrs
             .as_deref()
             .and_then(|a| serde_json::from_str(a).ok());
+        // Binary data arrives as `data_base64` (kept in attrs) and leaves the
+        // same way: CloudEvents allows only one of `data` and `data_base64`.
+        let binary = extra
+            .as_ref()
+            .is_some_and(|m| m.contains_key("data_base64"));
         let ce = CloudEventOut {
             specversion: "1.0",
             id: &self.id,
@@ -150,7 +155,7 @@ impl StoredEvent {
             time: self.source_time.as_deref(),
             sequence: self.seq,
             streamsequence: self.stream_seq,
-            data: &data,
+            data: (!binary).then_some(&*data),
             extra,
         };
         // Writing plain strings, numbers and already-valid JSON into a Vec
@@ -171,7 +176,8 @@ struct CloudEventOut<'a> {
     time: Option<&'a str>,
     sequence: u64,
     streamsequence: u64,
-    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -211,6 +217,18 @@ mod tests {
         assert_eq!(v["streamsequence"], 3);
         assert_eq!(v["data"]["qty"], 5);
         assert_eq!(v["datacontenttype"], "application/json");
+    }
+
+    #[test]
+    fn binary_data_leaves_as_data_base64_without_data() {
+        let mut e = stored();
+        e.data = b"null".to_vec();
+        e.attrs = Some(r#"{"data_base64":"AAEC"}"#.into());
+        let mut out = Vec::new();
+        e.write_cloudevent("gw-1", &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["data_base64"], "AAEC");
+        assert!(v.get("data").is_none());
     }
 
     #[test]

@@ -1,14 +1,28 @@
 //! plantrelay: a plant-edge store-and-forward agent.
 //!
 //! Crate map, one job each:
+//! - [`agent`]: start-up and shutdown order; wires everything below.
+//! - [`cli`]: the offline commands (check-config, journal, replay) and their output.
 //! - [`config`]: the TOML contract: parse, validate, errors with file:line:col and key path.
 //! - [`event`]: the event envelope and its CloudEvents wire shape.
 //! - [`journal`]: the SQLite journal; the only module that runs SQL.
+//! - [`sources`]: inputs that append to the journal (HTTP ingest, …).
+//! - [`logging`]: tracing set-up, text or JSON.
+//! - [`sinks`]: the forwarder loop and the upstream sinks (HTTPS, …).
+//! - [`health`]: the HTTPS health and status server.
+//! - [`status`]: live counters of sources and sinks, read by the health server.
 //! - [`tls`]: rustls set-up shared by every listener and client (one crypto provider: ring).
 //! - [`demo`]: `plantrelay demo` and the embedded upstream receiver it (and the tests) use.
 
+pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod health;
 pub mod journal;
+pub mod logging;
+pub mod sinks;
+pub mod sources;
+pub mod status;
 pub mod tls;

@@ -1,1 +1,237 @@
-fn main() {}
+//! The `plantrelay` command line. Parsing and dispatch only: every command's
+//! work lives in the library.
+//!
+//! Exit status: 0 ok; 1 failure at run time; 2 bad config or usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use plantrelay::cli::{self, CliError};
+use plantrelay::journal::RewindTo;
+use plantrelay::logging::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// Plant-edge store-and-forward agent: collects machine states and MES
+/// events, journals every event on local disk before acknowledging it, and
+/// forwards the journal upstream in order once the WAN allows.
+#[derive(Parser)]
+#[command(name = "plantrelay", version, propagate_version = true)]
+#[command(
+    after_help = "Exit status: 0 ok, 1 failure at run time, 2 bad config or usage.\n\
+Logs go to standard error; filter them with PLANTRELAY_LOG or RUST_LOG (e.g. \"info,plantrelay=debug\")."
+)]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The TOML config file.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or SIGINT (a second signal forces exit).
+    Run(ConfigArg),
+    /// Validate a config file: exit 0, or 2 with every problem (file:line:col: key: message).
+    CheckConfig(ConfigArg),
+    /// Inspect the journal (works beside a running agent).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+    /// Deliver again to one sink, from a seq or a time on (the agent must be stopped).
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The sink to replay to.
+        #[arg(long)]
+        sink: String,
+        /// First seq to deliver again.
+        #[arg(long, conflicts_with = "since", required_unless_present = "since")]
+        from_seq: Option<u64>,
+        /// Deliver again everything received since then: RFC 3339 time or an age ("2h").
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Everything in one process: a simulated MES, the agent and an upstream
+    /// receiver that drops out for a while; ends with a delivery verdict.
+    Demo {
+        /// How long the MES posts events.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Keep the journal afterwards and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Size, seq range, counters, sink cursors and backlogs.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The last events, oldest first.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many events.
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        n: usize,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// One CloudEvent per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events an upstream rejected for good.
+    DeadLetters {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this sink's.
+        #[arg(long)]
+        sink: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "info",
+    };
+    logging::init(cli.log_format, default_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("plantrelay: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("{}", e.message);
+            ExitCode::from(e.code as u8)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<u8, CliError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Run(c) => {
+            let config = cli::load_config(&c.config)?;
+            let stop = CancellationToken::new();
+            tokio::spawn(signals(stop.clone()));
+            plantrelay::agent::run(&config, stop)
+                .await
+                .map_err(|e| CliError {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })?;
+            Ok(0)
+        }
+        Command::CheckConfig(c) => cli::check_config(&c.config, &mut out).map(|_| 0),
+        Command::Journal { command } => match command {
+            JournalCommand::Stats { config, json } => {
+                cli::journal_stats(&cli::load_config(&config.config)?, json, &mut out).map(|_| 0)
+            }
+            JournalCommand::Tail {
+                config,
+                n,
+                stream,
+                json,
+            } => cli::journal_tail(
+                &cli::load_config(&config.config)?,
+                n,
+                stream.as_deref(),
+                json,
+                &mut out,
+            )
+            .map(|_| 0),
+            JournalCommand::DeadLetters { config, sink, json } => cli::journal_dead_letters(
+                &cli::load_config(&config.config)?,
+                sink.as_deref(),
+                json,
+                &mut out,
+            )
+            .map(|_| 0),
+        },
+        Command::Replay {
+            config,
+            sink,
+            from_seq,
+            since,
+        } => {
+            let to = match (from_seq, since) {
+                (Some(s), _) => RewindTo::Seq(s),
+                (None, Some(t)) => RewindTo::Since(cli::parse_since(&t)?),
+                (None, None) => return Err(CliError::usage("give --from-seq or --since")),
+            };
+            cli::replay(&cli::load_config(&config.config)?, &sink, to, &mut out)
+                .await
+                .map(|_| 0)
+        }
+        Command::Demo { duration, keep } => {
+            drop(out);
+            plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })
+                .await
+                .map_err(|e| CliError::runtime(format!("demo failed: {e}")))
+        }
+    }
+}
+
+/// First SIGTERM or SIGINT: graceful shutdown. Second: exit at once.
+async fn signals(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler");
+            return;
+        }
+    };
+    let wait = async {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    };
+    let first = wait.await;
+    tracing::info!(
+        signal = first,
+        "shutting down (send it again to exit at once)"
+    );
+    stop.cancel();
+    let again = async {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    };
+    let second = again.await;
+    tracing::warn!(
+        signal = second,
+        "second signal: exiting without a clean shutdown"
+    );
+    std::process::exit(1);
+}

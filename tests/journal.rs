@@ -447,7 +447,7 @@ async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps()
             .or_insert(1);
         assert_eq!(e.stream_seq, *next, "stream {} seq {}", e.stream, e.seq);
         *next = if e.event_type == GAP_EVENT_TYPE {
-            serde_json::from_slice::<serde_json::Value>(&e.data).unwrap()["last_stream_seq"]
+            serde_json::from_slice::<serde_json::Value>(&e.data).unwrap()["last_streamsequence"]
                 .as_u64()
                 .unwrap()
                 + 1

@@ -55,9 +55,8 @@ pub struct DedupIndex {
     /// Ring positions, truncated to u32: the ring never holds 2^32 entries
     /// (`max_ids` is far smaller), so truncation is unambiguous.
     table: HashTable<u32>,
-    /// `(first position, arrival time µs)`: entries from that position on
-    /// arrived at or after that time, and less than one second later unless a
-    /// newer checkpoint follows.
+    /// `(first position, arrival time µs)`: the entries from that position to
+    /// the next checkpoint arrived in `[time, time + 1 s)`.
     checkpoints: VecDeque<(u64, i64)>,
     window_us: i64,
     max_ids: usize,
@@ -178,11 +177,13 @@ impl DedupIndex {
     pub fn expire(&mut self, now_us: i64) {
         let cutoff = now_us.saturating_sub(self.window_us);
         loop {
-            let expired_until = match (self.checkpoints.front(), self.checkpoints.get(1)) {
-                (Some(_), Some(&(next_pos, next_t))) if next_t <= cutoff => next_pos,
-                (Some(&(_, t)), None) if t + CHECKPOINT_US <= cutoff => {
-                    self.head_pos + self.ring.len() as u64
-                }
+            // A segment holds arrivals in [t, t + 1 s): it is expired whole
+            // once that interval is before the cutoff.
+            let expired_until = match self.checkpoints.front() {
+                Some(&(_, t)) if t + CHECKPOINT_US <= cutoff => match self.checkpoints.get(1) {
+                    Some(&(next_pos, _)) => next_pos,
+                    None => self.head_pos + self.ring.len() as u64,
+                },
                 _ => break,
             };
             while self.head_pos < expired_until && !self.ring.is_empty() {
@@ -238,7 +239,7 @@ mod tests {
             }),
             Some(2)
         );
-        assert_eq!(d.find(42, |_| Verified::Gone).is_some(), true);
+        assert!(d.find(42, |_| Verified::Gone).is_some());
     }
 
     #[test]

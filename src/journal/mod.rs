@@ -194,11 +194,11 @@ pub enum JournalError {
     Closed,
 }
 
-pub(crate) fn fmt_bytes(n: u64) -> String {
+pub fn fmt_bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
-pub(crate) fn unix_micros(t: SystemTime) -> i64 {
+pub fn unix_micros(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
@@ -265,6 +265,7 @@ struct Inner {
     opts: JournalOptions,
     tx: mpsc::Sender<Request>,
     committed: watch::Receiver<u64>,
+    rewinds: watch::Receiver<u64>,
     space: Arc<Notify>,
     stats: Arc<SharedStats>,
     quarantine: Option<Quarantine>,
@@ -302,13 +303,19 @@ impl Journal {
         let stats = Arc::new(SharedStats::default());
         let state = writer::WriterState::load(conn, &opts, stats.clone())?;
         let (committed_tx, committed) = watch::channel(state.head_seq());
+        let (rewinds_tx, rewinds) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let space = Arc::new(Notify::new());
         let writer = {
             let space = space.clone();
+            let signals = writer::Signals {
+                committed: committed_tx,
+                rewinds: rewinds_tx,
+                space,
+            };
             std::thread::Builder::new()
                 .name("journal-writer".into())
-                .spawn(move || writer::run(state, rx, committed_tx, space))
+                .spawn(move || writer::run(state, rx, signals))
                 .map_err(|e| JournalError::Io {
                     path: opts.path.clone(),
                     what: "cannot start the writer thread".into(),
@@ -321,6 +328,7 @@ impl Journal {
                 opts,
                 tx,
                 committed,
+                rewinds,
                 space,
                 stats,
                 quarantine,
@@ -350,6 +358,12 @@ impl Journal {
     /// A watch of the highest committed seq: forwarders wait on it for work.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.inner.committed.clone()
+    }
+
+    /// A counter bumped after every committed rewind: a forwarder waiting
+    /// for work reloads its cursor when it changes.
+    pub fn rewinds(&self) -> watch::Receiver<u64> {
+        self.inner.rewinds.clone()
     }
 
     /// A new read connection (forwarders, status). Blocking; keep each call short.

@@ -46,10 +46,10 @@ pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::R
             Some((seq, _)) => hi = seq.min(hi),
             None => hi = mid,
         }
-        if let Some((seq, t)) = at(lo)? {
-            if t >= t_us {
-                return Ok(Some(seq as u64));
-            }
+        if let Some((seq, t)) = at(lo)?
+            && t >= t_us
+        {
+            return Ok(Some(seq as u64));
         }
     }
     Ok(at(lo)?.filter(|&(_, t)| t >= t_us).map(|(s, _)| s as u64))

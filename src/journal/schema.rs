@@ -81,12 +81,12 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 pub(crate) fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
-    if let rusqlite::Error::SqliteFailure(f, _) = &e {
-        if f.code == ErrorCode::DiskFull {
-            return JournalError::DiskFull {
-                path: path.to_path_buf(),
-            };
-        }
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && f.code == ErrorCode::DiskFull
+    {
+        return JournalError::DiskFull {
+            path: path.to_path_buf(),
+        };
     }
     JournalError::Sqlite {
         path: path.to_path_buf(),

@@ -301,7 +301,7 @@ impl WriterState {
     }
 
     /// Applies one batch of requests: one transaction, then the answers.
-    fn process(&mut self, batch: Vec<Request>, committed: &watch::Sender<u64>, space: &Notify) {
+    fn process(&mut self, batch: Vec<Request>, signals: &Signals) {
         let incoming: u64 = batch
             .iter()
             .map(|r| match r {
@@ -328,6 +328,7 @@ impl WriterState {
         let mut undo = undo;
         let mut replies = Vec::with_capacity(batch.len());
         let mut advanced = false;
+        let mut rewound = false;
         let mut appended = 0u64;
         let mut duplicates = 0u64;
 
@@ -387,7 +388,10 @@ impl WriterState {
                     }
                 },
                 Request::Rewind { sink, to, reply } => match self.rewind(&sink, to, &mut undo) {
-                    Ok(r) => replies.push(Reply::Seq(reply, r)),
+                    Ok(r) => {
+                        rewound |= r.is_ok();
+                        replies.push(Reply::Seq(reply, r));
+                    }
                     Err(Fatal(e)) => {
                         failed = Some(e);
                         replies.push(Reply::Seq(reply, Ok(0)));
@@ -425,10 +429,10 @@ impl WriterState {
             }
         }
 
-        if failed.is_none() {
-            if let Err(e) = self.finish_batch(&undo, duplicates) {
-                failed = Some(e);
-            }
+        if failed.is_none()
+            && let Err(e) = self.finish_batch(&undo, duplicates)
+        {
+            failed = Some(e);
         }
         let outcome = match failed {
             None => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
@@ -453,14 +457,17 @@ impl WriterState {
                     debug!(error = %e, "cannot read page counts");
                 }
                 if self.next_seq != undo.next_seq {
-                    committed.send_replace(self.next_seq - 1);
+                    signals.committed.send_replace(self.next_seq - 1);
+                }
+                if rewound {
+                    signals.rewinds.send_modify(|n| *n += 1);
                 }
                 for r in replies {
                     r.send();
                 }
                 if advanced {
                     self.retention_pending = true;
-                    space.notify_waiters();
+                    signals.space.notify_waiters();
                 }
             }
             Err(e) => {
@@ -636,11 +643,11 @@ impl WriterState {
         undo: &mut Undo,
     ) -> Result<bool, Fatal> {
         let current = self.cursors.get(sink).copied();
-        if let Some(from) = from {
-            if current.unwrap_or(0) != from {
-                // A replay moved the cursor while this batch was in flight.
-                return Ok(false);
-            }
+        if let Some(from) = from
+            && current.unwrap_or(0) != from
+        {
+            // A replay moved the cursor while this batch was in flight.
+            return Ok(false);
         }
         if to <= current.unwrap_or(0) && current.is_some() {
             return Ok(false);
@@ -988,8 +995,8 @@ impl WriterState {
             for run in &runs {
                 let count = run.last - run.first + 1;
                 let data = serde_json::json!({
-                    "first_stream_seq": run.first,
-                    "last_stream_seq": run.last,
+                    "first_streamsequence": run.first,
+                    "last_streamsequence": run.last,
                     "count": count,
                     "class": class.as_str(),
                     "reason": reason,
@@ -1179,12 +1186,17 @@ fn event_count(r: &Request) -> usize {
 }
 
 /// The writer thread's loop.
-pub(crate) fn run(
-    mut state: WriterState,
-    mut rx: mpsc::Receiver<Request>,
-    committed: watch::Sender<u64>,
-    space: Arc<Notify>,
-) {
+/// How the writer tells the rest of the agent what it committed.
+pub(crate) struct Signals {
+    /// Highest committed seq.
+    pub committed: watch::Sender<u64>,
+    /// Bumped after each committed rewind.
+    pub rewinds: watch::Sender<u64>,
+    /// Woken when cursors move (space may be freed for blocked appends).
+    pub space: Arc<Notify>,
+}
+
+pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     loop {
         state
@@ -1227,7 +1239,7 @@ pub(crate) fn run(
             }
         }
         if !batch.is_empty() {
-            state.process(batch, &committed, &space);
+            state.process(batch, &signals);
         }
         if maintain {
             state.maintain();

@@ -1,0 +1,292 @@
+//! Wiring: config → journal → sources and forwarders → health server, and
+//! the graceful shutdown of all of it. This module owns start-up order and
+//! shutdown order; it must never contain protocol or storage logic.
+//!
+//! Start-up: open the journal (READY depends on it), bind every listener
+//! (so a port conflict fails start-up, not a later request), start the
+//! forwarders, then serve. Shutdown: stop the sources (no new events; requests
+//! in flight finish and are answered after their commit), give forwarders
+//! until `shutdown_timeout` to finish the batch in flight, then close the
+//! journal (the writer commits what is queued and checkpoints).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigIssue};
+use crate::health::{AgentView, HealthServer};
+use crate::journal::{Journal, JournalOptions, SyncMode, WhenFull};
+use crate::sinks::Forwarder;
+use crate::sinks::https::HttpsSink;
+use crate::sources::http::HttpSource;
+use crate::status::{SinkStatus, SourceStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The config asks for something this build cannot do (exit status 2).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Start-up failed (exit status 1).
+    #[error("{0}")]
+    Startup(String),
+}
+
+impl AgentError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Unsupported(_) => 2,
+            AgentError::Startup(_) => 1,
+        }
+    }
+}
+
+/// Sections of the contract that parse but are not built yet.
+pub fn unsupported(config: &Config) -> Vec<ConfigIssue> {
+    let mut out = Vec::new();
+    let mut push = |path: String, what: &str| {
+        out.push(ConfigIssue {
+            line: None,
+            column: None,
+            key_path: path,
+            message: format!(
+                "{what} are not yet supported by plantrelay {}",
+                env!("CARGO_PKG_VERSION")
+            ),
+        })
+    };
+    for (i, _) in config.sources.mqtt.iter().enumerate() {
+        push(format!("sources.mqtt[{i}]"), "MQTT sources");
+    }
+    for (i, _) in config.sources.opcua.iter().enumerate() {
+        push(format!("sources.opcua[{i}]"), "OPC UA sources");
+    }
+    for (i, _) in config.sinks.mqtt.iter().enumerate() {
+        push(format!("sinks.mqtt[{i}]"), "MQTT sinks");
+    }
+    for (i, _) in config.sinks.jetstream.iter().enumerate() {
+        push(format!("sinks.jetstream[{i}]"), "NATS JetStream sinks");
+    }
+    out
+}
+
+/// Journal options from `[agent]` and `[journal]`.
+pub fn journal_options(config: &Config) -> JournalOptions {
+    let j = &config.journal;
+    JournalOptions {
+        path: config.agent.state_dir.join("journal.db"),
+        sync: match j.sync {
+            crate::config::SyncMode::Full => SyncMode::Full,
+            crate::config::SyncMode::Normal => SyncMode::Normal,
+        },
+        max_size: j.max_size,
+        when_full: match j.when_full {
+            crate::config::WhenFull::Block => WhenFull::Block,
+            crate::config::WhenFull::DropOldest => WhenFull::DropOldest,
+        },
+        retain_acked: j.retain_acked,
+        dedup_window: j.dedup_window,
+        dedup_max_ids: j.dedup_max_ids,
+        block_timeout: j.block_timeout,
+        sinks: config.sink_names().into_iter().map(String::from).collect(),
+    }
+}
+
+/// Opens the journal off the async threads (the integrity check and the
+/// dedup rebuild are blocking work).
+pub async fn open_journal(opts: JournalOptions) -> Result<Journal, AgentError> {
+    tokio::task::spawn_blocking(move || Journal::open(opts))
+        .await
+        .map_err(|e| AgentError::Startup(format!("journal open task failed: {e}")))?
+        .map_err(|e| AgentError::Startup(e.to_string()))
+}
+
+/// A started agent. Dropping it does not stop it: call [`RunningAgent::shutdown`].
+pub struct RunningAgent {
+    pub journal: Journal,
+    pub view: Arc<AgentView>,
+    /// Bound address of each HTTP source, by name.
+    pub http_addrs: Vec<(String, SocketAddr)>,
+    pub health_addr: Option<SocketAddr>,
+    sources_stop: CancellationToken,
+    forwarders_stop: CancellationToken,
+    health_stop: CancellationToken,
+    sources: Vec<JoinHandle<()>>,
+    forwarders: Vec<JoinHandle<()>>,
+    health: Option<JoinHandle<()>>,
+    shutdown_timeout: Duration,
+}
+
+/// Starts everything the config names. Returns once the journal is open,
+/// every listener is bound and every component runs.
+pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
+    crate::tls::install_crypto_provider();
+    let issues = unsupported(config);
+    if !issues.is_empty() {
+        let text = issues
+            .iter()
+            .map(|i| format!("{}: {}", i.key_path, i.message))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(AgentError::Unsupported(text));
+    }
+    let started = Instant::now();
+    let journal = open_journal(journal_options(config)).await?;
+    if let Some(q) = journal.quarantine() {
+        warn!(
+            moved_to = %q.moved_to.display(),
+            reason = %q.reason,
+            "the journal was damaged and has been replaced; the damaged file is kept for inspection"
+        );
+    }
+
+    // Bind every listener before serving anything.
+    let mut bound = Vec::new();
+    for cfg in &config.sources.http {
+        let source = HttpSource::bind(cfg)
+            .await
+            .map_err(|e| AgentError::Startup(e.to_string()))?;
+        bound.push((cfg.name.clone(), source));
+    }
+    let mut sinks = Vec::new();
+    for cfg in &config.sinks.https {
+        let sink = HttpsSink::new(cfg, &config.agent.id)
+            .map_err(|e| AgentError::Startup(e.to_string()))?;
+        sinks.push((HttpsSink::settings(cfg), sink));
+    }
+
+    let source_status: Vec<Arc<SourceStatus>> = bound
+        .iter()
+        .map(|(name, _)| Arc::new(SourceStatus::new(name, "http")))
+        .collect();
+    let sink_status: Vec<Arc<SinkStatus>> = sinks
+        .iter()
+        .map(|(s, _)| Arc::new(SinkStatus::new(&s.name, "https")))
+        .collect();
+    let view = Arc::new(AgentView::new(
+        config,
+        journal.clone(),
+        source_status.clone(),
+        sink_status.clone(),
+    ));
+    let health = match &config.health {
+        Some(h) => Some(
+            HealthServer::bind(h, view.clone())
+                .await
+                .map_err(|e| AgentError::Startup(e.to_string()))?,
+        ),
+        None => None,
+    };
+
+    let sources_stop = CancellationToken::new();
+    let forwarders_stop = CancellationToken::new();
+    let health_stop = CancellationToken::new();
+    let mut http_addrs = Vec::new();
+    let mut source_tasks = Vec::new();
+    for ((name, source), status) in bound.into_iter().zip(&source_status) {
+        http_addrs.push((name.clone(), source.local_addr()));
+        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
+        source_tasks.push(tokio::spawn(async move {
+            if let Err(e) = source.serve(journal, status.clone(), stop).await {
+                error!(source = %name, error = %e, "HTTP source stopped with an error");
+                status.record_error(e.to_string());
+            }
+        }));
+    }
+    let mut forwarder_tasks = Vec::new();
+    for ((settings, sink), status) in sinks.into_iter().zip(&sink_status) {
+        let fwd = Forwarder::new(settings, sink, journal.clone(), status.clone());
+        forwarder_tasks.push(tokio::spawn(fwd.run(forwarders_stop.clone())));
+    }
+    let health_addr = health.as_ref().map(|h| h.local_addr());
+    let health_task = health.map(|h| {
+        let stop = health_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = h.serve(stop).await {
+                error!(error = %e, "health server stopped with an error");
+            }
+        })
+    });
+    view.ready.store(true, Ordering::Relaxed);
+    info!(
+        agent = %config.agent.id,
+        journal = %journal.path().display(),
+        head_seq = journal.stats().head_seq.load(Ordering::Relaxed),
+        sources = source_status.len(),
+        sinks = sink_status.len(),
+        health = ?health_addr,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "plantrelay started"
+    );
+    Ok(RunningAgent {
+        journal,
+        view,
+        http_addrs,
+        health_addr,
+        sources_stop,
+        forwarders_stop,
+        health_stop,
+        sources: source_tasks,
+        forwarders: forwarder_tasks,
+        health: health_task,
+        shutdown_timeout: config.agent.shutdown_timeout,
+    })
+}
+
+impl RunningAgent {
+    /// The bound address of the HTTP source `name`.
+    pub fn http_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.http_addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Graceful shutdown, in the order of the module doc.
+    pub async fn shutdown(self) {
+        info!("shutting down: no new events accepted");
+        self.view.ready.store(false, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.sources_stop.cancel();
+        for t in self.sources {
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                warn!("a source did not stop in time");
+            }
+        }
+        self.forwarders_stop.cancel();
+        for t in self.forwarders {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                warn!(
+                    "a forwarder did not finish its batch within shutdown_timeout; it will be sent again at the next start"
+                );
+                abort.abort();
+            }
+        }
+        self.health_stop.cancel();
+        if let Some(t) = self.health {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        self.journal.close().await;
+        info!("plantrelay stopped");
+    }
+}
+
+/// Runs the agent until `stop` is cancelled, then shuts down gracefully.
+pub async fn run(config: &Config, stop: CancellationToken) -> Result<(), AgentError> {
+    let agent = start(config).await?;
+    stop.cancelled().await;
+    agent.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! `plantrelay demo`: the whole store-and-forward path in one process on
+//! loopback, with nothing to prepare. A simulated MES posts production events
+//! over six streams to the HTTP ingest; the agent journals and forwards them
+//! to an embedded HTTPS receiver that goes down for a while in the middle;
+//! the receiver then judges what arrived (delivered, lost, duplicates, out
+//! of order) against what the agent acknowledged to the MES.
+//!
+//! Output goes to standard output for a person watching; the agent's own
+//! logs stay on standard error (warnings only, by default).
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::Mutex;
+
+use super::receiver::{EphemeralPki, Receiver, ReceiverOptions};
+use crate::config::Config;
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// How long the MES posts events.
+    pub duration: Duration,
+    /// Keep the state directory afterwards.
+    pub keep: bool,
+}
+
+const STREAMS: [(&str, &str); 6] = [
+    ("line1/orders", "com.example.mes.order.released"),
+    ("line1/confirmations", "com.example.mes.operation.confirmed"),
+    ("line1/consumption", "com.example.mes.material.consumed"),
+    ("line2/orders", "com.example.mes.order.released"),
+    ("line2/confirmations", "com.example.mes.operation.confirmed"),
+    ("line2/quality", "com.example.mes.quality.result"),
+];
+
+fn mes_event(stream: &str, event_type: &str, n: u64) -> serde_json::Value {
+    let order = format!("1000{:05}", n / 7);
+    let data = match event_type {
+        "com.example.mes.order.released" => {
+            serde_json::json!({"order": order, "material": "BRACKET-7", "qty": 240})
+        }
+        "com.example.mes.operation.confirmed" => {
+            serde_json::json!({"order": order, "operation": "0020", "yield": 12, "scrap": n.is_multiple_of(5) as u8})
+        }
+        "com.example.mes.material.consumed" => {
+            serde_json::json!({"order": order, "material": "COIL-S235", "batch": format!("B{}", n % 31), "kg": 18.5})
+        }
+        _ => {
+            serde_json::json!({"order": order, "characteristic": "hole-diameter", "value": 8.02, "ok": !n.is_multiple_of(13)})
+        }
+    };
+    serde_json::json!({
+        "specversion": "1.0",
+        "id": format!("mes-{:016x}", rand::rng().random::<u64>()),
+        "source": "urn:mes:plant-hamburg",
+        "type": event_type,
+        "subject": stream,
+        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "datacontenttype": "application/json",
+        "data": data,
+    })
+}
+
+struct Counters {
+    posted: AtomicU64,
+    acked: AtomicU64,
+    reposted: AtomicU64,
+    refused: AtomicU64,
+    upstream_up: AtomicBool,
+}
+
+/// Runs the demo; returns the process exit status (0: nothing lost, nothing
+/// out of order).
+pub async fn run(opts: DemoOptions) -> Result<u8, String> {
+    crate::tls::install_crypto_provider();
+    let dir = tempfile::Builder::new()
+        .prefix("plantrelay-demo-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let pki = EphemeralPki::generate().map_err(|e| e.to_string())?;
+    let pki_dir = dir.path().join("pki");
+    std::fs::create_dir_all(&pki_dir)
+        .map_err(|e| format!("cannot create {}: {e}", pki_dir.display()))?;
+    let paths = pki.write_to(&pki_dir).map_err(|e| e.to_string())?;
+    let receiver = Arc::new(
+        Receiver::start(ReceiverOptions::new(&pki))
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let state_dir = dir.path().join("state");
+    let toml = format!(
+        r#"
+[agent]
+id = "demo-gw"
+state_dir = "{state}"
+shutdown_timeout = "5s"
+
+[journal]
+sync = "full"
+max_size = "256MiB"
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+class = "critical"
+
+[[sinks.https]]
+name = "central"
+url = "{url}"
+ca_file = "{ca}"
+ca_only = true
+batch_max_events = 500
+retry_initial = "200ms"
+retry_max = "2s"
+"#,
+        state = state_dir.display(),
+        url = receiver.url(),
+        ca = paths.ca.display(),
+    );
+    let config_path = dir.path().join("plantrelay.toml");
+    std::fs::write(&config_path, &toml)
+        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    let agent = crate::agent::start(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ingest = agent
+        .http_addr("mes")
+        .ok_or("the demo's HTTP source did not start")?;
+    let ingest_url = format!("http://{ingest}/v1/events");
+
+    let outage = Duration::from_secs(10).min(opts.duration / 3);
+    let outage_at = opts.duration / 3;
+    println!(
+        "plantrelay demo: a simulated MES posts production events over {} streams for {}.",
+        STREAMS.len(),
+        crate::cli::short_duration(opts.duration)
+    );
+    println!(
+        "  MES ──HTTP──► plantrelay (journal: {}) ──HTTPS──► central receiver {}",
+        agent.journal.path().display(),
+        receiver.url()
+    );
+    println!(
+        "  the upstream goes down at {} for {}; nothing acknowledged may be lost or reordered.\n",
+        crate::cli::short_duration(outage_at),
+        crate::cli::short_duration(outage)
+    );
+
+    let counters = Arc::new(Counters {
+        posted: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        reposted: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        upstream_up: AtomicBool::new(true),
+    });
+    let acked_ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+
+    // The MES: batches of 1–20 events every ~20 ms, sometimes re-posting a
+    // batch as an MES does after a timeout.
+    let mes = {
+        let counters = counters.clone();
+        let acked_ids = acked_ids.clone();
+        let duration = opts.duration;
+        tokio::spawn(async move {
+            let client = match reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+            {
+                Ok(c) => c,
+                Err(e) => return Err(format!("cannot build the MES client: {e}")),
+            };
+            let mut n = 0u64;
+            let mut last_batch: Option<String> = None;
+            while started.elapsed() < duration {
+                let repost = last_batch.is_some() && rand::rng().random_bool(0.05);
+                let body = match (&last_batch, repost) {
+                    (Some(b), true) => b.clone(),
+                    _ => {
+                        let k = rand::rng().random_range(1..=20);
+                        let events: Vec<_> = (0..k)
+                            .map(|_| {
+                                n += 1;
+                                let (stream, t) =
+                                    STREAMS[rand::rng().random_range(0..STREAMS.len())];
+                                mes_event(stream, t, n)
+                            })
+                            .collect();
+                        serde_json::Value::Array(events).to_string()
+                    }
+                };
+                let count = serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                    .map_or(0, |v| v.len()) as u64;
+                let resp = client
+                    .post(&ingest_url)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                        if repost {
+                            counters.reposted.fetch_add(count, Ordering::Relaxed);
+                        } else {
+                            counters.posted.fetch_add(count, Ordering::Relaxed);
+                            counters.acked.fetch_add(count, Ordering::Relaxed);
+                            if let Ok(v) = serde_json::from_str::<Vec<serde_json::Value>>(&body) {
+                                let mut ids = acked_ids.lock().await;
+                                ids.extend(
+                                    v.iter().filter_map(|e| e["id"].as_str().map(String::from)),
+                                );
+                            }
+                            last_batch = Some(body);
+                        }
+                    }
+                    _ => {
+                        counters.refused.fetch_add(count, Ordering::Relaxed);
+                    }
+                }
+                let pause = Duration::from_millis(rand::rng().random_range(5..35));
+                tokio::time::sleep(pause).await;
+            }
+            Ok(())
+        })
+    };
+
+    // The outage.
+    let outage_task = {
+        let receiver = receiver.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(outage_at).await;
+            receiver.stop().await;
+            counters.upstream_up.store(false, Ordering::Relaxed);
+            tokio::time::sleep(outage).await;
+            let r = receiver.restart().await;
+            counters.upstream_up.store(true, Ordering::Relaxed);
+            r
+        })
+    };
+
+    let tty = std::io::stdout().is_terminal();
+    let progress = |final_line: bool| {
+        let st = agent
+            .view
+            .sinks
+            .first()
+            .map(|s| s.progress())
+            .unwrap_or_default();
+        let head = agent.journal.stats().head_seq.load(Ordering::Relaxed);
+        let line = format!(
+            "[{:>6}] posted {:>6} | acked by agent {:>6} | journal backlog {:>6} | delivered {:>6} | upstream {}",
+            crate::cli::short_duration(started.elapsed()),
+            counters.posted.load(Ordering::Relaxed),
+            counters.acked.load(Ordering::Relaxed),
+            head.saturating_sub(st.cursor),
+            receiver.verdict().unique_ids,
+            if counters.upstream_up.load(Ordering::Relaxed) {
+                "up  "
+            } else {
+                "DOWN"
+            },
+        );
+        let mut out = std::io::stdout().lock();
+        if tty && !final_line {
+            let _ = write!(out, "\r{line}");
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    };
+    let mut ticks = 0u64;
+    while !mes.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        ticks += 1;
+        if tty || ticks.is_multiple_of(8) {
+            progress(false);
+        }
+    }
+    let mes_result = mes.await.map_err(|e| e.to_string())?;
+    mes_result?;
+    outage_task
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the receiver could not come back: {e}"))?;
+
+    // Drain: wait until the agent has delivered everything it acknowledged.
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let head = agent.journal.stats().head_seq.load(Ordering::Relaxed);
+        let cursor = agent
+            .view
+            .sinks
+            .first()
+            .map(|s| s.progress().cursor)
+            .unwrap_or(0);
+        if cursor >= head || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tty {
+            progress(false);
+        }
+    }
+    if tty {
+        println!();
+    }
+    progress(true);
+
+    let verdict = receiver.verdict();
+    let received: HashSet<String> = receiver.ids().into_iter().map(|(_, id)| id).collect();
+    let acked = acked_ids.lock().await.clone();
+    let lost = acked.iter().filter(|id| !received.contains(*id)).count() as u64;
+    let st = agent
+        .view
+        .sinks
+        .first()
+        .map(|s| s.progress())
+        .unwrap_or_default();
+    println!();
+    println!("verdict (computed by the receiver from ids and streamsequence):");
+    println!(
+        "  {:<26} {:>8} {:>9} {:>5} {:>11} {:>13}",
+        "stream", "received", "delivered", "lost", "duplicates", "out of order"
+    );
+    for (stream, v) in &verdict.per_stream {
+        println!(
+            "  {:<26} {:>8} {:>9} {:>5} {:>11} {:>13}",
+            stream,
+            v.unique + v.duplicates,
+            v.unique,
+            v.missing,
+            v.duplicates,
+            v.out_of_order
+        );
+    }
+    println!(
+        "  {:<26} {:>8} {:>9} {:>5} {:>11} {:>13}",
+        "total",
+        verdict.events_received,
+        verdict.unique_ids,
+        lost,
+        verdict.duplicates,
+        verdict.out_of_order
+    );
+    println!();
+    println!(
+        "MES: {} events acknowledged with 202 after commit, {} re-posted (dropped as duplicates), {} refused; upstream: {} batches, {} failed attempts retried",
+        acked.len(),
+        counters.reposted.load(Ordering::Relaxed),
+        counters.refused.load(Ordering::Relaxed),
+        st.batches,
+        st.attempts.saturating_sub(st.batches),
+    );
+    let ok = lost == 0 && verdict.out_of_order == 0 && verdict.missing == 0;
+    println!(
+        "result: {} (lost {lost}, out of order {}, duplicates at the receiver {} — those carry the same id and Idempotency-Key, so the upstream drops them)",
+        if ok { "PASS" } else { "FAIL" },
+        verdict.out_of_order,
+        verdict.duplicates
+    );
+    agent.shutdown().await;
+    receiver.stop().await;
+    if opts.keep {
+        let kept = dir.keep();
+        println!(
+            "\njournal kept: {}\ntry: cargo run --release -- journal stats -c {}",
+            kept.join("state/journal.db").display(),
+            kept.join("plantrelay.toml").display()
+        );
+    }
+    Ok(if ok { 0 } else { 1 })
+}

@@ -1,0 +1,270 @@
+//! The HTTPS sink: each batch is one `POST` of a CloudEvents batch
+//! (`application/cloudevents-batch+json`), optionally compressed, with
+//! `Idempotency-Key: <agent id>:<first seq>-<last seq>` so the upstream can
+//! drop a batch it already has. It maps the upstream's answer to a
+//! [`SendOutcome`] and must never decide about cursors or dead letters.
+//!
+//! - 2xx: acknowledged.
+//! - 408, 425, 429, 5xx, timeouts, connection errors and resets: retry
+//!   (with the upstream's `Retry-After`, seconds or HTTP date).
+//! - any other 4xx: rejected. A 400 or 422 whose JSON body names an event
+//!   (`id`, `event_id`, `eventId`, or `rejected[0].id`) pins that event;
+//!   otherwise the forwarder bisects the batch.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+
+use super::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
+use crate::config::{Compression, HttpsSinkConfig, read_secret};
+use crate::event::StoredEvent;
+use crate::tls::{ClientTls, client_config, reqwest_client_builder};
+
+/// Errors building the sink from its config; they name the sink.
+#[derive(Debug, thiserror::Error)]
+#[error("sinks.https '{sink}': {detail}")]
+pub struct HttpsSinkError {
+    pub sink: String,
+    pub detail: String,
+}
+
+pub struct HttpsSink {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    agent_id: String,
+    compression: Compression,
+    auth: Option<HeaderValue>,
+}
+
+/// Most bytes of an error body kept for logs and dead-letter reasons.
+const REASON_LIMIT: usize = 512;
+
+impl HttpsSink {
+    pub fn new(cfg: &HttpsSinkConfig, agent_id: &str) -> Result<HttpsSink, HttpsSinkError> {
+        let err = |detail: String| HttpsSinkError {
+            sink: cfg.name.clone(),
+            detail,
+        };
+        let tls = client_config(&ClientTls {
+            ca_file: cfg.ca_file.clone(),
+            ca_only: cfg.ca_only,
+            client_cert: cfg.client_cert.clone(),
+            client_key: cfg.client_key.clone(),
+        })
+        .map_err(|e| err(e.to_string()))?;
+        let client = reqwest_client_builder(tls)
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+            .tcp_keepalive(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("plantrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        let auth = match &cfg.token_file {
+            Some(path) => {
+                let token = read_secret(path).map_err(|e| err(e.to_string()))?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    err(format!(
+                        "token in {} is not a valid header value",
+                        path.display()
+                    ))
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let url = reqwest::Url::parse(cfg.url.as_str()).map_err(|e| err(format!("url: {e}")))?;
+        Ok(HttpsSink {
+            client,
+            url,
+            agent_id: agent_id.to_string(),
+            compression: cfg.compression,
+            auth,
+        })
+    }
+
+    /// The forwarder settings of this sink's config.
+    pub fn settings(cfg: &HttpsSinkConfig) -> ForwarderSettings {
+        ForwarderSettings {
+            name: cfg.name.clone(),
+            batch_max_events: cfg.batch_max_events,
+            batch_max_bytes: usize::try_from(cfg.batch_max_bytes).unwrap_or(usize::MAX),
+            max_events_per_sec: cfg.max_events_per_sec,
+            retry: RetryPolicy {
+                initial: cfg.retry_initial,
+                max: cfg.retry_max,
+            },
+        }
+    }
+
+    fn body(&self, batch: &[StoredEvent]) -> Vec<u8> {
+        let mut json = Vec::with_capacity(batch.iter().map(|e| e.size() + 160).sum());
+        json.push(b'[');
+        for (i, e) in batch.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            e.write_cloudevent(&self.agent_id, &mut json);
+        }
+        json.push(b']');
+        match self.compression {
+            Compression::None => json,
+            Compression::Gzip => {
+                let mut enc = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(json.len() / 4),
+                    flate2::Compression::fast(),
+                );
+                // Writing into a Vec cannot fail.
+                match enc.write_all(&json).and_then(|_| enc.finish()) {
+                    Ok(v) => v,
+                    Err(_) => json,
+                }
+            }
+            Compression::Zstd => ruzstd::encoding::compress_to_vec(
+                json.as_slice(),
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ),
+        }
+    }
+}
+
+fn encoding_name(c: Compression) -> Option<&'static str> {
+    match c {
+        Compression::None => None,
+        Compression::Gzip => Some("gzip"),
+        Compression::Zstd => Some("zstd"),
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The event a 400/422 body names, as an index into `batch`.
+pub fn rejected_index(body: &str, batch: &[StoredEvent]) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let id = ["id", "event_id", "eventId"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(|x| x.as_str()))
+        .or_else(|| v.pointer("/rejected/0/id").and_then(|x| x.as_str()))?;
+    batch.iter().position(|e| e.id == id)
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    // The chain holds the useful part (connection refused, certificate
+    // unknown, …); reqwest's own text is generic.
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+impl Sink for HttpsSink {
+    async fn send(&self, batch: &[StoredEvent]) -> SendOutcome {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return SendOutcome::Ack;
+        };
+        let key = format!("{}:{}-{}", self.agent_id, first.seq, last.seq);
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/cloudevents-batch+json")
+            .header("Idempotency-Key", key)
+            .body(self.body(batch));
+        if let Some(enc) = encoding_name(self.compression) {
+            req = req.header(CONTENT_ENCODING, enc);
+        }
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return SendOutcome::Retry {
+                    after: None,
+                    reason: format!("request failed: {}", describe(&e)),
+                };
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return SendOutcome::Ack;
+        }
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match tokio::time::timeout(Duration::from_secs(5), resp.text()).await {
+            Ok(Ok(b)) => b,
+            _ => String::new(),
+        };
+        let mut snippet: String = body.chars().take(REASON_LIMIT).collect();
+        if snippet.len() < body.len() {
+            snippet.push('…');
+        }
+        let reason = if snippet.is_empty() {
+            format!("upstream answered {status}")
+        } else {
+            format!("upstream answered {status}: {snippet}")
+        };
+        if is_retryable(status) {
+            return SendOutcome::Retry {
+                after: retry_after,
+                reason,
+            };
+        }
+        let index = match status.as_u16() {
+            400 | 422 => rejected_index(&body, batch),
+            _ => None,
+        };
+        SendOutcome::Reject { index, reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn retryable_statuses_are_the_transient_ones() {
+        for s in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(!is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Live state of every source and sink, shared between the components that
+//! update it and the health server that reports it. Plain atomics and short
+//! mutexes: updating status must never block a source or a forwarder, and
+//! this module must never do I/O.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::journal::unix_micros;
+
+/// One source's counters; the source updates, the health server reads.
+#[derive(Debug)]
+pub struct SourceStatus {
+    pub name: String,
+    /// `http`, `mqtt` or `opcua`.
+    pub kind: &'static str,
+    pub started: AtomicBool,
+    pub connected: AtomicBool,
+    pub events: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejects: AtomicU64,
+    /// µs since the epoch; 0 = never.
+    pub last_event_us: AtomicI64,
+    pub last_error: Mutex<Option<(i64, String)>>,
+}
+
+impl SourceStatus {
+    pub fn new(name: &str, kind: &'static str) -> SourceStatus {
+        SourceStatus {
+            name: name.to_string(),
+            kind,
+            started: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            events: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejects: AtomicU64::new(0),
+            last_event_us: AtomicI64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Counts events the journal accepted (`stored` new, `duplicates` known).
+    pub fn record_events(&self, stored: u64, duplicates: u64) {
+        self.events.fetch_add(stored, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.last_event_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    pub fn record_reject(&self, n: u64) {
+        self.rejects.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn record_error(&self, message: impl Into<String>) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some((unix_micros(SystemTime::now()), message.into()));
+        }
+    }
+
+    pub fn snapshot(&self) -> SourceSnapshot {
+        let last_error = self.last_error.lock().ok().and_then(|e| e.clone());
+        let last_event = self.last_event_us.load(Ordering::Relaxed);
+        SourceSnapshot {
+            name: self.name.clone(),
+            kind: self.kind,
+            started: self.started.load(Ordering::Relaxed),
+            connected: self.connected.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            rejects: self.rejects.load(Ordering::Relaxed),
+            last_event_time: (last_event > 0).then(|| rfc3339_us(last_event)),
+            last_error: last_error.as_ref().map(|(_, m)| m.clone()),
+            last_error_time: last_error.map(|(t, _)| rfc3339_us(t)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceSnapshot {
+    pub name: String,
+    pub kind: &'static str,
+    pub started: bool,
+    pub connected: bool,
+    pub events: u64,
+    pub duplicates: u64,
+    pub rejects: u64,
+    pub last_event_time: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<String>,
+}
+
+/// How a sink is doing, as the central team sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkState {
+    /// Delivering, or idle with nothing to deliver.
+    Ok,
+    /// The last attempt failed; retrying with backoff.
+    Retrying,
+    /// No success for `stall_after` while there is a backlog.
+    Stalled,
+}
+
+/// A sink forwarder's bookkeeping as last published by its loop.
+#[derive(Debug, Clone, Default)]
+pub struct SinkProgress {
+    pub cursor: u64,
+    pub delivered: u64,
+    pub batches: u64,
+    pub attempts: u64,
+    pub consecutive_failures: u64,
+    pub dead_letters: u64,
+    pub last_success_us: Option<i64>,
+    pub last_error: Option<(i64, String)>,
+    pub running: bool,
+}
+
+#[derive(Debug)]
+pub struct SinkStatus {
+    pub name: String,
+    /// `https`, `mqtt` or `jetstream`.
+    pub kind: &'static str,
+    pub progress: Mutex<SinkProgress>,
+}
+
+impl SinkStatus {
+    pub fn new(name: &str, kind: &'static str) -> SinkStatus {
+        SinkStatus {
+            name: name.to_string(),
+            kind,
+            progress: Mutex::new(SinkProgress::default()),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut SinkProgress)) {
+        if let Ok(mut p) = self.progress.lock() {
+            f(&mut p);
+        }
+    }
+
+    pub fn progress(&self) -> SinkProgress {
+        self.progress.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// RFC 3339 with microseconds, UTC.
+pub fn rfc3339_us(us: i64) -> String {
+    let t = if us >= 0 {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us as u64)
+    } else {
+        SystemTime::UNIX_EPOCH
+    };
+    humantime::format_rfc3339_micros(t).to_string()
+}
