@@ -415,3 +415,95 @@ async fn a_forwarder_follows_a_replay_and_sends_the_range_again_with_the_same_id
     assert_eq!(again, (31..=40).collect::<Vec<_>>());
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resets_from_the_upstream_lose_nothing() {
+    let h = Harness::new().await;
+    h.receiver.set_reset(0.3);
+    let a = agent::start(&h.config("batch_max_events = 50"))
+        .await
+        .unwrap();
+    let client = http_client();
+    for chunk in mes_events("reset", 1000, 4).chunks(100) {
+        assert_eq!(post(&client, &ingest_url(&a), chunk).await.0, 202);
+    }
+    assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 1000).await);
+    let v = h.receiver.verdict();
+    assert_eq!((v.unique_ids, v.out_of_order, v.missing), (1000, 0, 0));
+    let p = a.view.sinks[0].progress();
+    assert!(p.attempts > p.batches, "resets were retried: {p:?}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_then_cut_then_slow_wan_delivers_everything_once_it_passes() {
+    let h = Harness::new().await;
+    let proxy = support::fault_proxy::FaultProxy::start(h.receiver.addr()).await;
+    proxy.blackhole();
+    let url = format!("https://127.0.0.1:{}/v1/events", proxy.addr().port());
+    let text = h.config_text(
+        "127.0.0.1:0",
+        &url,
+        "timeout = \"1s\"\nbatch_max_events = 100",
+        "",
+    );
+    let config = plantrelay::config::Config::load(&h.write_config(&text)).unwrap();
+    let a = agent::start(&config).await.unwrap();
+    let client = http_client();
+    let ingest = ingest_url(&a);
+    assert_eq!(
+        post(&client, &ingest, &mes_events("wan1", 300, 3)).await.0,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        h.receiver.verdict().unique_ids,
+        0,
+        "nothing passes a black hole"
+    );
+    let err = a.view.sinks[0].progress().last_error.unwrap().1;
+    assert!(
+        err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+
+    proxy.cut();
+    assert_eq!(
+        post(&client, &ingest, &mes_events("wan2", 300, 3)).await.0,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.receiver.verdict().unique_ids, 0);
+
+    proxy.delay(Duration::from_millis(20));
+    assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 600).await);
+    let v = h.receiver.verdict();
+    assert_eq!((v.unique_ids, v.out_of_order, v.missing), (600, 0, 0));
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_events_per_sec_caps_the_drain_after_an_outage() {
+    let h = Harness::new().await;
+    h.receiver.stop().await;
+    let a = agent::start(&h.config("max_events_per_sec = 200"))
+        .await
+        .unwrap();
+    let client = http_client();
+    assert_eq!(
+        post(&client, &ingest_url(&a), &mes_events("rate", 600, 2))
+            .await
+            .0,
+        202
+    );
+    h.receiver.restart().await.unwrap();
+    let start = tokio::time::Instant::now();
+    assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 600).await);
+    let took = start.elapsed();
+    // One second of burst, then 200/s: 600 events need about 2 s.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "drained 600 in {took:?}"
+    );
+    a.shutdown().await;
+}

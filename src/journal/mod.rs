@@ -225,10 +225,15 @@ pub struct SharedStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+/// The writer's answer to an append: on refusal, the events come back (when
+/// it did not consume them) so a blocked appender can offer them again
+/// without having kept a copy.
+pub(crate) type AppendReply = Result<Vec<AppendOutcome>, (JournalError, Vec<NewEvent>)>;
+
 pub(crate) enum Request {
     Append {
         events: Vec<NewEvent>,
-        reply: oneshot::Sender<Result<Vec<AppendOutcome>, JournalError>>,
+        reply: oneshot::Sender<AppendReply>,
     },
     Advance {
         sink: String,
@@ -394,27 +399,26 @@ impl Journal {
         let deadline = Instant::now() + self.inner.opts.block_timeout;
         let mut events = events;
         loop {
-            // The writer hands the events back on a full journal only by
-            // error; keep a copy for the retry.
-            let attempt = if self.inner.opts.when_full == WhenFull::Block {
-                events.clone()
-            } else {
-                std::mem::take(&mut events)
-            };
-            match self
-                .request(|reply| Request::Append {
-                    events: attempt,
-                    reply,
-                })
+            let (reply, rx) = oneshot::channel();
+            self.inner
+                .tx
+                .send(Request::Append { events, reply })
                 .await
-            {
-                Err(JournalError::Full { .. }) if Instant::now() < deadline => {
+                .map_err(|_| JournalError::Closed)?;
+            match rx.await.map_err(|_| JournalError::Closed)? {
+                Ok(out) => return Ok(out),
+                Err((JournalError::Full { .. }, back))
+                    if !back.is_empty()
+                        && self.inner.opts.when_full == WhenFull::Block
+                        && Instant::now() < deadline =>
+                {
+                    events = back;
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
                         .min(Duration::from_millis(200));
                     let _ = tokio::time::timeout(wait, self.inner.space.notified()).await;
                 }
-                other => return other,
+                Err((e, _)) => return Err(e),
             }
         }
     }

@@ -17,8 +17,8 @@ use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
 use super::schema::{WAL_SIZE_LIMIT, sqlite_err};
 use super::{
-    AppendOutcome, JournalError, JournalOptions, Request, RewindTo, SharedStats, WhenFull,
-    unix_micros,
+    AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
+    WhenFull, unix_micros,
 };
 use crate::event::{Class, GAP_EVENT_TYPE, NewEvent};
 
@@ -62,10 +62,7 @@ struct Undo {
 }
 
 enum Reply {
-    Append(
-        oneshot::Sender<Result<Vec<AppendOutcome>, JournalError>>,
-        Result<Vec<AppendOutcome>, JournalError>,
-    ),
+    Append(oneshot::Sender<AppendReply>, AppendReply),
     Unit(
         oneshot::Sender<Result<(), JournalError>>,
         Result<(), JournalError>,
@@ -87,7 +84,7 @@ enum Reply {
 impl Reply {
     fn fail(self, e: &JournalError) -> Reply {
         match self {
-            Reply::Append(tx, Ok(_)) => Reply::Append(tx, Err(e.clone())),
+            Reply::Append(tx, Ok(_)) => Reply::Append(tx, Err((e.clone(), Vec::new()))),
             Reply::Unit(tx, Ok(_)) => Reply::Unit(tx, Err(e.clone())),
             Reply::Advance(tx, Ok(_)) => Reply::Advance(tx, Err(e.clone())),
             Reply::Seq(tx, Ok(_)) => Reply::Seq(tx, Err(e.clone())),
@@ -353,7 +350,7 @@ impl WriterState {
             match req {
                 Request::Append { events, reply } => {
                     if let Err(e) = &room {
-                        replies.push(Reply::Append(reply, Err(e.clone())));
+                        replies.push(Reply::Append(reply, Err((e.clone(), events))));
                         continue;
                     }
                     match self.append(&events, recv_us, &mut undo) {
