@@ -99,7 +99,7 @@ pub enum TlsError {
 pub struct ClientTls {
     /// Extra trust anchors (PEM, one or more `CERTIFICATE` blocks).
     pub ca_file: Option<PathBuf>,
-    /// Trust only `ca_file`, not the public web PKI (webpki-roots).
+    /// Trust only `ca_file`, not the system trust store.
     pub ca_only: bool,
     /// Client certificate chain (PEM) for mutual TLS.
     pub client_cert: Option<PathBuf>,
@@ -241,14 +241,14 @@ pub fn server_config_from_pem(
     build_server_config(certs, key, client_roots, CERT, KEY)
 }
 
-/// A client configuration: trust webpki-roots (unless `ca_only`) plus
+/// A client configuration: trust the system store (unless `ca_only`) plus
 /// `ca_file`; present `client_cert`/`client_key` when both are set. No ALPN
 /// is set here (MQTT and NATS do not want `h2`); see
 /// [`reqwest_client_builder`].
 pub fn client_config(tls: &ClientTls) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     if !tls.ca_only {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        add_system_roots(&mut roots);
     }
     match &tls.ca_file {
         Some(path) => {
@@ -286,6 +286,22 @@ pub fn client_config(tls: &ClientTls) -> Result<rustls::ClientConfig, TlsError> 
         (None, Some(_)) => Err(TlsError::IncompleteClientAuth {
             given: "client_key",
         }),
+    }
+}
+
+/// The system's trust store (`/etc/ssl/certs` and friends, where plant IT
+/// installs the enterprise CA); the bundled Mozilla roots (webpki-roots)
+/// when the system has none. Certificates the store holds but rustls cannot
+/// parse are skipped.
+fn add_system_roots(roots: &mut RootCertStore) {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::debug!(error = %e, "while loading the system trust store");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        tracing::warn!("no usable certificates in the system trust store; trusting the bundled Mozilla roots instead");
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     }
 }
 

@@ -23,10 +23,10 @@ pub struct HttpsSinkConfig {
     #[serde(deserialize_with = "units::url")]
     pub url: Url,
     /// PEM CA certificate(s) trusted for the upstream, in addition to the
-    /// bundled web PKI roots (see `ca_only`). Default: none.
+    /// system trust store (see `ca_only`). Default: none.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Trust only `ca_file`, not the bundled roots; requires `ca_file`.
+    /// Trust only `ca_file`, not the system trust store; requires `ca_file`.
     /// Default: `false`.
     #[serde(default)]
     pub ca_only: bool,
@@ -112,7 +112,7 @@ pub struct MqttSinkConfig {
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// PEM CA certificate(s) to verify the broker with (`mqtts://` only).
-    /// Default: none (the bundled web PKI roots).
+    /// Default: none (the system trust store).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
@@ -166,7 +166,7 @@ pub struct JetStreamSinkConfig {
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
     /// PEM CA certificate(s) to verify the server with. Default: none (the
-    /// bundled web PKI roots).
+    /// system trust store).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.

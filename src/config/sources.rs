@@ -75,7 +75,7 @@ pub struct MqttSourceConfig {
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     /// PEM CA certificate(s) to verify the broker with (`mqtts://` only).
-    /// Default: none (the bundled web PKI roots).
+    /// Default: none (the system trust store).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS; requires `client_key`. Default: none.
