@@ -19,11 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigIssue};
-use crate::health::{AgentView, HealthServer};
+use crate::health::{AgentView, HealthServer, TlsReloader};
 use crate::journal::{Journal, JournalOptions, SyncMode, WhenFull};
 use crate::sinks::Forwarder;
 use crate::sinks::https::HttpsSink;
 use crate::sources::http::HttpSource;
+use crate::sources::mqtt::MqttSource;
 use crate::status::{SinkStatus, SourceStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +61,6 @@ pub fn unsupported(config: &Config) -> Vec<ConfigIssue> {
             ),
         })
     };
-    for (i, _) in config.sources.mqtt.iter().enumerate() {
-        push(format!("sources.mqtt[{i}]"), "MQTT sources");
-    }
     for (i, _) in config.sources.opcua.iter().enumerate() {
         push(format!("sources.opcua[{i}]"), "OPC UA sources");
     }
@@ -113,9 +111,12 @@ pub struct RunningAgent {
     /// Bound address of each HTTP source, by name.
     pub http_addrs: Vec<(String, SocketAddr)>,
     pub health_addr: Option<SocketAddr>,
+    health_tls: Option<TlsReloader>,
     sources_stop: CancellationToken,
     forwarders_stop: CancellationToken,
     health_stop: CancellationToken,
+    watchdog_stop: CancellationToken,
+    watchdog: Option<JoinHandle<()>>,
     sources: Vec<JoinHandle<()>>,
     forwarders: Vec<JoinHandle<()>>,
     health: Option<JoinHandle<()>>,
@@ -153,6 +154,12 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
             .map_err(|e| AgentError::Startup(e.to_string()))?;
         bound.push((cfg.name.clone(), source));
     }
+    let mut mqtt_sources = Vec::new();
+    for cfg in &config.sources.mqtt {
+        let source = MqttSource::new(cfg, &config.agent.id)
+            .map_err(|e| AgentError::Startup(e.to_string()))?;
+        mqtt_sources.push((cfg.name.clone(), source));
+    }
     let mut sinks = Vec::new();
     for cfg in &config.sinks.https {
         let sink = HttpsSink::new(cfg, &config.agent.id)
@@ -163,6 +170,14 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     let source_status: Vec<Arc<SourceStatus>> = bound
         .iter()
         .map(|(name, _)| Arc::new(SourceStatus::new(name, "http")))
+        .collect();
+    let mqtt_status: Vec<Arc<SourceStatus>> = mqtt_sources
+        .iter()
+        .map(|(name, _)| Arc::new(SourceStatus::new(name, "mqtt")))
+        .collect();
+    let source_status: Vec<Arc<SourceStatus>> = source_status
+        .into_iter()
+        .chain(mqtt_status.clone())
         .collect();
     let sink_status: Vec<Arc<SinkStatus>> = sinks
         .iter()
@@ -198,12 +213,21 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
             }
         }));
     }
+    for ((name, source), status) in mqtt_sources.into_iter().zip(&mqtt_status) {
+        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
+        source_tasks.push(tokio::spawn(async move {
+            if let Err(e) = source.run(journal, status, stop).await {
+                error!(source = %name, error = %e, "MQTT source stopped with an error");
+            }
+        }));
+    }
     let mut forwarder_tasks = Vec::new();
     for ((settings, sink), status) in sinks.into_iter().zip(&sink_status) {
         let fwd = Forwarder::new(settings, sink, journal.clone(), status.clone());
         forwarder_tasks.push(tokio::spawn(fwd.run(forwarders_stop.clone())));
     }
     let health_addr = health.as_ref().map(|h| h.local_addr());
+    let health_tls = health.as_ref().map(|h| h.tls_reloader());
     let health_task = health.map(|h| {
         let stop = health_stop.clone();
         tokio::spawn(async move {
@@ -213,6 +237,9 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         })
     });
     view.ready.store(true, Ordering::Relaxed);
+    let watchdog_stop = CancellationToken::new();
+    let watchdog = crate::service::spawn_watchdog(view.clone(), watchdog_stop.clone());
+    crate::service::ready(&view);
     info!(
         agent = %config.agent.id,
         journal = %journal.path().display(),
@@ -228,9 +255,12 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         view,
         http_addrs,
         health_addr,
+        health_tls,
         sources_stop,
         forwarders_stop,
         health_stop,
+        watchdog_stop,
+        watchdog,
         sources: source_tasks,
         forwarders: forwarder_tasks,
         health: health_task,
@@ -247,9 +277,20 @@ impl RunningAgent {
             .map(|(_, a)| *a)
     }
 
+    /// The hook that reloads the health listener's certificates (SIGHUP),
+    /// if there is a health listener.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.health_tls.clone()
+    }
+
     /// Graceful shutdown, in the order of the module doc.
     pub async fn shutdown(self) {
         info!("shutting down: no new events accepted");
+        crate::service::stopping();
+        self.watchdog_stop.cancel();
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
         self.view.ready.store(false, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.sources_stop.cancel();

@@ -8,9 +8,11 @@
 //! - [`journal`]: the SQLite journal; the only module that runs SQL.
 //! - [`sources`]: inputs that append to the journal (HTTP ingest, …).
 //! - [`logging`]: tracing set-up, text or JSON.
+//! - [`service`]: systemd notifications (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`sinks`]: the forwarder loop and the upstream sinks (HTTPS, …).
 //! - [`health`]: the HTTPS health and status server.
 //! - [`status`]: live counters of sources and sinks, read by the health server.
+//! - [`status_cli`]: `plantrelay status`: pulls an agent's status over HTTPS and sums it up.
 //! - [`tls`]: rustls set-up shared by every listener and client (one crypto provider: ring).
 //! - [`demo`]: `plantrelay demo` and the embedded upstream receiver it (and the tests) use.
 
@@ -22,7 +24,9 @@ pub mod event;
 pub mod health;
 pub mod journal;
 pub mod logging;
+pub mod service;
 pub mod sinks;
 pub mod sources;
 pub mod status;
+pub mod status_cli;
 pub mod tls;

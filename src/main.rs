@@ -42,6 +42,9 @@ enum Command {
     Run(ConfigArg),
     /// Validate a config file: exit 0, or 2 with every problem (file:line:col: key: message).
     CheckConfig(ConfigArg),
+    /// Pull a running agent's status over HTTPS: exit 0 healthy, 1 degraded,
+    /// 2 unreachable, unauthorised or bad usage.
+    Status(StatusArgs),
     /// Inspect the journal (works beside a running agent).
     Journal {
         #[command(subcommand)]
@@ -71,6 +74,31 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The agent's health listener, e.g. https://gw-hamburg-01:8443.
+    #[arg(long)]
+    url: String,
+    /// File holding the bearer token (`token_file` of the agent).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate(s) to trust for the agent's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), when the agent requires one.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Print the status JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -143,13 +171,28 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             let config = cli::load_config(&c.config)?;
             let stop = CancellationToken::new();
             tokio::spawn(signals(stop.clone()));
-            plantrelay::agent::run(&config, stop)
+            let agent = plantrelay::agent::start(&config)
                 .await
                 .map_err(|e| CliError {
                     code: e.exit_code(),
                     message: e.to_string(),
                 })?;
+            tokio::spawn(hangups(agent.tls_reloader()));
+            stop.cancelled().await;
+            agent.shutdown().await;
             Ok(0)
+        }
+        Command::Status(a) => {
+            let opts = plantrelay::status_cli::StatusOptions {
+                url: a.url,
+                token_file: a.token_file,
+                ca_file: a.ca_file,
+                client_cert: a.client_cert,
+                client_key: a.client_key,
+                json: a.json,
+                timeout: a.timeout,
+            };
+            plantrelay::status_cli::run(&opts, &mut out).await
         }
         Command::CheckConfig(c) => cli::check_config(&c.config, &mut out).map(|_| 0),
         Command::Journal { command } => match command {
@@ -197,6 +240,29 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })
                 .await
                 .map_err(|e| CliError::runtime(format!("demo failed: {e}")))
+        }
+    }
+}
+
+/// SIGHUP: reload the health listener's certificates (a failed reload keeps
+/// the old ones). Installed for the agent's whole life, so that SIGHUP never
+/// takes its default action (terminate).
+async fn hangups(reloader: Option<plantrelay::health::TlsReloader>) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match &reloader {
+            // Errors are logged by the reloader.
+            Some(r) => {
+                tracing::info!("SIGHUP: reloading the health TLS certificates");
+                let _ = r.reload();
+            }
+            None => tracing::info!("SIGHUP: no health listener, nothing to reload"),
         }
     }
 }

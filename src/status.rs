@@ -72,6 +72,7 @@ impl SourceStatus {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             rejects: self.rejects.load(Ordering::Relaxed),
             last_event_time: (last_event > 0).then(|| rfc3339_us(last_event)),
+            last_event_us: (last_event > 0).then_some(last_event),
             last_error: last_error.as_ref().map(|(_, m)| m.clone()),
             last_error_time: last_error.map(|(t, _)| rfc3339_us(t)),
         }
@@ -88,6 +89,9 @@ pub struct SourceSnapshot {
     pub duplicates: u64,
     pub rejects: u64,
     pub last_event_time: Option<String>,
+    /// `last_event_time` as µs since the epoch, for the metrics.
+    #[serde(skip)]
+    pub last_event_us: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_time: Option<String>,
 }

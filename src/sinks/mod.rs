@@ -312,6 +312,10 @@ impl<S: Sink> Forwarder<S> {
         };
         let mut committed = self.journal.committed();
         let mut rewinds = self.journal.rewinds();
+        // The rewind counter last acted on: `wait_for_work` marks a rewind
+        // as seen when it wakes for it, so the loop compares counters
+        // instead of asking the watch whether it changed.
+        let mut rewinds_seen = *rewinds.borrow_and_update();
         let mut cursor = match self.cursor(&reader) {
             Ok(c) => c,
             Err(e) => {
@@ -334,8 +338,9 @@ impl<S: Sink> Forwarder<S> {
             // Mark what we have seen before reading, so a commit that lands
             // during the read wakes us again.
             committed.borrow_and_update();
-            if rewinds.has_changed().unwrap_or(false) {
-                rewinds.borrow_and_update();
+            let rewinds_now = *rewinds.borrow_and_update();
+            if rewinds_now != rewinds_seen {
+                rewinds_seen = rewinds_now;
                 match self.cursor(&reader) {
                     Ok(c) => {
                         info!(sink = %name, from = cursor, to = c, "cursor moved by a replay");
