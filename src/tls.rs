@@ -300,7 +300,9 @@ fn add_system_roots(roots: &mut RootCertStore) {
     }
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
-        tracing::warn!("no usable certificates in the system trust store; trusting the bundled Mozilla roots instead");
+        tracing::warn!(
+            "no usable certificates in the system trust store; trusting the bundled Mozilla roots instead"
+        );
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     }
 }

@@ -2,10 +2,12 @@
 //! an MQTT broker, and an upstream that drops out for a while), with a final
 //! delivered/lost/duplicated/out-of-order verdict.
 //!
+//! [`machines`] is the embedded MQTT broker and the simulated machines.
 //! [`receiver`] is the embedded HTTPS upstream the demo, the integration tests
 //! and the benchmarks forward to. Nothing under `demo` is used by `plantrelay
 //! run`.
 
+pub mod machines;
 pub mod receiver;
 mod scenario;
 

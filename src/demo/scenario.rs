@@ -91,8 +91,9 @@ pub async fn run(opts: DemoOptions) -> Result<u8, String> {
             .await
             .map_err(|e| e.to_string())?,
     );
+    let broker = super::machines::EmbeddedBroker::start().await?;
     let state_dir = dir.path().join("state");
-    let toml = format!(
+    let mut toml = format!(
         r#"
 [agent]
 id = "demo-gw"
@@ -121,6 +122,7 @@ retry_max = "2s"
         url = receiver.url(),
         ca = paths.ca.display(),
     );
+    toml.push_str(&super::machines::sources_toml(&broker));
     let config_path = dir.path().join("plantrelay.toml");
     std::fs::write(&config_path, &toml)
         .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
@@ -139,6 +141,10 @@ retry_max = "2s"
         "plantrelay demo: a simulated MES posts production events over {} streams for {}.",
         STREAMS.len(),
         crate::cli::short_duration(opts.duration)
+    );
+    println!(
+        "  machines ──MQTT──► embedded broker {} ──► plantrelay (acks after commit)",
+        broker.url()
     );
     println!(
         "  MES ──HTTP──► plantrelay (journal: {}) ──HTTPS──► central receiver {}",
@@ -160,6 +166,12 @@ retry_max = "2s"
     });
     let acked_ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
+    let fleet_counters = Arc::new(super::machines::FleetCounters::default());
+    let fleet = tokio::spawn(super::machines::run_fleet(
+        broker.addr(),
+        opts.duration,
+        fleet_counters.clone(),
+    ));
 
     // The MES: batches of 1–20 events every ~20 ms, sometimes re-posting a
     // batch as an MES does after a timeout.
@@ -284,11 +296,15 @@ retry_max = "2s"
     }
     let mes_result = mes.await.map_err(|e| e.to_string())?;
     mes_result?;
+    fleet.await.map_err(|e| e.to_string())??;
     outage_task
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("the receiver could not come back: {e}"))?;
 
+    // The broker acknowledged the machines' last states before the agent
+    // stored them: let those arrive first.
+    super::machines::wait_until_stored(&agent.view.sources, &fleet_counters).await;
     // Drain: wait until the agent has delivered everything it acknowledged.
     let drain_deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -314,7 +330,9 @@ retry_max = "2s"
 
     let verdict = receiver.verdict();
     let received: HashSet<String> = receiver.ids().into_iter().map(|(_, id)| id).collect();
-    let acked = acked_ids.lock().await.clone();
+    let mut acked = acked_ids.lock().await.clone();
+    let mes_acked = acked.len();
+    acked.extend(fleet_counters.acked_ids());
     let lost = acked.iter().filter(|id| !received.contains(*id)).count() as u64;
     let st = agent
         .view
@@ -351,11 +369,16 @@ retry_max = "2s"
     println!();
     println!(
         "MES: {} events acknowledged with 202 after commit, {} re-posted (dropped as duplicates), {} refused; upstream: {} batches, {} failed attempts retried",
-        acked.len(),
+        mes_acked,
         counters.reposted.load(Ordering::Relaxed),
         counters.refused.load(Ordering::Relaxed),
         st.batches,
         st.attempts.saturating_sub(st.batches),
+    );
+    println!(
+        "machines: {} states over MQTT (JSON and Sparkplug B), {} acknowledged by the broker with QoS 1; the agent acked each to the broker only after its journal commit",
+        fleet_counters.published.load(Ordering::Relaxed),
+        fleet_counters.acked.load(Ordering::Relaxed),
     );
     let ok = lost == 0 && verdict.out_of_order == 0 && verdict.missing == 0;
     println!(

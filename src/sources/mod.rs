@@ -2,5 +2,9 @@
 //! appends; it acknowledges to its peer only after the journal answered.
 //!
 //! - [`http`]: the MES ingest API (`POST /v1/events`).
+//! - [`mqtt`]: subscriptions on a plant MQTT broker, acked after commit.
+//! - [`sparkplug`]: the Sparkplug B types and decoder `mqtt` uses.
 
 pub mod http;
+pub mod mqtt;
+pub mod sparkplug;

@@ -1,0 +1,828 @@
+//! `cargo bench --bench pipeline`: the whole agent path on the real
+//! components, against the embedded HTTPS receiver. Prints a table; records
+//! go to BENCHMARKS.md by hand.
+//!
+//! - (a) ingest: events/s through `POST /v1/events` (plain HTTP, batches of
+//!   500 CloudEvents with ~200 B of data, several keep-alive clients) until
+//!   every `202`, with `sync = "full"`; once with the upstream stopped (no
+//!   forwarding competes), once with it up (forwarding runs alongside).
+//! - (b) drain: a journal pre-filled with 1M events (through
+//!   `Journal::append`, agent not running), then `agent::start` in process
+//!   with an HTTPS sink (gzip, 1000 events per batch): events/s from start
+//!   until the receiver has every id.
+//! - (c) the same drain with the real `plantrelay run` binary as a separate
+//!   process, from a 100k and a 2M backlog: events/s and its peak RSS
+//!   (VmHWM).
+//!
+//! `PLANTRELAY_BENCH_SCALE=0.05` shrinks every count (for a quick look);
+//! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use plantrelay::agent;
+use plantrelay::config::Config;
+use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptions};
+use plantrelay::event::{Class, NewEvent};
+use plantrelay::journal::{Journal, SyncMode};
+
+/// Events per ingest request.
+const REQUEST_EVENTS: usize = 500;
+/// Concurrent keep-alive ingest clients.
+const CLIENTS: usize = 6;
+/// Events per `Journal::append` call when pre-filling.
+const FILL_BATCH: u64 = 1024;
+/// Concurrent `Journal::append` callers when pre-filling.
+const FILL_CALLERS: u64 = 2;
+const STREAMS: u64 = 10;
+const EVENT_TYPE: &str = "com.example.mes.confirmation";
+const MES_SOURCE: &str = "urn:mes:plant-hamburg";
+const SOURCE_TIME: &str = "2026-11-29T10:00:00.123Z";
+
+// Targets.
+const INGEST_TARGET: f64 = 100_000.0;
+const DRAIN_TARGET: f64 = 100_000.0;
+const RSS_TARGET_MIB: f64 = 64.0;
+const RSS_SPREAD: f64 = 0.10;
+
+fn scale() -> f64 {
+    std::env::var("PLANTRELAY_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn n(x: u64) -> u64 {
+    ((x as f64) * scale()).max(1.0) as u64
+}
+
+/// How long to wait for `count` events to arrive upstream before giving up
+/// (the rate is then taken over what arrived): at most 150 s, so that a slow
+/// drain cannot push the whole run past ~10 minutes.
+fn wait_limit(count: u64) -> Duration {
+    Duration::from_secs((30 + count / 10_000).min(150))
+}
+
+/// ~200 bytes of MES confirmation data.
+fn data(i: u64) -> String {
+    format!(
+        r#"{{"order":"4711-{i:09}","operation":"0010","qty":{},"unit":"PCE","workcenter":"PRESS07","material":"MAT-{:06}","batch":"B{:010}","operator":"op-{:04}","shift":"A","scrap":0,"note":"confirmed at line 3"}}"#,
+        i % 97,
+        i % 4999,
+        i / 1000,
+        i % 37
+    )
+}
+
+fn stream(i: u64) -> String {
+    format!("line3/press{:02}", i % STREAMS)
+}
+
+/// One CloudEvent as the MES posts it.
+fn cloudevent(prefix: &str, i: u64) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"{prefix}-{i:09}","source":"{MES_SOURCE}","type":"{EVENT_TYPE}","subject":"{}","time":"{SOURCE_TIME}","data":{}}}"#,
+        stream(i),
+        data(i)
+    )
+}
+
+/// The same event as the HTTP source would journal it (the MES's `source`
+/// kept as `originsource`).
+fn new_event(prefix: &str, i: u64) -> NewEvent {
+    NewEvent {
+        source: "mes".into(),
+        id: format!("{prefix}-{i:09}"),
+        stream: stream(i),
+        class: Class::Critical,
+        event_type: EVENT_TYPE.into(),
+        source_time: Some(SOURCE_TIME.into()),
+        data: data(i).into_bytes(),
+        attrs: Some(format!(r#"{{"originsource":"{MES_SOURCE}"}}"#)),
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    pki: EphemeralPki,
+    paths: PkiPaths,
+}
+
+impl Env {
+    fn new() -> Env {
+        plantrelay::tls::install_crypto_provider();
+        let base = std::env::var("PLANTRELAY_BENCH_DIR").unwrap_or_else(|_| ".".into());
+        let dir = tempfile::Builder::new()
+            .prefix("plantrelay-bench-pipeline-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        let pki = EphemeralPki::generate().expect("pki");
+        let pki_dir = dir.path().join("pki");
+        std::fs::create_dir_all(&pki_dir).expect("pki dir");
+        let paths = pki.write_to(&pki_dir).expect("write pki");
+        Env { dir, pki, paths }
+    }
+
+    async fn receiver(&self) -> Receiver {
+        let mut opts = ReceiverOptions::new(&self.pki);
+        opts.record_data = false;
+        Receiver::start(opts).await.expect("receiver")
+    }
+
+    /// Writes `<name>/plantrelay.toml` (state in `<name>/state`) and loads it.
+    fn config(&self, name: &str, url: &str, sync: &str) -> (PathBuf, Config) {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            r#"
+[agent]
+id = "gw-bench"
+state_dir = "{state}"
+shutdown_timeout = "10s"
+
+[journal]
+sync = "{sync}"
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+
+[[sinks.https]]
+name = "central"
+url = "{url}"
+ca_file = "{ca}"
+ca_only = true
+compression = "gzip"
+batch_max_events = 1000
+"#,
+            state = dir.join("state").display(),
+            ca = self.paths.ca.display(),
+        );
+        let path = dir.join("plantrelay.toml");
+        std::fs::write(&path, text).expect("write config");
+        let config = Config::load(&path).expect("config");
+        (path, config)
+    }
+}
+
+/// Fills the journal the agent of `config` opens with `count` events, with
+/// the agent not running (sync normal, batches of 1024); returns events/s.
+async fn fill(config: &Config, count: u64, prefix: &'static str) -> f64 {
+    let mut opts = agent::journal_options(config);
+    opts.sync = SyncMode::Normal;
+    let j = tokio::task::spawn_blocking(move || Journal::open(opts))
+        .await
+        .expect("open task")
+        .expect("open journal");
+    let start = Instant::now();
+    let per_caller = count.div_ceil(FILL_CALLERS);
+    let tasks: Vec<_> = (0..FILL_CALLERS)
+        .map(|c| {
+            let j = j.clone();
+            let (from, to) = (
+                (c * per_caller).min(count),
+                ((c + 1) * per_caller).min(count),
+            );
+            tokio::spawn(async move {
+                let mut i = from;
+                while i < to {
+                    let k = FILL_BATCH.min(to - i);
+                    let evs: Vec<_> = (i..i + k).map(|x| new_event(prefix, x)).collect();
+                    j.append(evs).await.expect("append");
+                    i += k;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("fill task");
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(
+        j.stats().head_seq.load(Ordering::Relaxed),
+        count,
+        "journal filled"
+    );
+    j.close().await;
+    drop(j);
+    rate
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// Clock ticks per second for /proc/<pid>/stat.
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime in ticks from a `/proc/.../stat` line.
+fn stat_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPU seconds of process `pid` (all threads, dead ones included) and of its
+/// threads named `journal-writer`.
+fn cpu_seconds(pid: &str, tck: f64) -> (f64, f64) {
+    let total = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_ticks(&s))
+        .unwrap_or(0);
+    let mut writer = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "journal-writer" {
+                writer += std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| stat_ticks(&s))
+                    .unwrap_or(0);
+            }
+        }
+    }
+    (total as f64 / tck, writer as f64 / tck)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (VmHWM, VmRSS), in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+// ---------------------------------------------------------------------------
+// (a) ingest
+
+struct Ingest {
+    events: u64,
+    rate: f64,
+    /// With forwarding: events/s from the first post until the receiver had
+    /// them all.
+    end_to_end: Option<f64>,
+    commits: u64,
+    /// CPU seconds of the bench process (agent and clients) while posting,
+    /// and of its journal writer thread.
+    cpu_s: f64,
+    writer_cpu_s: f64,
+}
+
+async fn ingest(env: &Env, forward: bool, tck: f64) -> Ingest {
+    let receiver = env.receiver().await;
+    if !forward {
+        receiver.stop().await;
+    }
+    let name = if forward { "ingest-fwd" } else { "ingest" };
+    let (_, config) = env.config(name, &receiver.url(), "full");
+    let a = agent::start(&config).await.expect("agent start");
+    let url = format!("http://{}/v1/events", a.http_addr("mes").expect("mes"));
+
+    let requests = (n(200_000) as usize).div_ceil(REQUEST_EVENTS).max(CLIENTS);
+    let events = (requests * REQUEST_EVENTS) as u64;
+    // Bodies built beforehand: the client's JSON is not what is measured.
+    let mut per_client: Vec<Vec<Bytes>> = vec![Vec::new(); CLIENTS];
+    for r in 0..requests {
+        let first = (r * REQUEST_EVENTS) as u64;
+        let mut body = String::with_capacity(REQUEST_EVENTS * 400);
+        body.push('[');
+        for i in first..first + REQUEST_EVENTS as u64 {
+            if i > first {
+                body.push(',');
+            }
+            body.push_str(&cloudevent(name, i));
+        }
+        body.push(']');
+        per_client[r % CLIENTS].push(Bytes::from(body));
+    }
+    let commits_before = a.journal.stats().commits.load(Ordering::Relaxed);
+    let me = std::process::id().to_string();
+    let (cpu0, writer0) = cpu_seconds(&me, tck);
+
+    let start = Instant::now();
+    let tasks: Vec<_> = per_client
+        .into_iter()
+        .map(|bodies| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .expect("client");
+                let mut accepted = 0u64;
+                for body in bodies {
+                    let resp = client
+                        .post(&url)
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("post");
+                    let status = resp.status().as_u16();
+                    let text = resp.bytes().await.expect("answer");
+                    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&text));
+                    let v: serde_json::Value = serde_json::from_slice(&text).expect("json");
+                    accepted += v["accepted"].as_u64().expect("accepted");
+                }
+                accepted
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.expect("client task");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (cpu1, writer1) = cpu_seconds(&me, tck);
+    assert_eq!(accepted, events, "every event accepted as new");
+    let commits = a.journal.stats().commits.load(Ordering::Relaxed) - commits_before;
+
+    let end_to_end = if forward {
+        let ok = receiver
+            .wait_until(wait_limit(events), |s| s.unique_ids >= events)
+            .await;
+        ok.then(|| events as f64 / start.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    a.shutdown().await;
+    drop(receiver);
+    Ingest {
+        events,
+        rate: events as f64 / elapsed,
+        end_to_end,
+        commits,
+        cpu_s: cpu1 - cpu0,
+        writer_cpu_s: writer1 - writer0,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (b) drain in process
+
+struct Drain {
+    events: u64,
+    fill_rate: f64,
+    /// Seconds `agent::start` took (journal open: quick_check, dedup rebuild).
+    open_s: f64,
+    /// Events/s from start until the receiver had every id (on a timeout:
+    /// what arrived by then).
+    rate: f64,
+    complete: bool,
+    elapsed_s: f64,
+    received: u64,
+    batches: u64,
+    wire_bytes: u64,
+    decoded_bytes: u64,
+    ordered: bool,
+    /// CPU seconds of the whole bench process (agent and receiver) during
+    /// the drain.
+    cpu_s: f64,
+    writer_cpu_s: f64,
+}
+
+async fn drain_in_process(env: &Env, count: u64, tck: f64) -> Drain {
+    let receiver = env.receiver().await;
+    let (_, config) = env.config("drain", &receiver.url(), "full");
+    let fill_rate = fill(&config, count, "drain").await;
+    let me = std::process::id().to_string();
+    let (cpu0, _) = cpu_seconds(&me, tck);
+
+    let start = Instant::now();
+    let a = agent::start(&config).await.expect("agent start");
+    let open_s = start.elapsed().as_secs_f64();
+    let ok = receiver
+        .wait_until(wait_limit(count), |s| s.unique_ids >= count)
+        .await;
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let (cpu1, writer_cpu_s) = cpu_seconds(&me, tck);
+    let s = receiver.stats();
+    a.shutdown().await;
+    let v = receiver.verdict();
+    drop(receiver);
+    Drain {
+        events: count,
+        fill_rate,
+        open_s,
+        rate: s.unique_ids as f64 / elapsed_s,
+        complete: ok,
+        elapsed_s,
+        received: s.unique_ids,
+        batches: s.batches_accepted,
+        wire_bytes: s.wire_bytes,
+        decoded_bytes: s.decoded_bytes,
+        ordered: v.is_complete_and_ordered(),
+        cpu_s: cpu1 - cpu0,
+        writer_cpu_s,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// (c) drain by the binary, peak RSS
+
+/// The child is killed if the bench panics with it still running.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut()
+            && matches!(c.try_wait(), Ok(None))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct BinDrain {
+    events: u64,
+    fill_rate: f64,
+    rate: f64,
+    complete: bool,
+    elapsed_s: f64,
+    received: u64,
+    /// Peak RSS (VmHWM), KiB.
+    hwm_kib: u64,
+    /// RSS just before SIGTERM, KiB.
+    rss_end_kib: u64,
+    startup_ms: Option<u64>,
+    agent_cpu_s: f64,
+    writer_cpu_s: f64,
+    /// CPU seconds of the bench process (the receiver) meanwhile.
+    receiver_cpu_s: f64,
+    exit: String,
+    ordered: bool,
+}
+
+fn agent_binary() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_plantrelay"));
+    if built.exists() {
+        return built;
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(|d| d.join("plantrelay")));
+    if let Some(p) = beside.filter(|p| p.exists()) {
+        return p;
+    }
+    println!(
+        "note: {} missing; running cargo build --release",
+        built.display()
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "plantrelay"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "cargo build --release failed");
+    built
+}
+
+/// `startup_ms` of the agent's "plantrelay started" line (colour codes
+/// stripped: the agent writes them even into a file).
+fn startup_ms(log: &Path) -> Option<u64> {
+    let raw = std::fs::read_to_string(log).ok()?;
+    let mut text = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            text.push(c);
+        }
+    }
+    let at = text.find("startup_ms=")? + "startup_ms=".len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+async fn drain_binary(env: &Env, bin: &Path, count: u64, label: &str, tck: f64) -> BinDrain {
+    let receiver = env.receiver().await;
+    let name = format!("rss-{label}");
+    let (config_path, config) = env.config(&name, &receiver.url(), "full");
+    let fill_rate = fill(&config, count, "rss").await;
+    let log = env.dir.path().join(&name).join("agent.log");
+    let me = std::process::id().to_string();
+    let (bench_cpu0, _) = cpu_seconds(&me, tck);
+
+    let start = Instant::now();
+    let child = Command::new(bin)
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .env("PLANTRELAY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn plantrelay");
+    let pid = child.id();
+    let mut guard = ChildGuard(Some(child));
+    let limit = wait_limit(count);
+    let mut hwm = 0;
+    let mut ok = false;
+    while start.elapsed() < limit {
+        if receiver
+            .wait_until(Duration::from_millis(100), |s| s.unique_ids >= count)
+            .await
+        {
+            ok = true;
+            break;
+        }
+        hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+        if let Some(status) = guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("plantrelay exited early ({status}); its log:\n{tail}");
+        }
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+    let rss_end = status_kib(pid, "VmRSS:").unwrap_or(0);
+    let (agent_cpu_s, writer_cpu_s) = cpu_seconds(&pid.to_string(), tck);
+    let (bench_cpu1, _) = cpu_seconds(&me, tck);
+    let received = receiver.stats().unique_ids;
+
+    // Graceful stop, as systemd does it; the peak of the shutdown counts too.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let stop_by = Instant::now() + Duration::from_secs(20);
+    let mut exit = "did not stop within 20 s of SIGTERM; killed".to_string();
+    while Instant::now() < stop_by {
+        hwm = hwm.max(status_kib(pid, "VmHWM:").unwrap_or(0));
+        if let Some(status) = guard.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            exit = status.to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(guard);
+    let v = receiver.verdict();
+    drop(receiver);
+    BinDrain {
+        events: count,
+        fill_rate,
+        rate: received as f64 / elapsed_s,
+        complete: ok,
+        elapsed_s,
+        received,
+        hwm_kib: hwm,
+        rss_end_kib: rss_end,
+        startup_ms: startup_ms(&log),
+        agent_cpu_s,
+        writer_cpu_s,
+        receiver_cpu_s: bench_cpu1 - bench_cpu0,
+        exit,
+        ordered: v.is_complete_and_ordered(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+fn count_label(x: u64) -> String {
+    if x >= 1_000_000 && x % 100_000 == 0 {
+        format!("{}M", x as f64 / 1e6)
+    } else if x >= 1000 && x % 1000 == 0 {
+        format!("{}k", x / 1000)
+    } else {
+        x.to_string()
+    }
+}
+
+/// "ok" or how far below a floor target the figure is.
+fn at_least(v: f64, target: f64) -> String {
+    if v >= target {
+        "ok".into()
+    } else {
+        format!("**miss** ({:.0}% below)", 100.0 * (1.0 - v / target))
+    }
+}
+
+/// A drain's figure; a drain stopped by [`wait_limit`] says so.
+fn drain_rate(rate: f64, complete: bool, received: u64, elapsed_s: f64) -> String {
+    if complete {
+        format!("{rate:.0} events/s")
+    } else {
+        format!(
+            "{rate:.0} events/s (stopped after {elapsed_s:.0} s, {} delivered)",
+            count_label(received)
+        )
+    }
+}
+
+fn at_most(v: f64, target: f64) -> String {
+    if v <= target {
+        "ok".into()
+    } else {
+        format!("**miss** ({:.0}% above)", 100.0 * (v / target - 1.0))
+    }
+}
+
+fn rate(v: Option<f64>) -> String {
+    v.map_or("timed out".into(), |v| format!("{v:.0} events/s"))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The commit measured, and whether the working tree differed from it.
+fn revision() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{rev} + uncommitted changes")
+            } else {
+                rev
+            }
+        }
+        None => "?".into(),
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let tck = clk_tck();
+    let date = humantime::format_rfc3339_seconds(SystemTime::now());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("date: {date}");
+    println!("nproc: {nproc}");
+    println!("cpu: {}", cpu_model());
+    println!("load average (1, 5, 15 min) at start: {}", loadavg());
+    println!("revision: {}", revision());
+    println!("scale: {}", scale());
+    let _ = std::io::stdout().flush();
+
+    let env = Env::new();
+    let bin = agent_binary();
+    let run_start = Instant::now();
+
+    let ingest_stopped = ingest(&env, false, tck).await;
+    let ingest_fwd = ingest(&env, true, tck).await;
+    let drain = drain_in_process(&env, n(1_000_000), tck).await;
+    let small = drain_binary(&env, &bin, n(100_000), "small", tck).await;
+    let large = drain_binary(&env, &bin, n(2_000_000), "large", tck).await;
+
+    println!();
+    println!("| measure | events | figure | target | result |");
+    println!("|---|---:|---:|---|---|");
+    println!(
+        "| ingest, sync full, upstream stopped ({CLIENTS} clients × {REQUEST_EVENTS} events/request) | {} | {} | ≥ 100k events/s | {} |",
+        count_label(ingest_stopped.events),
+        rate(Some(ingest_stopped.rate)),
+        at_least(ingest_stopped.rate, INGEST_TARGET)
+    );
+    println!(
+        "| ingest, sync full, upstream up (forwarding alongside) | {} | {} | ≥ 100k events/s | {} |",
+        count_label(ingest_fwd.events),
+        rate(Some(ingest_fwd.rate)),
+        at_least(ingest_fwd.rate, INGEST_TARGET)
+    );
+    println!(
+        "| drain, in process (agent + receiver), from start | {} | {} | ≥ 100k events/s | {} |",
+        count_label(drain.events),
+        drain_rate(drain.rate, drain.complete, drain.received, drain.elapsed_s),
+        at_least(drain.rate, DRAIN_TARGET)
+    );
+    for d in [&small, &large] {
+        println!(
+            "| drain, `plantrelay run` process, from spawn | {} | {} | ≥ 100k events/s | {} |",
+            count_label(d.events),
+            drain_rate(d.rate, d.complete, d.received, d.elapsed_s),
+            at_least(d.rate, DRAIN_TARGET)
+        );
+    }
+    for d in [&small, &large] {
+        println!(
+            "| peak RSS of `plantrelay run` (VmHWM), {} backlog | {} | {:.1} MiB | ≤ 64 MiB | {} |",
+            count_label(d.events),
+            count_label(d.events),
+            mib(d.hwm_kib),
+            at_most(mib(d.hwm_kib), RSS_TARGET_MIB)
+        );
+    }
+    let spread = mib(large.hwm_kib) / mib(small.hwm_kib).max(f64::MIN_POSITIVE) - 1.0;
+    println!(
+        "| peak RSS, {} vs {} backlog | | {:+.0}% | within ±10% | {} |",
+        count_label(large.events),
+        count_label(small.events),
+        100.0 * spread,
+        if spread.abs() <= RSS_SPREAD {
+            "ok".to_string()
+        } else {
+            format!(
+                "**miss** ({:.0} points over)",
+                100.0 * (spread.abs() - RSS_SPREAD)
+            )
+        }
+    );
+
+    println!();
+    println!(
+        "ingest, upstream stopped: {} commits for {} requests ({:.1} requests per commit); CPU {:.2} s of {:.2} s wall × {nproc} cores = {:.1} µs per event, agent and clients (journal writer {:.1} µs)",
+        ingest_stopped.commits,
+        ingest_stopped.events / REQUEST_EVENTS as u64,
+        (ingest_stopped.events / REQUEST_EVENTS as u64) as f64
+            / ingest_stopped.commits.max(1) as f64,
+        ingest_stopped.cpu_s,
+        ingest_stopped.events as f64 / ingest_stopped.rate,
+        1e6 * ingest_stopped.cpu_s / ingest_stopped.events as f64,
+        1e6 * ingest_stopped.writer_cpu_s / ingest_stopped.events as f64,
+    );
+    println!(
+        "ingest, upstream up: everything was upstream at {} from the first post; CPU while posting {:.1} µs per event",
+        rate(ingest_fwd.end_to_end),
+        1e6 * ingest_fwd.cpu_s / ingest_fwd.events as f64,
+    );
+    println!(
+        "drain in process: fill {:.0} events/s; agent::start {:.2} s; {}/{} delivered in {:.1} s, {} batches, gzip {:.1} MiB → {:.1} MiB on the wire; in order without holes: {}; CPU {:.1} s of {:.1} s wall × {nproc} cores (journal writer {:.1} s)",
+        drain.fill_rate,
+        drain.open_s,
+        drain.received,
+        drain.events,
+        drain.elapsed_s,
+        drain.batches,
+        drain.decoded_bytes as f64 / (1 << 20) as f64,
+        drain.wire_bytes as f64 / (1 << 20) as f64,
+        if drain.ordered { "ok" } else { "NOT ok" },
+        drain.cpu_s,
+        drain.elapsed_s,
+        drain.writer_cpu_s
+    );
+    for d in [&small, &large] {
+        println!(
+            "`plantrelay run`, {} backlog: fill {:.0} events/s; startup {} ms; {}/{} delivered in {:.1} s; agent CPU {:.1} s (journal writer {:.1} s), receiver CPU {:.1} s; RSS at the end {:.1} MiB; exit after SIGTERM: {}; in order without holes: {}",
+            count_label(d.events),
+            d.fill_rate,
+            d.startup_ms.map_or("?".into(), |m| m.to_string()),
+            d.received,
+            d.events,
+            d.elapsed_s,
+            d.agent_cpu_s,
+            d.writer_cpu_s,
+            d.receiver_cpu_s,
+            mib(d.rss_end_kib),
+            d.exit,
+            if d.ordered { "ok" } else { "NOT ok" },
+        );
+    }
+    println!(
+        "total bench time {:.0} s; load average at the end: {}",
+        run_start.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    // Dropping env deletes every temp file.
+    drop(env);
+}
