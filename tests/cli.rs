@@ -710,7 +710,7 @@ async fn run_exits_1_naming_the_address_when_the_listen_port_is_taken() {
 /// Under systemd stderr goes to journald, not a terminal: colour codes
 /// there end up as `\x1b[2m…` noise in `journalctl` and in log shippers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: src/logging.rs enables ANSI colours even when stderr is not a terminal (see the CLI test report for the patch)"]
+
 async fn text_logs_on_a_stderr_that_is_not_a_terminal_carry_no_ansi_escape_codes() {
     let h = Harness::new().await;
     let config = write_agent_config(&h, 0);
@@ -1011,7 +1011,7 @@ async fn replay_from_seq_on_a_stopped_agent_sets_the_cursor_and_the_next_run_del
 /// A sink that never delivered anything has no cursor row: a replay must not
 /// move its cursor *forward* past events the upstream never acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: Writer::rewind (src/journal/writer.rs) moves a missing cursor forward, skipping undelivered events (see the CLI test report for the patch)"]
+
 async fn replay_on_a_sink_that_never_delivered_anything_skips_nothing() {
     let h = Harness::new().await;
     // The WAN has been down since the agent was installed.

@@ -395,6 +395,15 @@ async fn a_forwarder_follows_a_replay_and_sends_the_range_again_with_the_same_id
         202
     );
     assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 40).await);
+    // The receiver has them a moment before the forwarder's advance commits.
+    let deadline = std::time::Instant::now() + WAIT;
+    while a.journal.reader().unwrap().cursor("central").unwrap() < 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cursor never reached 40"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let cursor = a
         .journal
         .rewind("central", plantrelay::journal::RewindTo::Seq(31))

@@ -127,6 +127,19 @@ pub fn open_writer(
     }
 }
 
+/// Reopens the journal after a failed commit, without the integrity check:
+/// the file was healthy a moment ago, and a full check of a large journal
+/// would stall the writer (and must never move the live file aside).
+pub fn reopen_writer(path: &Path, sync: SyncMode) -> Result<Connection, JournalError> {
+    try_open(path, sync, false).map_err(|f| match f {
+        OpenFailure::Corrupt(detail) => JournalError::Sqlite {
+            path: path.to_path_buf(),
+            detail,
+        },
+        OpenFailure::Other(e) => e,
+    })
+}
+
 enum OpenFailure {
     Corrupt(String),
     Other(JournalError),

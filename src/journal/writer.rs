@@ -507,8 +507,8 @@ impl WriterState {
     /// After a disk-full error SQLite's state for this connection is
     /// suspect (an fsync that failed cannot be retried safely): reopen.
     fn reopen(&mut self) {
-        match super::schema::open_writer(&self.path, self.opts.sync) {
-            Ok((conn, _)) => {
+        match super::schema::reopen_writer(&self.path, self.opts.sync) {
+            Ok(conn) => {
                 self.conn = conn;
                 warn!(journal = %self.path.display(), "journal reopened after a failed commit");
             }
@@ -685,10 +685,12 @@ impl WriterState {
                 oldest: self.retention_through + 1,
             }));
         }
+        // A sink without a cursor row has delivered nothing: its cursor is 0.
         let current = self.cursors.get(sink).copied();
         let target = from_seq - 1;
-        if current.is_some_and(|c| c <= target) {
-            // Nothing delivered at or after that point yet: nothing to do.
+        if current.unwrap_or(0) <= target {
+            // Nothing delivered at or after that point yet: nothing to do. A
+            // replay never moves a cursor forward.
             return Ok(Ok(current.unwrap_or(0)));
         }
         self.conn

@@ -349,6 +349,9 @@ impl<S: Sink> Forwarder<S> {
                     Err(e) => warn!(sink = %name, error = %e, "cannot reload cursor"),
                 }
             }
+            // Evictions so far: a batch read before an eviction may hold
+            // rows the journal has since replaced by gap events.
+            let evictions_at_read = self.evictions();
             let batch = match self.read(&reader, cursor).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -395,6 +398,11 @@ impl<S: Sink> Forwarder<S> {
                         plan.done();
                     }
                     Step::Send(a, b) => {
+                        if self.evictions() != evictions_at_read {
+                            // Read again so the gap events go out in place of
+                            // what was evicted meanwhile.
+                            continue 'outer;
+                        }
                         let slice = &plan.events()[a..b];
                         let (first, last) = (slice[0].seq, slice[slice.len() - 1].seq);
                         self.status.update(|p| p.attempts += 1);
@@ -475,6 +483,18 @@ impl<S: Sink> Forwarder<S> {
         }
         self.status.update(|p| p.running = false);
         info!(sink = %name, cursor, "forwarder stopped");
+    }
+
+    fn evictions(&self) -> u64 {
+        let stats = self.journal.stats();
+        stats
+            .evicted_telemetry
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(
+                stats
+                    .evicted_critical
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
     }
 
     fn last_reason(&self) -> String {
