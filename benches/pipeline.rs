@@ -615,9 +615,9 @@ async fn drain_binary(env: &Env, bin: &Path, count: u64, label: &str, tck: f64) 
 // Output
 
 fn count_label(x: u64) -> String {
-    if x >= 1_000_000 && x % 100_000 == 0 {
+    if x >= 1_000_000 && x.is_multiple_of(100_000) {
         format!("{}M", x as f64 / 1e6)
-    } else if x >= 1000 && x % 1000 == 0 {
+    } else if x >= 1000 && x.is_multiple_of(1000) {
         format!("{}k", x / 1000)
     } else {
         x.to_string()

@@ -113,7 +113,8 @@ async fn publish_pipelined(
         .set_max_packet_size(32 << 20, 32 << 20);
     let (client, mut eventloop) = AsyncClient::new(o, 1000);
     let total = messages.len();
-    let order: Arc<Mutex<VecDeque<(String, Vec<u8>)>>> = Arc::new(Mutex::new(VecDeque::new()));
+    type Sent = Arc<Mutex<VecDeque<(String, Vec<u8>)>>>;
+    let order: Sent = Arc::new(Mutex::new(VecDeque::new()));
     let producer = {
         let order = order.clone();
         tokio::spawn(async move {

@@ -16,14 +16,20 @@ use crate::event::{Class, StoredEvent};
 /// on seq (receive times never decrease with seq).
 pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::Result<Option<u64>> {
     let bounds: Option<(i64, i64)> =
-        conn.query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
+        // Two index probes: `min(seq), max(seq)` in one query is a full scan.
+        conn.query_row(
+            "SELECT (SELECT seq FROM events ORDER BY seq LIMIT 1),
+                    (SELECT seq FROM events ORDER BY seq DESC LIMIT 1)",
+            [],
+            |r| {
             Ok(
                 match (r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?) {
                     (Some(a), Some(b)) => Some((a, b)),
                     _ => None,
                 },
             )
-        })?;
+            },
+        )?;
     let Some((mut lo, mut hi)) = bounds else {
         return Ok(None);
     };

@@ -69,6 +69,9 @@ pub struct Oversize {
 impl Message {
     /// A received message; a payload over `max_payload` is cut to
     /// [`REJECT_KEEP_BYTES`] at once (copied, so the large buffer is freed).
+    // Each argument is one field of the broker's delivery; a struct to carry
+    // them would only repeat this one.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         epoch: u64,
         pkid: u16,
@@ -391,19 +394,19 @@ impl Mapper {
     /// The stream a rejected message is recorded on: where it would have
     /// gone had it been valid (so per-stream order keeps its place).
     fn reject_stream(&self, topic: &str) -> String {
-        if self.format == MqttFormat::SparkplugB && self.stream.is_whole_topic() {
-            if let Ok(sparkplug::Topic::Edge {
+        if self.format == MqttFormat::SparkplugB
+            && self.stream.is_whole_topic()
+            && let Ok(sparkplug::Topic::Edge {
                 group,
                 node,
                 device,
                 ..
             }) = sparkplug::Topic::parse(topic)
-            {
-                return match device {
-                    Some(d) => format!("{group}/{node}/{d}"),
-                    None => format!("{group}/{node}"),
-                };
-            }
+        {
+            return match device {
+                Some(d) => format!("{group}/{node}/{d}"),
+                None => format!("{group}/{node}"),
+            };
         }
         self.stream.render(topic)
     }

@@ -161,6 +161,8 @@ impl std::fmt::Debug for MqttSource {
 impl MqttSource {
     /// Reads the password file and builds TLS, so that a bad file fails
     /// start-up rather than every connect.
+    // Called once at start-up: the size of the error does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn new(cfg: &MqttSourceConfig, agent_id: &str) -> Result<MqttSource, SourceError> {
         let name = cfg.name.clone();
         let tls_wanted = cfg.url.scheme() == "mqtts";
