@@ -129,7 +129,7 @@ impl Drop for Mosquitto {
     }
 }
 
-/// Publishes `count` messages over 10 topics with QoS 1 (20 in flight),
+/// Publishes `count` messages over 10 topics with QoS 1 (100 in flight),
 /// paced at `rate` msg/s when given. Returns when every PUBACK is in.
 async fn publish(broker: SocketAddr, count: u64, rate: Option<f64>) -> Duration {
     let mut o = MqttOptions::new(
@@ -137,7 +137,7 @@ async fn publish(broker: SocketAddr, count: u64, rate: Option<f64>) -> Duration 
         "127.0.0.1",
         broker.port(),
     );
-    o.set_keep_alive(Duration::from_secs(30)).set_inflight(20);
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
     let (client, mut el) = AsyncClient::new(o, 1000);
     let started = Instant::now();
     let producer = tokio::spawn(async move {

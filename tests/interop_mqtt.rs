@@ -215,7 +215,8 @@ async fn publish_pipelined(
     o.set_keep_alive(Duration::from_secs(10)).set_inflight(20);
     let (client, mut eventloop) = AsyncClient::new(o, 1000);
     let total = messages.len();
-    let order: Arc<Mutex<VecDeque<(String, Vec<u8>)>>> = Arc::new(Mutex::new(VecDeque::new()));
+    type Sent = Arc<Mutex<VecDeque<(String, Vec<u8>)>>>;
+    let order: Sent = Arc::new(Mutex::new(VecDeque::new()));
     let producer = {
         let order = order.clone();
         tokio::spawn(async move {

@@ -1,8 +1,8 @@
 //! The MQTT source against a real broker in process (rumqttd on loopback,
 //! see `plantrelay::demo::machines::EmbeddedBroker`): bulk QoS 1 traffic in
 //! per-topic order, connection cuts, a lost session, a dead link, bad
-//! payloads, Sparkplug B, MQTT 5, and SIGKILLs of the real binary between
-//! receive and commit.
+//! payloads, Sparkplug B, MQTT 5, a full journal that holds the acks, and
+//! SIGKILLs of the real binary between receive and commit.
 
 mod support;
 
@@ -887,4 +887,76 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     eprintln!(
         "SIGKILL test: {kills} kills while {total} QoS 1 messages flowed; all {total} broker-acknowledged messages journaled once, in order; stats: {stats:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_holds_the_acks_and_the_broker_keeps_the_rest_until_space_frees() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let h = Harness::new().await;
+    // Nothing is delivered while the upstream is down, so nothing can be
+    // deleted: 16 MiB fill up.
+    h.receiver.stop().await;
+    let text = h
+        .config_text(
+            "127.0.0.1:0",
+            &h.receiver.url(),
+            "",
+            &source_toml("line", &broker.url(), &["full/+/state"], ""),
+        )
+        .replace(
+            "sync = \"normal\"",
+            "sync = \"normal\"\nmax_size = \"16MiB\"\nblock_timeout = \"1s\"\nretain_acked = \"0s\"",
+        );
+    let a = agent::start(&Config::load(&h.write_config(&text)).unwrap())
+        .await
+        .unwrap();
+    let s = status(&a, "line");
+    assert!(wait_connected(&s, Duration::from_secs(10)).await);
+
+    let total = 1500u64;
+    let messages: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|n| {
+            let payload = json!({"n": n, "pad": "x".repeat(16 * 1024)});
+            (
+                format!("full/m{}/state", n % 3),
+                payload.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    // The broker takes all of them (its PUBACKs to the publisher).
+    let acked = publish_pipelined(broker.addr(), "pub-full", messages, None).await;
+    assert_eq!(acked.len() as u64, total);
+
+    // The journal fills; the source holds its acks and stops reading.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let err = s.snapshot().last_error.unwrap_or_default();
+        if err.contains("full") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the journal never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored_while_full = s.events.load(Ordering::Relaxed);
+    assert!(stored_while_full < total, "{stored_while_full}");
+
+    // Upstream back: delivered rows are deleted, the appends go through,
+    // the acks go out, the broker sends the rest.
+    h.receiver.restart().await.unwrap();
+    assert!(
+        h.receiver
+            .wait_until(Duration::from_secs(180), |v| v.unique_ids >= total)
+            .await,
+        "everything the broker acknowledged arrives upstream"
+    );
+    let received: HashSet<String> = h.receiver.ids().into_iter().map(|(_, id)| id).collect();
+    for (topic, payload) in &acked {
+        assert!(received.contains(&content_id(topic, payload, None)));
+    }
+    let v = h.receiver.verdict();
+    assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+    eprintln!(
+        "journal full: {stored_while_full} of {total} stored before the journal filled; all {total} delivered after space was freed"
+    );
+    a.shutdown().await;
 }

@@ -245,6 +245,23 @@ pub async fn run_fleet(
     Ok(())
 }
 
+/// Waits (up to 30 s) until every MQTT source of the agent is connected and
+/// subscribed: the broker keeps nothing for a subscription it does not have
+/// yet, so machines that publish earlier would publish into the void.
+pub async fn wait_until_subscribed(sources: &[Arc<SourceStatus>]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sources
+        .iter()
+        .any(|s| s.kind == "mqtt" && !s.connected.load(Ordering::Relaxed))
+    {
+        if Instant::now() > deadline {
+            return Err("the agent's MQTT sources did not connect to the embedded broker".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// Waits (up to 30 s) until the agent's MQTT sources have taken in at least
 /// as many messages as the broker acknowledged to the fleet.
 pub async fn wait_until_stored(sources: &[Arc<SourceStatus>], counters: &FleetCounters) {

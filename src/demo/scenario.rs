@@ -166,6 +166,7 @@ retry_max = "2s"
     });
     let acked_ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
+    super::machines::wait_until_subscribed(&agent.view.sources).await?;
     let fleet_counters = Arc::new(super::machines::FleetCounters::default());
     let fleet = tokio::spawn(super::machines::run_fleet(
         broker.addr(),

@@ -270,6 +270,15 @@ impl Conn {
         }
     }
 
+    /// The next packet already in the read buffer, without any I/O (so a
+    /// burst read in one system call is handled in one go).
+    pub fn buffered(&mut self) -> Result<Option<Incoming>, LinkError> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        self.parse()
+    }
+
     /// One packet from the read buffer, or `None` when it is incomplete.
     fn parse(&mut self) -> Result<Option<Incoming>, LinkError> {
         match self.protocol {

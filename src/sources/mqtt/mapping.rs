@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::config::{MqttFormat, MqttSourceConfig, OnInvalid};
 use crate::event::{Class, NewEvent};
@@ -325,8 +325,6 @@ impl Mapper {
             }
         }
         let id = id.unwrap_or_else(|| content_id(&m.topic, &m.payload, m.properties.as_ref()));
-        let mut attrs = self.base_attrs(m);
-        attrs.insert("datacontenttype".into(), json!("application/json"));
         Ok(NewEvent {
             source: self.source.clone(),
             id,
@@ -335,19 +333,24 @@ impl Mapper {
             event_type: self.event_type.clone(),
             source_time: Some(time.unwrap_or_else(|| arrival(m))),
             data: body.to_vec(),
-            attrs: Some(Value::Object(attrs).to_string()),
+            attrs: Some(attrs_json(m, &[("datacontenttype", "application/json")])),
         })
     }
 
     fn map_raw(&self, m: &Message) -> NewEvent {
-        let mut attrs = self.base_attrs(m);
         let content_type = m
             .properties
             .as_ref()
-            .and_then(|p| p.content_type.clone())
-            .unwrap_or_else(|| "application/octet-stream".to_owned());
-        attrs.insert("datacontenttype".into(), json!(content_type));
-        attrs.insert("data_base64".into(), json!(BASE64.encode(&m.payload)));
+            .and_then(|p| p.content_type.as_deref())
+            .unwrap_or("application/octet-stream");
+        let data_base64 = BASE64.encode(&m.payload);
+        let attrs = attrs_json(
+            m,
+            &[
+                ("datacontenttype", content_type),
+                ("data_base64", &data_base64),
+            ],
+        );
         NewEvent {
             source: self.source.clone(),
             id: content_id(&m.topic, &m.payload, m.properties.as_ref()),
@@ -356,7 +359,7 @@ impl Mapper {
             event_type: self.event_type.clone(),
             source_time: Some(arrival(m)),
             data: b"null".to_vec(),
-            attrs: Some(Value::Object(attrs).to_string()),
+            attrs: Some(attrs),
         }
     }
 
@@ -377,8 +380,6 @@ impl Mapper {
                     .to_string()
             })
             .unwrap_or_else(|| arrival(m));
-        let mut attrs = self.base_attrs(m);
-        attrs.insert("datacontenttype".into(), json!("application/json"));
         Ok(NewEvent {
             source: self.source.clone(),
             id,
@@ -387,7 +388,7 @@ impl Mapper {
             event_type: self.event_type.clone(),
             source_time: Some(time),
             data: decoded.data.to_string().into_bytes(),
-            attrs: Some(Value::Object(attrs).to_string()),
+            attrs: Some(attrs_json(m, &[("datacontenttype", "application/json")])),
         })
     }
 
@@ -424,7 +425,6 @@ impl Mapper {
             "truncated": size > kept.len(),
             "qos": m.qos,
         });
-        let attrs = self.base_attrs(m);
         Mapped::Rejected(
             NewEvent {
                 source: self.source.clone(),
@@ -434,20 +434,40 @@ impl Mapper {
                 event_type: REJECTED_EVENT_TYPE.to_owned(),
                 source_time: Some(arrival(m)),
                 data: data.to_string().into_bytes(),
-                attrs: Some(Value::Object(attrs).to_string()),
+                attrs: Some(attrs_json(m, &[])),
             },
             reason,
         )
     }
+}
 
-    fn base_attrs(&self, m: &Message) -> Map<String, Value> {
-        let mut attrs = Map::new();
-        attrs.insert("mqtttopic".into(), json!(m.topic));
-        if m.retain {
-            attrs.insert("mqttretained".into(), Value::Bool(true));
-        }
-        attrs
+/// The CloudEvents extensions of an MQTT event, as JSON object text:
+/// `mqtttopic`, `mqttretained` (only when set), then `extra`.
+fn attrs_json(m: &Message, extra: &[(&str, &str)]) -> String {
+    fn push_str(out: &mut String, s: &str) {
+        // Serialising a string cannot fail.
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
     }
+    let mut out = String::with_capacity(
+        32 + m.topic.len()
+            + extra
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 6)
+                .sum::<usize>(),
+    );
+    out.push_str("{\"mqtttopic\":");
+    push_str(&mut out, &m.topic);
+    if m.retain {
+        out.push_str(",\"mqttretained\":true");
+    }
+    for (k, v) in extra {
+        out.push(',');
+        push_str(&mut out, k);
+        out.push(':');
+        push_str(&mut out, v);
+    }
+    out.push('}');
+    out
 }
 
 fn arrival(m: &Message) -> String {

@@ -404,7 +404,12 @@ impl Connection {
                 match attempt {
                     Ok((c, resubscribed)) => {
                         epoch += 1;
-                        self.on_connected(c.session_present, subscribed_once, failures);
+                        self.on_connected(
+                            c.session_present,
+                            subscribed_once,
+                            resubscribed,
+                            failures,
+                        );
                         subscribed_once |= resubscribed;
                         failures = 0;
                         let now = Instant::now();
@@ -484,35 +489,35 @@ impl Connection {
                     }
                     self.flush(l).await
                 }
-                Step::Read(Ok(incoming)) => {
-                    l.last_rx = Instant::now();
-                    l.ping_outstanding = false;
-                    match incoming {
-                        Incoming::Publish(p) => {
-                            if let Some(tx) = tx.as_ref() {
-                                inflight += 1;
-                                self.forward(tx, epoch, p);
+                Step::Read(Ok(first)) => {
+                    // Handle everything the last read brought in, then
+                    // write once.
+                    let mut next = Some(first);
+                    let mut flush = false;
+                    let mut result = Ok(());
+                    while let Some(incoming) = next.take() {
+                        match self.on_packet(l, incoming, tx.as_ref(), epoch, &mut inflight) {
+                            Ok(f) => flush |= f,
+                            Err(e) => {
+                                result = Err(e);
+                                break;
                             }
-                            // While stopping: neither stored nor acked; the
-                            // broker redelivers it to the next session.
-                            Ok(())
                         }
-                        Incoming::PubRel(pkid) => {
-                            l.conn.pubcomp(pkid);
-                            self.flush(l).await
+                        if !stopping && inflight >= self.max_inflight {
+                            break;
                         }
-                        Incoming::SubAck(codes) => {
-                            self.on_suback(&codes);
-                            Ok(())
+                        match l.conn.buffered() {
+                            Ok(p) => next = p,
+                            Err(e) => {
+                                result = Err(e);
+                                break;
+                            }
                         }
-                        Incoming::Disconnect(reason) => Err(LinkError(format!(
-                            "the broker ended the connection: {reason}"
-                        ))),
-                        Incoming::ConnAck { .. } => {
-                            Err(LinkError("unexpected CONNACK from the broker".into()))
-                        }
-                        Incoming::Other => Ok(()),
                     }
+                    if result.is_ok() && flush {
+                        result = self.flush(l).await;
+                    }
+                    result
                 }
                 Step::Read(Err(e)) => Err(e),
                 Step::Ping => {
@@ -540,9 +545,7 @@ impl Connection {
                     let since = l.since;
                     live = None;
                     self.lost(&e, Some(since), &mut failures, &mut backoff);
-                    // The next loop turn waits before reconnecting; the
-                    // backoff wait happens in the disconnected branch via a
-                    // failed or successful attempt, so delay it here.
+                    // A jittered pause before the reconnect.
                     if !stopping {
                         let delay = backoff.delay();
                         tokio::select! {
@@ -568,6 +571,44 @@ impl Connection {
         };
         info!(source = %self.name, "MQTT source stopped");
         result
+    }
+
+    /// Handles one packet from the broker; `Ok(true)` when something was
+    /// queued to write.
+    fn on_packet(
+        &self,
+        l: &mut Live,
+        incoming: Incoming,
+        tx: Option<&mpsc::UnboundedSender<Message>>,
+        epoch: u64,
+        inflight: &mut usize,
+    ) -> Result<bool, LinkError> {
+        l.last_rx = Instant::now();
+        l.ping_outstanding = false;
+        match incoming {
+            Incoming::Publish(p) => {
+                if let Some(tx) = tx {
+                    *inflight += 1;
+                    self.forward(tx, epoch, p);
+                }
+                // While stopping: neither stored nor acked; the broker
+                // redelivers it to the next session.
+                Ok(false)
+            }
+            Incoming::PubRel(pkid) => {
+                l.conn.pubcomp(pkid);
+                Ok(true)
+            }
+            Incoming::SubAck(codes) => {
+                self.on_suback(&codes);
+                Ok(false)
+            }
+            Incoming::Disconnect(reason) => Err(LinkError(format!(
+                "the broker ended the connection: {reason}"
+            ))),
+            Incoming::ConnAck { .. } => Err(LinkError("unexpected CONNACK from the broker".into())),
+            Incoming::Other => Ok(false),
+        }
     }
 
     /// Writes what is queued; on success notes the time.
@@ -609,8 +650,19 @@ impl Connection {
         }
     }
 
-    fn on_connected(&self, session_present: bool, subscribed_once: bool, failures: u64) {
-        self.status.connected.store(true, Ordering::Relaxed);
+    /// `connected` in the status means "receiving": with a subscription in
+    /// flight it is set when the SUBACK arrives (a message published before
+    /// the broker has the subscription is not ours to receive).
+    fn on_connected(
+        &self,
+        session_present: bool,
+        subscribed_once: bool,
+        subscribing: bool,
+        failures: u64,
+    ) {
+        if !subscribing {
+            self.status.connected.store(true, Ordering::Relaxed);
+        }
         if !session_present && subscribed_once && !self.settings.clean_session {
             warn!(source = %self.name, broker = %self.broker, "the broker has no session for us any more (session_present = false): resubscribing; what it held for us while the session was gone is lost on the broker");
         } else {
@@ -631,6 +683,7 @@ impl Connection {
         if refused == 0 {
             info!(source = %self.name, topics = codes.len(), "subscribed");
         }
+        self.status.connected.store(true, Ordering::Relaxed);
     }
 
     fn forward(&self, tx: &mpsc::UnboundedSender<Message>, epoch: u64, p: IncomingPublish) {
