@@ -107,7 +107,10 @@ pub struct JournalConfig {
     /// Default: `"1h"`.
     #[serde(default = "default_dedup_window", deserialize_with = "units::duration")]
     pub dedup_window: Duration,
-    /// Most event ids remembered for deduplication, at least 1000. Default: `2000000`.
+    /// Most event ids remembered for deduplication, at least 1000; the index
+    /// takes about 26 bytes per id (1M ids ≈ 26 MiB). When more ids arrive
+    /// within `dedup_window` than this, the oldest are forgotten first.
+    /// Default: `1000000`.
     #[serde(default = "default_dedup_max_ids")]
     pub dedup_max_ids: usize,
     /// Under `when_full = "block"`, how long a source waits for space before
@@ -238,7 +241,7 @@ fn default_dedup_window() -> Duration {
     Duration::from_secs(60 * 60)
 }
 fn default_dedup_max_ids() -> usize {
-    2_000_000
+    1_000_000
 }
 fn default_block_timeout() -> Duration {
     Duration::from_secs(5)
@@ -361,7 +364,7 @@ url = "https://ingest.example.com/v1/events"
         assert_eq!(c.journal.when_full, WhenFull::Block);
         assert_eq!(c.journal.retain_acked, Duration::from_secs(86_400));
         assert_eq!(c.journal.dedup_window, Duration::from_secs(3_600));
-        assert_eq!(c.journal.dedup_max_ids, 2_000_000);
+        assert_eq!(c.journal.dedup_max_ids, 1_000_000);
         assert_eq!(c.journal.block_timeout, Duration::from_secs(5));
         assert!(c.health.is_none());
         let http = &c.sources.http[0];

@@ -60,6 +60,9 @@ pub struct DedupIndex {
     checkpoints: VecDeque<(u64, i64)>,
     window_us: i64,
     max_ids: usize,
+    /// Entries dropped for the count limit while still inside the window,
+    /// since the last `take_capped`.
+    capped: u64,
 }
 
 const CHECKPOINT_US: i64 = 1_000_000;
@@ -73,6 +76,7 @@ impl DedupIndex {
             checkpoints: VecDeque::new(),
             window_us: i64::try_from(window.as_micros()).unwrap_or(i64::MAX),
             max_ids: max_ids.clamp(1, u32::MAX as usize / 2),
+            capped: 0,
         }
     }
 
@@ -132,6 +136,7 @@ impl DedupIndex {
         });
         if self.ring.len() > self.max_ids {
             self.pop_front();
+            self.capped += 1;
         }
     }
 
@@ -152,6 +157,14 @@ impl DedupIndex {
                 }
             }
         }
+    }
+
+    /// How many ids were forgotten for the count limit (not the window)
+    /// since the last call, and the arrival time (µs) of the oldest id still
+    /// remembered.
+    pub fn take_capped(&mut self) -> (u64, Option<i64>) {
+        let n = std::mem::take(&mut self.capped);
+        (n, self.checkpoints.front().map(|c| c.1))
     }
 
     fn pop_front(&mut self) {
@@ -265,9 +278,12 @@ mod tests {
     fn the_count_bound_drops_the_oldest() {
         let mut d = DedupIndex::new(Duration::from_secs(3600), 3);
         for i in 0..5u64 {
-            d.insert(key_hash("m", &i.to_string()), i + 1, 0);
+            d.insert(key_hash("m", &i.to_string()), i + 1, (i as i64) * 1_000_000);
         }
         assert_eq!(d.len(), 3);
+        // Two forgotten for the count; the oldest remembered arrived at 2 s.
+        assert_eq!(d.take_capped(), (2, Some(2_000_000)));
+        assert_eq!(d.take_capped().0, 0);
         assert_eq!(d.find(key_hash("m", "0"), same), None);
         assert_eq!(d.find(key_hash("m", "1"), same), None);
         assert_eq!(d.find(key_hash("m", "4"), same), Some(5));

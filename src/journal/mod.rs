@@ -131,7 +131,7 @@ impl JournalOptions {
             when_full: WhenFull::Block,
             retain_acked: Duration::from_secs(24 * 3600),
             dedup_window: Duration::from_secs(3600),
-            dedup_max_ids: 2_000_000,
+            dedup_max_ids: 1_000_000,
             block_timeout: Duration::from_secs(5),
             sinks: Vec::new(),
         }

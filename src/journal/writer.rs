@@ -49,6 +49,8 @@ pub(crate) struct WriterState {
     retention_through: u64,
     retention_pending: bool,
     full_logged: bool,
+    /// When the last "dedup index at its count limit" warning was logged.
+    capped_warned_us: Option<i64>,
 }
 
 struct Undo {
@@ -247,6 +249,7 @@ impl WriterState {
             retention_through,
             retention_pending: true,
             full_logged: false,
+            capped_warned_us: None,
         };
         state.refresh_used().map_err(e)?;
         Ok(state)
@@ -1073,6 +1076,20 @@ impl WriterState {
     fn maintain(&mut self) {
         let now_us = unix_micros(SystemTime::now());
         self.dedup.expire(now_us);
+        let (capped, oldest_us) = self.dedup.take_capped();
+        // Once an hour at most: the effective dedup window is shorter than
+        // the configured one while ids arrive faster than the index holds.
+        if capped > 0 && self.capped_warned_us.is_none_or(|t| now_us - t >= 3_600_000_000) {
+            self.capped_warned_us = Some(now_us);
+            let remembered_s = oldest_us.map_or(0, |t| (now_us - t).max(0) / 1_000_000);
+            warn!(
+                journal = %self.path.display(),
+                dedup_max_ids = self.opts.dedup_max_ids,
+                remembered_s,
+                dedup_window_s = self.opts.dedup_window.as_secs(),
+                "the dedup index is at journal.dedup_max_ids: ids are remembered for {remembered_s} s, not the whole dedup_window; raise dedup_max_ids (about 26 bytes per id) if sources redeliver later than that"
+            );
+        }
         self.stats
             .dedup_ids
             .store(self.dedup.len() as u64, Ordering::Relaxed);
