@@ -1130,8 +1130,10 @@ struct WireEvent {
     sequence: Option<u64>,
     #[serde(default)]
     streamsequence: Option<u64>,
+    /// Kept as text: building a JSON tree of every event's data is most of
+    /// a receiver's CPU, and only recording receivers need it.
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 fn error_response(status: StatusCode, error: &str, reason: String) -> Response {
@@ -1248,10 +1250,12 @@ async fn handle_batch(
                 time: w.time,
                 sequence: w.sequence,
                 streamsequence: w.streamsequence,
-                data: if shared.record_data {
-                    w.data.unwrap_or(Value::Null)
-                } else {
-                    Value::Null
+                data: match w.data {
+                    Some(raw) if shared.record_data => {
+                        // The batch parsed as JSON, so each part does too.
+                        serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+                    }
+                    _ => Value::Null,
                 },
                 duplicate,
                 batch,
