@@ -26,7 +26,10 @@ fn n(x: u64) -> u64 {
 }
 
 fn random_id() -> String {
-    format!("{:032x}", rand::rng().next_u64() as u128 | ((rand::rng().next_u64() as u128) << 64))
+    format!(
+        "{:032x}",
+        rand::rng().next_u64() as u128 | ((rand::rng().next_u64() as u128) << 64)
+    )
 }
 
 fn event(i: u64) -> NewEvent {

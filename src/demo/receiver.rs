@@ -1609,7 +1609,7 @@ mod tests {
         let body = br#"[{"specversion":"1.0","id":"a","source":"s","type":"t","sequence":3,"data":{"q":1}}]"#;
         let events = parse_batch(body).unwrap();
         assert_eq!(events[0].sequence, Some(3));
-        assert_eq!(events[0].data, Some(json!({"q": 1})));
+        assert_eq!(events[0].data.as_ref().map(|d| d.get()), Some(r#"{"q":1}"#));
     }
 
     #[test]

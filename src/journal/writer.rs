@@ -1079,7 +1079,11 @@ impl WriterState {
         let (capped, oldest_us) = self.dedup.take_capped();
         // Once an hour at most: the effective dedup window is shorter than
         // the configured one while ids arrive faster than the index holds.
-        if capped > 0 && self.capped_warned_us.is_none_or(|t| now_us - t >= 3_600_000_000) {
+        if capped > 0
+            && self
+                .capped_warned_us
+                .is_none_or(|t| now_us - t >= 3_600_000_000)
+        {
             self.capped_warned_us = Some(now_us);
             let remembered_s = oldest_us.map_or(0, |t| (now_us - t).max(0) / 1_000_000);
             warn!(
