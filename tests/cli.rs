@@ -388,6 +388,21 @@ fn check_config_accepts_the_shipped_minimal_config() {
     );
 }
 
+/// The Debian package installs this file as /etc/plantrelay/plantrelay.toml:
+/// it must validate as shipped (its upstream is a placeholder).
+#[test]
+fn check_config_accepts_the_config_the_package_installs() {
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/plantrelay.packaged.toml");
+    let out = plantrelay(&["check-config", "-c", s(&packaged)]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(": ok (agent gw-change-me-01")
+            && out.stdout.contains("/var/lib/plantrelay/journal.db"),
+        "{}",
+        out.stdout
+    );
+}
+
 /// `plantrelay man` (hidden) writes plantrelay(1): one page with every
 /// visible command, its synopsis and every one of its options.
 #[test]
