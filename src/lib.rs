@@ -8,6 +8,7 @@
 //! - [`journal`]: the SQLite journal; the only module that runs SQL.
 //! - [`sources`]: inputs that append to the journal (HTTP ingest, …).
 //! - [`logging`]: tracing set-up, text or JSON.
+//! - [`manpage`]: `plantrelay(1)`, rendered from the CLI definition.
 //! - [`service`]: systemd notifications (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`sinks`]: the forwarder loop and the upstream sinks (HTTPS, …).
 //! - [`health`]: the HTTPS health and status server.
@@ -24,6 +25,7 @@ pub mod event;
 pub mod health;
 pub mod journal;
 pub mod logging;
+pub mod manpage;
 pub mod service;
 pub mod sinks;
 pub mod sources;

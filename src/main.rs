@@ -6,15 +6,18 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use plantrelay::cli::{self, CliError};
 use plantrelay::journal::RewindTo;
 use plantrelay::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
-/// Plant-edge store-and-forward agent: collects machine states and MES
-/// events, journals every event on local disk before acknowledging it, and
-/// forwards the journal upstream in order once the WAN allows.
+/// Plant-edge store-and-forward agent.
+///
+/// Collects MES events (HTTP ingest) and machine states (MQTT), journals
+/// every event on local disk before acknowledging it, and forwards the
+/// journal upstream over HTTPS in order, with replay and deduplication, once
+/// the WAN allows.
 #[derive(Parser)]
 #[command(name = "plantrelay", version, propagate_version = true)]
 #[command(
@@ -39,8 +42,19 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent until SIGTERM or SIGINT (a second signal forces exit).
+    ///
+    /// Opens the journal under state_dir, binds every listener, starts the
+    /// sources and forwarders and serves health. SIGHUP reloads the health
+    /// listener's TLS certificates. Under systemd (Type=notify) it sends
+    /// READY=1 once the journal is open and the listeners are bound,
+    /// WATCHDOG=1 while the journal writer and the forwarders are alive,
+    /// STATUS= with a one-line summary, and STOPPING=1 on shutdown.
     Run(ConfigArg),
     /// Validate a config file: exit 0, or 2 with every problem (file:line:col: key: message).
+    ///
+    /// Checks the syntax, every key and value, that every file the config
+    /// names can be opened and that state_dir, if it exists, is a directory;
+    /// refuses sections this release cannot run yet. Creates nothing.
     CheckConfig(ConfigArg),
     /// Pull a running agent's status over HTTPS: exit 0 healthy, 1 degraded,
     /// 2 unreachable, unauthorised or bad usage.
@@ -51,6 +65,12 @@ enum Command {
         command: JournalCommand,
     },
     /// Deliver again to one sink, from a seq or a time on (the agent must be stopped).
+    ///
+    /// Sets the sink's cursor back in the journal; at the next start the
+    /// forwarder sends those events again, with the same ids. Refused while
+    /// an agent holds the journal (use its admin API, POST
+    /// /api/v1/sinks/NAME/replay, instead) and when retention already
+    /// deleted part of the range.
     Replay {
         #[command(flatten)]
         config: ConfigArg,
@@ -74,6 +94,9 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Write the manual page plantrelay(1) (roff) to standard output.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Args)]
@@ -237,6 +260,9 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
                 .await
                 .map(|_| 0)
         }
+        Command::Man => plantrelay::manpage::render(Cli::command(), &mut out)
+            .map(|_| 0)
+            .map_err(|e| CliError::runtime(format!("cannot write the manual page: {e}"))),
         Command::Demo { duration, keep } => {
             drop(out);
             plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })
@@ -302,4 +328,39 @@ async fn signals(stop: CancellationToken) {
         "second signal: exiting without a clean shutdown"
     );
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_passes_clap_s_own_checks() {
+        Cli::command().debug_assert();
+    }
+
+    /// `--help` and the manual page are only as complete as these texts.
+    #[test]
+    fn every_command_has_an_about_and_every_argument_a_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: argument {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{sub_path}: no about text"));
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        assert!(cmd.get_about().is_some(), "plantrelay: no about text");
+        let mut missing = Vec::new();
+        walk(&cmd, "plantrelay", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
 }

@@ -388,6 +388,124 @@ fn check_config_accepts_the_shipped_minimal_config() {
     );
 }
 
+/// The Debian package installs this file as /etc/plantrelay/plantrelay.toml:
+/// it must validate as shipped (its upstream is a placeholder).
+#[test]
+fn check_config_accepts_the_config_the_package_installs() {
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/plantrelay.packaged.toml");
+    let out = plantrelay(&["check-config", "-c", s(&packaged)]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(": ok (agent gw-change-me-01")
+            && out.stdout.contains("/var/lib/plantrelay/journal.db"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// `plantrelay man` (hidden) writes plantrelay(1): one page with every
+/// visible command, its synopsis and every one of its options.
+#[test]
+fn man_writes_one_roff_page_with_every_command_and_option() {
+    let out = plantrelay(&["man"]);
+    out.expect_code(0);
+    let page = &out.stdout;
+    assert!(
+        page.lines().any(|l| l.starts_with(".TH PLANTRELAY 1 ")),
+        "no .TH line: {}",
+        &page[..page.len().min(300)]
+    );
+    for section in [
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "COMMANDS",
+        "FILES",
+        "EXIT STATUS",
+    ] {
+        // roff quotes a heading with a space in it.
+        let heading = if section.contains(' ') {
+            format!(".SH \"{section}\"\n")
+        } else {
+            format!(".SH {section}\n")
+        };
+        assert!(page.contains(&heading), "no {heading:?}");
+    }
+    let commands: &[(&str, &[&str])] = &[
+        ("plantrelay run", &["config"]),
+        ("plantrelay check-config", &["config"]),
+        (
+            "plantrelay status",
+            &[
+                "url",
+                "token\\-file",
+                "ca\\-file",
+                "client\\-cert",
+                "client\\-key",
+                "json",
+                "timeout",
+            ],
+        ),
+        ("plantrelay journal", &[]),
+        ("plantrelay journal stats", &["config", "json"]),
+        (
+            "plantrelay journal tail",
+            &["config", "lines", "stream", "json"],
+        ),
+        (
+            "plantrelay journal dead\\-letters",
+            &["config", "sink", "json"],
+        ),
+        (
+            "plantrelay replay",
+            &["config", "sink", "from\\-seq", "since"],
+        ),
+        ("plantrelay demo", &["duration", "keep"]),
+    ];
+    let headings: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(".SS "))
+        .collect();
+    for (command, options) in commands {
+        let heading = format!("\"{}\"", command.replace("\\-", "-"));
+        let Some(at) = page.find(&format!(".SS {heading}\n")) else {
+            panic!("no section for {command}; sections: {headings:?}");
+        };
+        let body = &page[at + 4..];
+        let body = &body[..body.find("\n.SS ").unwrap_or(body.len())];
+        for option in *options {
+            assert!(
+                body.contains(&format!("\\-\\-{option}")),
+                "{command}: option --{option} missing from its section:\n{body}"
+            );
+        }
+        assert!(
+            !body.contains("log\\-format"),
+            "{command}: the global --log-format belongs to the top-level OPTIONS only"
+        );
+    }
+    assert!(
+        !headings
+            .iter()
+            .any(|h| h.contains(" man") || h.contains(" help")),
+        "hidden and help commands are not documented: {headings:?}"
+    );
+}
+
+#[test]
+fn the_man_command_is_hidden_from_help() {
+    let out = plantrelay(&["--help"]);
+    out.expect_code(0);
+    assert!(
+        !out.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("man ")),
+        "{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn check_config_names_file_line_column_and_key_path_of_an_unknown_nested_key() {
     let dir = tempfile::tempdir().unwrap();
