@@ -129,6 +129,38 @@ async fn a_429_with_retry_after_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_our_credentials_holds_the_backlog_without_dead_letters() {
+    let h = Harness::new().await;
+    h.receiver.set_fail(401, None, 1.0);
+    let a = agent::start(&h.config("batch_max_events = 50"))
+        .await
+        .unwrap();
+    let client = http_client();
+    assert_eq!(
+        post(&client, &ingest_url(&a), &mes_events("auth", 200, 2))
+            .await
+            .0,
+        202
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.view.sinks[0].progress().attempts < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "no retries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let progress = a.view.sinks[0].progress();
+    assert_eq!(progress.dead_letters, 0, "{progress:?}");
+    assert_eq!(progress.cursor, 0, "{progress:?}");
+    assert!(progress.last_error.unwrap().1.contains("401"));
+    // Credentials fixed upstream: everything arrives, in order, none dead.
+    h.receiver.clear_faults();
+    assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 200).await);
+    let v = h.receiver.verdict();
+    assert_eq!((v.unique_ids, v.out_of_order, v.missing), (200, 0, 0));
+    assert_eq!(a.view.sinks[0].progress().dead_letters, 0);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_poison_events_in_a_thousand_become_exactly_three_dead_letters() {
     let h = Harness::new().await;
     let events = mes_events("poison", 1000, 5);

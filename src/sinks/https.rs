@@ -7,6 +7,9 @@
 //! - 2xx: acknowledged.
 //! - 408, 425, 429, 5xx, timeouts, connection errors and resets: retry
 //!   (with the upstream's `Retry-After`, seconds or HTTP date).
+//! - 401, 403, 404, 405, 407, 410, 421: retry as well. They speak of the
+//!   credentials or the endpoint, not of the events; rejecting would
+//!   dead-letter everything sent until someone fixes the token or the URL.
 //! - any other 4xx: rejected. A 400 or 422 whose JSON body names an event
 //!   (`id`, `event_id`, `eventId`, or `rejected[0].id`) pins that event;
 //!   otherwise the forwarder bisects the batch.
@@ -162,8 +165,16 @@ pub fn rejected_index(body: &str, batch: &[StoredEvent]) -> Option<usize> {
     batch.iter().position(|e| e.id == id)
 }
 
+/// Transient failures, and the 4xx that speak of the endpoint or of our
+/// credentials rather than of the events (a revoked token, a moved URL, a
+/// proxy asking for authentication): rejecting on those would turn every
+/// event sent meanwhile into a dead letter, so they are retried, with the
+/// status in the sink's last error, until plant IT fixes the cause.
 fn is_retryable(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+    matches!(
+        status.as_u16(),
+        401 | 403 | 404 | 405 | 407 | 408 | 410 | 421 | 425 | 429
+    ) || status.is_server_error()
 }
 
 fn describe(e: &reqwest::Error) -> String {
@@ -260,10 +271,12 @@ mod tests {
 
     #[test]
     fn retryable_statuses_are_the_transient_ones() {
-        for s in [408, 425, 429, 500, 502, 503, 504] {
+        for s in [
+            401, 403, 404, 405, 407, 408, 410, 421, 425, 429, 500, 502, 503, 504,
+        ] {
             assert!(is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
         }
-        for s in [400, 401, 403, 404, 409, 413, 422] {
+        for s in [400, 409, 413, 415, 422] {
             assert!(!is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
         }
     }
