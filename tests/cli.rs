@@ -446,18 +446,12 @@ fn check_config_names_a_config_file_that_does_not_exist() {
     );
 }
 
-/// A section of a later release: an OPC UA source. (The brief's example was
-/// `[[sources.mqtt]]`, but MQTT sources are being built now; OPC UA sources
-/// are the section furthest out. Switch to another `agent::unsupported`
-/// section should these land.)
-const OPCUA_SOURCE: &str = r#"
-[[sources.opcua]]
-name = "press-line-3"
-endpoint = "opc.tcp://10.0.3.10:4840"
-
-[[sources.opcua.nodes]]
-node_id = "ns=2;s=Press07.State"
-stream = "line3/press07"
+/// A section of a later release: a NATS JetStream sink. (Switch to another
+/// `agent::unsupported` section should it land.)
+const LATER_SECTION: &str = r#"
+[[sinks.jetstream]]
+name = "hub"
+url = "nats://nats.example.com:4222"
 "#;
 
 #[test]
@@ -465,11 +459,11 @@ fn check_config_refuses_a_section_of_a_later_release_as_not_yet_supported() {
     let dir = tempfile::tempdir().unwrap();
     let config = valid_config(dir.path());
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(OPCUA_SOURCE);
+    text.push_str(LATER_SECTION);
     std::fs::write(&config, text).unwrap();
     let out = plantrelay(&["check-config", "-c", s(&config)]);
     out.expect_code(2);
-    assert!(out.stderr.contains("sources.opcua[0]"), "{}", out.stderr);
+    assert!(out.stderr.contains("sinks.jetstream[0]"), "{}", out.stderr);
     assert!(out.stderr.contains("not yet supported"), "{}", out.stderr);
     assert!(out.stderr.contains(s(&config)), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "{}", out.stdout);
@@ -484,11 +478,11 @@ async fn run_refuses_a_section_of_a_later_release_with_exit_2_before_touching_th
         "",
         "",
     );
-    text.push_str(OPCUA_SOURCE);
+    text.push_str(LATER_SECTION);
     let config = h.write_config(&text);
     let out = plantrelay_async(&["run", "-c", s(&config)]).await;
     out.expect_code(2);
-    assert!(out.stderr.contains("sources.opcua[0]"), "{}", out.stderr);
+    assert!(out.stderr.contains("sinks.jetstream[0]"), "{}", out.stderr);
     assert!(out.stderr.contains("not yet supported"), "{}", out.stderr);
     assert!(
         !h.state_dir().join("journal.db").exists(),
