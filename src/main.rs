@@ -64,6 +64,11 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// OPC UA server certificates of a source.
+    Opcua {
+        #[command(subcommand)]
+        command: OpcuaCommand,
+    },
     /// Everything in one process: a simulated MES, the agent and an upstream
     /// receiver that drops out for a while; ends with a delivery verdict.
     Demo {
@@ -99,6 +104,33 @@ struct StatusArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+}
+
+#[derive(Subcommand)]
+enum OpcuaCommand {
+    /// Trust the server certificate(s) the source refused: moves them from
+    /// `<state_dir>/pki/<source>/rejected/` to `trusted/` and prints each
+    /// one's SHA-256 fingerprint. Compare the fingerprint with the one the
+    /// server shows before trusting. With one rejected certificate it is
+    /// trusted; with several, name one with --fingerprint or pass --all.
+    /// Without a rejected certificate it lists the trusted ones and exits 1.
+    /// A running agent picks the change up at its next connection attempt.
+    #[command(
+        after_help = "Example:\n  plantrelay opcua trust -c /etc/plantrelay/plantrelay.toml --source press-line-3\n  plantrelay opcua trust -c FILE --source press-line-3 --fingerprint 3f:a2:9c:01"
+    )]
+    Trust {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The `[[sources.opcua]]` name.
+        #[arg(long)]
+        source: String,
+        /// Trust only the certificate whose SHA-256 starts with this (hex, colons allowed, ≥ 8 digits).
+        #[arg(long, conflicts_with = "all")]
+        fingerprint: Option<String>,
+        /// Trust every rejected certificate.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +269,21 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
                 .await
                 .map(|_| 0)
         }
+        Command::Opcua {
+            command:
+                OpcuaCommand::Trust {
+                    config,
+                    source,
+                    fingerprint,
+                    all,
+                },
+        } => cli::opcua_trust(
+            &cli::load_config(&config.config)?,
+            &source,
+            fingerprint.as_deref(),
+            all,
+            &mut out,
+        ),
         Command::Demo { duration, keep } => {
             drop(out);
             plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })
