@@ -174,9 +174,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         // The embedded broker logs its own client hang-ups at the end of
-        // the demo as errors; they are not the agent's.
-        Command::Demo { .. } => "error,rumqttd=off",
-        _ => "info",
+        // the demo as errors, and async-opcua the press restart the demo
+        // stages; they are not the agent's.
+        Command::Demo { .. } => {
+            "error,rumqttd=off,opcua_client=off,opcua_core=off,opcua_server=off,opcua_crypto=off"
+        }
+        // async-opcua narrates every connect at info; the source logs the
+        // connection story itself.
+        _ => "info,opcua_client=warn,opcua_core=warn,opcua_crypto=warn",
     };
     logging::init(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
