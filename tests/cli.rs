@@ -1262,3 +1262,71 @@ async fn a_journal_path_that_is_a_directory_passes_the_config_check_but_run_exit
     );
     assert!(journal.is_dir(), "the directory is left alone");
 }
+
+// ----------------------------------------------------------- opcua trust ---
+
+const PRESS_SOURCE: &str = r#"
+[[sources.opcua]]
+name = "press"
+endpoint = "opc.tcp://127.0.0.1:4840"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+
+[[sources.opcua.nodes]]
+node_id = "nsu=urn:press;s=State"
+stream = "line1/press"
+"#;
+
+#[test]
+fn opcua_trust_moves_rejected_server_certificates_and_asks_which_among_several() {
+    use plantrelay::sources::opcua::pki::{colon_hex, sha256_hex};
+    let dir = tempfile::tempdir().unwrap();
+    let config = valid_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(PRESS_SOURCE);
+    std::fs::write(&config, text).unwrap();
+    let pki = dir.path().join("state/pki/press");
+    let trust = |extra: &[&str]| {
+        let mut args = vec!["opcua", "trust", "-c", s(&config), "--source", "press"];
+        args.extend_from_slice(extra);
+        plantrelay(&args)
+    };
+
+    let out = trust(&[]);
+    out.expect_code(1);
+    assert!(
+        out.stdout.contains("no rejected server certificate"),
+        "{}",
+        out.stdout
+    );
+    let out = plantrelay(&["opcua", "trust", "-c", s(&config), "--source", "nope"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("press"), "{}", out.stderr);
+
+    std::fs::create_dir_all(pki.join("rejected")).unwrap();
+    std::fs::write(pki.join("rejected/a [1].der"), b"server a").unwrap();
+    std::fs::write(pki.join("rejected/b [2].der"), b"server b").unwrap();
+    let (fa, fb) = (sha256_hex(b"server a"), sha256_hex(b"server b"));
+    let out = trust(&[]);
+    out.expect_code(2);
+    assert!(out.stderr.contains(&colon_hex(&fa)), "{}", out.stderr);
+    assert!(out.stderr.contains(&colon_hex(&fb)), "{}", out.stderr);
+    assert!(out.stderr.contains("--fingerprint"), "{}", out.stderr);
+    assert!(
+        !pki.join("trusted/a [1].der").exists(),
+        "nothing trusted without a choice"
+    );
+
+    let out = trust(&["--fingerprint", &colon_hex(&fa)[..11]]);
+    out.expect_code(0);
+    assert!(out.stdout.contains(&colon_hex(&fa)), "{}", out.stdout);
+    assert!(pki.join("trusted/a [1].der").exists());
+    assert!(!pki.join("rejected/a [1].der").exists());
+    assert!(pki.join("rejected/b [2].der").exists());
+
+    let out = trust(&["--fingerprint", "00000000"]);
+    out.expect_code(2);
+    let out = trust(&["--all"]);
+    out.expect_code(0);
+    assert!(pki.join("trusted/b [2].der").exists());
+}
