@@ -449,3 +449,96 @@ async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
     a.shutdown().await;
     press.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_node_is_shown_and_retried_without_blocking_the_others() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let missing = press_node("Mode");
+    let extra_node = format!(
+        "\n[[sources.opcua.nodes]]\nnode_id = \"{missing}\"\nstream = \"line1/press/mode\"\n"
+    );
+    let unknown_ns =
+        "\n[[sources.opcua.nodes]]\nnode_id = \"nsu=urn:nowhere;s=X\"\nstream = \"line1/x\"\n";
+    let text =
+        press_source_toml("press", &press.endpoint(), NO_SECURITY) + &extra_node + unknown_ns;
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    assert!(wait_flag(&st, true, WAIT).await.is_some());
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
+    })
+    .await;
+    assert!(events.iter().filter(|e| node_is(e, "Counter")).count() >= 5);
+    let bad = st.snapshot().bad_nodes;
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    let mode = bad
+        .iter()
+        .find(|b| b.node_id == missing)
+        .expect("missing node listed");
+    assert!(mode.status.contains("BadNodeIdUnknown"), "{mode:?}");
+    let nowhere = bad
+        .iter()
+        .find(|b| b.node_id == "nsu=urn:nowhere;s=X")
+        .unwrap();
+    assert!(
+        nowhere.status.contains("BadNamespaceUnknown"),
+        "{nowhere:?}"
+    );
+
+    // The node appears on the server: the retry picks it up.
+    press.add_node("Mode", 3);
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().bad_nodes.len() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st.snapshot().bad_nodes.len(), 1, "{:?}", st.snapshot());
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().any(|e| node_is(e, "Mode"))
+    })
+    .await;
+    let mode_event = events
+        .iter()
+        .find(|e| node_is(e, "Mode"))
+        .expect("Mode journaled");
+    assert_eq!(data(mode_event)["value"], 3);
+    assert!(st.connected.load(Ordering::Relaxed));
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_leaves_the_agent_running_and_the_source_disconnected() {
+    let h = Harness::new().await;
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let endpoint = format!("opc.tcp://127.0.0.1:{port}/");
+    let text = press_source_toml("press", &endpoint, NO_SECURITY);
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().last_error.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snap = st.snapshot();
+    assert!(snap.started && !snap.connected, "{snap:?}");
+    let err = snap.last_error.unwrap_or_default();
+    assert!(err.contains(&endpoint), "{err}");
+    // The HTTP source still takes events.
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let (code, _) = support::agent::post(
+        &support::agent::http_client(),
+        &url,
+        &support::agent::mes_events("m", 3, 1),
+    )
+    .await;
+    assert_eq!(code, 202);
+    a.shutdown().await;
+}

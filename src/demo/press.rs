@@ -71,6 +71,7 @@ pub struct SimPress {
     server: JoinHandle<()>,
     ticker: JoinHandle<()>,
     running: tokio::sync::watch::Sender<bool>,
+    nm: Arc<SimpleNodeManager>,
     ns: u16,
 }
 
@@ -189,7 +190,7 @@ impl SimPress {
         });
         let (running, running_rx) = tokio::sync::watch::channel(!opts.paused);
         let ticker = tokio::spawn(tick(
-            nm,
+            nm.clone(),
             handle.clone(),
             ids,
             opts.tick,
@@ -202,6 +203,7 @@ impl SimPress {
             server,
             ticker,
             running,
+            nm,
             ns,
         })
     }
@@ -225,6 +227,17 @@ impl SimPress {
         self.ticker.abort();
         self.handle.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+
+    /// Adds the Int32 variable `Press.<name>` (a node that was missing).
+    pub fn add_node(&self, name: &str, value: i32) {
+        let id = NodeId::new(self.ns, format!("Press.{name}"));
+        let space = self.nm.address_space();
+        let mut space = space.write();
+        let _ = space.add_variables(
+            vec![opcua::nodes::Variable::new(&id, name, name, value)],
+            &NodeId::new(self.ns, "Press"),
+        );
     }
 
     /// Pauses the value changes (the server keeps answering).

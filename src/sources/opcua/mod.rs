@@ -69,7 +69,7 @@
 //! A node whose namespace URI is not on the server, or whose monitored item
 //! the server refuses (`BadNodeIdUnknown`, …), does not block the others:
 //! it is listed in the source status (`bad_nodes`) and retried every
-//! [`NODE_RETRY`] on the live session.
+//! [`NODE_RETRY`] on the live session (5 s).
 //!
 //! # Back-pressure
 //!
@@ -125,7 +125,7 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Added to the keep-alive window before the publish watchdog fires.
 pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
 /// How often nodes the server refused are tried again.
-pub const NODE_RETRY: Duration = Duration::from_secs(10);
+pub const NODE_RETRY: Duration = Duration::from_secs(5);
 /// Notifications waiting for the journal before a warning.
 pub const BACKLOG_WARN: usize = 100_000;
 /// Most notifications the server may put in one publish response.
