@@ -322,11 +322,20 @@ impl OpcuaSource {
         let result = loop {
             generation += 1;
             let started = Instant::now();
+            let generation_run = self.generation(&client, &feed, &status, &shutdown, generation);
+            tokio::pin!(generation_run);
             let outcome = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break Ok(()),
                 r = &mut appender => break appender_result(&self.name, r),
-                r = self.generation(&client, &feed, &status, &shutdown, generation) => r,
+                r = &mut generation_run => r,
+                () = shutdown.cancelled() => {
+                    // A live session sees the shutdown too and closes itself
+                    // (CloseSession); one still connecting is dropped.
+                    if status.connected.load(Ordering::Relaxed) {
+                        let _ = tokio::time::timeout(Duration::from_secs(3), &mut generation_run).await;
+                    }
+                    break Ok(());
+                }
             };
             status.connected.store(false, Ordering::Relaxed);
             match outcome {
@@ -973,6 +982,14 @@ impl Driver {
     }
 
     fn abort(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Driver {
+    /// The event loop owns the connection: a generation that ends in any
+    /// way (including being dropped) ends its connection.
+    fn drop(&mut self) {
         self.task.abort();
     }
 }
@@ -1072,58 +1089,61 @@ struct Appender {
 impl Appender {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) -> Result<(), SourceError> {
         let mut items = Vec::with_capacity(256);
-        let mut events = Vec::with_capacity(BATCH_MAX);
+        let mut batch: Vec<(usize, DataValue, bool)> = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut items, 256).await > 0 {
             for item in items.drain(..) {
                 match item {
                     Item::Names(names) => {
+                        // Names apply to what comes after them: store what
+                        // came before first.
+                        self.commit(&mut batch).await?;
                         for (i, name) in names {
                             if let Some(slot) = self.names.get_mut(i) {
                                 *slot = name;
                             }
                         }
                     }
-                    Item::Change { index, value } => {
-                        if let Some(node) = self.nodes.get(index) {
-                            events.push(self.mapper.map(node, &self.names[index], &value, false));
-                        }
-                    }
+                    Item::Change { index, value } => batch.push((index, value, false)),
                     Item::Resync(values) => {
-                        for (index, value) in values {
-                            if let Some(node) = self.nodes.get(index) {
-                                events.push(self.mapper.map(
-                                    node,
-                                    &self.names[index],
-                                    &value,
-                                    true,
-                                ));
-                            }
-                        }
+                        batch.extend(values.into_iter().map(|(i, v)| (i, v, true)));
                     }
                 }
-                if events.len() >= BATCH_MAX {
-                    self.commit(std::mem::take(&mut events)).await?;
+                if batch.len() >= BATCH_MAX {
+                    self.commit(&mut batch).await?;
                 }
             }
-            if !events.is_empty() {
-                self.commit(std::mem::take(&mut events)).await?;
-            }
+            self.commit(&mut batch).await?;
         }
         Ok(())
     }
 
-    /// Appends (retrying until the journal takes it) and counts.
-    async fn commit(&mut self, events: Vec<NewEvent>) -> Result<(), SourceError> {
-        let n = events.len();
+    /// Maps and appends the batch (retrying until the journal takes it),
+    /// counts, and empties it.
+    async fn commit(
+        &mut self,
+        batch: &mut Vec<(usize, DataValue, bool)>,
+    ) -> Result<(), SourceError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len();
         let mut attempt = 0u32;
         loop {
-            match self.journal.append(events.clone()).await {
+            let events: Vec<NewEvent> = batch
+                .iter()
+                .filter_map(|(index, value, resync)| {
+                    let node = self.nodes.get(*index)?;
+                    Some(self.mapper.map(node, &self.names[*index], value, *resync))
+                })
+                .collect();
+            let mapped = events.len() as u64;
+            match self.journal.append(events).await {
                 Ok(outcomes) => {
                     let duplicates = outcomes
                         .iter()
                         .filter(|o| matches!(o, AppendOutcome::Duplicate { .. }))
                         .count() as u64;
-                    self.status.record_events(n as u64 - duplicates, duplicates);
+                    self.status.record_events(mapped - duplicates, duplicates);
                     let _ = self
                         .backlog
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
@@ -1132,6 +1152,7 @@ impl Appender {
                     if attempt > 0 {
                         info!(source = %self.name, attempts = attempt + 1, "journal append succeeded again");
                     }
+                    batch.clear();
                     return Ok(());
                 }
                 Err(JournalError::Closed) => {
