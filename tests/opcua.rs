@@ -542,3 +542,42 @@ async fn an_unreachable_server_leaves_the_agent_running_and_the_source_disconnec
     assert_eq!(code, 202);
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_server_certificate_is_accepted_and_a_wrong_pin_refused() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let good = server_cert_sha256(&opts.pki_dir).unwrap();
+    let wrong: String = good.chars().rev().collect();
+    let sign = |pin: &str| {
+        format!(
+            "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"Sign\"\nserver_cert_sha256 = \"{pin}\""
+        )
+    };
+    let text = press_source_toml("pinned", &press.endpoint(), &sign(&good))
+        + &press_source_toml("mispinned", &press.endpoint(), &sign(&wrong));
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let pinned = status(&a, "pinned");
+    let mispinned = status(&a, "mispinned");
+    assert!(
+        wait_flag(&pinned, true, WAIT).await.is_some(),
+        "{:?}",
+        pinned.snapshot()
+    );
+    let events = wait_journal(&h, "pinned", WAIT, |ev| ev.len() >= 5).await;
+    assert!(events.len() >= 5);
+    let deadline = Instant::now() + WAIT;
+    while mispinned.snapshot().last_error.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = mispinned.snapshot().last_error.unwrap_or_default();
+    assert!(err.contains("does not match server_cert_sha256"), "{err}");
+    assert!(!mispinned.connected.load(Ordering::Relaxed));
+    assert!(journal_events(&h, "mispinned").is_empty());
+    a.shutdown().await;
+    press.stop().await;
+}
