@@ -25,6 +25,7 @@ use crate::sinks::Forwarder;
 use crate::sinks::https::HttpsSink;
 use crate::sources::http::HttpSource;
 use crate::sources::mqtt::MqttSource;
+use crate::sources::opcua::OpcuaSource;
 use crate::status::{SinkStatus, SourceStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +62,6 @@ pub fn unsupported(config: &Config) -> Vec<ConfigIssue> {
             ),
         })
     };
-    for (i, _) in config.sources.opcua.iter().enumerate() {
-        push(format!("sources.opcua[{i}]"), "OPC UA sources");
-    }
     for (i, _) in config.sinks.mqtt.iter().enumerate() {
         push(format!("sinks.mqtt[{i}]"), "MQTT sinks");
     }
@@ -160,6 +158,12 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
             .map_err(|e| AgentError::Startup(e.to_string()))?;
         mqtt_sources.push((cfg.name.clone(), source));
     }
+    let mut opcua_sources = Vec::new();
+    for cfg in &config.sources.opcua {
+        let source = OpcuaSource::new(cfg, &config.agent.id, &config.agent.state_dir)
+            .map_err(|e| AgentError::Startup(e.to_string()))?;
+        opcua_sources.push((cfg.name.clone(), source));
+    }
     let mut sinks = Vec::new();
     for cfg in &config.sinks.https {
         let sink = HttpsSink::new(cfg, &config.agent.id)
@@ -175,9 +179,14 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         .iter()
         .map(|(name, _)| Arc::new(SourceStatus::new(name, "mqtt")))
         .collect();
+    let opcua_status: Vec<Arc<SourceStatus>> = opcua_sources
+        .iter()
+        .map(|(name, _)| Arc::new(SourceStatus::new(name, "opcua")))
+        .collect();
     let source_status: Vec<Arc<SourceStatus>> = source_status
         .into_iter()
         .chain(mqtt_status.clone())
+        .chain(opcua_status.clone())
         .collect();
     let sink_status: Vec<Arc<SinkStatus>> = sinks
         .iter()
@@ -218,6 +227,14 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         source_tasks.push(tokio::spawn(async move {
             if let Err(e) = source.run(journal, status, stop).await {
                 error!(source = %name, error = %e, "MQTT source stopped with an error");
+            }
+        }));
+    }
+    for ((name, source), status) in opcua_sources.into_iter().zip(&opcua_status) {
+        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
+        source_tasks.push(tokio::spawn(async move {
+            if let Err(e) = source.run(journal, status, stop).await {
+                error!(source = %name, error = %e, "OPC UA source stopped with an error");
             }
         }));
     }

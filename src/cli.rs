@@ -335,3 +335,106 @@ pub fn short_duration(d: Duration) -> String {
         format!("{:.1}s", d.as_secs_f64())
     }
 }
+
+/// `plantrelay opcua trust`: moves the rejected server certificate(s) of an
+/// OPC UA source to `trusted/`. Returns the exit status: 0 when something
+/// was trusted, 1 when there was nothing to trust.
+pub fn opcua_trust(
+    config: &Config,
+    source: &str,
+    fingerprint: Option<&str>,
+    all: bool,
+    out: &mut impl Write,
+) -> Result<u8, CliError> {
+    use crate::sources::opcua::pki;
+    if !config.sources.opcua.iter().any(|s| s.name == source) {
+        let names: Vec<&str> = config
+            .sources
+            .opcua
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        return Err(CliError::usage(format!(
+            "no [[sources.opcua]] named `{source}` in the config (OPC UA sources: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        )));
+    }
+    let dir = pki::source_dir(&config.agent.state_dir, source);
+    let rejected = pki::list(&dir, "rejected").map_err(CliError::runtime)?;
+    let io = |e: std::io::Error| CliError::runtime(e.to_string());
+    if rejected.is_empty() {
+        writeln!(
+            out,
+            "no rejected server certificate in {}",
+            dir.join("rejected").display()
+        )
+        .map_err(io)?;
+        for c in pki::list(&dir, "trusted").map_err(CliError::runtime)? {
+            writeln!(
+                out,
+                "trusted: {}  sha256 {}  ({})",
+                c.subject,
+                pki::colon_hex(&c.sha256),
+                c.path.display()
+            )
+            .map_err(io)?;
+        }
+        return Ok(1);
+    }
+    let chosen: Vec<&pki::CertFile> = match (fingerprint, all) {
+        (Some(f), _) => {
+            let norm: String = f
+                .chars()
+                .filter(|c| *c != ':')
+                .collect::<String>()
+                .to_ascii_lowercase();
+            if norm.len() < 8 || !norm.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(CliError::usage(
+                    "--fingerprint needs at least 8 hex digits of the SHA-256",
+                ));
+            }
+            let m: Vec<&pki::CertFile> = rejected
+                .iter()
+                .filter(|c| c.sha256.starts_with(&norm))
+                .collect();
+            if m.is_empty() {
+                return Err(CliError::usage(format!(
+                    "no rejected certificate has a SHA-256 starting with {f}"
+                )));
+            }
+            m
+        }
+        (None, true) => rejected.iter().collect(),
+        (None, false) if rejected.len() == 1 => rejected.iter().collect(),
+        (None, false) => {
+            let mut text = format!(
+                "{} rejected certificates; pick one with --fingerprint or trust all with --all:",
+                rejected.len()
+            );
+            for c in &rejected {
+                text.push_str(&format!(
+                    "\n  {}  sha256 {}",
+                    c.subject,
+                    pki::colon_hex(&c.sha256)
+                ));
+            }
+            return Err(CliError::usage(text));
+        }
+    };
+    for c in chosen {
+        let to = pki::trust(&dir, c).map_err(CliError::runtime)?;
+        writeln!(
+            out,
+            "trusted: {}  sha256 {}  → {}",
+            c.subject,
+            pki::colon_hex(&c.sha256),
+            to.display()
+        )
+        .map_err(io)?;
+    }
+    Ok(0)
+}

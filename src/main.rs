@@ -84,6 +84,11 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// OPC UA server certificates of a source.
+    Opcua {
+        #[command(subcommand)]
+        command: OpcuaCommand,
+    },
     /// Everything in one process: a simulated MES, the agent and an upstream
     /// receiver that drops out for a while; ends with a delivery verdict.
     Demo {
@@ -122,6 +127,33 @@ struct StatusArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+}
+
+#[derive(Subcommand)]
+enum OpcuaCommand {
+    /// Trust the server certificate(s) the source refused: moves them from
+    /// `<state_dir>/pki/<source>/rejected/` to `trusted/` and prints each
+    /// one's SHA-256 fingerprint. Compare the fingerprint with the one the
+    /// server shows before trusting. With one rejected certificate it is
+    /// trusted; with several, name one with --fingerprint or pass --all.
+    /// Without a rejected certificate it lists the trusted ones and exits 1.
+    /// A running agent picks the change up at its next connection attempt.
+    #[command(
+        after_help = "Example:\n  plantrelay opcua trust -c /etc/plantrelay/plantrelay.toml --source press-line-3\n  plantrelay opcua trust -c FILE --source press-line-3 --fingerprint 3f:a2:9c:01"
+    )]
+    Trust {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The `[[sources.opcua]]` name.
+        #[arg(long)]
+        source: String,
+        /// Trust only the certificate whose SHA-256 starts with this (hex, colons allowed, ≥ 8 digits).
+        #[arg(long, conflicts_with = "all")]
+        fingerprint: Option<String>,
+        /// Trust every rejected certificate.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,9 +197,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         // The embedded broker logs its own client hang-ups at the end of
-        // the demo as errors; they are not the agent's.
-        Command::Demo { .. } => "error,rumqttd=off",
-        _ => "info",
+        // the demo as errors, and async-opcua the press restart the demo
+        // stages; they are not the agent's.
+        Command::Demo { .. } => {
+            "error,rumqttd=off,opcua_client=off,opcua_core=off,opcua_server=off,opcua_crypto=off"
+        }
+        // async-opcua narrates every connect at info; the source logs the
+        // connection story itself.
+        _ => "info,opcua_client=warn,opcua_core=warn,opcua_crypto=warn",
     };
     logging::init(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -263,6 +300,21 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
         Command::Man => plantrelay::manpage::render(Cli::command(), &mut out)
             .map(|_| 0)
             .map_err(|e| CliError::runtime(format!("cannot write the manual page: {e}"))),
+        Command::Opcua {
+            command:
+                OpcuaCommand::Trust {
+                    config,
+                    source,
+                    fingerprint,
+                    all,
+                },
+        } => cli::opcua_trust(
+            &cli::load_config(&config.config)?,
+            &source,
+            fingerprint.as_deref(),
+            all,
+            &mut out,
+        ),
         Command::Demo { duration, keep } => {
             drop(out);
             plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })

@@ -25,6 +25,9 @@ pub struct SourceStatus {
     /// µs since the epoch; 0 = never.
     pub last_event_us: AtomicI64,
     pub last_error: Mutex<Option<(i64, String)>>,
+    /// OPC UA: nodes the server refused or that could not be resolved
+    /// (node id, status name), retried by the source.
+    pub bad_nodes: Mutex<Vec<(String, String)>>,
 }
 
 impl SourceStatus {
@@ -39,6 +42,14 @@ impl SourceStatus {
             rejects: AtomicU64::new(0),
             last_event_us: AtomicI64::new(0),
             last_error: Mutex::new(None),
+            bad_nodes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Replaces the list of refused nodes (OPC UA).
+    pub fn set_bad_nodes(&self, nodes: Vec<(String, String)>) {
+        if let Ok(mut b) = self.bad_nodes.lock() {
+            *b = nodes;
         }
     }
 
@@ -75,6 +86,18 @@ impl SourceStatus {
             last_event_us: (last_event > 0).then_some(last_event),
             last_error: last_error.as_ref().map(|(_, m)| m.clone()),
             last_error_time: last_error.map(|(t, _)| rfc3339_us(t)),
+            bad_nodes: self
+                .bad_nodes
+                .lock()
+                .map(|b| {
+                    b.iter()
+                        .map(|(node_id, status)| BadNodeSnapshot {
+                            node_id: node_id.clone(),
+                            status: status.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -94,6 +117,16 @@ pub struct SourceSnapshot {
     pub last_event_us: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_time: Option<String>,
+    /// OPC UA nodes not monitored right now, and why; omitted when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bad_nodes: Vec<BadNodeSnapshot>,
+}
+
+/// A node an OPC UA source cannot monitor right now (retried).
+#[derive(Debug, Clone, Serialize)]
+pub struct BadNodeSnapshot {
+    pub node_id: String,
+    pub status: String,
 }
 
 /// How a sink is doing, as the central team sees it.

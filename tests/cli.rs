@@ -564,18 +564,12 @@ fn check_config_names_a_config_file_that_does_not_exist() {
     );
 }
 
-/// A section of a later release: an OPC UA source. (The brief's example was
-/// `[[sources.mqtt]]`, but MQTT sources are being built now; OPC UA sources
-/// are the section furthest out. Switch to another `agent::unsupported`
-/// section should these land.)
-const OPCUA_SOURCE: &str = r#"
-[[sources.opcua]]
-name = "press-line-3"
-endpoint = "opc.tcp://10.0.3.10:4840"
-
-[[sources.opcua.nodes]]
-node_id = "ns=2;s=Press07.State"
-stream = "line3/press07"
+/// A section of a later release: a NATS JetStream sink. (Switch to another
+/// `agent::unsupported` section should it land.)
+const LATER_SECTION: &str = r#"
+[[sinks.jetstream]]
+name = "hub"
+url = "nats://nats.example.com:4222"
 "#;
 
 #[test]
@@ -583,11 +577,11 @@ fn check_config_refuses_a_section_of_a_later_release_as_not_yet_supported() {
     let dir = tempfile::tempdir().unwrap();
     let config = valid_config(dir.path());
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(OPCUA_SOURCE);
+    text.push_str(LATER_SECTION);
     std::fs::write(&config, text).unwrap();
     let out = plantrelay(&["check-config", "-c", s(&config)]);
     out.expect_code(2);
-    assert!(out.stderr.contains("sources.opcua[0]"), "{}", out.stderr);
+    assert!(out.stderr.contains("sinks.jetstream[0]"), "{}", out.stderr);
     assert!(out.stderr.contains("not yet supported"), "{}", out.stderr);
     assert!(out.stderr.contains(s(&config)), "{}", out.stderr);
     assert!(out.stdout.is_empty(), "{}", out.stdout);
@@ -602,11 +596,11 @@ async fn run_refuses_a_section_of_a_later_release_with_exit_2_before_touching_th
         "",
         "",
     );
-    text.push_str(OPCUA_SOURCE);
+    text.push_str(LATER_SECTION);
     let config = h.write_config(&text);
     let out = plantrelay_async(&["run", "-c", s(&config)]).await;
     out.expect_code(2);
-    assert!(out.stderr.contains("sources.opcua[0]"), "{}", out.stderr);
+    assert!(out.stderr.contains("sinks.jetstream[0]"), "{}", out.stderr);
     assert!(out.stderr.contains("not yet supported"), "{}", out.stderr);
     assert!(
         !h.state_dir().join("journal.db").exists(),
@@ -1385,4 +1379,72 @@ async fn a_journal_path_that_is_a_directory_passes_the_config_check_but_run_exit
         out.stderr
     );
     assert!(journal.is_dir(), "the directory is left alone");
+}
+
+// ----------------------------------------------------------- opcua trust ---
+
+const PRESS_SOURCE: &str = r#"
+[[sources.opcua]]
+name = "press"
+endpoint = "opc.tcp://127.0.0.1:4840"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+
+[[sources.opcua.nodes]]
+node_id = "nsu=urn:press;s=State"
+stream = "line1/press"
+"#;
+
+#[test]
+fn opcua_trust_moves_rejected_server_certificates_and_asks_which_among_several() {
+    use plantrelay::sources::opcua::pki::{colon_hex, sha256_hex};
+    let dir = tempfile::tempdir().unwrap();
+    let config = valid_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(PRESS_SOURCE);
+    std::fs::write(&config, text).unwrap();
+    let pki = dir.path().join("state/pki/press");
+    let trust = |extra: &[&str]| {
+        let mut args = vec!["opcua", "trust", "-c", s(&config), "--source", "press"];
+        args.extend_from_slice(extra);
+        plantrelay(&args)
+    };
+
+    let out = trust(&[]);
+    out.expect_code(1);
+    assert!(
+        out.stdout.contains("no rejected server certificate"),
+        "{}",
+        out.stdout
+    );
+    let out = plantrelay(&["opcua", "trust", "-c", s(&config), "--source", "nope"]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("press"), "{}", out.stderr);
+
+    std::fs::create_dir_all(pki.join("rejected")).unwrap();
+    std::fs::write(pki.join("rejected/a [1].der"), b"server a").unwrap();
+    std::fs::write(pki.join("rejected/b [2].der"), b"server b").unwrap();
+    let (fa, fb) = (sha256_hex(b"server a"), sha256_hex(b"server b"));
+    let out = trust(&[]);
+    out.expect_code(2);
+    assert!(out.stderr.contains(&colon_hex(&fa)), "{}", out.stderr);
+    assert!(out.stderr.contains(&colon_hex(&fb)), "{}", out.stderr);
+    assert!(out.stderr.contains("--fingerprint"), "{}", out.stderr);
+    assert!(
+        !pki.join("trusted/a [1].der").exists(),
+        "nothing trusted without a choice"
+    );
+
+    let out = trust(&["--fingerprint", &colon_hex(&fa)[..11]]);
+    out.expect_code(0);
+    assert!(out.stdout.contains(&colon_hex(&fa)), "{}", out.stdout);
+    assert!(pki.join("trusted/a [1].der").exists());
+    assert!(!pki.join("rejected/a [1].der").exists());
+    assert!(pki.join("rejected/b [2].der").exists());
+
+    let out = trust(&["--fingerprint", "00000000"]);
+    out.expect_code(2);
+    let out = trust(&["--all"]);
+    out.expect_code(0);
+    assert!(pki.join("trusted/b [2].der").exists());
 }

@@ -219,6 +219,9 @@ pub struct OpcuaSourceConfig {
     #[serde(default = "default_keep_alive_count")]
     pub keep_alive_count: u32,
     /// Subscription lifetime count, at least 3 × `keep_alive_count`. Default: `30`.
+    /// The server must answer a publish request at least every
+    /// `publishing_interval` × `keep_alive_count` (10 s by default); a server
+    /// silent for longer is treated as lost and reconnected.
     #[serde(default = "default_lifetime_count")]
     pub lifetime_count: u32,
     /// Timeout for connecting and activating the session. Default: `"10s"`.
@@ -325,8 +328,9 @@ pub struct OpcuaNodeConfig {
     #[serde(default)]
     pub deadband: Option<Deadband>,
     /// Map from integer values to names (TOML keys are the integers as
-    /// strings, e.g. `{ "0" = "stopped", "1" = "running" }`); mapped values
-    /// are forwarded as `{ "value": 1, "name": "running" }`. Default: none.
+    /// strings, e.g. `{ "0" = "STOPPED", "1" = "RUNNING" }`); a mapped value
+    /// is forwarded with its name in `data.state` beside `data.value`.
+    /// Default: none.
     #[serde(default, deserialize_with = "state_map")]
     pub state_map: Option<BTreeMap<i64, String>>,
 }

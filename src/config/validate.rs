@@ -404,7 +404,11 @@ fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
 }
 
 fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
-    if let Err(message) = check_node_id(&node.node_id) {
+    // The syntax check, then the parser the source itself uses: what passes
+    // here is what the source can subscribe to.
+    if let Err(message) = check_node_id(&node.node_id)
+        .and_then(|()| crate::sources::opcua::parse_node_id(&node.node_id).map(|_| ()))
+    {
         issues.push(format!("{p}.node_id"), message);
     }
     issues.non_empty(format!("{p}.stream"), &node.stream);

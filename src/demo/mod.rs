@@ -3,11 +3,13 @@
 //! delivered/lost/duplicated/out-of-order verdict.
 //!
 //! [`machines`] is the embedded MQTT broker and the simulated machines.
+//! [`press`] is the simulated OPC UA press (an async-opcua server).
 //! [`receiver`] is the embedded HTTPS upstream the demo, the integration tests
 //! and the benchmarks forward to. Nothing under `demo` is used by `plantrelay
 //! run`.
 
 pub mod machines;
+pub mod press;
 pub mod receiver;
 mod scenario;
 

@@ -2,6 +2,7 @@
 //! loopback, with nothing to prepare. A simulated MES posts production events
 //! over six streams to the HTTP ingest; the agent journals and forwards them
 //! to an embedded HTTPS receiver that goes down for a while in the middle;
+//! a simulated OPC UA press is subscribed and restarted once mid-demo;
 //! the receiver then judges what arrived (delivered, lost, duplicates, out
 //! of order) against what the agent acknowledged to the MES.
 //!
@@ -92,6 +93,10 @@ pub async fn run(opts: DemoOptions) -> Result<u8, String> {
             .map_err(|e| e.to_string())?,
     );
     let broker = super::machines::EmbeddedBroker::start().await?;
+    let mut press_opts = super::press::PressOptions::new(dir.path().join("press-pki"));
+    press_opts.tick = Duration::from_millis(250);
+    let press = super::press::SimPress::start(&press_opts).await?;
+    press_opts.port = press.addr().port();
     let state_dir = dir.path().join("state");
     let mut toml = format!(
         r#"
@@ -123,6 +128,7 @@ retry_max = "2s"
         ca = paths.ca.display(),
     );
     toml.push_str(&super::machines::sources_toml(&broker));
+    toml.push_str(&press_source_toml(&press.endpoint()));
     let config_path = dir.path().join("plantrelay.toml");
     std::fs::write(&config_path, &toml)
         .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
@@ -147,6 +153,11 @@ retry_max = "2s"
         broker.url()
     );
     println!(
+        "  press ──OPC UA──► simulated press {} (restarted at {}, namespace index moved) ──► plantrelay",
+        press.endpoint(),
+        crate::cli::short_duration(opts.duration / 2)
+    );
+    println!(
         "  MES ──HTTP──► plantrelay (journal: {}) ──HTTPS──► central receiver {}",
         agent.journal.path().display(),
         receiver.url()
@@ -167,6 +178,7 @@ retry_max = "2s"
     let acked_ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     super::machines::wait_until_subscribed(&agent.view.sources).await?;
+    wait_opcua(&agent.view.sources, true, Duration::from_secs(30)).await?;
     let fleet_counters = Arc::new(super::machines::FleetCounters::default());
     let fleet = tokio::spawn(super::machines::run_fleet(
         broker.addr(),
@@ -257,6 +269,27 @@ retry_max = "2s"
         })
     };
 
+    // The press restarts mid-demo with its namespace array reordered.
+    let press_task = {
+        let sources = agent.view.sources.clone();
+        let restart_at = opts.duration / 2;
+        tokio::spawn(async move {
+            tokio::time::sleep(restart_at).await;
+            let before = opcua_events(&sources);
+            press.stop().await;
+            let _ = wait_opcua(&sources, false, Duration::from_secs(10)).await;
+            press_opts.reorder = true;
+            let press = super::press::SimPress::start(&press_opts).await?;
+            let up = Instant::now();
+            wait_opcua(&sources, true, Duration::from_secs(30)).await?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while opcua_events(&sources) <= before + 3 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, String>((press, up.elapsed()))
+        })
+    };
+
     let tty = std::io::stdout().is_terminal();
     let progress = |final_line: bool| {
         let st = agent
@@ -297,6 +330,8 @@ retry_max = "2s"
     }
     let mes_result = mes.await.map_err(|e| e.to_string())?;
     mes_result?;
+    let (press, press_recovery) = press_task.await.map_err(|e| e.to_string())??;
+    press.pause();
     fleet.await.map_err(|e| e.to_string())??;
     outage_task
         .await
@@ -334,6 +369,10 @@ retry_max = "2s"
     let mut acked = acked_ids.lock().await.clone();
     let mes_acked = acked.len();
     acked.extend(fleet_counters.acked_ids());
+    // Every OPC UA data change the agent journaled must be delivered too.
+    let press_ids = journaled_ids(&agent.journal, "press");
+    let press_changes = press_ids.len();
+    acked.extend(press_ids);
     let lost = acked.iter().filter(|id| !received.contains(*id)).count() as u64;
     let st = agent
         .view
@@ -381,6 +420,10 @@ retry_max = "2s"
         fleet_counters.published.load(Ordering::Relaxed),
         fleet_counters.acked.load(Ordering::Relaxed),
     );
+    println!(
+        "OPC UA press: {press_changes} data changes journaled; the press restarted with its namespace index moved, data changes resumed {} ms after it was back, with a resync snapshot",
+        press_recovery.as_millis()
+    );
     let ok = lost == 0 && verdict.out_of_order == 0 && verdict.missing == 0;
     println!(
         "result: {} (lost {lost}, out of order {}, duplicates at the receiver {} — those carry the same id and Idempotency-Key, so the upstream drops them)",
@@ -389,6 +432,7 @@ retry_max = "2s"
         verdict.duplicates
     );
     agent.shutdown().await;
+    press.stop().await;
     receiver.stop().await;
     if opts.keep {
         let kept = dir.keep();
@@ -399,4 +443,90 @@ retry_max = "2s"
         );
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// The simulated press's `[[sources.opcua]]` section.
+fn press_source_toml(endpoint: &str) -> String {
+    use super::press::press_node;
+    format!(
+        r#"
+[[sources.opcua]]
+name = "press"
+endpoint = "{endpoint}"
+security_policy = "None"
+security_mode = "None"
+publishing_interval = "250ms"
+keep_alive_count = 4
+lifetime_count = 12
+connect_timeout = "3s"
+
+[[sources.opcua.nodes]]
+node_id = "{state}"
+stream = "line1/press/state"
+state_map = {{ "0" = "STOPPED", "1" = "RUNNING", "2" = "FAULT" }}
+
+[[sources.opcua.nodes]]
+node_id = "{counter}"
+stream = "line1/press/process"
+sampling_interval = "100ms"
+
+[[sources.opcua.nodes]]
+node_id = "{temperature}"
+stream = "line1/press/process"
+sampling_interval = "100ms"
+"#,
+        state = press_node("State"),
+        counter = press_node("Counter"),
+        temperature = press_node("Temperature"),
+    )
+}
+
+/// Waits until the OPC UA sources are all connected (or all not).
+async fn wait_opcua(
+    sources: &[Arc<crate::status::SourceStatus>],
+    connected: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while sources
+        .iter()
+        .any(|s| s.kind == "opcua" && s.connected.load(Ordering::Relaxed) != connected)
+    {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the agent's OPC UA source did not {} the simulated press within {}",
+                if connected {
+                    "connect to"
+                } else {
+                    "notice the loss of"
+                },
+                crate::cli::short_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Events the OPC UA sources stored so far.
+fn opcua_events(sources: &[Arc<crate::status::SourceStatus>]) -> u64 {
+    sources
+        .iter()
+        .filter(|s| s.kind == "opcua")
+        .map(|s| s.events.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// The ids of every event `source` stored in the journal.
+fn journaled_ids(journal: &crate::journal::Journal, source: &str) -> Vec<String> {
+    let Ok(reader) = journal.reader() else {
+        return Vec::new();
+    };
+    reader
+        .events_from(0, 10_000_000)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.source == source)
+        .map(|e| e.id)
+        .collect()
 }

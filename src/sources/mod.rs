@@ -3,8 +3,10 @@
 //!
 //! - [`http`]: the MES ingest API (`POST /v1/events`).
 //! - [`mqtt`]: subscriptions on a plant MQTT broker, acked after commit.
+//! - [`opcua`]: subscriptions on an OPC UA server, resynced after every reconnect.
 //! - [`sparkplug`]: the Sparkplug B types and decoder `mqtt` uses.
 
 pub mod http;
 pub mod mqtt;
+pub mod opcua;
 pub mod sparkplug;

@@ -6,3 +6,4 @@
 
 pub mod agent;
 pub mod fault_proxy;
+pub mod opcua_server;

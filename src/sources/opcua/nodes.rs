@@ -1,0 +1,247 @@
+//! Node ids as configured (`ns=<index>;…` or `nsu=<uri>;…`), their
+//! resolution against the server's NamespaceArray of the current session,
+//! the monitored item request of a node, and the TCP connector with
+//! keepalive the sessions use.
+//!
+//! A `nsu=` node id is resolved again on every session: namespace indexes
+//! are the server's to change across restarts, URIs are not.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opcua::client::ConnectionSource;
+use opcua::client::transport::{
+    Connector, RequestRecv, SecureChannelState, StreamConnection, StreamConnector, StreamTransport,
+    TransportConfiguration,
+};
+use opcua::core::comms::tcp_codec::TcpCodec;
+use opcua::core::comms::url::hostname_port_from_url;
+use opcua::types::{
+    DecodingOptions, EndpointDescription, Error, MonitoredItemCreateRequest, MonitoringMode,
+    MonitoringParameters, NamespaceMap, NodeId, ReadValueId, StatusCode,
+};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+
+use super::mapping::NodeMeta;
+use crate::config::{Deadband, OpcuaNodeConfig};
+
+/// Where a node id's namespace comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeRef {
+    /// `ns=<index>` (or none: 0): fixed.
+    Index(NodeId),
+    /// `nsu=<uri>`: the identifier, and the URI to look up on each session.
+    Uri { uri: String, local: NodeId },
+}
+
+/// Parses a node id in standard notation, including `nsu=<uri>;`.
+pub fn parse_node_id(text: &str) -> Result<NodeRef, String> {
+    if let Some(rest) = text.strip_prefix("nsu=") {
+        let (uri, id) = rest
+            .split_once(';')
+            .ok_or_else(|| format!("`{text}`: expected `nsu=<uri>;<i|s|g|b>=<identifier>`"))?;
+        if uri.is_empty() {
+            return Err(format!("`{text}`: the namespace URI is empty"));
+        }
+        let local = NodeId::from_str(id).map_err(|_| {
+            format!("`{text}`: `{id}` is not `i=`, `s=`, `g=` or `b=` followed by an identifier")
+        })?;
+        if local.namespace != 0 {
+            return Err(format!("`{text}`: give either nsu= or ns=, not both"));
+        }
+        return Ok(NodeRef::Uri {
+            uri: uri.to_owned(),
+            local,
+        });
+    }
+    NodeId::from_str(text).map(NodeRef::Index).map_err(|_| {
+        format!("`{text}` is not a node id (expected e.g. `ns=2;s=Press07.State`, `i=2258` or `nsu=urn:plant;s=Press07.State`)")
+    })
+}
+
+/// One configured node, ready to be resolved and monitored.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub meta: NodeMeta,
+    pub node: NodeRef,
+    pub sampling_interval: Duration,
+    pub queue_size: u32,
+    pub deadband: Option<Deadband>,
+}
+
+impl NodeSpec {
+    pub fn new(cfg: &OpcuaNodeConfig) -> Result<NodeSpec, String> {
+        Ok(NodeSpec {
+            meta: NodeMeta::new(cfg),
+            node: parse_node_id(&cfg.node_id)?,
+            sampling_interval: cfg.sampling_interval,
+            queue_size: cfg.queue_size.max(1),
+            deadband: cfg.deadband,
+        })
+    }
+
+    /// The node id on this session (the reason when it cannot be resolved).
+    pub fn resolve(&self, namespaces: &NamespaceMap) -> Result<NodeId, String> {
+        match &self.node {
+            NodeRef::Index(id) => Ok(id.clone()),
+            NodeRef::Uri { uri, local } => match namespaces.get_index(uri) {
+                Some(ns) => {
+                    let mut id = local.clone();
+                    id.namespace = ns;
+                    Ok(id)
+                }
+                None => Err(format!(
+                    "BadNamespaceUnknown (namespace {uri} is not in the server's NamespaceArray)"
+                )),
+            },
+        }
+    }
+
+    /// The monitored item request; the client handle is `index + 1`.
+    pub fn request(&self, index: usize, id: NodeId) -> MonitoredItemCreateRequest {
+        MonitoredItemCreateRequest {
+            item_to_monitor: ReadValueId::from(id),
+            monitoring_mode: MonitoringMode::Reporting,
+            requested_parameters: MonitoringParameters {
+                client_handle: index as u32 + 1,
+                sampling_interval: self.sampling_interval.as_secs_f64() * 1000.0,
+                filter: super::deadband_filter(self.deadband),
+                queue_size: self.queue_size,
+                discard_oldest: true,
+            },
+        }
+    }
+}
+
+/// TCP keepalive on session sockets: first probe after this idle time.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Between keepalive probes.
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sessions connect through [`KeepaliveConnector`].
+pub struct KeepaliveSource;
+
+impl ConnectionSource for KeepaliveSource {
+    type Builder = KeepaliveConnector;
+
+    fn get_connector(&self, endpoint: &EndpointDescription) -> Result<KeepaliveConnector, Error> {
+        Ok(KeepaliveConnector {
+            url: endpoint.endpoint_url.as_ref().to_owned(),
+        })
+    }
+}
+
+/// async-opcua's TCP connector, plus TCP keepalive and no Nagle delay.
+pub struct KeepaliveConnector {
+    url: String,
+}
+
+type TcpTransport = StreamTransport<ReadHalf<TcpStream>, WriteHalf<TcpStream>>;
+
+impl Connector for KeepaliveConnector {
+    type Transport = TcpTransport;
+
+    async fn connect(
+        &self,
+        channel: Arc<SecureChannelState>,
+        outgoing_recv: RequestRecv,
+        config: TransportConfiguration,
+    ) -> Result<TcpTransport, Error> {
+        StreamConnector::new(connect_tcp, self.url.clone())
+            .connect(channel, outgoing_recv, config)
+            .await
+    }
+
+    fn default_endpoint(&self) -> EndpointDescription {
+        EndpointDescription::from(self.url.as_str())
+    }
+}
+
+async fn connect_tcp(
+    url: String,
+    decoding: DecodingOptions,
+) -> Result<StreamConnection<ReadHalf<TcpStream>, WriteHalf<TcpStream>>, Error> {
+    let (host, port) = hostname_port_from_url(&url, 4840)
+        .map_err(|e| Error::new(e, format!("endpoint URL {url} has no usable host and port")))?;
+    let stream = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| {
+            Error::new(
+                StatusCode::BadCommunicationError,
+                format!("cannot connect to {host}:{port}: {e}"),
+            )
+        })?;
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot enable TCP keepalive on the OPC UA socket");
+    }
+    let (reader, writer) = tokio::io::split(stream);
+    Ok(StreamConnection::new(
+        FramedRead::new(reader, TcpCodec::new(decoding)),
+        writer,
+        url,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_parse_with_index_or_uri() {
+        assert_eq!(
+            parse_node_id("ns=2;s=Press07.State").unwrap(),
+            NodeRef::Index(NodeId::new(2, "Press07.State"))
+        );
+        assert_eq!(
+            parse_node_id("i=2258").unwrap(),
+            NodeRef::Index(NodeId::new(0, 2258u32))
+        );
+        match parse_node_id("nsu=urn:plant:press;s=Counter").unwrap() {
+            NodeRef::Uri { uri, local } => {
+                assert_eq!(uri, "urn:plant:press");
+                assert_eq!(local, NodeId::new(0, "Counter"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "",
+            "ns=x;s=a",
+            "s",
+            "nsu=;s=a",
+            "nsu=urn:a",
+            "nsu=urn:a;ns=2;s=b",
+            "q=1",
+        ] {
+            assert!(parse_node_id(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn uri_node_ids_follow_the_namespace_index_of_the_session() {
+        let cfg = OpcuaNodeConfig {
+            node_id: "nsu=urn:press;s=State".into(),
+            stream: "s".into(),
+            sampling_interval: Duration::from_millis(100),
+            queue_size: 10,
+            deadband: None,
+            state_map: None,
+        };
+        let spec = NodeSpec::new(&cfg).unwrap();
+        let mut a = NamespaceMap::new();
+        a.add_namespace("urn:press");
+        let mut b = NamespaceMap::new();
+        b.add_namespace("urn:other");
+        b.add_namespace("urn:press");
+        let ia = spec.resolve(&a).unwrap();
+        let ib = spec.resolve(&b).unwrap();
+        assert_ne!(ia.namespace, ib.namespace);
+        assert!(spec.resolve(&NamespaceMap::new()).is_err());
+    }
+}

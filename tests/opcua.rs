@@ -1,0 +1,583 @@
+//! The OPC UA source against a real async-opcua server in process (the
+//! simulated press, `plantrelay::demo::press`, on 127.0.0.1): typed data
+//! changes and state names, a server restart that moves the namespace index,
+//! a server that stops publishing, SignAndEncrypt with an untrusted server
+//! certificate, and 1,000 monitored items.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use plantrelay::agent::{self, RunningAgent};
+use plantrelay::config::Config;
+use plantrelay::event::StoredEvent;
+use plantrelay::journal::Reader;
+use plantrelay::sources::opcua::{DATA_CHANGE_EVENT_TYPE, pki};
+use plantrelay::status::SourceStatus;
+use serde_json::Value;
+use support::agent::Harness;
+use support::fault_proxy::FaultProxy;
+use support::opcua_server::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// publishing_interval × keep_alive_count of `press_source_toml`.
+const KEEP_ALIVE_WINDOW: Duration = Duration::from_millis(1000);
+
+fn config(h: &Harness, sources: &str) -> Config {
+    let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", sources);
+    Config::load(&h.write_config(&text)).unwrap()
+}
+
+fn journal_events(h: &Harness, source: &str) -> Vec<StoredEvent> {
+    let path = h.state_dir().join("journal.db");
+    if !path.exists() {
+        return Vec::new();
+    }
+    Reader::open(&path)
+        .and_then(|r| r.events_from(0, 10_000_000))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.source == source)
+        .collect()
+}
+
+async fn wait_journal(
+    h: &Harness,
+    source: &str,
+    timeout: Duration,
+    done: impl Fn(&[StoredEvent]) -> bool,
+) -> Vec<StoredEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = journal_events(h, source);
+        if done(&events) || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status(a: &RunningAgent, name: &str) -> Arc<SourceStatus> {
+    a.view
+        .sources
+        .iter()
+        .find(|s| s.name == name)
+        .cloned()
+        .unwrap()
+}
+
+async fn wait_flag(s: &SourceStatus, want: bool, timeout: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while s.connected.load(Ordering::Relaxed) != want {
+        if t0.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Some(t0.elapsed())
+}
+
+fn data(e: &StoredEvent) -> Value {
+    serde_json::from_slice(&e.data).unwrap()
+}
+
+fn node_is(e: &StoredEvent, name: &str) -> bool {
+    data(e)["node_id"] == Value::String(press_node(name))
+}
+
+fn is_resync(e: &StoredEvent) -> bool {
+    data(e)["resync"] == Value::Bool(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_arrive_typed_with_state_names_and_are_delivered() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let cfg = config(
+        &h,
+        &press_source_toml("press", &press.endpoint(), NO_SECURITY),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    assert!(
+        wait_flag(&st, true, WAIT).await.is_some(),
+        "{:?}",
+        st.snapshot()
+    );
+
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 20
+            && ev.iter().filter(|e| node_is(e, "State")).count() >= 3
+    })
+    .await;
+    let counters: Vec<u64> = events
+        .iter()
+        .filter(|e| node_is(e, "Counter") && !is_resync(e))
+        .map(|e| data(e)["value"].as_u64().expect("UInt64 as a JSON integer"))
+        .collect();
+    assert!(counters.len() >= 15, "{counters:?}");
+    // Every change, in order, none lost (queue_size 10 > changes per publish).
+    for w in counters.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "counter values lost or reordered: {counters:?}"
+        );
+    }
+    for e in events.iter().filter(|e| node_is(e, "Temperature")) {
+        let d = data(e);
+        assert!(d["value"].is_f64(), "{d}");
+        assert_eq!(e.stream, "line1/press/temperature");
+    }
+    let names = ["STOPPED", "RUNNING", "FAULT"];
+    let mut states_seen = HashSet::new();
+    for e in events.iter().filter(|e| node_is(e, "State")) {
+        let d = data(e);
+        let v = d["value"].as_i64().expect("Int32 as a JSON integer");
+        assert_eq!(d["state"], Value::String(names[v as usize].into()), "{d}");
+        states_seen.insert(v);
+    }
+    assert!(states_seen.len() >= 2, "{states_seen:?}");
+    for e in &events {
+        let d = data(e);
+        assert_eq!(e.event_type, DATA_CHANGE_EVENT_TYPE);
+        assert_eq!(d["status_code"], "Good");
+        assert_eq!(
+            d["display_name"].as_str().map(|s| !s.is_empty()),
+            Some(true)
+        );
+        assert!(
+            d["source_timestamp"].as_str().unwrap().ends_with('Z'),
+            "{d}"
+        );
+        assert!(d["server_timestamp"].is_string(), "{d}");
+        assert_eq!(e.source_time.as_deref(), d["source_timestamp"].as_str());
+    }
+    // The start-up snapshot: one resync event per node, at most.
+    let resync = events.iter().filter(|e| is_resync(e)).count();
+    assert!((1..=3).contains(&resync), "resync events: {resync}");
+    let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), events.len(), "ids are unique per change");
+
+    // Delivered upstream, in order and complete.
+    let n = events.len();
+    assert!(
+        h.receiver.wait_for(n, WAIT).await,
+        "{:?}",
+        h.receiver.stats()
+    );
+    assert!(
+        h.receiver.verdict().is_complete_and_ordered(),
+        "{:?}",
+        h.receiver.verdict()
+    );
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_resync() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let first_ns = press.namespace_index();
+    let cfg = config(
+        &h,
+        &press_source_toml("press", &press.endpoint(), NO_SECURITY),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
+    })
+    .await;
+
+    // Stop, then start on the same port with another namespace first.
+    opts.port = press.addr().port();
+    press.stop().await;
+    assert!(
+        wait_flag(&st, false, WAIT).await.is_some(),
+        "loss not noticed"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = journal_events(&h, "press").len();
+    opts.reorder = true;
+    let press = SimPress::start(&opts).await.unwrap();
+    let up = Instant::now();
+    assert_ne!(
+        press.namespace_index(),
+        first_ns,
+        "the test must move the index"
+    );
+
+    // Events of the new server: counter values restart at 1.
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev[before.min(ev.len())..]
+            .iter()
+            .any(|e| node_is(e, "Counter") && !is_resync(e))
+    })
+    .await;
+    let recovery = up.elapsed();
+    println!(
+        "OPC UA restart recovery: first data change {} ms after the server was back (keep-alive window {} ms)",
+        recovery.as_millis(),
+        KEEP_ALIVE_WINDOW.as_millis()
+    );
+    assert!(
+        recovery <= KEEP_ALIVE_WINDOW * 2,
+        "events resumed after {recovery:?}, more than 2 × keep-alive"
+    );
+    let after = &events[before..];
+    assert!(st.connected.load(Ordering::Relaxed));
+    let resync: Vec<&StoredEvent> = after.iter().filter(|e| is_resync(e)).collect();
+    let resync_nodes: HashSet<String> = resync
+        .iter()
+        .map(|e| data(e)["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        resync.len(),
+        3,
+        "one resync snapshot of the 3 nodes: {resync:?}"
+    );
+    assert_eq!(resync_nodes.len(), 3);
+    // Resync precedes the new data changes in the journal.
+    let first_change = after.iter().position(|e| !is_resync(e)).unwrap();
+    assert!(after[..first_change].iter().all(is_resync));
+    assert!(st.snapshot().bad_nodes.is_empty(), "{:?}", st.snapshot());
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_publishing_is_detected_within_the_keep_alive_window() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let proxy = FaultProxy::start(press.addr()).await;
+    let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
+    let cfg = config(&h, &press_source_toml("press", &endpoint, NO_SECURITY));
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    wait_journal(&h, "press", WAIT, |ev| ev.len() >= 10).await;
+    assert!(st.connected.load(Ordering::Relaxed));
+
+    // TCP stays up, nothing is answered any more.
+    proxy.blackhole();
+    let detected = wait_flag(&st, false, WAIT).await.expect("never detected");
+    println!(
+        "OPC UA silent server detected after {} ms (keep-alive window {} ms)",
+        detected.as_millis(),
+        KEEP_ALIVE_WINDOW.as_millis()
+    );
+    assert!(
+        detected <= KEEP_ALIVE_WINDOW * 2,
+        "detected after {detected:?}"
+    );
+    let err = st.snapshot().last_error.unwrap_or_default();
+    assert!(
+        err.contains("stopped publishing") || err.contains("lost"),
+        "{err}"
+    );
+
+    let before = journal_events(&h, "press").len();
+    proxy.pass();
+    let back = Instant::now();
+    assert!(wait_flag(&st, true, WAIT).await.is_some());
+    let events = wait_journal(&h, "press", WAIT, |ev| ev.len() > before + 5).await;
+    assert!(events.len() > before + 5);
+    println!(
+        "OPC UA reconnected {} ms after the link came back",
+        back.elapsed().as_millis()
+    );
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_server_certificate_is_rejected_until_trusted() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let cfg = config(
+        &h,
+        &press_source_toml(
+            "press",
+            &press.endpoint(),
+            "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"SignAndEncrypt\"",
+        ),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    let pki_dir = pki::source_dir(&h.state_dir(), "press");
+    let deadline = Instant::now() + WAIT;
+    let rejected = loop {
+        let r = pki::list(&pki_dir, "rejected").unwrap();
+        if !r.is_empty() || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        rejected.len(),
+        1,
+        "the server certificate lands in rejected/"
+    );
+    assert_eq!(
+        rejected[0].sha256,
+        server_cert_sha256(&opts.pki_dir).unwrap()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!st.connected.load(Ordering::Relaxed));
+    assert!(
+        journal_events(&h, "press").is_empty(),
+        "nothing from an untrusted server"
+    );
+    let err = st.snapshot().last_error.unwrap_or_default();
+    assert!(err.contains("not trusted"), "{err}");
+
+    // Plant IT checks the fingerprint and trusts it.
+    pki::trust(&pki_dir, &rejected[0]).unwrap();
+    assert!(
+        wait_flag(&st, true, WAIT).await.is_some(),
+        "{:?}",
+        st.snapshot()
+    );
+    let events = wait_journal(&h, "press", WAIT, |ev| ev.len() >= 5).await;
+    assert!(events.len() >= 5);
+    assert!(pki::list(&pki_dir, "rejected").unwrap().is_empty());
+    assert!(pki_dir.join("own/cert.der").exists());
+    assert!(pki_dir.join("private/private.pem").exists());
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
+    const ITEMS: usize = 1000;
+    const TICKS: u64 = 30;
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    opts.load_items = ITEMS;
+    opts.max_ticks = Some(TICKS);
+    // The press starts paused: the agent must see every change, so the
+    // changes begin once it has subscribed.
+    opts.paused = true;
+    let press = SimPress::start(&opts).await.unwrap();
+    let mut nodes = String::new();
+    for i in 0..ITEMS {
+        nodes.push_str(&format!(
+            "\n[[sources.opcua.nodes]]\nnode_id = \"{}\"\nstream = \"load/{}\"\nsampling_interval = \"0s\"\nqueue_size = 20\n",
+            load_node(i),
+            i % 10
+        ));
+    }
+    let src = format!(
+        "\n[[sources.opcua]]\nname = \"load\"\nendpoint = \"{}\"\n{NO_SECURITY}\npublishing_interval = \"200ms\"\nkeep_alive_count = 10\nlifetime_count = 30\n{nodes}",
+        press.endpoint()
+    );
+    let cfg = config(&h, &src);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "load");
+    assert!(
+        wait_flag(&st, true, WAIT).await.is_some(),
+        "{:?}",
+        st.snapshot()
+    );
+    let t0 = Instant::now();
+    press.resume();
+    let events = wait_journal(&h, "load", Duration::from_secs(120), |ev| {
+        ev.iter()
+            .filter(|e| data(e)["value"].as_u64() == Some(TICKS))
+            .count()
+            >= ITEMS
+    })
+    .await;
+    let elapsed = t0.elapsed();
+    let mut per_item: BTreeMap<String, HashSet<u64>> = BTreeMap::new();
+    for e in events.iter().filter(|e| !is_resync(e)) {
+        let d = data(e);
+        per_item
+            .entry(d["node_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(d["value"].as_u64().unwrap());
+    }
+    let complete = per_item
+        .values()
+        .filter(|vals| (1..=TICKS).all(|v| vals.contains(&v)))
+        .count();
+    println!(
+        "OPC UA load: {} data changes of {ITEMS} items journaled in {} ms",
+        events.len(),
+        elapsed.as_millis()
+    );
+    let missing: Vec<(String, Vec<u64>)> = per_item
+        .iter()
+        .filter(|(_, vals)| !(1..=TICKS).all(|v| vals.contains(&v)))
+        .take(5)
+        .map(|(k, vals)| {
+            (
+                k.clone(),
+                (1..=TICKS).filter(|v| !vals.contains(v)).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        per_item.len(),
+        ITEMS,
+        "every item reported: {:?}",
+        st.snapshot()
+    );
+    assert_eq!(
+        complete, ITEMS,
+        "items with every change journaled; e.g. missing {missing:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| !is_resync(e)).count(),
+        ITEMS * TICKS as usize,
+        "exactly one event per change"
+    );
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_node_is_shown_and_retried_without_blocking_the_others() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let missing = press_node("Mode");
+    let extra_node = format!(
+        "\n[[sources.opcua.nodes]]\nnode_id = \"{missing}\"\nstream = \"line1/press/mode\"\n"
+    );
+    let unknown_ns =
+        "\n[[sources.opcua.nodes]]\nnode_id = \"nsu=urn:nowhere;s=X\"\nstream = \"line1/x\"\n";
+    let text =
+        press_source_toml("press", &press.endpoint(), NO_SECURITY) + &extra_node + unknown_ns;
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    assert!(wait_flag(&st, true, WAIT).await.is_some());
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
+    })
+    .await;
+    assert!(events.iter().filter(|e| node_is(e, "Counter")).count() >= 5);
+    let bad = st.snapshot().bad_nodes;
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    let mode = bad
+        .iter()
+        .find(|b| b.node_id == missing)
+        .expect("missing node listed");
+    assert!(mode.status.contains("BadNodeIdUnknown"), "{mode:?}");
+    let nowhere = bad
+        .iter()
+        .find(|b| b.node_id == "nsu=urn:nowhere;s=X")
+        .unwrap();
+    assert!(
+        nowhere.status.contains("BadNamespaceUnknown"),
+        "{nowhere:?}"
+    );
+
+    // The node appears on the server: the retry picks it up.
+    press.add_node("Mode", 3);
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().bad_nodes.len() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st.snapshot().bad_nodes.len(), 1, "{:?}", st.snapshot());
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().any(|e| node_is(e, "Mode"))
+    })
+    .await;
+    let mode_event = events
+        .iter()
+        .find(|e| node_is(e, "Mode"))
+        .expect("Mode journaled");
+    assert_eq!(data(mode_event)["value"], 3);
+    assert!(st.connected.load(Ordering::Relaxed));
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_leaves_the_agent_running_and_the_source_disconnected() {
+    let h = Harness::new().await;
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let endpoint = format!("opc.tcp://127.0.0.1:{port}/");
+    let text = press_source_toml("press", &endpoint, NO_SECURITY);
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().last_error.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snap = st.snapshot();
+    assert!(snap.started && !snap.connected, "{snap:?}");
+    let err = snap.last_error.unwrap_or_default();
+    assert!(err.contains(&endpoint), "{err}");
+    // The HTTP source still takes events.
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let (code, _) = support::agent::post(
+        &support::agent::http_client(),
+        &url,
+        &support::agent::mes_events("m", 3, 1),
+    )
+    .await;
+    assert_eq!(code, 202);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_server_certificate_is_accepted_and_a_wrong_pin_refused() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let good = server_cert_sha256(&opts.pki_dir).unwrap();
+    let wrong: String = good.chars().rev().collect();
+    let sign = |pin: &str| {
+        format!(
+            "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"Sign\"\nserver_cert_sha256 = \"{pin}\""
+        )
+    };
+    let text = press_source_toml("pinned", &press.endpoint(), &sign(&good))
+        + &press_source_toml("mispinned", &press.endpoint(), &sign(&wrong));
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let pinned = status(&a, "pinned");
+    let mispinned = status(&a, "mispinned");
+    assert!(
+        wait_flag(&pinned, true, WAIT).await.is_some(),
+        "{:?}",
+        pinned.snapshot()
+    );
+    let events = wait_journal(&h, "pinned", WAIT, |ev| ev.len() >= 5).await;
+    assert!(events.len() >= 5);
+    let deadline = Instant::now() + WAIT;
+    while mispinned.snapshot().last_error.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = mispinned.snapshot().last_error.unwrap_or_default();
+    assert!(err.contains("does not match server_cert_sha256"), "{err}");
+    assert!(!mispinned.connected.load(Ordering::Relaxed));
+    assert!(journal_events(&h, "mispinned").is_empty());
+    a.shutdown().await;
+    press.stop().await;
+}
