@@ -5,8 +5,10 @@
 //! - [`mqtt`]: subscriptions on a plant MQTT broker, acked after commit.
 //! - [`opcua`]: subscriptions on an OPC UA server, resynced after every reconnect.
 //! - [`sparkplug`]: the Sparkplug B types and decoder `mqtt` uses.
+//! - [`reconnect`]: the jittered reconnect delay `mqtt` and `opcua` share.
 
 pub mod http;
 pub mod mqtt;
 pub mod opcua;
+pub mod reconnect;
 pub mod sparkplug;

@@ -85,7 +85,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -104,12 +103,8 @@ use crate::tls::{self, ClientTls, TlsError};
 
 /// Most messages in one journal append.
 pub const BATCH_MAX: usize = 1000;
-/// First reconnect delay (before jitter).
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest reconnect delay (before jitter).
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A connection that lasted this long resets the reconnect delay.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+use super::reconnect::Backoff;
+pub use super::reconnect::{BACKOFF_INITIAL, BACKOFF_MAX, STABLE_AFTER};
 /// How often the same kind of problem is logged at `warn`.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -291,30 +286,6 @@ struct Done {
     epoch: u64,
     pkid: u16,
     qos: u8,
-}
-
-/// Jittered exponential reconnect delay.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            next: BACKOFF_INITIAL,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_INITIAL;
-    }
-
-    /// The delay to wait now: between half and all of the current step.
-    fn delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        step.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
 }
 
 /// One turn of the connected loop.
@@ -855,20 +826,6 @@ impl WarnLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_is_capped() {
-        let mut b = Backoff::new();
-        let first = b.delay();
-        assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL);
-        for _ in 0..20 {
-            let d = b.delay();
-            assert!(d <= BACKOFF_MAX, "{d:?}");
-        }
-        assert!(b.delay() >= BACKOFF_MAX / 2);
-        b.reset();
-        assert!(b.delay() <= BACKOFF_INITIAL);
-    }
 
     #[test]
     fn the_default_client_id_is_stable() {

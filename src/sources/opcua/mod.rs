@@ -100,7 +100,6 @@ use opcua::types::{
     MonitoredItemCreateRequest, NodeId, NotificationMessage, ReadValueId, StatusCode,
     TimestampsToReturn, Variant,
 };
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -116,12 +115,8 @@ use crate::status::SourceStatus;
 
 /// Most data changes in one journal append.
 pub const BATCH_MAX: usize = 2000;
-/// First reconnect delay (before jitter).
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest reconnect delay (before jitter).
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A session that lasted this long resets the reconnect delay.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+use super::reconnect::Backoff;
+pub use super::reconnect::{BACKOFF_INITIAL, BACKOFF_MAX, STABLE_AFTER};
 /// Added to the keep-alive window before the publish watchdog fires.
 pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
 /// How often nodes the server refused are tried again.
@@ -1188,29 +1183,5 @@ fn appender_result(
             name: name.to_owned(),
             detail: format!("the appender task failed: {e}"),
         }),
-    }
-}
-
-/// Jittered exponential reconnect delay.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            next: BACKOFF_INITIAL,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_INITIAL;
-    }
-
-    /// The delay to wait now: between half and all of the current step.
-    fn delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        step.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
 }
