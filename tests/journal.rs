@@ -458,6 +458,100 @@ async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps()
     assert!(stats.used_bytes <= 16 << 20);
 }
 
+/// A sink reads a batch, the journal evicts part of it (and more) while the
+/// batch is upstream, then the upstream acknowledges it: the cursor must stop
+/// before the gap events put in the batch's range, or the evictions past the
+/// batch would never be announced.
+#[tokio::test]
+async fn a_batch_evicted_while_upstream_leaves_the_cursor_before_its_gap_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mut o = opts(dir.path());
+    o.max_size = 16 << 20;
+    o.when_full = WhenFull::DropOldest;
+    o.sync = plantrelay::journal::SyncMode::Normal;
+    let j = Journal::open(o).unwrap();
+    let mut round = 0;
+    let mut fill = async |j: &Journal| {
+        let events: Vec<_> = (0..500)
+            .map(|i| {
+                ev(
+                    "opc",
+                    &format!("t{round}-{i}"),
+                    &format!("m{}", i % 3),
+                    Class::Telemetry,
+                    1000,
+                )
+            })
+            .collect();
+        round += 1;
+        j.append(events).await.unwrap();
+    };
+    while j.evictions() == 0 {
+        fill(&j).await;
+    }
+    let reader = Reader::open(&path).unwrap();
+    let read_at = j.evictions();
+    let batch = reader.read_after(0, "central", 1000, usize::MAX).unwrap();
+    assert_eq!(batch.len(), 1000);
+    let last = batch[batch.len() - 1].seq;
+    while j.evictions() == read_at {
+        fill(&j).await;
+    }
+    let new_gap = reader
+        .read_after(0, "central", 1000, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type == GAP_EVENT_TYPE && !batch.iter().any(|b| b.id == e.id))
+        .expect("the second eviction put a gap event in the batch's range");
+    assert!(new_gap.seq <= last, "a plain advance would skip it");
+
+    let moved = j
+        .advance_delivered("central", 0, last, read_at)
+        .await
+        .unwrap();
+    assert_eq!(moved, Some(new_gap.seq - 1));
+    let rest = reader
+        .read_after(new_gap.seq - 1, "central", usize::MAX >> 1, usize::MAX)
+        .unwrap();
+    assert_eq!(rest[0].id, new_gap.id, "the gap event goes out next");
+
+    // What the upstream got: the stale batch, then everything after the
+    // cursor. Per stream, every stream sequence arrived or is announced.
+    let mut covered: HashMap<String, Vec<bool>> = HashMap::new();
+    for e in batch.iter().chain(rest.iter()) {
+        let (first, last) = if e.event_type == GAP_EVENT_TYPE {
+            let d: serde_json::Value = serde_json::from_slice(&e.data).unwrap();
+            (
+                d["first_streamsequence"].as_u64().unwrap(),
+                d["last_streamsequence"].as_u64().unwrap(),
+            )
+        } else {
+            (e.stream_seq, e.stream_seq)
+        };
+        let v = covered.entry(e.stream.clone()).or_default();
+        for s in first..=last {
+            let i = s as usize - 1;
+            if v.len() <= i {
+                v.resize(i + 1, false);
+            }
+            v[i] = true;
+        }
+    }
+    assert_eq!(covered.len(), 3);
+    for (stream, v) in &covered {
+        let holes = v.iter().filter(|c| !**c).count();
+        assert_eq!(
+            holes, 0,
+            "stream {stream}: {holes} events neither delivered nor announced"
+        );
+        let k: usize = stream[1..].parse().unwrap();
+        let per_round = (0..500).filter(|i| i % 3 == k).count();
+        assert_eq!(v.len(), round * per_round, "stream {stream}");
+    }
+    j.close().await;
+}
+
 #[tokio::test]
 async fn a_corrupted_journal_is_quarantined_and_a_fresh_one_continues_the_numbering() {
     let dir = tempfile::tempdir().unwrap();

@@ -79,7 +79,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -239,7 +239,10 @@ pub(crate) enum Request {
         sink: String,
         from: Option<u64>,
         to: u64,
-        reply: oneshot::Sender<Result<bool, JournalError>>,
+        /// The eviction count when the delivered events were read, when gap
+        /// events put in their range since must stop the cursor.
+        read_at_evictions: Option<u64>,
+        reply: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
     Rewind {
         sink: String,
@@ -435,13 +438,52 @@ impl Journal {
         to: u64,
     ) -> Result<bool, JournalError> {
         let sink = sink.to_string();
+        let moved = self
+            .request(|reply| Request::Advance {
+                sink,
+                from,
+                to,
+                read_at_evictions: None,
+                reply,
+            })
+            .await?;
+        Ok(moved.is_some())
+    }
+
+    /// Moves `sink`'s cursor past events it delivered: like
+    /// [`Journal::advance`], but `read_at_evictions` is
+    /// [`Journal::evictions`] as it was before the events were read. Events
+    /// evicted while they were upstream have a gap event in their place, and
+    /// that gap may also announce later evictions the delivered batch did not
+    /// carry: the cursor then stops just before it, so it goes out next.
+    /// Returns where the cursor now stands (`None`: it did not move, as for
+    /// [`Journal::advance`]).
+    pub async fn advance_delivered(
+        &self,
+        sink: &str,
+        from: u64,
+        to: u64,
+        read_at_evictions: u64,
+    ) -> Result<Option<u64>, JournalError> {
+        let sink = sink.to_string();
         self.request(|reply| Request::Advance {
             sink,
-            from,
+            from: Some(from),
             to,
+            read_at_evictions: Some(read_at_evictions),
             reply,
         })
         .await
+    }
+
+    /// Events evicted so far under `drop_oldest`, both classes: it changes
+    /// exactly when eviction has put gap events in the journal.
+    pub fn evictions(&self) -> u64 {
+        let stats = self.stats();
+        stats
+            .evicted_telemetry
+            .load(Ordering::Relaxed)
+            .wrapping_add(stats.evicted_critical.load(Ordering::Relaxed))
     }
 
     /// Moves `sink`'s cursor back for a replay; returns the new cursor.

@@ -3,7 +3,7 @@
 //! Between batches it does retention and WAL upkeep. It must never block on
 //! anything but SQLite and its own queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,7 +51,21 @@ pub(crate) struct WriterState {
     full_logged: bool,
     /// When the last "dedup index at its count limit" warning was logged.
     capped_warned_us: Option<i64>,
+    /// The latest eviction rounds, oldest first.
+    recent_evictions: VecDeque<EvictionRound>,
 }
+
+/// One committed eviction round: the eviction count before and after it,
+/// and the seqs where its gap events stand.
+struct EvictionRound {
+    before: u64,
+    after: u64,
+    gap_seqs: Vec<u64>,
+}
+
+/// Eviction rounds remembered for [`WriterState::unsent_gap`]; a batch in
+/// flight across more rounds than this is answered conservatively.
+const RECENT_EVICTION_ROUNDS: usize = 64;
 
 struct Undo {
     next_seq: u64,
@@ -70,8 +84,8 @@ enum Reply {
         Result<(), JournalError>,
     ),
     Advance(
-        oneshot::Sender<Result<bool, JournalError>>,
-        Result<bool, JournalError>,
+        oneshot::Sender<Result<Option<u64>, JournalError>>,
+        Result<Option<u64>, JournalError>,
     ),
     Seq(
         oneshot::Sender<Result<u64, JournalError>>,
@@ -250,6 +264,7 @@ impl WriterState {
             retention_pending: true,
             full_logged: false,
             capped_warned_us: None,
+            recent_evictions: VecDeque::new(),
         };
         state.refresh_used().map_err(e)?;
         Ok(state)
@@ -376,15 +391,16 @@ impl WriterState {
                     sink,
                     from,
                     to,
+                    read_at_evictions,
                     reply,
-                } => match self.advance(&sink, from, to, &mut undo) {
-                    Ok(applied) => {
-                        advanced |= applied;
-                        replies.push(Reply::Advance(reply, Ok(applied)));
+                } => match self.advance(&sink, from, to, read_at_evictions, &mut undo) {
+                    Ok(moved) => {
+                        advanced |= moved.is_some();
+                        replies.push(Reply::Advance(reply, Ok(moved)));
                     }
                     Err(Fatal(e)) => {
                         failed = Some(e);
-                        replies.push(Reply::Advance(reply, Ok(false)));
+                        replies.push(Reply::Advance(reply, Ok(None)));
                     }
                 },
                 Request::Rewind { sink, to, reply } => match self.rewind(&sink, to, &mut undo) {
@@ -635,24 +651,43 @@ impl WriterState {
         Ok(())
     }
 
+    /// Moves `sink`'s cursor to `to`, or short of it (see
+    /// [`WriterState::unsent_gap`]); returns where it now stands, or `None`
+    /// when it did not move.
     fn advance(
         &mut self,
         sink: &str,
         from: Option<u64>,
         to: u64,
+        read_at_evictions: Option<u64>,
         undo: &mut Undo,
-    ) -> Result<bool, Fatal> {
+    ) -> Result<Option<u64>, Fatal> {
         let current = self.cursors.get(sink).copied();
         if let Some(from) = from
             && current.unwrap_or(0) != from
         {
             // A replay moved the cursor while this batch was in flight.
-            return Ok(false);
+            return Ok(None);
+        }
+        let mut to = to.min(self.next_seq - 1);
+        if let Some(read_at) = read_at_evictions {
+            let base = current.unwrap_or(0);
+            if let Some(gap) = self
+                .unsent_gap(read_at, base, to)
+                .map_err(|e| Fatal(self.err(e)))?
+            {
+                debug!(
+                    sink,
+                    gap_seq = gap,
+                    delivered_through = to,
+                    "events were evicted while the batch was upstream: the cursor stops before their gap event"
+                );
+                to = gap - 1;
+            }
         }
         if to <= current.unwrap_or(0) && current.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        let to = to.min(self.next_seq - 1);
         self.conn
             .prepare_cached(
                 "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
@@ -662,7 +697,48 @@ impl WriterState {
             .map_err(|e| Fatal(self.err(e)))?;
         undo.cursors.push((sink.to_string(), current));
         self.cursors.insert(sink.to_string(), to);
-        Ok(true)
+        Ok(Some(to))
+    }
+
+    fn evicted_total(&self) -> u64 {
+        self.stats
+            .evicted_telemetry
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.stats.evicted_critical.load(Ordering::Relaxed))
+    }
+
+    /// The lowest seq in `(base, to]` where a gap event was put after the
+    /// sink read its batch (when the eviction count was `read_at`). Such a
+    /// gap stands in place of events the batch carried, and may announce
+    /// the eviction of later events the batch did not carry: a cursor moved
+    /// past it would skip that announcement, so it must stop just before.
+    fn unsent_gap(&self, read_at: u64, base: u64, to: u64) -> rusqlite::Result<Option<u64>> {
+        if read_at >= self.evicted_total() {
+            return Ok(None);
+        }
+        let remembered = self
+            .recent_evictions
+            .front()
+            .is_some_and(|r| r.before <= read_at);
+        if remembered {
+            return Ok(self
+                .recent_evictions
+                .iter()
+                .filter(|r| r.after > read_at)
+                .flat_map(|r| r.gap_seqs.iter().copied())
+                .filter(|&s| s > base && s <= to)
+                .min());
+        }
+        // Further back than the rounds remembered: any gap in the range may
+        // be new. Stopping at an old one only sends it and what follows again.
+        self.conn
+            .prepare_cached(
+                "SELECT min(seq) FROM events WHERE seq > ?1 AND seq <= ?2 AND type = ?3",
+            )?
+            .query_row(params![base as i64, to as i64, GAP_EVENT_TYPE], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|s| s.map(|s| s.max(0) as u64))
     }
 
     fn rewind(
@@ -1046,6 +1122,15 @@ impl WriterState {
         match result.and_then(|_| self.conn.execute_batch("COMMIT")) {
             Ok(()) => {
                 let n = victims.len() as u64;
+                let before = self.evicted_total();
+                if self.recent_evictions.len() == RECENT_EVICTION_ROUNDS {
+                    self.recent_evictions.pop_front();
+                }
+                self.recent_evictions.push_back(EvictionRound {
+                    before,
+                    after: before + n,
+                    gap_seqs: runs.iter().map(|r| r.at_seq).collect(),
+                });
                 match class {
                     Class::Telemetry => {
                         self.stats.evicted_telemetry.fetch_add(n, Ordering::Relaxed)
@@ -1183,7 +1268,7 @@ fn verify(conn: &Connection, seq: u64, source: &str, id: &str) -> Verified {
 fn reply_slot(req: Request) -> Option<Reply> {
     match req {
         Request::Append { reply, .. } => Some(Reply::Append(reply, Ok(Vec::new()))),
-        Request::Advance { reply, .. } => Some(Reply::Advance(reply, Ok(false))),
+        Request::Advance { reply, .. } => Some(Reply::Advance(reply, Ok(None))),
         Request::Rewind { reply, .. } => Some(Reply::Seq(reply, Ok(0))),
         Request::DeadLetter { reply, .. } => Some(Reply::Id(reply, Ok(0))),
         Request::RetryDeadLetter { reply, .. } => Some(Reply::Seq(reply, Ok(0))),

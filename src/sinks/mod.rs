@@ -351,7 +351,7 @@ impl<S: Sink> Forwarder<S> {
             }
             // Evictions so far: a batch read before an eviction may hold
             // rows the journal has since replaced by gap events.
-            let evictions_at_read = self.evictions();
+            let evictions_at_read = self.journal.evictions();
             let batch = match self.read(&reader, cursor).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -392,13 +392,16 @@ impl<S: Sink> Forwarder<S> {
                     Step::Done => break,
                     Step::DeadLetter(i) => {
                         let reason = self.last_reason();
-                        if !self.dead_letter(&plan, i, &reason, &mut cursor).await {
+                        if !self
+                            .dead_letter(&plan, i, &reason, &mut cursor, evictions_at_read)
+                            .await
+                        {
                             continue 'outer;
                         }
                         plan.done();
                     }
                     Step::Send(a, b) => {
-                        if self.evictions() != evictions_at_read {
+                        if self.journal.evictions() != evictions_at_read {
                             // Read again so the gap events go out in place of
                             // what was evicted meanwhile.
                             continue 'outer;
@@ -409,21 +412,30 @@ impl<S: Sink> Forwarder<S> {
                         match self.sink.send(slice).await {
                             SendOutcome::Ack => {
                                 let n = (b - a) as u64;
-                                match self.journal.advance(&name, Some(cursor), last).await {
-                                    Ok(true) => {
-                                        cursor = last;
+                                match self
+                                    .journal
+                                    .advance_delivered(&name, cursor, last, evictions_at_read)
+                                    .await
+                                {
+                                    Ok(Some(moved)) => {
+                                        cursor = moved;
                                         backoff.succeed();
                                         plan.done();
                                         self.status.update(|p| {
-                                            p.cursor = last;
+                                            p.cursor = moved;
                                             p.delivered += n;
                                             p.batches += 1;
                                             p.consecutive_failures = 0;
                                             p.last_success_us = Some(now_us());
                                         });
                                         debug!(sink = %name, first, last, events = n, "batch delivered");
+                                        if moved < last {
+                                            // Gap events now stand in the delivered
+                                            // range: read again from before them.
+                                            continue 'outer;
+                                        }
                                     }
-                                    Ok(false) => {
+                                    Ok(None) => {
                                         // A replay moved the cursor while the batch was
                                         // upstream: start again from the new cursor.
                                         cursor = self.cursor(&reader).unwrap_or(cursor);
@@ -485,18 +497,6 @@ impl<S: Sink> Forwarder<S> {
         info!(sink = %name, cursor, "forwarder stopped");
     }
 
-    fn evictions(&self) -> u64 {
-        let stats = self.journal.stats();
-        stats
-            .evicted_telemetry
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .wrapping_add(
-                stats
-                    .evicted_critical
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            )
-    }
-
     fn last_reason(&self) -> String {
         self.status
             .progress()
@@ -507,26 +507,41 @@ impl<S: Sink> Forwarder<S> {
 
     /// Records `plan.events()[i]` as a dead letter and moves the cursor past
     /// it. Returns false when the journal refused (the batch starts over).
-    async fn dead_letter(&self, plan: &Plan, i: usize, reason: &str, cursor: &mut u64) -> bool {
+    async fn dead_letter(
+        &self,
+        plan: &Plan,
+        i: usize,
+        reason: &str,
+        cursor: &mut u64,
+        evictions_at_read: u64,
+    ) -> bool {
         let name = &self.settings.name;
         let ev = plan.events()[i].clone();
         let (seq, id) = (ev.seq, ev.id.clone());
         match self.journal.dead_letter(name, ev, reason).await {
             Ok(dl) => {
                 error!(sink = %name, seq, id = %id, dead_letter = dl, reason, "event dead-lettered: the upstream rejects it for good");
-                match self.journal.advance(name, Some(*cursor), seq).await {
-                    Ok(true) => *cursor = seq,
-                    Ok(false) => return false,
+                match self
+                    .journal
+                    .advance_delivered(name, *cursor, seq, evictions_at_read)
+                    .await
+                {
+                    Ok(Some(moved)) => {
+                        *cursor = moved;
+                        self.status.update(|p| {
+                            p.dead_letters += 1;
+                            p.cursor = moved;
+                        });
+                        // Short of it: a gap event now stands before it and
+                        // goes out first, so the batch is read again.
+                        moved == seq
+                    }
+                    Ok(None) => false,
                     Err(e) => {
                         error!(sink = %name, error = %e, "cannot store the cursor after a dead letter");
-                        return false;
+                        false
                     }
                 }
-                self.status.update(|p| {
-                    p.dead_letters += 1;
-                    p.cursor = seq;
-                });
-                true
             }
             Err(e) => {
                 error!(sink = %name, seq, error = %e, "cannot record the dead letter; the batch will be sent again");
