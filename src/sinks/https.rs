@@ -103,6 +103,8 @@ impl HttpsSink {
         }
     }
 
+    /// The request body: the batch as CloudEvents JSON, compressed as
+    /// configured.
     fn body(&self, batch: &[StoredEvent]) -> Vec<u8> {
         let mut json = Vec::with_capacity(batch.iter().map(|e| e.size() + 160).sum());
         json.push(b'[');
@@ -191,7 +193,13 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 impl Sink for HttpsSink {
-    async fn send(&self, batch: &[StoredEvent]) -> SendOutcome {
+    type Encoded = Vec<u8>;
+
+    fn encode(&self, batch: &[StoredEvent]) -> Vec<u8> {
+        self.body(batch)
+    }
+
+    async fn send(&self, batch: &[StoredEvent], body: Vec<u8>) -> SendOutcome {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return SendOutcome::Ack;
         };
@@ -201,7 +209,7 @@ impl Sink for HttpsSink {
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/cloudevents-batch+json")
             .header("Idempotency-Key", key)
-            .body(self.body(batch));
+            .body(body);
         if let Some(enc) = encoding_name(self.compression) {
             req = req.header(CONTENT_ENCODING, enc);
         }

@@ -52,9 +52,22 @@ pub enum SendOutcome {
 
 /// One upstream. Implementations do I/O only; the forwarder decides.
 pub trait Sink: Send + Sync + 'static {
-    /// Sends one batch (non-empty, in seq order) and reports the outcome.
+    /// A batch in its wire form.
+    type Encoded: Send + 'static;
+
+    /// Turns a batch into its wire form (serialise, compress): CPU work
+    /// without I/O. The forwarder calls it on a blocking thread, for the
+    /// next batch while the previous one is upstream.
+    fn encode(&self, batch: &[StoredEvent]) -> Self::Encoded;
+
+    /// Sends one batch (non-empty, in seq order, `encoded` from
+    /// [`Sink::encode`] of exactly these events) and reports the outcome.
     /// Must not panic, and should bound its own time (a request timeout).
-    fn send(&self, batch: &[StoredEvent]) -> impl Future<Output = SendOutcome> + Send;
+    fn send(
+        &self,
+        batch: &[StoredEvent],
+        encoded: Self::Encoded,
+    ) -> impl Future<Output = SendOutcome> + Send;
 }
 
 /// Retry timing of a forwarder.
@@ -242,6 +255,22 @@ enum Wait {
     Shutdown,
 }
 
+/// A batch read from the journal, with its wire form when it is not empty.
+struct Prepared<E> {
+    events: Vec<StoredEvent>,
+    encoded: Option<E>,
+}
+
+type ReadTask<E> = tokio::task::JoinHandle<Result<Prepared<E>, JournalError>>;
+
+/// The batch after the one upstream, read and encoded while it is there.
+struct Ahead<E> {
+    /// The seq it was read after: it is used only if the cursor got there.
+    after: u64,
+    evictions_at_read: u64,
+    task: ReadTask<E>,
+}
+
 impl<S: Sink> Forwarder<S> {
     pub fn new(
         settings: ForwarderSettings,
@@ -257,14 +286,11 @@ impl<S: Sink> Forwarder<S> {
         }
     }
 
-    /// Reads the next batch after `cursor` on a blocking thread (SQLite
-    /// reads do not belong on the async workers).
-    async fn read(
-        &self,
-        reader: &Arc<Mutex<Reader>>,
-        cursor: u64,
-    ) -> Result<Vec<StoredEvent>, JournalError> {
+    /// Reads and encodes the next batch after `cursor` on a blocking thread
+    /// (SQLite reads and compression do not belong on the async workers).
+    fn spawn_read(&self, reader: &Arc<Mutex<Reader>>, cursor: u64) -> ReadTask<S::Encoded> {
         let reader = reader.clone();
+        let sink = self.sink.clone();
         let (name, max_events, max_bytes) = (
             self.settings.name.clone(),
             self.settings.batch_max_events,
@@ -272,14 +298,23 @@ impl<S: Sink> Forwarder<S> {
         );
         let path = self.journal.path().to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let reader = reader.lock().map_err(|_| JournalError::Sqlite {
-                path: path.clone(),
-                detail: "reader lock poisoned".into(),
-            })?;
-            reader.read_after(cursor, &name, max_events, max_bytes)
+            let events = {
+                let reader = reader.lock().map_err(|_| JournalError::Sqlite {
+                    path: path.clone(),
+                    detail: "reader lock poisoned".into(),
+                })?;
+                reader.read_after(cursor, &name, max_events, max_bytes)?
+            };
+            let encoded = (!events.is_empty()).then(|| sink.encode(&events));
+            Ok(Prepared { events, encoded })
         })
-        .await
-        .unwrap_or_else(|e| {
+    }
+
+    async fn join_read(
+        &self,
+        task: ReadTask<S::Encoded>,
+    ) -> Result<Prepared<S::Encoded>, JournalError> {
+        task.await.unwrap_or_else(|e| {
             Err(JournalError::Sqlite {
                 path: self.journal.path().to_path_buf(),
                 detail: format!("read task failed: {e}"),
@@ -325,6 +360,7 @@ impl<S: Sink> Forwarder<S> {
         };
         let mut backoff = Backoff::new(self.settings.retry);
         let mut limiter = RateLimiter::new(self.settings.max_events_per_sec, Instant::now());
+        let mut ahead: Option<Ahead<S::Encoded>> = None;
         self.status.update(|p| {
             p.cursor = cursor;
             p.running = true;
@@ -349,11 +385,21 @@ impl<S: Sink> Forwarder<S> {
                     Err(e) => warn!(sink = %name, error = %e, "cannot reload cursor"),
                 }
             }
-            // Evictions so far: a batch read before an eviction may hold
-            // rows the journal has since replaced by gap events.
-            let evictions_at_read = self.journal.evictions();
-            let batch = match self.read(&reader, cursor).await {
-                Ok(b) => b,
+            // Evictions so far, taken before the read: a batch read before an
+            // eviction may hold rows the journal has since replaced by gap
+            // events.
+            let (evictions_at_read, read, read_ahead) = match ahead.take() {
+                Some(a) if a.after == cursor => {
+                    (a.evictions_at_read, self.join_read(a.task).await, true)
+                }
+                _ => {
+                    let e = self.journal.evictions();
+                    let task = self.spawn_read(&reader, cursor);
+                    (e, self.join_read(task).await, false)
+                }
+            };
+            let prepared = match read {
+                Ok(p) => p,
                 Err(e) => {
                     warn!(sink = %name, error = %e, "journal read failed; retrying");
                     self.status
@@ -365,18 +411,30 @@ impl<S: Sink> Forwarder<S> {
                     continue;
                 }
             };
+            let Prepared {
+                events: mut batch,
+                encoded: mut whole,
+            } = prepared;
             if batch.is_empty() {
+                if read_ahead {
+                    // Read before commits this loop has marked as seen:
+                    // read again rather than wait for the next one.
+                    continue;
+                }
                 match wait_for_work(&mut committed, &mut rewinds, &shutdown).await {
                     Wait::Work => continue,
                     Wait::Shutdown => break,
                 }
             }
-            // Rate limit: may shorten the batch.
-            let mut batch = batch;
+            // Rate limit: may shorten the batch (and its encoding is then
+            // made again for what is left).
             loop {
                 match limiter.take(batch.len(), Instant::now()) {
                     Ok(n) => {
-                        batch.truncate(n);
+                        if n < batch.len() {
+                            batch.truncate(n);
+                            whole = None;
+                        }
                         break;
                     }
                     Err(wait) => {
@@ -408,8 +466,24 @@ impl<S: Sink> Forwarder<S> {
                         }
                         let slice = &plan.events()[a..b];
                         let (first, last) = (slice[0].seq, slice[slice.len() - 1].seq);
+                        let whole_batch = a == 0 && b == plan.events().len();
+                        let encoded = match whole.take() {
+                            Some(e) if whole_batch => e,
+                            // A part of a bisected or rate-limited batch.
+                            _ => self.sink.encode(slice),
+                        };
+                        if whole_batch {
+                            // Read and encode the next batch while this one
+                            // is upstream; it is used once the cursor is at
+                            // `last`, that is after an acknowledgement.
+                            ahead = Some(Ahead {
+                                after: last,
+                                evictions_at_read: self.journal.evictions(),
+                                task: self.spawn_read(&reader, last),
+                            });
+                        }
                         self.status.update(|p| p.attempts += 1);
-                        match self.sink.send(slice).await {
+                        match self.sink.send(slice, encoded).await {
                             SendOutcome::Ack => {
                                 let n = (b - a) as u64;
                                 match self
