@@ -5,6 +5,7 @@
 //! This module owns the wire shape of an event. It must never touch I/O: it is
 //! plain data and serialisation, shared by sources, the journal and sinks.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -129,18 +130,32 @@ impl StoredEvent {
     /// journaled; should a row still hold invalid JSON (a damaged file), the
     /// data is forwarded as a JSON string rather than producing invalid JSON.
     pub fn write_cloudevent(&self, agent_id: &str, out: &mut Vec<u8>) {
-        let data: Box<RawValue> = std::str::from_utf8(&self.data)
-            .ok()
-            .and_then(|s| RawValue::from_string(s.to_owned()).ok())
-            .unwrap_or_else(|| {
+        // Borrowed where the stored text is valid JSON (as sources store
+        // it), so that the hot path copies nothing but the output.
+        let owned_data: Box<RawValue>;
+        let data: &RawValue = match serde_json::from_slice::<&RawValue>(&self.data) {
+            Ok(raw) => raw,
+            Err(_) => {
                 let text = String::from_utf8_lossy(&self.data);
                 // Serialising a string into a RawValue cannot fail.
-                serde_json::value::to_raw_value(&text).unwrap_or_default()
-            });
-        let extra: Option<serde_json::Map<String, serde_json::Value>> = self
-            .attrs
-            .as_deref()
-            .and_then(|a| serde_json::from_str(a).ok());
+                owned_data = serde_json::value::to_raw_value(&text).unwrap_or_default();
+                &owned_data
+            }
+        };
+        let owned_extra: Option<BTreeMap<String, Box<RawValue>>>;
+        let extra: Option<BTreeMap<&str, &RawValue>> = match self.attrs.as_deref() {
+            None => None,
+            Some(a) => match serde_json::from_str::<BTreeMap<&str, &RawValue>>(a) {
+                Ok(m) => Some(m),
+                Err(_) => {
+                    // Names with escapes cannot be borrowed.
+                    owned_extra = serde_json::from_str(a).ok();
+                    owned_extra
+                        .as_ref()
+                        .map(|m| m.iter().map(|(k, v)| (k.as_str(), &**v)).collect())
+                }
+            },
+        };
         // Binary data arrives as `data_base64` (kept in attrs) and leaves the
         // same way: CloudEvents allows only one of `data` and `data_base64`.
         let binary = extra
@@ -155,7 +170,7 @@ impl StoredEvent {
             time: self.source_time.as_deref(),
             sequence: self.seq,
             streamsequence: self.stream_seq,
-            data: (!binary).then_some(&*data),
+            data: (!binary).then_some(data),
             extra,
         };
         // Writing plain strings, numbers and already-valid JSON into a Vec
@@ -179,7 +194,7 @@ struct CloudEventOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a RawValue>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    extra: Option<serde_json::Map<String, serde_json::Value>>,
+    extra: Option<BTreeMap<&'a str, &'a RawValue>>,
 }
 
 #[cfg(test)]
@@ -229,6 +244,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["data_base64"], "AAEC");
         assert!(v.get("data").is_none());
+    }
+
+    #[test]
+    fn attributes_with_escaped_names_and_spaced_data_are_kept() {
+        let mut e = stored();
+        e.data = b" {\"qty\": 5} ".to_vec();
+        e.attrs = Some(r#"{"x\u0061":"b","dataschema":"urn:s"}"#.into());
+        let mut out = Vec::new();
+        e.write_cloudevent("gw-1", &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["data"]["qty"], 5);
+        assert_eq!(v["xa"], "b");
+        assert_eq!(v["dataschema"], "urn:s");
     }
 
     #[test]

@@ -117,6 +117,52 @@ async fn duplicates_are_answered_with_the_first_seq_and_survive_a_restart() {
     );
 }
 
+/// At start the index is rebuilt from the newest `dedup_max_ids` events only,
+/// as if they had just arrived.
+#[tokio::test]
+async fn a_restart_remembers_the_newest_dedup_max_ids_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.dedup_max_ids = 10;
+    let j = Journal::open(o.clone()).unwrap();
+    let events = (0..30)
+        .map(|i| ev("mes", &format!("e{i}"), "s1", Class::Critical, 10))
+        .collect();
+    j.append(events).await.unwrap();
+    j.close().await;
+    drop(j);
+
+    let j = Journal::open(o).unwrap();
+    assert_eq!(
+        j.stats()
+            .dedup_ids
+            .load(std::sync::atomic::Ordering::Relaxed),
+        10
+    );
+    let out = j
+        .append(vec![
+            ev("mes", "e29", "s1", Class::Critical, 10),
+            ev("mes", "e20", "s1", Class::Critical, 10),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            AppendOutcome::Duplicate { seq: 30 },
+            AppendOutcome::Duplicate { seq: 21 }
+        ]
+    );
+    // Older than the newest ten: forgotten, stored again.
+    let out = j
+        .append(vec![ev("mes", "e19", "s1", Class::Critical, 10)])
+        .await
+        .unwrap();
+    assert_eq!(seqs(&out), vec![31]);
+    assert!(matches!(out[0], AppendOutcome::Stored { .. }));
+    j.close().await;
+}
+
 #[tokio::test]
 async fn seqs_and_stream_seqs_stay_gap_free_across_restarts() {
     let dir = tempfile::tempdir().unwrap();

@@ -208,7 +208,11 @@ impl WriterState {
         let now_us = unix_micros(SystemTime::now());
         let window_us = i64::try_from(opts.dedup_window.as_micros()).unwrap_or(i64::MAX);
         let from = first_seq_at_or_after(&conn, now_us.saturating_sub(window_us)).map_err(e)?;
-        if let Some(from) = from {
+        // The index keeps the newest `dedup_max_ids` ids at most: rows before
+        // those would be inserted only to be dropped again. (Gap rows in the
+        // range make it hold slightly fewer; they are rare.)
+        let newest = head.saturating_sub(opts.dedup_max_ids as u64) + 1;
+        if let Some(from) = from.map(|f| f.max(newest)) {
             let mut st = conn
                 .prepare(
                     "SELECT seq, source, event_id, recv_time FROM events
