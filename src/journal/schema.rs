@@ -77,6 +77,12 @@ const MIGRATIONS: &[&str] = &[
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+/// The writer's page cache once open (KiB).
+pub(crate) const WRITER_CACHE_KIB: i64 = 16 * 1024;
+
+/// The writer's page cache while it opens the journal (KiB).
+const STARTUP_CACHE_KIB: i64 = 1024;
+
 /// WAL frames beyond this are truncated after a checkpoint.
 pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -179,7 +185,10 @@ fn try_open(path: &Path, sync: SyncMode, check: bool) -> Result<Connection, Open
         ("synchronous", sync_value.to_string()),
         ("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
         ("wal_autocheckpoint", "1000".to_string()),
-        ("cache_size", "-16384".to_string()),
+        // Small while opening: the integrity check and the dedup rebuild
+        // read the whole file once, and a full cache would stay resident.
+        // The writer sets WRITER_CACHE_KIB when it is ready.
+        ("cache_size", format!("-{STARTUP_CACHE_KIB}")),
         ("temp_store", "MEMORY".to_string()),
     ] {
         conn.pragma_update(None, name, &value)

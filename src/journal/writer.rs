@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
-use super::schema::{WAL_SIZE_LIMIT, sqlite_err};
+use super::schema::{WAL_SIZE_LIMIT, WRITER_CACHE_KIB, sqlite_err};
 use super::{
     AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
     WhenFull, unix_micros,
@@ -236,6 +236,8 @@ impl WriterState {
             );
         }
 
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(e)?;
         let retention_through = meta_get(&conn, "retention_through")
             .map_err(e)?
             .unwrap_or(0)
