@@ -19,7 +19,7 @@ use opcua::crypto::{CertificateStore, SecurityPolicy, X509Data};
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
 use opcua::server::{ServerBuilder, ServerEndpoint, ServerHandle};
-use opcua::types::{DataValue, DateTime, MessageSecurityMode, NodeId, Variant};
+use opcua::types::{DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, Variant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -47,6 +47,9 @@ pub struct PressOptions {
     pub max_ticks: Option<u64>,
     /// Start with the value changes paused (see [`SimPress::resume`]).
     pub paused: bool,
+    /// The server's max message size in bytes (None: async-opcua's
+    /// default, 327,675): a publish response larger than this is not sent.
+    pub max_message_size: Option<usize>,
 }
 
 impl PressOptions {
@@ -60,6 +63,7 @@ impl PressOptions {
             load_items: 0,
             max_ticks: None,
             paused: false,
+            max_message_size: None,
         }
     }
 }
@@ -139,6 +143,10 @@ impl SimPress {
             limits.max_array_length = 200_000;
             limits.operational.max_nodes_per_read = 100_000;
             limits.operational.max_monitored_items_per_call = 100_000;
+            if let Some(size) = opts.max_message_size {
+                limits.max_message_size = size;
+                limits.max_chunk_count = size.div_ceil(limits.send_buffer_size.max(1)).max(1);
+            }
         }
         if opts.reorder {
             builder = builder.with_node_manager(simple_node_manager(
@@ -237,6 +245,25 @@ impl SimPress {
         let _ = space.add_variables(
             vec![opcua::nodes::Variable::new(&id, name, name, value)],
             &NodeId::new(self.ns, "Press"),
+        );
+    }
+
+    /// Publishes a new value and status of `Press.<name>` to subscribers:
+    /// a bad status is what a server reports for a tag that went away or
+    /// whose device stopped answering.
+    pub fn set_node(&self, name: &str, value: i32, status: StatusCode) {
+        let id = NodeId::new(self.ns, format!("Press.{name}"));
+        let now = DateTime::now();
+        let dv = DataValue {
+            value: Some(Variant::Int32(value)),
+            status: Some(status),
+            source_timestamp: Some(now),
+            server_timestamp: Some(now),
+            ..Default::default()
+        };
+        let _ = self.nm.set_values(
+            self.handle.subscriptions(),
+            [(&id, None::<&opcua::types::NumericRange>, dv)].into_iter(),
         );
     }
 
