@@ -601,6 +601,172 @@ async fn a_node_that_turns_bad_on_the_live_subscription_is_listed_until_good_aga
     press.stop().await;
 }
 
+/// `security_policy`/`security_mode` lines with the press certificate pinned.
+fn secure(policy: &str, mode: &str, pki_dir: &std::path::Path) -> String {
+    format!(
+        "security_policy = \"{policy}\"\nsecurity_mode = \"{mode}\"\nserver_cert_sha256 = \"{}\"",
+        server_cert_sha256(pki_dir).unwrap()
+    )
+}
+
+async fn wait_error(s: &SourceStatus, contains: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let err = s.snapshot().last_error.unwrap_or_default();
+        if err.contains(contains) || Instant::now() > deadline {
+            return err;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_policies_with_sign_and_encrypt_connect_and_deliver() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let text = press_source_toml(
+        "aes128",
+        &press.endpoint(),
+        &secure("Aes128_Sha256_RsaOaep", "SignAndEncrypt", &opts.pki_dir),
+    ) + &press_source_toml(
+        "aes256",
+        &press.endpoint(),
+        &secure("Aes256_Sha256_RsaPss", "SignAndEncrypt", &opts.pki_dir),
+    );
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    for name in ["aes128", "aes256"] {
+        let st = status(&a, name);
+        assert!(
+            wait_flag(&st, true, WAIT).await.is_some(),
+            "{name}: {:?}",
+            st.snapshot()
+        );
+        let events = wait_journal(&h, name, WAIT, |ev| {
+            ev.iter()
+                .filter(|e| node_is(e, "Counter") && !is_resync(e))
+                .count()
+                >= 3
+        })
+        .await;
+        assert!(
+            events.iter().filter(|e| node_is(e, "Counter")).count() >= 3,
+            "{name}: {:?}",
+            st.snapshot()
+        );
+    }
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_identities_password_and_certificate_are_accepted_and_a_wrong_password_reported() {
+    use base64::Engine as _;
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    opts.users = vec![("operator".into(), "s3cret pass".into())];
+    // The X.509 user: the server knows its certificate (DER); the agent is
+    // given it as PEM in a .crt file, as plant IT usually has it.
+    let users = h.dir.path().join("users");
+    std::fs::create_dir_all(&users).unwrap();
+    let der_path = users.join("operator.der");
+    let key_path = users.join("operator.key");
+    let data = opcua::crypto::X509Data {
+        key_size: 2048,
+        common_name: "plantrelay test operator".into(),
+        organization: "plantrelay".into(),
+        organizational_unit: "test".into(),
+        country: "DE".into(),
+        state: "".into(),
+        alt_host_names: opcua::crypto::X509Data::alt_host_names(
+            "urn:plantrelay:test:operator",
+            Some(vec!["localhost".into()]),
+            false,
+            false,
+            false,
+        ),
+        certificate_duration_days: 30,
+    };
+    opcua::crypto::CertificateStore::create_certificate_and_key(&data, true, &der_path, &key_path)
+        .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&der_path).unwrap());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let crt_path = users.join("operator.crt");
+    std::fs::write(&crt_path, pem).unwrap();
+    opts.user_cert = Some(der_path);
+    let press = SimPress::start(&opts).await.unwrap();
+
+    let good = users.join("good.password");
+    std::fs::write(&good, "s3cret pass\n").unwrap();
+    let wrong = users.join("wrong.password");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let sec = secure("Basic256Sha256", "SignAndEncrypt", &opts.pki_dir);
+    let text = press_source_toml(
+        "password",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nusername = \"operator\"\npassword_file = \"{}\"",
+            good.display()
+        ),
+    ) + &press_source_toml(
+        "wrong-password",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nusername = \"operator\"\npassword_file = \"{}\"",
+            wrong.display()
+        ),
+    ) + &press_source_toml(
+        "certificate",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nuser_cert = \"{}\"\nuser_key = \"{}\"",
+            crt_path.display(),
+            key_path.display()
+        ),
+    );
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    for name in ["password", "certificate"] {
+        let st = status(&a, name);
+        assert!(
+            wait_flag(&st, true, WAIT).await.is_some(),
+            "{name}: {:?}",
+            st.snapshot()
+        );
+        let events = wait_journal(&h, name, WAIT, |ev| ev.len() >= 5).await;
+        assert!(events.len() >= 5, "{name}: {:?}", st.snapshot());
+    }
+
+    let st = status(&a, "wrong-password");
+    let err = wait_error(&st, "refused the user identity").await;
+    assert!(err.contains("refused the user identity"), "{err}");
+    assert!(err.contains(&press.endpoint()), "{err}");
+    // It keeps trying (a later attempt records the error again); nothing
+    // is journaled and the other sources are unaffected.
+    let first = st.snapshot().last_error_time;
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().last_error_time == first && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snap = st.snapshot();
+    assert_ne!(snap.last_error_time, first, "no retry: {snap:?}");
+    assert!(snap.started && !snap.connected, "{snap:?}");
+    assert!(journal_events(&h, "wrong-password").is_empty());
+    assert!(status(&a, "password").connected.load(Ordering::Relaxed));
+    a.shutdown().await;
+    press.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_leaves_the_agent_running_and_the_source_disconnected() {
     let h = Harness::new().await;

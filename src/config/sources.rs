@@ -196,7 +196,8 @@ pub struct OpcuaSourceConfig {
     /// File holding the password for `username`. Default: none.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// PEM certificate for an X.509 user identity token; requires `user_key`;
+    /// Certificate (PEM or DER, any file name) for an X.509 user identity
+    /// token; requires `user_key`;
     /// excludes `username`. Default: none.
     #[serde(default)]
     pub user_cert: Option<PathBuf>,

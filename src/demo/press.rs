@@ -6,8 +6,10 @@
 //!
 //! Options let a test reorder the namespace array (another namespace is
 //! registered first, so the press namespace gets a different index), offer
-//! Basic256Sha256 endpoints with a generated certificate, and restart on the
-//! same port. The server's own certificate names `127.0.0.1` and
+//! secure endpoints with a generated certificate (Basic256Sha256 Sign and
+//! SignAndEncrypt, Aes128_Sha256_RsaOaep and Aes256_Sha256_RsaPss
+//! SignAndEncrypt; anonymous, user name/password and X.509 users), limit
+//! the server's message size, and restart on the same port. The server's own certificate names `127.0.0.1` and
 //! `localhost`, so a client's host name check passes on loopback.
 
 use std::net::SocketAddr;
@@ -50,6 +52,12 @@ pub struct PressOptions {
     /// The server's max message size in bytes (None: async-opcua's
     /// default, 327,675): a publish response larger than this is not sent.
     pub max_message_size: Option<usize>,
+    /// User names and passwords the secure endpoints accept (besides
+    /// anonymous).
+    pub users: Vec<(String, String)>,
+    /// A user certificate (DER file) the secure endpoints accept as an
+    /// X.509 user identity.
+    pub user_cert: Option<PathBuf>,
 }
 
 impl PressOptions {
@@ -64,6 +72,8 @@ impl PressOptions {
             max_ticks: None,
             paused: false,
             max_message_size: None,
+            users: Vec::new(),
+            user_cert: None,
         }
     }
 }
@@ -112,25 +122,47 @@ impl SimPress {
             .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{}/", addr.port())])
             .add_endpoint("none", ServerEndpoint::new_none("/", &user_tokens));
         if opts.secure {
-            builder = builder
-                .add_endpoint(
-                    "b256_sign",
-                    (
-                        "/",
-                        SecurityPolicy::Basic256Sha256,
-                        MessageSecurityMode::Sign,
-                        &[opcua::server::ANONYMOUS_USER_TOKEN_ID] as &[&str],
-                    ),
-                )
-                .add_endpoint(
-                    "b256_sign_encrypt",
-                    (
-                        "/",
-                        SecurityPolicy::Basic256Sha256,
-                        MessageSecurityMode::SignAndEncrypt,
-                        &[opcua::server::ANONYMOUS_USER_TOKEN_ID] as &[&str],
-                    ),
+            let mut ids = vec![opcua::server::ANONYMOUS_USER_TOKEN_ID.to_owned()];
+            for (i, (user, pass)) in opts.users.iter().enumerate() {
+                let id = format!("user{i}");
+                builder = builder.add_user_token(
+                    id.clone(),
+                    opcua::server::ServerUserToken::user_pass(user.as_str(), pass.as_str()),
                 );
+                ids.push(id);
+            }
+            if let Some(cert) = &opts.user_cert {
+                builder = builder.add_user_token(
+                    "x509",
+                    opcua::server::ServerUserToken::x509("x509-user", cert),
+                );
+                ids.push("x509".to_owned());
+            }
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            for (id, policy, mode) in [
+                (
+                    "b256_sign",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "b256_sign_encrypt",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes128_sign_encrypt",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes256_sign_encrypt",
+                    SecurityPolicy::Aes256Sha256RsaPss,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+            ] {
+                builder = builder.add_endpoint(id, ("/", policy, mode, ids.as_slice()));
+            }
         }
         {
             let limits = builder.limits_mut();

@@ -246,9 +246,9 @@ impl OpcuaSource {
                 IdentityToken::new_user_name(user.clone(), password)
             }
             (None, _, Some(cert), Some(key)) => {
-                IdentityToken::new_x509_path(cert, key).map_err(|e| SourceError::UserCert {
+                user_identity_cert(cert, key).map_err(|detail| SourceError::UserCert {
                     name: name.clone(),
-                    detail: format!("{} / {}: {e}", cert.display(), key.display()),
+                    detail,
                 })?
             }
             _ => IdentityToken::Anonymous,
@@ -992,8 +992,41 @@ async fn wait_lost(events: &mut mpsc::UnboundedReceiver<LoopEvent>) -> LinkError
     }
 }
 
-/// A readable reason for a failed activation, with the trust hint.
+/// The X.509 user identity: the certificate as PEM or DER whatever the file
+/// is called (async-opcua's own loader goes by the extension and refuses
+/// `.crt`), the private key as PEM.
+fn user_identity_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<IdentityToken, String> {
+    let bytes = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let x509 = opcua::crypto::X509::from_pem(&bytes)
+        .or_else(|_| opcua::crypto::X509::from_der(&bytes))
+        .map_err(|e| {
+            format!(
+                "{}: not a PEM or DER X.509 certificate: {e:?}",
+                cert.display()
+            )
+        })?;
+    let key = opcua::crypto::PrivateKey::read_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key: {e:?}", key.display()))?;
+    Ok(IdentityToken::new_x509(x509, key))
+}
+
+/// A readable reason for a failed activation, with the trust and identity
+/// hints.
 fn connect_failure(code: StatusCode, pki_dir: &std::path::Path) -> String {
+    if matches!(
+        code,
+        StatusCode::BadIdentityTokenRejected
+            | StatusCode::BadIdentityTokenInvalid
+            | StatusCode::BadUserAccessDenied
+            | StatusCode::BadUserSignatureInvalid
+    ) {
+        return format!(
+            "session activation failed: {code}: the server refused the user identity — check username and password_file, or user_cert and user_key, and the user's rights on the server"
+        );
+    }
     if code == StatusCode::BadCertificateUntrusted || code == StatusCode::BadSecurityChecksFailed {
         format!(
             "{code}: the server certificate is not trusted; it was stored in {} — check its fingerprint, then run `plantrelay opcua trust` (or move it to trusted/), or pin it with server_cert_sha256",
