@@ -363,7 +363,7 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
-    every_change_of_many_items_is_journaled(1000, 30, None).await;
+    every_change_of_many_items_is_journaled(1000, 30, None, None).await;
 }
 
 /// 3,000 items change in one tick: one publish response with all of them
@@ -372,13 +372,22 @@ async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
 /// 1,000 notifications per response, so every change arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_changes_per_cycle_than_one_publish_response_holds_are_all_journaled() {
-    every_change_of_many_items_is_journaled(3000, 5, Some(64 * 1024)).await;
+    every_change_of_many_items_is_journaled(3000, 5, Some(64 * 1024), None).await;
+}
+
+/// A server that takes at most 100 nodes per Read and 100 monitored items
+/// per CreateMonitoredItems (its OperationLimits) refuses larger calls as a
+/// whole; the source sizes its requests from those limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_sized_to_the_server_operation_limits() {
+    every_change_of_many_items_is_journaled(450, 3, None, Some(100)).await;
 }
 
 async fn every_change_of_many_items_is_journaled(
     items: usize,
     ticks: u64,
     max_message_size: Option<usize>,
+    operation_limit: Option<usize>,
 ) {
     let h = Harness::new().await;
     let mut opts = press_options(h.dir.path());
@@ -386,6 +395,7 @@ async fn every_change_of_many_items_is_journaled(
     opts.load_items = items;
     opts.max_ticks = Some(ticks);
     opts.max_message_size = max_message_size;
+    opts.operation_limit = operation_limit;
     // The press starts paused: the agent must see every change, so the
     // changes begin once it has subscribed.
     opts.paused = true;

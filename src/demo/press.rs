@@ -52,6 +52,9 @@ pub struct PressOptions {
     /// The server's max message size in bytes (None: async-opcua's
     /// default, 327,675): a publish response larger than this is not sent.
     pub max_message_size: Option<usize>,
+    /// The server's MaxNodesPerRead and MaxMonitoredItemsPerCall (None:
+    /// 100,000): a larger call is refused with BadTooManyOperations.
+    pub operation_limit: Option<usize>,
     /// User names and passwords the secure endpoints accept (besides
     /// anonymous).
     pub users: Vec<(String, String)>,
@@ -72,6 +75,7 @@ impl PressOptions {
             max_ticks: None,
             paused: false,
             max_message_size: None,
+            operation_limit: None,
             users: Vec::new(),
             user_cert: None,
         }
@@ -173,8 +177,9 @@ impl SimPress {
             limits.subscriptions.max_monitored_item_queue_size = 100;
             limits.subscriptions.max_queued_notifications = 1000;
             limits.max_array_length = 200_000;
-            limits.operational.max_nodes_per_read = 100_000;
-            limits.operational.max_monitored_items_per_call = 100_000;
+            let per_call = opts.operation_limit.unwrap_or(100_000);
+            limits.operational.max_nodes_per_read = per_call;
+            limits.operational.max_monitored_items_per_call = per_call;
             if let Some(size) = opts.max_message_size {
                 limits.max_message_size = size;
                 limits.max_chunk_count = size.div_ceil(limits.send_buffer_size.max(1)).max(1);

@@ -87,6 +87,13 @@
 //! missing, and plant IT should know. [`MAX_NOTIFICATIONS_PER_PUBLISH`]
 //! keeps responses small enough for common server limits.
 //!
+//! # Request sizes
+//!
+//! The resync Read and CreateMonitoredItems go out in batches of [`CHUNK`]
+//! nodes, or fewer where the server's OperationLimits (read once per
+//! session) are lower. A set-up that fails closes its session, so that
+//! retries do not pile up sessions on the server.
+//!
 //! # Back-pressure
 //!
 //! Notifications are handed to the appender in arrival order; the appender
@@ -147,8 +154,44 @@ pub const BACKLOG_WARN: usize = 100_000;
 /// and the server sends a busy cycle as several responses, which the client
 /// asks for back to back.
 pub const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1_000;
-/// Most nodes in one Read or CreateMonitoredItems request.
+/// Most nodes in one Read or CreateMonitoredItems request; less when the
+/// server's OperationLimits say so (see [`Batches`]).
 const CHUNK: usize = 500;
+/// `Server_ServerCapabilities_OperationLimits_MaxNodesPerRead`.
+const MAX_NODES_PER_READ: u32 = 11705;
+/// `Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall`.
+const MAX_MONITORED_ITEMS_PER_CALL: u32 = 11714;
+
+/// How many nodes go into one request on this session: [`CHUNK`], or less
+/// where the server's OperationLimits are lower (a server answers a larger
+/// call with `BadTooManyOperations` as a whole, and set-up would fail on
+/// every reconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Batches {
+    /// Nodes per resync Read (two attributes each).
+    read_nodes: usize,
+    /// Items per CreateMonitoredItems.
+    create_items: usize,
+}
+
+impl Batches {
+    /// From the values of MaxNodesPerRead and MaxMonitoredItemsPerCall
+    /// (0, missing or unreadable: no limit).
+    fn from_limits(max_nodes_per_read: Option<u32>, max_items_per_call: Option<u32>) -> Batches {
+        let limit = |v: Option<u32>| match v {
+            Some(n) if n > 0 => (n as usize).min(CHUNK),
+            _ => CHUNK,
+        };
+        Batches {
+            // Each node is read with two attributes (Value, DisplayName).
+            read_nodes: match max_nodes_per_read {
+                Some(n) if n > 0 => ((n / 2) as usize).clamp(1, CHUNK),
+                _ => CHUNK,
+            },
+            create_items: limit(max_items_per_call),
+        }
+    }
+}
 
 /// Why an OPC UA source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -507,14 +550,18 @@ impl OpcuaSource {
                 return Ok(());
             }
             ev = wait_lost(&mut events) => return Err(ev),
+            // A failed set-up closes its session: a server keeps an
+            // abandoned one until it times out, and a source that fails
+            // set-up on every attempt would use up the server's sessions
+            // (BadTooManySessions, for every client of that server).
             r = setup => match r {
                 Ok(Ok(live)) => live,
                 Ok(Err(e)) => {
-                    driver.abort();
+                    close(&session, driver).await;
                     return Err(e);
                 }
                 Err(_) => {
-                    driver.abort();
+                    close(&session, driver).await;
                     return Err(LinkError::Failed(format!(
                         "subscription set-up not finished within {timeout:?}"
                     )));
@@ -636,9 +683,10 @@ impl OpcuaSource {
 
         // Resync snapshot (and display names) before the subscription: the
         // subscription's initial values then come after it in the journal.
+        let batches = self.batches(session).await;
         let mut names = Vec::new();
         let mut snapshot = Vec::new();
-        for chunk in resolved.chunks(CHUNK) {
+        for chunk in resolved.chunks(batches.read_nodes) {
             let ids: Vec<ReadValueId> = chunk
                 .iter()
                 .flat_map(|(_, id)| {
@@ -707,7 +755,7 @@ impl OpcuaSource {
             .filter(|(i, _)| !already_bad.contains(i))
             .collect();
         bad.extend(
-            self.create_items(session, subscription_id, &to_create)
+            self.create_items(session, subscription_id, &to_create, batches)
                 .await?,
         );
         bad.sort_by_key(|b| b.index);
@@ -717,9 +765,42 @@ impl OpcuaSource {
             publishing_interval,
             keep_alive_count,
             bad,
+            batches,
             health,
             names_of: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
         })
+    }
+
+    /// The server's operation limits for this session's request sizes.
+    async fn batches(&self, session: &Arc<Session>) -> Batches {
+        let ids = [
+            read_id(&NodeId::new(0, MAX_NODES_PER_READ), AttributeId::Value),
+            read_id(
+                &NodeId::new(0, MAX_MONITORED_ITEMS_PER_CALL),
+                AttributeId::Value,
+            ),
+        ];
+        let values = match session.read(&ids, TimestampsToReturn::Neither, 0.0).await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(source = %self.name, error = %e, "OperationLimits not readable; default request sizes");
+                Vec::new()
+            }
+        };
+        let value = |i: usize| match values.get(i).and_then(|v| v.value.as_ref()) {
+            Some(Variant::UInt32(n)) => Some(*n),
+            _ => None,
+        };
+        let batches = Batches::from_limits(value(0), value(1));
+        debug!(
+            source = %self.name,
+            max_nodes_per_read = ?value(0),
+            max_monitored_items_per_call = ?value(1),
+            read_nodes = batches.read_nodes,
+            create_items = batches.create_items,
+            "request sizes from the server's OperationLimits"
+        );
+        batches
     }
 
     /// Creates monitored items; returns the nodes the server refused.
@@ -728,9 +809,10 @@ impl OpcuaSource {
         session: &Arc<Session>,
         subscription_id: u32,
         items: &[(usize, NodeId)],
+        batches: Batches,
     ) -> Result<Vec<BadNode>, LinkError> {
         let mut bad = Vec::new();
-        for chunk in items.chunks(CHUNK) {
+        for chunk in items.chunks(batches.create_items) {
             let requests: Vec<MonitoredItemCreateRequest> = chunk
                 .iter()
                 .map(|(i, id)| self.nodes[*i].request(*i, id.clone()))
@@ -858,7 +940,7 @@ impl OpcuaSource {
             }
         }
         match self
-            .create_items(session, live.subscription_id, &items)
+            .create_items(session, live.subscription_id, &items, live.batches)
             .await
         {
             Ok(refused) => {
@@ -960,6 +1042,8 @@ struct Live {
     keep_alive_count: u32,
     /// Nodes the server refused or that could not be resolved (retried).
     bad: Vec<BadNode>,
+    /// Request sizes the server allows.
+    batches: Batches,
     /// Monitored nodes whose latest value is bad.
     health: Arc<NodeHealth>,
     names_of: Vec<String>,
@@ -1376,5 +1460,22 @@ fn appender_result(
             name: name.to_owned(),
             detail: format!("the appender task failed: {e}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_sizes_follow_the_server_operation_limits() {
+        let none = Batches::from_limits(None, None);
+        assert_eq!((none.read_nodes, none.create_items), (CHUNK, CHUNK));
+        let zero = Batches::from_limits(Some(0), Some(0));
+        assert_eq!(zero, none, "0 means no limit");
+        let small = Batches::from_limits(Some(150), Some(100));
+        assert_eq!((small.read_nodes, small.create_items), (75, 100));
+        let large = Batches::from_limits(Some(100_000), Some(100_000));
+        assert_eq!(large, none);
     }
 }
