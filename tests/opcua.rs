@@ -24,7 +24,8 @@ use support::opcua_server::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 /// The publish watchdog window of `press_source_toml`:
-/// publishing_interval × (keep_alive_count + 2) + 0.5 s.
+/// publishing_interval × (keep_alive_count + 2) + max(0.5 s, half of
+/// publishing_interval × keep_alive_count).
 const KEEP_ALIVE_WINDOW: Duration = Duration::from_millis(1900);
 
 fn config(h: &Harness, sources: &str) -> Config {

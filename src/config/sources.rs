@@ -222,8 +222,8 @@ pub struct OpcuaSourceConfig {
     /// Subscription lifetime count, at least 3 × `keep_alive_count`. Default: `30`.
     /// The server must answer a publish request at least every
     /// `publishing_interval` × `keep_alive_count` (10 s by default) once it
-    /// has no data; a server silent for two intervals and 0.5 s longer is
-    /// treated as lost and reconnected.
+    /// has no data; a server silent for two intervals and 0.5 s (or half that
+    /// window) longer is treated as lost and reconnected.
     #[serde(default = "default_lifetime_count")]
     pub lifetime_count: u32,
     /// Timeout for connecting and activating the session. Default: `"10s"`.

@@ -38,8 +38,10 @@
 //!   server enters its keep-alive state one interval after the last data,
 //!   and its publishing timer restarts with each message, so a keep-alive
 //!   is due up to (keep-alive count + 2) intervals after the last response
-//!   (measured here: 2.7 s at 200 ms × 10 after a burst). No answer for
-//!   that window plus [`WATCHDOG_SLACK`] ends the generation: a server that still accepts TCP (and even
+//!   (measured here: 2.7 s at 200 ms × 10 after a burst), and later on a
+//!   saturated host, where the server's timers slip (over 5 s at
+//!   200 ms × 20). No answer for that window plus [`WATCHDOG_SLACK`] or
+//!   half the keep-alive window, whichever is longer, ends the generation: a server that still accepts TCP (and even
 //!   answers reads) but stopped publishing is detected, and the source
 //!   never reports "connected" over a dead publish loop.
 //! - Session keep-alive: a Read of the server state every keep-alive
@@ -845,7 +847,8 @@ impl OpcuaSource {
         status: &SourceStatus,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
-        let window = live.publishing_interval * (live.keep_alive_count.max(1) + 2) + WATCHDOG_SLACK;
+        let keep_alive = live.publishing_interval * live.keep_alive_count.max(1);
+        let window = keep_alive + live.publishing_interval * 2 + WATCHDOG_SLACK.max(keep_alive / 2);
         let mut last_publish = Instant::now();
         let mut last_failure: Option<StatusCode> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(
