@@ -23,8 +23,10 @@ use support::fault_proxy::FaultProxy;
 use support::opcua_server::*;
 
 const WAIT: Duration = Duration::from_secs(60);
-/// publishing_interval × keep_alive_count of `press_source_toml`.
-const KEEP_ALIVE_WINDOW: Duration = Duration::from_millis(1000);
+/// The publish watchdog window of `press_source_toml`:
+/// publishing_interval × (keep_alive_count + 2) + max(0.5 s, half of
+/// publishing_interval × keep_alive_count).
+const KEEP_ALIVE_WINDOW: Duration = Duration::from_millis(1900);
 
 fn config(h: &Harness, sources: &str) -> Config {
     let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", sources);
@@ -362,19 +364,45 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
-    const ITEMS: usize = 1000;
-    const TICKS: u64 = 30;
+    every_change_of_many_items_is_journaled(1000, 30, None, None).await;
+}
+
+/// 3,000 items change in one tick: one publish response with all of them
+/// (~80 KB) would exceed the server's max message size of 64 KiB, and the
+/// server would drop it (BadResponseTooLarge). The source asks for at most
+/// 1,000 notifications per response, so every change arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_changes_per_cycle_than_one_publish_response_holds_are_all_journaled() {
+    every_change_of_many_items_is_journaled(3000, 5, Some(64 * 1024), None).await;
+}
+
+/// A server that takes at most 100 nodes per Read and 100 monitored items
+/// per CreateMonitoredItems (its OperationLimits) refuses larger calls as a
+/// whole; the source sizes its requests from those limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_sized_to_the_server_operation_limits() {
+    every_change_of_many_items_is_journaled(450, 3, None, Some(100)).await;
+}
+
+async fn every_change_of_many_items_is_journaled(
+    items: usize,
+    ticks: u64,
+    max_message_size: Option<usize>,
+    operation_limit: Option<usize>,
+) {
     let h = Harness::new().await;
     let mut opts = press_options(h.dir.path());
     opts.tick = Duration::from_millis(100);
-    opts.load_items = ITEMS;
-    opts.max_ticks = Some(TICKS);
+    opts.load_items = items;
+    opts.max_ticks = Some(ticks);
+    opts.max_message_size = max_message_size;
+    opts.operation_limit = operation_limit;
     // The press starts paused: the agent must see every change, so the
     // changes begin once it has subscribed.
     opts.paused = true;
     let press = SimPress::start(&opts).await.unwrap();
     let mut nodes = String::new();
-    for i in 0..ITEMS {
+    for i in 0..items {
         nodes.push_str(&format!(
             "\n[[sources.opcua.nodes]]\nnode_id = \"{}\"\nstream = \"load/{}\"\nsampling_interval = \"0s\"\nqueue_size = 20\n",
             load_node(i),
@@ -397,9 +425,9 @@ async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
     press.resume();
     let events = wait_journal(&h, "load", Duration::from_secs(120), |ev| {
         ev.iter()
-            .filter(|e| data(e)["value"].as_u64() == Some(TICKS))
+            .filter(|e| data(e)["value"].as_u64() == Some(ticks))
             .count()
-            >= ITEMS
+            >= items
     })
     .await;
     let elapsed = t0.elapsed();
@@ -413,39 +441,42 @@ async fn a_thousand_items_changing_every_100ms_are_all_journaled() {
     }
     let complete = per_item
         .values()
-        .filter(|vals| (1..=TICKS).all(|v| vals.contains(&v)))
+        .filter(|vals| (1..=ticks).all(|v| vals.contains(&v)))
         .count();
     println!(
-        "OPC UA load: {} data changes of {ITEMS} items journaled in {} ms",
+        "OPC UA load: {} data changes of {items} items journaled in {} ms",
         events.len(),
         elapsed.as_millis()
     );
     let missing: Vec<(String, Vec<u64>)> = per_item
         .iter()
-        .filter(|(_, vals)| !(1..=TICKS).all(|v| vals.contains(&v)))
+        .filter(|(_, vals)| !(1..=ticks).all(|v| vals.contains(&v)))
         .take(5)
         .map(|(k, vals)| {
             (
                 k.clone(),
-                (1..=TICKS).filter(|v| !vals.contains(v)).collect(),
+                (1..=ticks).filter(|v| !vals.contains(v)).collect(),
             )
         })
         .collect();
     assert_eq!(
         per_item.len(),
-        ITEMS,
+        items,
         "every item reported: {:?}",
         st.snapshot()
     );
     assert_eq!(
-        complete, ITEMS,
+        complete, items,
         "items with every change journaled; e.g. missing {missing:?}"
     );
     assert_eq!(
         events.iter().filter(|e| !is_resync(e)).count(),
-        ITEMS * TICKS as usize,
+        items * ticks as usize,
         "exactly one event per change"
     );
+    let snap = st.snapshot();
+    assert!(snap.last_error.is_none(), "{:?}", snap.last_error);
+    assert!(snap.bad_nodes.is_empty(), "{:?}", snap.bad_nodes);
     a.shutdown().await;
     press.stop().await;
 }
@@ -506,6 +537,243 @@ async fn a_missing_node_is_shown_and_retried_without_blocking_the_others() {
         .expect("Mode journaled");
     assert_eq!(data(mode_event)["value"], 3);
     assert!(st.connected.load(Ordering::Relaxed));
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_turns_bad_on_the_live_subscription_is_listed_until_good_again() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    press.add_node("Mode", 3);
+    let mode = press_node("Mode");
+    let text = press_source_toml("press", &press.endpoint(), NO_SECURITY)
+        + &format!(
+            "\n[[sources.opcua.nodes]]\nnode_id = \"{mode}\"\nstream = \"line1/press/mode\"\nsampling_interval = \"0s\"\n"
+        );
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    let st = status(&a, "press");
+    assert!(wait_flag(&st, true, WAIT).await.is_some());
+    // Its start-up value (the resync snapshot; the subscription's initial
+    // value is the same change, a journal duplicate).
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().any(|e| node_is(e, "Mode"))
+    })
+    .await;
+    assert!(events.iter().any(|e| node_is(e, "Mode")));
+    assert!(st.snapshot().bad_nodes.is_empty(), "{:?}", st.snapshot());
+
+    // The tag goes away on the server: its monitored item reports it.
+    press.set_node("Mode", 0, opcua::types::StatusCode::BadNodeIdUnknown);
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().bad_nodes.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bad = st.snapshot().bad_nodes;
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].node_id, mode);
+    assert!(bad[0].status.contains("BadNodeIdUnknown"), "{bad:?}");
+    // The bad value itself is journaled with its status, and the other
+    // nodes go on.
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter()
+            .any(|e| node_is(e, "Mode") && data(e)["status_code"] == "BadNodeIdUnknown")
+    })
+    .await;
+    let last_counter = events.iter().filter(|e| node_is(e, "Counter")).count();
+    wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter().filter(|e| node_is(e, "Counter")).count() > last_counter + 3
+    })
+    .await;
+    assert_eq!(st.snapshot().bad_nodes.len(), 1);
+    assert!(st.connected.load(Ordering::Relaxed));
+
+    // Back: a good value clears it.
+    press.set_node("Mode", 4, opcua::types::StatusCode::Good);
+    let deadline = Instant::now() + WAIT;
+    while !st.snapshot().bad_nodes.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(st.snapshot().bad_nodes.is_empty(), "{:?}", st.snapshot());
+    let events = wait_journal(&h, "press", WAIT, |ev| {
+        ev.iter()
+            .any(|e| node_is(e, "Mode") && data(e)["value"] == 4)
+    })
+    .await;
+    let back = events
+        .iter()
+        .find(|e| node_is(e, "Mode") && data(e)["value"] == 4)
+        .expect("the good value is journaled");
+    assert_eq!(data(back)["status_code"], "Good");
+    a.shutdown().await;
+    press.stop().await;
+}
+
+/// `security_policy`/`security_mode` lines with the press certificate pinned.
+fn secure(policy: &str, mode: &str, pki_dir: &std::path::Path) -> String {
+    format!(
+        "security_policy = \"{policy}\"\nsecurity_mode = \"{mode}\"\nserver_cert_sha256 = \"{}\"",
+        server_cert_sha256(pki_dir).unwrap()
+    )
+}
+
+async fn wait_error(s: &SourceStatus, contains: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let err = s.snapshot().last_error.unwrap_or_default();
+        if err.contains(contains) || Instant::now() > deadline {
+            return err;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_policies_with_sign_and_encrypt_connect_and_deliver() {
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    let press = SimPress::start(&opts).await.unwrap();
+    let text = press_source_toml(
+        "aes128",
+        &press.endpoint(),
+        &secure("Aes128_Sha256_RsaOaep", "SignAndEncrypt", &opts.pki_dir),
+    ) + &press_source_toml(
+        "aes256",
+        &press.endpoint(),
+        &secure("Aes256_Sha256_RsaPss", "SignAndEncrypt", &opts.pki_dir),
+    );
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    for name in ["aes128", "aes256"] {
+        let st = status(&a, name);
+        assert!(
+            wait_flag(&st, true, WAIT).await.is_some(),
+            "{name}: {:?}",
+            st.snapshot()
+        );
+        let events = wait_journal(&h, name, WAIT, |ev| {
+            ev.iter()
+                .filter(|e| node_is(e, "Counter") && !is_resync(e))
+                .count()
+                >= 3
+        })
+        .await;
+        assert!(
+            events.iter().filter(|e| node_is(e, "Counter")).count() >= 3,
+            "{name}: {:?}",
+            st.snapshot()
+        );
+    }
+    a.shutdown().await;
+    press.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_identities_password_and_certificate_are_accepted_and_a_wrong_password_reported() {
+    use base64::Engine as _;
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.secure = true;
+    opts.tick = Duration::from_millis(100);
+    opts.users = vec![("operator".into(), "s3cret pass".into())];
+    // The X.509 user: the server knows its certificate (DER); the agent is
+    // given it as PEM in a .crt file, as plant IT usually has it.
+    let users = h.dir.path().join("users");
+    std::fs::create_dir_all(&users).unwrap();
+    let der_path = users.join("operator.der");
+    let key_path = users.join("operator.key");
+    let data = opcua::crypto::X509Data {
+        key_size: 2048,
+        common_name: "plantrelay test operator".into(),
+        organization: "plantrelay".into(),
+        organizational_unit: "test".into(),
+        country: "DE".into(),
+        state: "".into(),
+        alt_host_names: opcua::crypto::X509Data::alt_host_names(
+            "urn:plantrelay:test:operator",
+            Some(vec!["localhost".into()]),
+            false,
+            false,
+            false,
+        ),
+        certificate_duration_days: 30,
+    };
+    opcua::crypto::CertificateStore::create_certificate_and_key(&data, true, &der_path, &key_path)
+        .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&der_path).unwrap());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    let crt_path = users.join("operator.crt");
+    std::fs::write(&crt_path, pem).unwrap();
+    opts.user_cert = Some(der_path);
+    let press = SimPress::start(&opts).await.unwrap();
+
+    let good = users.join("good.password");
+    std::fs::write(&good, "s3cret pass\n").unwrap();
+    let wrong = users.join("wrong.password");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let sec = secure("Basic256Sha256", "SignAndEncrypt", &opts.pki_dir);
+    let text = press_source_toml(
+        "password",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nusername = \"operator\"\npassword_file = \"{}\"",
+            good.display()
+        ),
+    ) + &press_source_toml(
+        "wrong-password",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nusername = \"operator\"\npassword_file = \"{}\"",
+            wrong.display()
+        ),
+    ) + &press_source_toml(
+        "certificate",
+        &press.endpoint(),
+        &format!(
+            "{sec}\nuser_cert = \"{}\"\nuser_key = \"{}\"",
+            crt_path.display(),
+            key_path.display()
+        ),
+    );
+    let cfg = config(&h, &text);
+    let a = agent::start(&cfg).await.unwrap();
+    for name in ["password", "certificate"] {
+        let st = status(&a, name);
+        assert!(
+            wait_flag(&st, true, WAIT).await.is_some(),
+            "{name}: {:?}",
+            st.snapshot()
+        );
+        let events = wait_journal(&h, name, WAIT, |ev| ev.len() >= 5).await;
+        assert!(events.len() >= 5, "{name}: {:?}", st.snapshot());
+    }
+
+    let st = status(&a, "wrong-password");
+    let err = wait_error(&st, "refused the user identity").await;
+    assert!(err.contains("refused the user identity"), "{err}");
+    assert!(err.contains(&press.endpoint()), "{err}");
+    // It keeps trying (a later attempt records the error again); nothing
+    // is journaled and the other sources are unaffected.
+    let first = st.snapshot().last_error_time;
+    let deadline = Instant::now() + WAIT;
+    while st.snapshot().last_error_time == first && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snap = st.snapshot();
+    assert_ne!(snap.last_error_time, first, "no retry: {snap:?}");
+    assert!(snap.started && !snap.connected, "{snap:?}");
+    assert!(journal_events(&h, "wrong-password").is_empty());
+    assert!(status(&a, "password").connected.load(Ordering::Relaxed));
     a.shutdown().await;
     press.stop().await;
 }

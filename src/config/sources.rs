@@ -196,7 +196,8 @@ pub struct OpcuaSourceConfig {
     /// File holding the password for `username`. Default: none.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// PEM certificate for an X.509 user identity token; requires `user_key`;
+    /// Certificate (PEM or DER, any file name) for an X.509 user identity
+    /// token; requires `user_key`;
     /// excludes `username`. Default: none.
     #[serde(default)]
     pub user_cert: Option<PathBuf>,
@@ -220,8 +221,9 @@ pub struct OpcuaSourceConfig {
     pub keep_alive_count: u32,
     /// Subscription lifetime count, at least 3 × `keep_alive_count`. Default: `30`.
     /// The server must answer a publish request at least every
-    /// `publishing_interval` × `keep_alive_count` (10 s by default); a server
-    /// silent for longer is treated as lost and reconnected.
+    /// `publishing_interval` × `keep_alive_count` (10 s by default) once it
+    /// has no data; a server silent for two intervals and 0.5 s (or half that
+    /// window) longer is treated as lost and reconnected.
     #[serde(default = "default_lifetime_count")]
     pub lifetime_count: u32,
     /// Timeout for connecting and activating the session. Default: `"10s"`.

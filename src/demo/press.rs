@@ -6,8 +6,10 @@
 //!
 //! Options let a test reorder the namespace array (another namespace is
 //! registered first, so the press namespace gets a different index), offer
-//! Basic256Sha256 endpoints with a generated certificate, and restart on the
-//! same port. The server's own certificate names `127.0.0.1` and
+//! secure endpoints with a generated certificate (Basic256Sha256 Sign and
+//! SignAndEncrypt, Aes128_Sha256_RsaOaep and Aes256_Sha256_RsaPss
+//! SignAndEncrypt; anonymous, user name/password and X.509 users), limit
+//! the server's message size, and restart on the same port. The server's own certificate names `127.0.0.1` and
 //! `localhost`, so a client's host name check passes on loopback.
 
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ use opcua::crypto::{CertificateStore, SecurityPolicy, X509Data};
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
 use opcua::server::{ServerBuilder, ServerEndpoint, ServerHandle};
-use opcua::types::{DataValue, DateTime, MessageSecurityMode, NodeId, Variant};
+use opcua::types::{DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, Variant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -47,6 +49,18 @@ pub struct PressOptions {
     pub max_ticks: Option<u64>,
     /// Start with the value changes paused (see [`SimPress::resume`]).
     pub paused: bool,
+    /// The server's max message size in bytes (None: async-opcua's
+    /// default, 327,675): a publish response larger than this is not sent.
+    pub max_message_size: Option<usize>,
+    /// The server's MaxNodesPerRead and MaxMonitoredItemsPerCall (None:
+    /// 100,000): a larger call is refused with BadTooManyOperations.
+    pub operation_limit: Option<usize>,
+    /// User names and passwords the secure endpoints accept (besides
+    /// anonymous).
+    pub users: Vec<(String, String)>,
+    /// A user certificate (DER file) the secure endpoints accept as an
+    /// X.509 user identity.
+    pub user_cert: Option<PathBuf>,
 }
 
 impl PressOptions {
@@ -60,6 +74,10 @@ impl PressOptions {
             load_items: 0,
             max_ticks: None,
             paused: false,
+            max_message_size: None,
+            operation_limit: None,
+            users: Vec::new(),
+            user_cert: None,
         }
     }
 }
@@ -108,25 +126,47 @@ impl SimPress {
             .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{}/", addr.port())])
             .add_endpoint("none", ServerEndpoint::new_none("/", &user_tokens));
         if opts.secure {
-            builder = builder
-                .add_endpoint(
-                    "b256_sign",
-                    (
-                        "/",
-                        SecurityPolicy::Basic256Sha256,
-                        MessageSecurityMode::Sign,
-                        &[opcua::server::ANONYMOUS_USER_TOKEN_ID] as &[&str],
-                    ),
-                )
-                .add_endpoint(
-                    "b256_sign_encrypt",
-                    (
-                        "/",
-                        SecurityPolicy::Basic256Sha256,
-                        MessageSecurityMode::SignAndEncrypt,
-                        &[opcua::server::ANONYMOUS_USER_TOKEN_ID] as &[&str],
-                    ),
+            let mut ids = vec![opcua::server::ANONYMOUS_USER_TOKEN_ID.to_owned()];
+            for (i, (user, pass)) in opts.users.iter().enumerate() {
+                let id = format!("user{i}");
+                builder = builder.add_user_token(
+                    id.clone(),
+                    opcua::server::ServerUserToken::user_pass(user.as_str(), pass.as_str()),
                 );
+                ids.push(id);
+            }
+            if let Some(cert) = &opts.user_cert {
+                builder = builder.add_user_token(
+                    "x509",
+                    opcua::server::ServerUserToken::x509("x509-user", cert),
+                );
+                ids.push("x509".to_owned());
+            }
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            for (id, policy, mode) in [
+                (
+                    "b256_sign",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "b256_sign_encrypt",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes128_sign_encrypt",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes256_sign_encrypt",
+                    SecurityPolicy::Aes256Sha256RsaPss,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+            ] {
+                builder = builder.add_endpoint(id, ("/", policy, mode, ids.as_slice()));
+            }
         }
         {
             let limits = builder.limits_mut();
@@ -137,8 +177,13 @@ impl SimPress {
             limits.subscriptions.max_monitored_item_queue_size = 100;
             limits.subscriptions.max_queued_notifications = 1000;
             limits.max_array_length = 200_000;
-            limits.operational.max_nodes_per_read = 100_000;
-            limits.operational.max_monitored_items_per_call = 100_000;
+            let per_call = opts.operation_limit.unwrap_or(100_000);
+            limits.operational.max_nodes_per_read = per_call;
+            limits.operational.max_monitored_items_per_call = per_call;
+            if let Some(size) = opts.max_message_size {
+                limits.max_message_size = size;
+                limits.max_chunk_count = size.div_ceil(limits.send_buffer_size.max(1)).max(1);
+            }
         }
         if opts.reorder {
             builder = builder.with_node_manager(simple_node_manager(
@@ -237,6 +282,25 @@ impl SimPress {
         let _ = space.add_variables(
             vec![opcua::nodes::Variable::new(&id, name, name, value)],
             &NodeId::new(self.ns, "Press"),
+        );
+    }
+
+    /// Publishes a new value and status of `Press.<name>` to subscribers:
+    /// a bad status is what a server reports for a tag that went away or
+    /// whose device stopped answering.
+    pub fn set_node(&self, name: &str, value: i32, status: StatusCode) {
+        let id = NodeId::new(self.ns, format!("Press.{name}"));
+        let now = DateTime::now();
+        let dv = DataValue {
+            value: Some(Variant::Int32(value)),
+            status: Some(status),
+            source_timestamp: Some(now),
+            server_timestamp: Some(now),
+            ..Default::default()
+        };
+        let _ = self.nm.set_values(
+            self.handle.subscriptions(),
+            [(&id, None::<&opcua::types::NumericRange>, dv)].into_iter(),
         );
     }
 

@@ -34,8 +34,14 @@
 //!   its end, or a `ConnectionLost`, ends the generation at once.
 //! - **Publish watchdog**: the server must answer a publish request (data
 //!   or keep-alive) at least every revised publishing interval × revised
-//!   keep-alive count. No answer for that window plus [`WATCHDOG_SLACK`]
-//!   ends the generation: a server that still accepts TCP (and even
+//!   keep-alive count, counted from the first interval without data: a
+//!   server enters its keep-alive state one interval after the last data,
+//!   and its publishing timer restarts with each message, so a keep-alive
+//!   is due up to (keep-alive count + 2) intervals after the last response
+//!   (measured here: 2.7 s at 200 ms × 10 after a burst), and later on a
+//!   saturated host, where the server's timers slip (over 5 s at
+//!   200 ms × 20). No answer for that window plus [`WATCHDOG_SLACK`] or
+//!   half the keep-alive window, whichever is longer, ends the generation: a server that still accepts TCP (and even
 //!   answers reads) but stopped publishing is detected, and the source
 //!   never reports "connected" over a dead publish loop.
 //! - Session keep-alive: a Read of the server state every keep-alive
@@ -69,7 +75,26 @@
 //! A node whose namespace URI is not on the server, or whose monitored item
 //! the server refuses (`BadNodeIdUnknown`, …), does not block the others:
 //! it is listed in the source status (`bad_nodes`) and retried every
-//! [`NODE_RETRY`] on the live session (5 s).
+//! [`NODE_RETRY`] on the live session (5 s). A monitored node whose latest
+//! data change carries a bad status (a tag deleted on the server, a device
+//! that stopped answering) is listed there too, with that status, until a
+//! good or uncertain value arrives; the bad value itself is journaled.
+//!
+//! # Lost notification messages
+//!
+//! The server numbers its notification messages. A gap in the numbers (for
+//! example a publish response the server could not send because it was
+//! larger than its max message size, `BadResponseTooLarge`) is logged at
+//! `warn` and recorded as the source's last error: data changes are
+//! missing, and plant IT should know. [`MAX_NOTIFICATIONS_PER_PUBLISH`]
+//! keeps responses small enough for common server limits.
+//!
+//! # Request sizes
+//!
+//! The resync Read and CreateMonitoredItems go out in batches of [`CHUNK`]
+//! nodes, or fewer where the server's OperationLimits (read once per
+//! session) are lower. A set-up that fails closes its session, so that
+//! retries do not pile up sessions on the server.
 //!
 //! # Back-pressure
 //!
@@ -123,10 +148,52 @@ pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
 pub const NODE_RETRY: Duration = Duration::from_secs(5);
 /// Notifications waiting for the journal before a warning.
 pub const BACKLOG_WARN: usize = 100_000;
-/// Most notifications the server may put in one publish response.
-pub const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 50_000;
-/// Most nodes in one Read or CreateMonitoredItems request.
+/// Most notifications the server may put in one publish response. A
+/// server refuses to send a response larger than its own max message size
+/// (`BadResponseTooLarge`; async-opcua's default is 327,675 bytes, which
+/// holds about 10,000 scalar notifications) and the notifications in it are
+/// lost; with 1,000 a response stays around 30–60 KiB for scalar values,
+/// and the server sends a busy cycle as several responses, which the client
+/// asks for back to back.
+pub const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1_000;
+/// Most nodes in one Read or CreateMonitoredItems request; less when the
+/// server's OperationLimits say so (see [`Batches`]).
 const CHUNK: usize = 500;
+/// `Server_ServerCapabilities_OperationLimits_MaxNodesPerRead`.
+const MAX_NODES_PER_READ: u32 = 11705;
+/// `Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall`.
+const MAX_MONITORED_ITEMS_PER_CALL: u32 = 11714;
+
+/// How many nodes go into one request on this session: [`CHUNK`], or less
+/// where the server's OperationLimits are lower (a server answers a larger
+/// call with `BadTooManyOperations` as a whole, and set-up would fail on
+/// every reconnect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Batches {
+    /// Nodes per resync Read (two attributes each).
+    read_nodes: usize,
+    /// Items per CreateMonitoredItems.
+    create_items: usize,
+}
+
+impl Batches {
+    /// From the values of MaxNodesPerRead and MaxMonitoredItemsPerCall
+    /// (0, missing or unreadable: no limit).
+    fn from_limits(max_nodes_per_read: Option<u32>, max_items_per_call: Option<u32>) -> Batches {
+        let limit = |v: Option<u32>| match v {
+            Some(n) if n > 0 => (n as usize).min(CHUNK),
+            _ => CHUNK,
+        };
+        Batches {
+            // Each node is read with two attributes (Value, DisplayName).
+            read_nodes: match max_nodes_per_read {
+                Some(n) if n > 0 => ((n / 2) as usize).clamp(1, CHUNK),
+                _ => CHUNK,
+            },
+            create_items: limit(max_items_per_call),
+        }
+    }
+}
 
 /// Why an OPC UA source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +229,8 @@ pub enum SourceError {
 enum LinkError {
     #[error("{0}")]
     Failed(String),
-    #[error("no publish response for {0:?} (keep-alive window): the server stopped publishing")]
-    Silent(Duration),
+    #[error("no publish response for {0:?} (keep-alive window): the server stopped publishing{1}")]
+    Silent(Duration, String),
     #[error("the journal has stopped")]
     JournalClosed,
 }
@@ -224,9 +291,9 @@ impl OpcuaSource {
                 IdentityToken::new_user_name(user.clone(), password)
             }
             (None, _, Some(cert), Some(key)) => {
-                IdentityToken::new_x509_path(cert, key).map_err(|e| SourceError::UserCert {
+                user_identity_cert(cert, key).map_err(|detail| SourceError::UserCert {
                     name: name.clone(),
-                    detail: format!("{} / {}: {e}", cert.display(), key.display()),
+                    detail,
                 })?
             }
             _ => IdentityToken::Anonymous,
@@ -423,7 +490,7 @@ impl OpcuaSource {
         &self,
         client: &Client,
         feed: &Feed,
-        status: &SourceStatus,
+        status: &Arc<SourceStatus>,
         shutdown: &CancellationToken,
         generation: u64,
     ) -> Result<(), LinkError> {
@@ -476,7 +543,7 @@ impl OpcuaSource {
 
         let setup = tokio::time::timeout(
             timeout + Duration::from_millis(50) * (self.nodes.len() as u32 / 100),
-            self.set_up(&session, feed, generation),
+            self.set_up(&session, feed, status, generation),
         );
         let live = tokio::select! {
             biased;
@@ -485,14 +552,18 @@ impl OpcuaSource {
                 return Ok(());
             }
             ev = wait_lost(&mut events) => return Err(ev),
+            // A failed set-up closes its session: a server keeps an
+            // abandoned one until it times out, and a source that fails
+            // set-up on every attempt would use up the server's sessions
+            // (BadTooManySessions, for every client of that server).
             r = setup => match r {
                 Ok(Ok(live)) => live,
                 Ok(Err(e)) => {
-                    driver.abort();
+                    close(&session, driver).await;
                     return Err(e);
                 }
                 Err(_) => {
-                    driver.abort();
+                    close(&session, driver).await;
                     return Err(LinkError::Failed(format!(
                         "subscription set-up not finished within {timeout:?}"
                     )));
@@ -500,7 +571,7 @@ impl OpcuaSource {
             },
         };
         status.connected.store(true, Ordering::Relaxed);
-        publish_bad_nodes(status, &live.names_of, &live.bad);
+        publish_bad_nodes(status, &live);
         info!(
             source = %self.name,
             generation,
@@ -593,6 +664,7 @@ impl OpcuaSource {
         &self,
         session: &Arc<Session>,
         feed: &Feed,
+        status: &Arc<SourceStatus>,
         generation: u64,
     ) -> Result<Live, LinkError> {
         let ns = session
@@ -613,9 +685,10 @@ impl OpcuaSource {
 
         // Resync snapshot (and display names) before the subscription: the
         // subscription's initial values then come after it in the journal.
+        let batches = self.batches(session).await;
         let mut names = Vec::new();
         let mut snapshot = Vec::new();
-        for chunk in resolved.chunks(CHUNK) {
+        for chunk in resolved.chunks(batches.read_nodes) {
             let ids: Vec<ReadValueId> = chunk
                 .iter()
                 .flat_map(|(_, id)| {
@@ -650,8 +723,14 @@ impl OpcuaSource {
         feed.send(Item::Resync(snapshot));
         debug!(source = %self.name, generation, values = snapshot_len, "resync snapshot read");
 
+        let health = Arc::new(NodeHealth::default());
         let callback = Notifications {
+            source: self.name.clone(),
             feed: feed.clone_sender(),
+            health: health.clone(),
+            names_of: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
+            status: status.clone(),
+            last_sequence: 0,
         };
         let subscription_id = session
             .create_subscription(
@@ -678,7 +757,7 @@ impl OpcuaSource {
             .filter(|(i, _)| !already_bad.contains(i))
             .collect();
         bad.extend(
-            self.create_items(session, subscription_id, &to_create)
+            self.create_items(session, subscription_id, &to_create, batches)
                 .await?,
         );
         bad.sort_by_key(|b| b.index);
@@ -688,8 +767,42 @@ impl OpcuaSource {
             publishing_interval,
             keep_alive_count,
             bad,
+            batches,
+            health,
             names_of: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
         })
+    }
+
+    /// The server's operation limits for this session's request sizes.
+    async fn batches(&self, session: &Arc<Session>) -> Batches {
+        let ids = [
+            read_id(&NodeId::new(0, MAX_NODES_PER_READ), AttributeId::Value),
+            read_id(
+                &NodeId::new(0, MAX_MONITORED_ITEMS_PER_CALL),
+                AttributeId::Value,
+            ),
+        ];
+        let values = match session.read(&ids, TimestampsToReturn::Neither, 0.0).await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(source = %self.name, error = %e, "OperationLimits not readable; default request sizes");
+                Vec::new()
+            }
+        };
+        let value = |i: usize| match values.get(i).and_then(|v| v.value.as_ref()) {
+            Some(Variant::UInt32(n)) => Some(*n),
+            _ => None,
+        };
+        let batches = Batches::from_limits(value(0), value(1));
+        debug!(
+            source = %self.name,
+            max_nodes_per_read = ?value(0),
+            max_monitored_items_per_call = ?value(1),
+            read_nodes = batches.read_nodes,
+            create_items = batches.create_items,
+            "request sizes from the server's OperationLimits"
+        );
+        batches
     }
 
     /// Creates monitored items; returns the nodes the server refused.
@@ -698,9 +811,10 @@ impl OpcuaSource {
         session: &Arc<Session>,
         subscription_id: u32,
         items: &[(usize, NodeId)],
+        batches: Batches,
     ) -> Result<Vec<BadNode>, LinkError> {
         let mut bad = Vec::new();
-        for chunk in items.chunks(CHUNK) {
+        for chunk in items.chunks(batches.create_items) {
             let requests: Vec<MonitoredItemCreateRequest> = chunk
                 .iter()
                 .map(|(i, id)| self.nodes[*i].request(*i, id.clone()))
@@ -733,8 +847,10 @@ impl OpcuaSource {
         status: &SourceStatus,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
-        let window = live.publishing_interval * live.keep_alive_count.max(1) + WATCHDOG_SLACK;
+        let keep_alive = live.publishing_interval * live.keep_alive_count.max(1);
+        let window = keep_alive + live.publishing_interval * 2 + WATCHDOG_SLACK.max(keep_alive / 2);
         let mut last_publish = Instant::now();
+        let mut last_failure: Option<StatusCode> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(
             (window.as_millis() as u64 / 10).clamp(20, 500),
         ));
@@ -748,9 +864,28 @@ impl OpcuaSource {
                     return Ok(());
                 }
                 ev = events.recv() => match ev {
-                    Some(LoopEvent::Publish) => last_publish = Instant::now(),
+                    Some(LoopEvent::Publish) => {
+                        last_publish = Instant::now();
+                        last_failure = None;
+                    }
                     Some(LoopEvent::PublishFailed(code)) => {
-                        debug!(source = %self.name, status = %code, "publish request failed");
+                        if code == StatusCode::BadResponseTooLarge {
+                            // The server dropped a notification message it
+                            // could not send: those data changes are lost.
+                            warn!(
+                                source = %self.name,
+                                status = %code,
+                                max_notifications_per_publish = MAX_NOTIFICATIONS_PER_PUBLISH,
+                                "the server could not send a publish response within its max message size; the data changes in it are lost — raise the server's max message size"
+                            );
+                            status.record_error(format!(
+                                "{}: publish response too large for the server's max message size ({code}); data changes were lost",
+                                self.cfg.endpoint
+                            ));
+                        } else {
+                            debug!(source = %self.name, status = %code, "publish request failed");
+                        }
+                        last_failure = Some(code);
                     }
                     Some(LoopEvent::Connected) => {}
                     Some(LoopEvent::Lost(code)) | Some(LoopEvent::Ended(code)) => {
@@ -770,12 +905,18 @@ impl OpcuaSource {
                     let silent = last_publish.elapsed();
                     if silent > window {
                         driver.abort();
-                        return Err(LinkError::Silent(silent));
+                        let why = last_failure
+                            .map(|code| format!(" (last publish error: {code})"))
+                            .unwrap_or_default();
+                        return Err(LinkError::Silent(silent, why));
+                    }
+                    if live.health.take_changed() {
+                        publish_bad_nodes(status, &live);
                     }
                 }
                 _ = retry.tick(), if !live.bad.is_empty() => {
                     self.retry_bad(&session, &mut live).await;
-                    publish_bad_nodes(status, &live.names_of, &live.bad);
+                    publish_bad_nodes(status, &live);
                 }
             }
         }
@@ -802,7 +943,7 @@ impl OpcuaSource {
             }
         }
         match self
-            .create_items(session, live.subscription_id, &items)
+            .create_items(session, live.subscription_id, &items, live.batches)
             .await
         {
             Ok(refused) => {
@@ -827,13 +968,67 @@ impl OpcuaSource {
     }
 }
 
-/// Shows the refused nodes in the source status.
-fn publish_bad_nodes(status: &SourceStatus, names_of: &[String], bad: &[BadNode]) {
+/// Shows the nodes not monitored right now in the source status: those the
+/// server refused (retried) and those whose latest data change on the live
+/// subscription had a bad status (until a good one arrives).
+fn publish_bad_nodes(status: &SourceStatus, live: &Live) {
+    let mut bad: Vec<(usize, String)> = live
+        .bad
+        .iter()
+        .map(|b| (b.index, b.status.clone()))
+        .collect();
+    for (index, code) in live.health.bad() {
+        if !bad.iter().any(|(i, _)| *i == index) {
+            bad.push((index, code));
+        }
+    }
+    bad.sort_by_key(|(i, _)| *i);
     status.set_bad_nodes(
-        bad.iter()
-            .map(|b| (names_of[b.index].clone(), b.status.clone()))
+        bad.into_iter()
+            .filter_map(|(i, code)| live.names_of.get(i).map(|n| (n.clone(), code)))
             .collect(),
     );
+}
+
+/// Nodes whose latest data change on the live subscription had a bad status
+/// (index → status name), shared by the subscription callback (writer) and
+/// the watch loop (which publishes it).
+#[derive(Debug, Default)]
+struct NodeHealth {
+    bad: std::sync::Mutex<std::collections::BTreeMap<usize, String>>,
+    changed: std::sync::atomic::AtomicBool,
+}
+
+impl NodeHealth {
+    /// Records the status of a node's latest data change; true when the
+    /// node's state (good, or which bad status) changed.
+    fn record(&self, index: usize, code: StatusCode) -> bool {
+        let Ok(mut bad) = self.bad.lock() else {
+            return false;
+        };
+        let changed = if code.is_bad() {
+            let name = code.to_string();
+            bad.insert(index, name.clone()).as_ref() != Some(&name)
+        } else {
+            bad.remove(&index).is_some()
+        };
+        if changed {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Whether the set changed since the last call.
+    fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::Relaxed)
+    }
+
+    fn bad(&self) -> Vec<(usize, String)> {
+        self.bad
+            .lock()
+            .map(|b| b.iter().map(|(i, s)| (*i, s.clone())).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// A node the server refused (or whose namespace it lacks), and why.
@@ -848,7 +1043,12 @@ struct Live {
     subscription_id: u32,
     publishing_interval: Duration,
     keep_alive_count: u32,
+    /// Nodes the server refused or that could not be resolved (retried).
     bad: Vec<BadNode>,
+    /// Request sizes the server allows.
+    batches: Batches,
+    /// Monitored nodes whose latest value is bad.
+    health: Arc<NodeHealth>,
     names_of: Vec<String>,
 }
 
@@ -879,8 +1079,41 @@ async fn wait_lost(events: &mut mpsc::UnboundedReceiver<LoopEvent>) -> LinkError
     }
 }
 
-/// A readable reason for a failed activation, with the trust hint.
+/// The X.509 user identity: the certificate as PEM or DER whatever the file
+/// is called (async-opcua's own loader goes by the extension and refuses
+/// `.crt`), the private key as PEM.
+fn user_identity_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<IdentityToken, String> {
+    let bytes = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let x509 = opcua::crypto::X509::from_pem(&bytes)
+        .or_else(|_| opcua::crypto::X509::from_der(&bytes))
+        .map_err(|e| {
+            format!(
+                "{}: not a PEM or DER X.509 certificate: {e:?}",
+                cert.display()
+            )
+        })?;
+    let key = opcua::crypto::PrivateKey::read_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key: {e:?}", key.display()))?;
+    Ok(IdentityToken::new_x509(x509, key))
+}
+
+/// A readable reason for a failed activation, with the trust and identity
+/// hints.
 fn connect_failure(code: StatusCode, pki_dir: &std::path::Path) -> String {
+    if matches!(
+        code,
+        StatusCode::BadIdentityTokenRejected
+            | StatusCode::BadIdentityTokenInvalid
+            | StatusCode::BadUserAccessDenied
+            | StatusCode::BadUserSignatureInvalid
+    ) {
+        return format!(
+            "session activation failed: {code}: the server refused the user identity — check username and password_file, or user_cert and user_key, and the user's rights on the server"
+        );
+    }
     if code == StatusCode::BadCertificateUntrusted || code == StatusCode::BadSecurityChecksFailed {
         format!(
             "{code}: the server certificate is not trusted; it was stored in {} — check its fingerprint, then run `plantrelay opcua trust` (or move it to trusted/), or pin it with server_cert_sha256",
@@ -989,9 +1222,45 @@ impl Drop for Driver {
     }
 }
 
-/// The subscription callback: hands every data change to the appender.
+/// The subscription callback: hands every data change to the appender,
+/// tracks which nodes currently report a bad status, and notices
+/// notification messages the server sent but the client never got.
 struct Notifications {
+    source: String,
     feed: FeedSender,
+    health: Arc<NodeHealth>,
+    names_of: Vec<String>,
+    status: Arc<SourceStatus>,
+    /// Sequence number of the last data notification message (0: none yet;
+    /// the server numbers them from 1).
+    last_sequence: u32,
+}
+
+impl Notifications {
+    /// A keep-alive carries the sequence number of the next data message, a
+    /// data message its own: either one above `last_sequence + 1` means
+    /// messages were lost (e.g. a response the server could not send).
+    fn check_sequence(&mut self, sequence: u32, keep_alive: bool) {
+        let expected = self.last_sequence.wrapping_add(1);
+        if sequence > expected {
+            let lost = sequence - expected;
+            warn!(
+                source = %self.source,
+                lost_messages = lost,
+                first_missing = expected,
+                "OPC UA notification messages were lost between server and agent; the data changes in them are missing from the journal"
+            );
+            self.status.record_error(format!(
+                "{lost} notification message(s) from sequence number {expected} never arrived; their data changes are missing"
+            ));
+        }
+        // A lower number is a wrap-around (or a late message): follow it.
+        self.last_sequence = if keep_alive {
+            sequence.wrapping_sub(1)
+        } else {
+            sequence
+        };
+    }
 }
 
 impl OnSubscriptionNotificationCore for Notifications {
@@ -1001,8 +1270,10 @@ impl OnSubscriptionNotificationCore for Notifications {
         _monitored_items: MonitoredItemMap<'_>,
     ) {
         let Some(data) = notification.notification_data else {
-            return; // a keep-alive
+            self.check_sequence(notification.sequence_number, true);
+            return;
         };
+        self.check_sequence(notification.sequence_number, false);
         for obj in data {
             let Some(change) = obj.into_inner_as::<DataChangeNotification>() else {
                 continue;
@@ -1012,6 +1283,15 @@ impl OnSubscriptionNotificationCore for Notifications {
                 let Some(index) = (n.client_handle as usize).checked_sub(1) else {
                     continue;
                 };
+                let code = n.value.status.unwrap_or(StatusCode::Good);
+                if self.health.record(index, code) {
+                    let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
+                    if code.is_bad() {
+                        warn!(source = %self.source, node, status = %code, "node reports a bad status; listed in bad_nodes until a good value arrives");
+                    } else {
+                        info!(source = %self.source, node, status = %code, "node reports good values again");
+                    }
+                }
                 self.feed.send(Item::Change {
                     index,
                     value: n.value,
@@ -1183,5 +1463,22 @@ fn appender_result(
             name: name.to_owned(),
             detail: format!("the appender task failed: {e}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_sizes_follow_the_server_operation_limits() {
+        let none = Batches::from_limits(None, None);
+        assert_eq!((none.read_nodes, none.create_items), (CHUNK, CHUNK));
+        let zero = Batches::from_limits(Some(0), Some(0));
+        assert_eq!(zero, none, "0 means no limit");
+        let small = Batches::from_limits(Some(150), Some(100));
+        assert_eq!((small.read_nodes, small.create_items), (75, 100));
+        let large = Batches::from_limits(Some(100_000), Some(100_000));
+        assert_eq!(large, none);
     }
 }
