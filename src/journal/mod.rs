@@ -225,6 +225,16 @@ pub struct SharedStats {
     pub last_error: Mutex<Option<String>>,
 }
 
+impl SharedStats {
+    /// Events evicted so far under `drop_oldest`, both classes: it changes
+    /// exactly when eviction has put gap events in the journal.
+    pub fn evictions(&self) -> u64 {
+        self.evicted_telemetry
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.evicted_critical.load(Ordering::Relaxed))
+    }
+}
+
 /// The writer's answer to an append: on refusal, the events come back (when
 /// it did not consume them) so a blocked appender can offer them again
 /// without having kept a copy.
@@ -476,14 +486,9 @@ impl Journal {
         .await
     }
 
-    /// Events evicted so far under `drop_oldest`, both classes: it changes
-    /// exactly when eviction has put gap events in the journal.
+    /// See [`SharedStats::evictions`].
     pub fn evictions(&self) -> u64 {
-        let stats = self.stats();
-        stats
-            .evicted_telemetry
-            .load(Ordering::Relaxed)
-            .wrapping_add(stats.evicted_critical.load(Ordering::Relaxed))
+        self.stats().evictions()
     }
 
     /// Moves `sink`'s cursor back for a replay; returns the new cursor.

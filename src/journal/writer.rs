@@ -706,20 +706,13 @@ impl WriterState {
         Ok(Some(to))
     }
 
-    fn evicted_total(&self) -> u64 {
-        self.stats
-            .evicted_telemetry
-            .load(Ordering::Relaxed)
-            .wrapping_add(self.stats.evicted_critical.load(Ordering::Relaxed))
-    }
-
     /// The lowest seq in `(base, to]` where a gap event was put after the
     /// sink read its batch (when the eviction count was `read_at`). Such a
     /// gap stands in place of events the batch carried, and may announce
     /// the eviction of later events the batch did not carry: a cursor moved
     /// past it would skip that announcement, so it must stop just before.
     fn unsent_gap(&self, read_at: u64, base: u64, to: u64) -> rusqlite::Result<Option<u64>> {
-        if read_at >= self.evicted_total() {
+        if read_at >= self.stats.evictions() {
             return Ok(None);
         }
         let remembered = self
@@ -1128,7 +1121,7 @@ impl WriterState {
         match result.and_then(|_| self.conn.execute_batch("COMMIT")) {
             Ok(()) => {
                 let n = victims.len() as u64;
-                let before = self.evicted_total();
+                let before = self.stats.evictions();
                 if self.recent_evictions.len() == RECENT_EVICTION_ROUNDS {
                     self.recent_evictions.pop_front();
                 }

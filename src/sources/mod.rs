@@ -12,3 +12,17 @@ pub mod mqtt;
 pub mod opcua;
 pub mod reconnect;
 pub mod sparkplug;
+
+use std::time::Duration;
+
+use crate::journal::JournalError;
+
+/// How long a source that holds its data (MQTT, OPC UA) waits before
+/// offering a failed journal append again, after `attempt` failures in a row.
+pub(crate) fn append_retry_delay(e: &JournalError, attempt: u32) -> Duration {
+    match e {
+        // The journal already waited block_timeout for space.
+        JournalError::Full { .. } => Duration::from_millis(100),
+        _ => Duration::from_millis(200 * u64::from(attempt.min(25))),
+    }
+}

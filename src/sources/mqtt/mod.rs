@@ -770,12 +770,7 @@ impl Appender {
                     }
                     self.status.record_error(message);
                     self.mapper.restore(checkpoint.clone());
-                    let wait = match e {
-                        // The journal already waited block_timeout for space.
-                        JournalError::Full { .. } => Duration::from_millis(100),
-                        _ => Duration::from_millis(200 * u64::from(attempt.min(25))),
-                    };
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(super::append_retry_delay(&e, attempt)).await;
                 }
             }
         }

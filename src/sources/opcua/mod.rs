@@ -1442,11 +1442,7 @@ impl Appender {
                         warn!(source = %self.name, error = %message, events = n, attempt, "journal append failed; data changes are held in memory and the append is retried");
                     }
                     self.status.record_error(message);
-                    let wait = match e {
-                        JournalError::Full { .. } => Duration::from_millis(100),
-                        _ => Duration::from_millis(200 * u64::from(attempt.min(25))),
-                    };
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(super::append_retry_delay(&e, attempt)).await;
                 }
             }
         }
