@@ -7,7 +7,11 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use opcua::types::{DataValue, DateTime, StatusCode, Variant};
-use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use crate::config::{OpcuaNodeConfig, OpcuaSourceConfig};
 use crate::event::{Class, NewEvent};
@@ -64,33 +68,45 @@ impl Mapper {
         resync: bool,
     ) -> NewEvent {
         let value = dv.value.as_ref().map_or(Value::Null, variant_json);
+        // Serialised once: the same text goes into the id and into `data`.
+        let value = match serde_json::value::to_raw_value(&value) {
+            Ok(raw) => raw,
+            // A `Value` always serialises (its map keys are strings); keep
+            // the event rather than drop it should that ever change.
+            Err(_) => RawValue::NULL.to_owned(),
+        };
         let status = dv.status.unwrap_or(StatusCode::Good);
         let source_ts = dv.source_timestamp.as_ref().and_then(rfc3339);
         let server_ts = dv.server_timestamp.as_ref().and_then(rfc3339);
-        let mut data = Map::new();
-        data.insert("node_id".into(), Value::String(node.node_id.clone()));
-        data.insert("display_name".into(), Value::String(display_name.into()));
-        data.insert("value".into(), value.clone());
-        if let Some(name) = state_name(node, dv.value.as_ref()) {
-            data.insert("state".into(), Value::String(name.to_owned()));
-        }
-        data.insert("status_code".into(), Value::String(status_name(status)));
-        data.insert(
-            "source_timestamp".into(),
-            source_ts.clone().map_or(Value::Null, Value::String),
-        );
-        data.insert(
-            "server_timestamp".into(),
-            server_ts.clone().map_or(Value::Null, Value::String),
-        );
-        if resync {
-            data.insert("resync".into(), Value::Bool(true));
-        }
+        let status_code = status_name(status);
+        // Field order is alphabetical, as the JSON object of earlier versions
+        // had it, so `data` of the same change is byte-for-byte the same.
+        let data = Data {
+            display_name,
+            node_id: &node.node_id,
+            resync,
+            server_timestamp: server_ts.as_deref(),
+            source_timestamp: source_ts.as_deref(),
+            state: state_name(node, dv.value.as_ref()),
+            status_code: &status_code,
+            value: &value,
+        };
+        let data = match serde_json::to_vec(&data) {
+            Ok(bytes) => bytes,
+            // Strings, a bool and an already valid JSON text: cannot fail.
+            Err(_) => b"null".to_vec(),
+        };
         // The id stands for the change itself: the same value at the same
         // source time is the same event, whether it came as a notification,
         // a republished notification, or the resync read of it.
         let stamp = source_ts.as_deref().or(server_ts.as_deref()).unwrap_or("");
-        let id = event_id(&self.source, &node.node_id, stamp, &value, status);
+        let id = id_of_json(
+            &self.source,
+            &node.node_id,
+            stamp,
+            value.get().as_bytes(),
+            status,
+        );
         NewEvent {
             source: self.source.clone(),
             id,
@@ -98,10 +114,29 @@ impl Mapper {
             class: self.class,
             event_type: DATA_CHANGE_EVENT_TYPE.to_owned(),
             source_time: source_ts.or(server_ts),
-            data: Value::Object(data).to_string().into_bytes(),
+            data,
             attrs: None,
         }
     }
+}
+
+/// The `data` of a data-change event, written without an intermediate map.
+#[derive(Serialize)]
+struct Data<'a> {
+    display_name: &'a str,
+    node_id: &'a str,
+    #[serde(skip_serializing_if = "is_false")]
+    resync: bool,
+    server_timestamp: Option<&'a str>,
+    source_timestamp: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
+    status_code: &'a str,
+    value: &'a RawValue,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `opcua-` and the hex SHA-256 (first 16 bytes) of source, node, source
@@ -113,31 +148,48 @@ pub fn event_id(
     value: &Value,
     status: StatusCode,
 ) -> String {
+    id_of_json(source, node_id, stamp, value.to_string().as_bytes(), status)
+}
+
+/// [`event_id`] of a value already serialised as compact JSON.
+fn id_of_json(
+    source: &str,
+    node_id: &str,
+    stamp: &str,
+    value: &[u8],
+    status: StatusCode,
+) -> String {
     fn field(ctx: &mut ring::digest::Context, tag: u8, bytes: &[u8]) {
         ctx.update(&[tag]);
         ctx.update(&(bytes.len() as u64).to_be_bytes());
         ctx.update(bytes);
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"plantrelay.opcua.id.v1\0");
     field(&mut ctx, b's', source.as_bytes());
     field(&mut ctx, b'n', node_id.as_bytes());
     field(&mut ctx, b't', stamp.as_bytes());
-    field(&mut ctx, b'v', value.to_string().as_bytes());
+    field(&mut ctx, b'v', value);
     field(&mut ctx, b'c', &status.bits().to_be_bytes());
     let digest = ctx.finish();
     let mut out = String::with_capacity(6 + 32);
     out.push_str("opcua-");
-    for b in &digest.as_ref()[..16] {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{b:02x}");
+    for &b in &digest.as_ref()[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out
 }
 
 /// The status code's symbolic name (`Good`, `BadNodeIdUnknown`, …).
-pub fn status_name(status: StatusCode) -> String {
-    status.to_string()
+pub fn status_name(status: StatusCode) -> Cow<'static, str> {
+    // Nearly every value is Good; spare it the formatter.
+    if status == StatusCode::Good {
+        Cow::Borrowed("Good")
+    } else {
+        Cow::Owned(status.to_string())
+    }
 }
 
 /// The `state_map` name of an integer value, if the node has a map and the
@@ -189,7 +241,7 @@ pub fn variant_json(v: &Variant) -> Value {
         Variant::String(s) => s.value().as_ref().map_or(Value::Null, |s| json!(s)),
         Variant::DateTime(t) => rfc3339(t).map_or(Value::Null, Value::String),
         Variant::Guid(g) => Value::String(g.to_string()),
-        Variant::StatusCode(s) => Value::String(status_name(*s)),
+        Variant::StatusCode(s) => Value::String(status_name(*s).into_owned()),
         Variant::ByteString(b) => b
             .value
             .as_ref()
@@ -251,6 +303,29 @@ mod tests {
         let data: Value = serde_json::from_slice(&e.data).unwrap();
         assert!(data.get("state").is_none());
         assert_eq!(data["resync"], json!(true));
+        // The exact text, keys in order: a stored change reads the same
+        // whatever version of the agent journaled it.
+        let t = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z").unwrap();
+        let e = m.map(&n, "Temp \"A\"", &dv(Variant::Double(21.5), t), true);
+        assert_eq!(
+            String::from_utf8(e.data).unwrap(),
+            concat!(
+                r#"{"display_name":"Temp \"A\"","node_id":"nsu=urn:press;s=State","resync":true,"#,
+                r#""server_timestamp":"2026-01-02T03:04:05.123456Z","#,
+                r#""source_timestamp":"2026-01-02T03:04:05.123456Z","#,
+                r#""status_code":"Good","value":21.5}"#
+            )
+        );
+        assert_eq!(
+            e.id,
+            event_id(
+                "press",
+                "nsu=urn:press;s=State",
+                "2026-01-02T03:04:05.123456Z",
+                &json!(21.5),
+                StatusCode::Good
+            )
+        );
         assert_eq!(variant_json(&Variant::UInt64(u64::MAX)), json!(u64::MAX));
         assert_eq!(variant_json(&Variant::Double(21.5)), json!(21.5));
         assert_eq!(variant_json(&Variant::Boolean(true)), json!(true));
