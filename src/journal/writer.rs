@@ -4,9 +4,9 @@
 //! anything but SQLite and its own queue.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
-use super::schema::{WAL_SIZE_LIMIT, WRITER_CACHE_KIB, sqlite_err};
+use super::schema::{WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err};
 use super::{
     AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
     WhenFull, unix_micros,
@@ -41,7 +41,11 @@ pub(crate) struct WriterState {
     /// Last stream sequence per source, per stream.
     streams: HashMap<String, HashMap<String, u64>>,
     cursors: HashMap<String, u64>,
+    /// Empty until `dedup_ready`: appends wait for it (`ensure_dedup`).
     dedup: DedupIndex,
+    dedup_ready: bool,
+    /// The rebuild running in the background at start-up.
+    dedup_loading: Option<DedupLoad>,
     stats: Arc<SharedStats>,
     page_size: u64,
     /// Highest seq deleted by retention (not eviction): replays cannot start
@@ -66,6 +70,90 @@ struct EvictionRound {
 /// Eviction rounds remembered for [`WriterState::unsent_gap`]; a batch in
 /// flight across more rounds than this is answered conservatively.
 const RECENT_EVICTION_ROUNDS: usize = 64;
+
+/// The dedup index being rebuilt on its own thread and connection.
+struct DedupLoad {
+    rx: std::sync::mpsc::Receiver<Result<Option<DedupIndex>, JournalError>>,
+    cancel: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    started: Instant,
+}
+
+impl DedupLoad {
+    /// `None` when no thread can be started: the writer then reads the
+    /// index itself at the first append.
+    fn start(path: &Path, opts: &JournalOptions, head: u64) -> Option<DedupLoad> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (path, opts, stop) = (path.to_path_buf(), opts.clone(), cancel.clone());
+        let thread = std::thread::Builder::new()
+            .name("journal-dedup".into())
+            .spawn(move || {
+                let built = open_reader(&path).and_then(|conn| {
+                    // The rows are read once; a large cache would only stay
+                    // allocated until the connection closes.
+                    conn.pragma_update(None, "cache_size", -1024)
+                        .and_then(|()| build_dedup(&conn, &opts, head, Some(&stop)))
+                        .map_err(|e| sqlite_err(&path, e))
+                });
+                let _ = tx.send(built);
+            });
+        match thread {
+            Ok(thread) => Some(DedupLoad {
+                rx,
+                cancel,
+                thread,
+                started: Instant::now(),
+            }),
+            Err(e) => {
+                warn!(error = %e, "cannot start a thread for the dedup index; the writer reads it at the first append");
+                None
+            }
+        }
+    }
+}
+
+/// Rows checked between looks at the cancel flag.
+const DEDUP_CANCEL_CHECK: u64 = 65_536;
+
+/// The dedup index of the rows up to `head` inside the dedup window; `None`
+/// when cancelled.
+fn build_dedup(
+    conn: &Connection,
+    opts: &JournalOptions,
+    head: u64,
+    cancel: Option<&AtomicBool>,
+) -> rusqlite::Result<Option<DedupIndex>> {
+    let mut dedup = DedupIndex::new(opts.dedup_window, opts.dedup_max_ids);
+    let now_us = unix_micros(SystemTime::now());
+    let window_us = i64::try_from(opts.dedup_window.as_micros()).unwrap_or(i64::MAX);
+    let Some(from) = first_seq_at_or_after(conn, now_us.saturating_sub(window_us))? else {
+        return Ok(Some(dedup));
+    };
+    // The index keeps the newest `dedup_max_ids` ids at most: rows before
+    // those would be inserted only to be dropped again. (Gap rows in the
+    // range make it hold slightly fewer; they are rare.)
+    let from = from.max(head.saturating_sub(opts.dedup_max_ids as u64) + 1);
+    let mut st = conn.prepare(
+        "SELECT seq, source, event_id, recv_time FROM events
+         WHERE seq >= ?1 AND seq <= ?2 AND only_sink IS NULL AND type != ?3 ORDER BY seq",
+    )?;
+    let mut rows = st.query(params![from as i64, head as i64, GAP_EVENT_TYPE])?;
+    let mut n = 0u64;
+    while let Some(row) = rows.next()? {
+        n += 1;
+        if n.is_multiple_of(DEDUP_CANCEL_CHECK) && cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Ok(None);
+        }
+        let seq: i64 = row.get(0)?;
+        let source: &str = row.get_ref(1)?.as_str()?;
+        let id: &str = row.get_ref(2)?.as_str()?;
+        let recv: i64 = row.get(3)?;
+        dedup.insert(key_hash(source, id), seq as u64, recv);
+    }
+    Ok(Some(dedup))
+}
 
 struct Undo {
     next_seq: u64,
@@ -203,39 +291,11 @@ impl WriterState {
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(e)?;
 
-        let started = Instant::now();
-        let mut dedup = DedupIndex::new(opts.dedup_window, opts.dedup_max_ids);
-        let now_us = unix_micros(SystemTime::now());
-        let window_us = i64::try_from(opts.dedup_window.as_micros()).unwrap_or(i64::MAX);
-        let from = first_seq_at_or_after(&conn, now_us.saturating_sub(window_us)).map_err(e)?;
-        // The index keeps the newest `dedup_max_ids` ids at most: rows before
-        // those would be inserted only to be dropped again. (Gap rows in the
-        // range make it hold slightly fewer; they are rare.)
-        let newest = head.saturating_sub(opts.dedup_max_ids as u64) + 1;
-        if let Some(from) = from.map(|f| f.max(newest)) {
-            let mut st = conn
-                .prepare(
-                    "SELECT seq, source, event_id, recv_time FROM events
-                     WHERE seq >= ?1 AND only_sink IS NULL AND type != ?2 ORDER BY seq",
-                )
-                .map_err(e)?;
-            let mut rows = st.query(params![from as i64, GAP_EVENT_TYPE]).map_err(e)?;
-            while let Some(row) = rows.next().map_err(e)? {
-                let seq: i64 = row.get(0).map_err(e)?;
-                let source: String = row.get(1).map_err(e)?;
-                let id: String = row.get(2).map_err(e)?;
-                let recv: i64 = row.get(3).map_err(e)?;
-                dedup.insert(key_hash(&source, &id), seq as u64, recv);
-            }
-        }
-        if !dedup.is_empty() {
-            info!(
-                ids = dedup.len(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "dedup index rebuilt from the journal"
-            );
-        }
-
+        // The dedup index of a large journal takes seconds to read (about
+        // 1 s per million ids). Forwarders need none of it: it is read on
+        // its own connection while the writer already serves them, and only
+        // the first append waits for it.
+        let dedup_loading = DedupLoad::start(&path, opts, head);
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
             .map_err(e)?;
         let retention_through = meta_get(&conn, "retention_through")
@@ -243,7 +303,6 @@ impl WriterState {
             .unwrap_or(0)
             .max(0) as u64;
         stats.head_seq.store(head, Ordering::Relaxed);
-        stats.dedup_ids.store(dedup.len() as u64, Ordering::Relaxed);
         stats.evicted_telemetry.store(
             meta_get(&conn, "evicted_telemetry")
                 .map_err(e)?
@@ -263,7 +322,9 @@ impl WriterState {
             last_recv_us,
             streams,
             cursors,
-            dedup,
+            dedup: DedupIndex::new(opts.dedup_window, opts.dedup_max_ids),
+            dedup_ready: false,
+            dedup_loading,
             stats,
             page_size: page_size.max(512) as u64,
             retention_through,
@@ -322,7 +383,23 @@ impl WriterState {
     }
 
     /// Applies one batch of requests: one transaction, then the answers.
-    fn process(&mut self, batch: Vec<Request>, signals: &Signals) {
+    fn process(&mut self, mut batch: Vec<Request>, signals: &Signals) {
+        let is_append = |r: &Request| matches!(r, Request::Append { .. });
+        if batch.iter().any(is_append)
+            && let Err(e) = self.ensure_dedup()
+        {
+            // Storing without the index could store a redelivered event
+            // twice; the sources retry and the next append tries again.
+            error!(error = %e, "journal: cannot read the dedup index; appends are refused until it can be read");
+            let (appends, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(is_append);
+            for r in appends {
+                fail_request(r, &e);
+            }
+            batch = rest;
+            if batch.is_empty() {
+                return;
+            }
+        }
         let incoming: u64 = batch
             .iter()
             .map(|r| match r {
@@ -564,6 +641,54 @@ impl WriterState {
             touched.insert(stream.to_string(), prev);
         }
         next
+    }
+
+    /// Makes sure the dedup index is loaded: waits for the start-up rebuild,
+    /// or reads the index here when that failed.
+    fn ensure_dedup(&mut self) -> Result<(), JournalError> {
+        if self.dedup_ready {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut index = None;
+        let mut since_open = None;
+        if let Some(load) = self.dedup_loading.take() {
+            since_open = Some(load.started);
+            match load.rx.recv() {
+                Ok(Ok(built)) => index = built,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reading the dedup index in the background failed; the writer reads it now");
+                }
+                Err(_) => warn!("the dedup index thread stopped; the writer reads the index now"),
+            }
+            let _ = load.thread.join();
+            debug!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "first append waited for the dedup index"
+            );
+        }
+        let index = match index {
+            Some(index) => index,
+            None => match build_dedup(&self.conn, &self.opts, self.head_seq(), None) {
+                Ok(Some(index)) => index,
+                // Only a cancel flag ends a rebuild early, and none was given.
+                Ok(None) => DedupIndex::new(self.opts.dedup_window, self.opts.dedup_max_ids),
+                Err(e) => return Err(self.err(e)),
+            },
+        };
+        if !index.is_empty() {
+            info!(
+                ids = index.len(),
+                elapsed_ms = since_open.unwrap_or(started).elapsed().as_millis() as u64,
+                "dedup index rebuilt from the journal"
+            );
+        }
+        self.dedup = index;
+        self.dedup_ready = true;
+        self.stats
+            .dedup_ids
+            .store(self.dedup.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn append(
@@ -1237,6 +1362,10 @@ impl WriterState {
     }
 
     fn shutdown(&mut self) {
+        if let Some(load) = self.dedup_loading.take() {
+            load.cancel.store(true, Ordering::Relaxed);
+            let _ = load.thread.join();
+        }
         let r: rusqlite::Result<i64> =
             self.conn
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
