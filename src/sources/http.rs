@@ -58,6 +58,7 @@
 //! is full under `when_full = "block"`, `503` + `Retry-After: 5` when the
 //! commit failed (nothing was stored; the sender must retry).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
@@ -676,21 +677,51 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 // ---------------------------------------------------------------------------
 // Parsing and validation
 
-/// One CloudEvent as sent: its attributes in order, values as raw JSON.
-struct RawEvent(Vec<(String, Box<RawValue>)>);
+/// One CloudEvent as sent: its attributes in order, values as raw JSON,
+/// borrowed from the request body (a name is copied only when it holds an
+/// escape sequence).
+struct RawEvent<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for RawEvent {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawEvent, D::Error> {
+/// An attribute name, borrowed from the body when it can be.
+struct AttrName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for AttrName<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AttrName<'de>, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = AttrName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an attribute name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(AttrName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(AttrName(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(AttrName(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(NameVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEvent<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawEvent<'de>, D::Error> {
         struct EventVisitor;
         impl<'de> Visitor<'de> for EventVisitor {
-            type Value = RawEvent;
+            type Value = RawEvent<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a CloudEvent (a JSON object)")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent, A::Error> {
-                let mut attrs = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    let value: Box<RawValue> = map.next_value()?;
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
+                let mut attrs = Vec::with_capacity(8);
+                while let Some(AttrName(key)) = map.next_key::<AttrName<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
                     attrs.push((key, value));
                 }
                 Ok(RawEvent(attrs))
@@ -707,22 +738,22 @@ struct BatchSeed<'a> {
 }
 
 impl<'de> DeserializeSeed<'de> for BatchSeed<'_> {
-    type Value = Vec<RawEvent>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<RawEvent>, D::Error> {
+    type Value = Vec<RawEvent<'de>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<RawEvent<'de>>, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
 impl<'de> Visitor<'de> for BatchSeed<'_> {
-    type Value = Vec<RawEvent>;
+    type Value = Vec<RawEvent<'de>>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON array of CloudEvents")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawEvent>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawEvent<'de>>, A::Error> {
         let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         loop {
             self.at.set(Some(events.len()));
-            match seq.next_element::<RawEvent>()? {
+            match seq.next_element::<RawEvent<'de>>()? {
                 Some(event) => events.push(event),
                 None => break,
             }
@@ -807,9 +838,19 @@ fn opt_string(name: &str, raw: &RawValue) -> Result<Option<String>, String> {
     if raw.get() == "null" {
         return Ok(None);
     }
-    serde_json::from_str::<String>(raw.get())
+    json_string(raw)
         .map(Some)
-        .map_err(|_| format!("{name} must be a string"))
+        .ok_or_else(|| format!("{name} must be a string"))
+}
+
+/// The string a raw JSON value holds, `None` when it is not a string. Most
+/// strings hold no escape sequence: their text is the raw value's inside.
+fn json_string(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(inner.to_owned()),
+        _ => serde_json::from_str::<String>(text).ok(),
+    }
 }
 
 fn check_len(name: &str, value: &str) -> Result<(), String> {
@@ -826,10 +867,10 @@ fn check_len(name: &str, value: &str) -> Result<(), String> {
 }
 
 /// Maps one CloudEvent onto a [`NewEvent`] (see the module docs for the rules).
-fn to_new_event(raw: RawEvent, source: &str, class: Class) -> Result<NewEvent, String> {
+fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEvent, String> {
     let mut seen = HashSet::with_capacity(raw.0.len());
     for (name, _) in &raw.0 {
-        if !seen.insert(name.as_str()) {
+        if !seen.insert(name.as_ref()) {
             return Err(format!("attribute \"{name}\" appears more than once"));
         }
     }
@@ -839,25 +880,24 @@ fn to_new_event(raw: RawEvent, source: &str, class: Class) -> Result<NewEvent, S
     let mut stream = None;
     let mut event_type = None;
     let mut time = None;
-    let mut data: Option<Box<RawValue>> = None;
+    let mut data: Option<&RawValue> = None;
     let mut data_base64 = false;
-    let mut origin: Option<Box<RawValue>> = None;
+    let mut origin: Option<&RawValue> = None;
     let mut has_originsource = false;
-    let mut attrs: Vec<(String, Box<RawValue>)> = Vec::new();
+    let mut attrs: Vec<(Cow<'_, str>, &RawValue)> = Vec::new();
 
     for (name, value) in raw.0 {
-        match name.as_str() {
+        match name.as_ref() {
             "id" => {
                 if value.get() == "null" {
                     continue;
                 }
-                let v = serde_json::from_str::<String>(value.get())
-                    .map_err(|_| "id must be a string".to_string())?;
+                let v = json_string(value).ok_or_else(|| "id must be a string".to_string())?;
                 check_len("id", &v)?;
                 id = Some(v);
             }
             "specversion" => {
-                if serde_json::from_str::<String>(value.get()).ok().as_deref() != Some("1.0") {
+                if json_string(value).as_deref() != Some("1.0") {
                     return Err(format!(
                         "unsupported specversion {}; only \"1.0\" is accepted",
                         value.get()
@@ -890,8 +930,8 @@ fn to_new_event(raw: RawEvent, source: &str, class: Class) -> Result<NewEvent, S
             }
             "data" => data = Some(value),
             "data_base64" => {
-                let v = serde_json::from_str::<String>(value.get())
-                    .map_err(|_| "data_base64 must be a string".to_string())?;
+                let v =
+                    json_string(value).ok_or_else(|| "data_base64 must be a string".to_string())?;
                 if !is_base64(&v) {
                     return Err("data_base64 is not valid base64".into());
                 }
@@ -944,7 +984,7 @@ fn to_new_event(raw: RawEvent, source: &str, class: Class) -> Result<NewEvent, S
 }
 
 /// `{"name":<raw value>,...}` in the given order.
-fn attrs_json(attrs: &[(String, Box<RawValue>)]) -> String {
+fn attrs_json(attrs: &[(Cow<'_, str>, &RawValue)]) -> String {
     let mut out = String::with_capacity(
         2 + attrs
             .iter()
@@ -1091,6 +1131,33 @@ mod tests {
         assert!(!is_base64("aGVsbG8"));
         assert!(!is_base64("a=Vs"));
         assert!(!is_base64("aGV$"));
+    }
+
+    #[test]
+    fn escaped_names_and_strings_read_as_their_text() {
+        // Names with escapes are copied, the others borrowed; both must
+        // mean the same attribute.
+        let events = parse(
+            r#"[{"i\u0064":"a\"b","subject":"line\/1","type":"t","x\u0065xt":"\u00e9"},
+                {"id":"plain","subject":"s\u00fc"}]"#,
+            Format::Batch,
+        )
+        .unwrap();
+        assert_eq!(events[0].id, "a\"b");
+        assert_eq!(events[0].stream, "line/1");
+        assert_eq!(events[0].attrs.as_deref(), Some(r#"{"xext":"\u00e9"}"#));
+        assert_eq!(events[1].id, "plain");
+        assert_eq!(events[1].stream, "s\u{fc}");
+        assert_eq!(
+            parse(r#"{"id":"a","\u0069d":"b"}"#, Format::Single)
+                .unwrap_err()
+                .0,
+            "attribute \"id\" appears more than once"
+        );
+        assert_eq!(
+            parse(r#"{"id":7}"#, Format::Single).unwrap_err().0,
+            "id must be a string"
+        );
     }
 
     #[test]
