@@ -235,10 +235,12 @@ impl SharedStats {
     }
 }
 
-/// The writer's answer to an append: on refusal, the events come back (when
-/// it did not consume them) so a blocked appender can offer them again
-/// without having kept a copy.
-pub(crate) type AppendReply = Result<Vec<AppendOutcome>, (JournalError, Vec<NewEvent>)>;
+/// The writer's answer to an append. The events come back either way: on
+/// refusal (when it did not consume them) so a blocked appender can offer
+/// them again without having kept a copy, on success so that they are freed
+/// by the appender, not on the writer thread every other append waits for.
+pub(crate) type AppendReply =
+    Result<(Vec<AppendOutcome>, Vec<NewEvent>), (JournalError, Vec<NewEvent>)>;
 
 pub(crate) enum Request {
     Append {
@@ -419,7 +421,7 @@ impl Journal {
                 .await
                 .map_err(|_| JournalError::Closed)?;
             match rx.await.map_err(|_| JournalError::Closed)? {
-                Ok(out) => return Ok(out),
+                Ok((out, _stored)) => return Ok(out),
                 Err((JournalError::Full { .. }, back))
                     if !back.is_empty()
                         && self.inner.opts.when_full == WhenFull::Block

@@ -3,7 +3,10 @@
 //! Between batches it does retention and WAL upkeep. It must never block on
 //! anything but SQLite and its own queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// foldhash, not SipHash: stream keys are looked up several times per event.
+use hashbrown::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +118,73 @@ impl DedupLoad {
 
 /// Rows checked between looks at the cancel flag.
 const DEDUP_CANCEL_CHECK: u64 = 65_536;
+
+/// The next stream sequence of `(source, stream)`, remembering in `undo`
+/// the value before the batch touched it.
+fn bump_stream(
+    streams: &mut HashMap<String, HashMap<String, u64>>,
+    source: &str,
+    stream: &str,
+    undo: &mut Undo,
+) -> u64 {
+    // Lookups by &str first: allocation only for a stream's first event
+    // in a batch.
+    let per_source = match streams.get_mut(source) {
+        Some(m) => m,
+        None => streams.entry(source.to_string()).or_default(),
+    };
+    let (prev, next) = match per_source.get_mut(stream) {
+        Some(v) => {
+            let prev = *v;
+            *v += 1;
+            (Some(prev), *v)
+        }
+        None => {
+            per_source.insert(stream.to_string(), 1);
+            (None, 1)
+        }
+    };
+    let touched = match undo.streams.get_mut(source) {
+        Some(m) => m,
+        None => undo.streams.entry(source.to_string()).or_default(),
+    };
+    if !touched.contains_key(stream) {
+        touched.insert(stream.to_string(), prev);
+    }
+    next
+}
+
+/// Inserts one event row with a statement prepared from [`INSERT_EVENT`].
+fn bind_event(
+    st: &mut rusqlite::Statement<'_>,
+    seq: u64,
+    ev: &NewEvent,
+    stream_seq: u64,
+    recv_us: i64,
+    only_sink: Option<&str>,
+) -> rusqlite::Result<()> {
+    st.execute(params![
+        seq as i64,
+        ev.source,
+        ev.id,
+        ev.stream,
+        stream_seq as i64,
+        ev.class.as_i64(),
+        ev.event_type,
+        ev.source_time,
+        recv_us,
+        ev.data,
+        ev.attrs,
+        ev.size() as i64,
+        only_sink,
+    ])?;
+    Ok(())
+}
+
+const INSERT_EVENT: &str =
+    "INSERT INTO events (seq, source, event_id, stream, stream_seq, class, type,
+                             source_time, recv_time, data, attrs, size, only_sink)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 /// The dedup index of the rows up to `head` inside the dedup window; `None`
 /// when cancelled.
@@ -462,11 +532,11 @@ impl WriterState {
                                     AppendOutcome::Duplicate { .. } => duplicates += 1,
                                 }
                             }
-                            replies.push(Reply::Append(reply, Ok(out)));
+                            replies.push(Reply::Append(reply, Ok((out, events))));
                         }
                         Err(e) => {
                             failed = Some(e);
-                            replies.push(Reply::Append(reply, Ok(Vec::new())));
+                            replies.push(Reply::Append(reply, Ok((Vec::new(), Vec::new()))));
                         }
                     }
                 }
@@ -618,31 +688,6 @@ impl WriterState {
         }
     }
 
-    fn bump_stream(&mut self, source: &str, stream: &str, undo: &mut Undo) -> u64 {
-        // Lookups by &str first: allocation only for a stream's first event
-        // in a batch.
-        let per_source = match self.streams.get_mut(source) {
-            Some(m) => m,
-            None => self.streams.entry(source.to_string()).or_default(),
-        };
-        let prev = per_source.get(stream).copied();
-        let next = prev.unwrap_or(0) + 1;
-        match per_source.get_mut(stream) {
-            Some(v) => *v = next,
-            None => {
-                per_source.insert(stream.to_string(), next);
-            }
-        }
-        let touched = match undo.streams.get_mut(source) {
-            Some(m) => m,
-            None => undo.streams.entry(source.to_string()).or_default(),
-        };
-        if !touched.contains_key(stream) {
-            touched.insert(stream.to_string(), prev);
-        }
-        next
-    }
-
     /// Makes sure the dedup index is loaded: waits for the start-up rebuild,
     /// or reads the index here when that failed.
     fn ensure_dedup(&mut self) -> Result<(), JournalError> {
@@ -698,9 +743,14 @@ impl WriterState {
         undo: &mut Undo,
     ) -> Result<Vec<AppendOutcome>, JournalError> {
         let mut out = Vec::with_capacity(events.len());
+        let conn = &self.conn;
+        let path = &self.path;
+        // One statement for the whole request, not a cache look-up per row.
+        let mut st = conn
+            .prepare_cached(INSERT_EVENT)
+            .map_err(|e| sqlite_err(path, e))?;
         for ev in events {
             let hash = key_hash(&ev.source, &ev.id);
-            let conn = &self.conn;
             let found = self
                 .dedup
                 .find(hash, |seq| verify(conn, seq, &ev.source, &ev.id));
@@ -709,9 +759,9 @@ impl WriterState {
                 continue;
             }
             let seq = self.next_seq;
-            let stream_seq = self.bump_stream(&ev.source, &ev.stream, undo);
-            self.insert_row(seq, ev, stream_seq, recv_us, None)
-                .map_err(|e| self.err(e))?;
+            let stream_seq = bump_stream(&mut self.streams, &ev.source, &ev.stream, undo);
+            bind_event(&mut st, seq, ev, stream_seq, recv_us, None)
+                .map_err(|e| sqlite_err(path, e))?;
             self.next_seq += 1;
             self.dedup.insert(hash, seq, recv_us);
             undo.dedup_inserted += 1;
@@ -728,27 +778,8 @@ impl WriterState {
         recv_us: i64,
         only_sink: Option<&str>,
     ) -> rusqlite::Result<()> {
-        let mut st = self.conn.prepare_cached(
-            "INSERT INTO events (seq, source, event_id, stream, stream_seq, class, type,
-                                 source_time, recv_time, data, attrs, size, only_sink)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
-        st.execute(params![
-            seq as i64,
-            ev.source,
-            ev.id,
-            ev.stream,
-            stream_seq as i64,
-            ev.class.as_i64(),
-            ev.event_type,
-            ev.source_time,
-            recv_us,
-            ev.data,
-            ev.attrs,
-            ev.size() as i64,
-            only_sink,
-        ])?;
-        Ok(())
+        let mut st = self.conn.prepare_cached(INSERT_EVENT)?;
+        bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)
     }
 
     fn finish_batch(&mut self, undo: &Undo, duplicates: u64) -> Result<(), JournalError> {
@@ -1395,7 +1426,7 @@ fn verify(conn: &Connection, seq: u64, source: &str, id: &str) -> Verified {
 
 fn reply_slot(req: Request) -> Option<Reply> {
     match req {
-        Request::Append { reply, .. } => Some(Reply::Append(reply, Ok(Vec::new()))),
+        Request::Append { reply, .. } => Some(Reply::Append(reply, Ok((Vec::new(), Vec::new())))),
         Request::Advance { reply, .. } => Some(Reply::Advance(reply, Ok(None))),
         Request::Rewind { reply, .. } => Some(Reply::Seq(reply, Ok(0))),
         Request::DeadLetter { reply, .. } => Some(Reply::Id(reply, Ok(0))),
