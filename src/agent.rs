@@ -93,8 +93,8 @@ pub fn journal_options(config: &Config) -> JournalOptions {
     }
 }
 
-/// Opens the journal off the async threads (the integrity check and the
-/// dedup rebuild are blocking work).
+/// Opens the journal off the async threads (the integrity check is
+/// blocking work).
 pub async fn open_journal(opts: JournalOptions) -> Result<Journal, AgentError> {
     tokio::task::spawn_blocking(move || Journal::open(opts))
         .await

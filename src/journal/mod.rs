@@ -24,7 +24,9 @@
 //!
 //! There is no index on `(source, event_id)`: random keys in an on-disk
 //! B-tree cost ~10× the insert rate. Deduplication is the in-memory
-//! [`dedup::DedupIndex`] over `dedup_window`, rebuilt from the rows at start.
+//! [`dedup::DedupIndex`] over `dedup_window`, rebuilt from the rows at start
+//! on a thread of its own: forwarders start at once, the first append waits
+//! for the index.
 //!
 //! # The commit point
 //!
@@ -306,8 +308,8 @@ pub struct Journal {
 const QUEUE_DEPTH: usize = 1024;
 
 impl Journal {
-    /// Opens or creates the journal, rebuilds the dedup index and starts the
-    /// writer thread. Must be called within a Tokio runtime only for the
+    /// Opens or creates the journal, starts the writer thread and the
+    /// background rebuild of the dedup index. Must be called within a Tokio runtime only for the
     /// async methods; opening itself is blocking work (call it from
     /// `spawn_blocking` in async code if start-up latency matters).
     pub fn open(opts: JournalOptions) -> Result<Journal, JournalError> {
