@@ -905,19 +905,19 @@ fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEven
                 }
             }
             "subject" => {
-                if let Some(v) = opt_string("subject", &value)? {
+                if let Some(v) = opt_string("subject", value)? {
                     check_len("subject", &v)?;
                     stream = Some(v);
                 }
             }
             "type" => {
-                if let Some(v) = opt_string("type", &value)? {
+                if let Some(v) = opt_string("type", value)? {
                     check_len("type", &v)?;
                     event_type = Some(v);
                 }
             }
             "time" => {
-                if let Some(v) = opt_string("time", &value)? {
+                if let Some(v) = opt_string("time", value)? {
                     if !is_rfc3339(&v) {
                         return Err(format!(
                             "time \"{}\" is not an RFC 3339 timestamp \
