@@ -779,3 +779,51 @@ async fn appends_after_close_fail_cleanly() {
 fn _path(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
+
+/// Cursor-only commits skip the fsync; the once-a-second tick then commits
+/// with full durability (recorded as `cursors_synced_us`), and the cursor
+/// reads the same before and after.
+#[tokio::test]
+async fn relaxed_cursor_moves_are_synced_by_the_next_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let events = (0..20)
+        .map(|i| ev("mes", &format!("e{i}"), "s1", Class::Critical, 10))
+        .collect();
+    j.append(events).await.unwrap();
+    let synced = |path: &Path| -> Option<i64> {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'cursors_synced_us'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
+    };
+    assert_eq!(synced(&path), None, "no cursor moved yet");
+    let moved = j
+        .advance_delivered("central", 0, 20, j.evictions())
+        .await
+        .unwrap();
+    assert_eq!(moved, Some(20));
+    assert_eq!(Reader::open(&path).unwrap().cursor("central").unwrap(), 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while synced(&path).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tick never synced the cursor move"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Events committed after a relaxed move are stored as ever.
+    let out = j
+        .append(vec![ev("mes", "e20", "s1", Class::Critical, 10)])
+        .await
+        .unwrap();
+    assert_eq!(seqs(&out), vec![21]);
+    j.close().await;
+    assert_eq!(Reader::open(&path).unwrap().cursor("central").unwrap(), 20);
+    assert_eq!(all_events(&path).len(), 21);
+}

@@ -39,6 +39,12 @@
 //! in-memory state (next seq, stream counters, dedup entries) is rolled back
 //! with it; after a disk-full error the connection is reopened.
 //!
+//! A transaction of cursor moves alone skips the fsync under `"full"`: a
+//! move lost to power failure only sends acknowledged events again (the
+//! upstream drops them by id), while an fsync per delivered batch slows the
+//! drain and wears flash storage. The next event commit's fsync covers it,
+//! or else the writer's once-a-second tick.
+//!
 //! # The cursor rule
 //!
 //! A sink's cursor moves only forward, only past what its upstream

@@ -21,7 +21,7 @@ use super::reader::first_seq_at_or_after;
 use super::schema::{WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err};
 use super::{
     AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
-    WhenFull, unix_micros,
+    SyncMode, WhenFull, unix_micros,
 };
 use crate::event::{Class, GAP_EVENT_TYPE, NewEvent};
 
@@ -60,6 +60,11 @@ pub(crate) struct WriterState {
     capped_warned_us: Option<i64>,
     /// The latest eviction rounds, oldest first.
     recent_evictions: VecDeque<EvictionRound>,
+    /// The connection is at `synchronous = NORMAL` for a transaction that
+    /// only moves cursors (see [`WriterState::relax_sync`]).
+    relaxed_sync: bool,
+    /// Cursor moves committed without an fsync since the last one.
+    unsynced_cursors: bool,
 }
 
 /// One committed eviction round: the eviction count before and after it,
@@ -402,6 +407,8 @@ impl WriterState {
             full_logged: false,
             capped_warned_us: None,
             recent_evictions: VecDeque::new(),
+            relaxed_sync: false,
+            unsynced_cursors: false,
         };
         state.refresh_used().map_err(e)?;
         Ok(state)
@@ -470,6 +477,16 @@ impl WriterState {
                 return;
             }
         }
+        let cursors_only = batch.iter().all(|r| matches!(r, Request::Advance { .. }));
+        if let Err(e) = self.relax_sync(cursors_only) {
+            // Never commit events without the configured durability.
+            error!(error = %e, "journal: cannot set the commit durability");
+            for r in batch {
+                fail_request(r, &e);
+            }
+            return;
+        }
+        let relaxed = self.relaxed_sync;
         let incoming: u64 = batch
             .iter()
             .map(|r| match r {
@@ -607,6 +624,11 @@ impl WriterState {
             None => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
             Some(e) => Err(e),
         };
+        if relaxed && let Err(e) = self.relax_sync(false) {
+            // The next batch with events tries again and fails rather than
+            // commit them without an fsync.
+            error!(error = %e, "journal: cannot restore full commit durability");
+        }
         match outcome {
             Ok(()) => {
                 self.stats
@@ -624,6 +646,12 @@ impl WriterState {
                     .store(self.dedup.len() as u64, Ordering::Relaxed);
                 if let Err(e) = self.refresh_used() {
                     debug!(error = %e, "cannot read page counts");
+                }
+                if relaxed {
+                    self.unsynced_cursors |= advanced;
+                } else if appended > 0 {
+                    // This commit's fsync covered every WAL frame before it.
+                    self.unsynced_cursors = false;
                 }
                 if self.next_seq != undo.next_seq {
                     signals.committed.send_replace(self.next_seq - 1);
@@ -681,10 +709,55 @@ impl WriterState {
     fn reopen(&mut self) {
         match super::schema::reopen_writer(&self.path, self.opts.sync) {
             Ok(conn) => {
+                if let Err(e) = conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB) {
+                    debug!(error = %e, "cannot size the page cache of the reopened journal");
+                }
                 self.conn = conn;
+                self.relaxed_sync = false;
                 warn!(journal = %self.path.display(), "journal reopened after a failed commit");
             }
             Err(e) => error!(error = %e, "cannot reopen the journal; keeping the old connection"),
+        }
+    }
+
+    /// Under `sync = "full"`, a transaction that only moves cursors commits
+    /// without an fsync (`synchronous = NORMAL`). A cursor move lost to a
+    /// power failure only sends acknowledged events again, which the
+    /// upstream drops by id (invariant 3); one fsync per delivered batch
+    /// would cost the drain about a tenth of its rate and wear flash
+    /// storage. The next event commit makes such moves durable (its fsync
+    /// covers the whole WAL before it), or else the once-a-second tick.
+    fn relax_sync(&mut self, relaxed: bool) -> Result<(), JournalError> {
+        if self.opts.sync != SyncMode::Full || relaxed == self.relaxed_sync {
+            return Ok(());
+        }
+        let value = if relaxed { "NORMAL" } else { "FULL" };
+        self.conn
+            .pragma_update(None, "synchronous", value)
+            .map_err(|e| self.err(e))?;
+        self.relaxed_sync = relaxed;
+        Ok(())
+    }
+
+    /// Makes relaxed cursor moves durable when no event commit has.
+    fn sync_cursors(&mut self) {
+        if !self.unsynced_cursors {
+            return;
+        }
+        let synced = self.relax_sync(false).and_then(|()| {
+            let now_us = unix_micros(SystemTime::now());
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| meta_set(&self.conn, "cursors_synced_us", now_us))
+                .and_then(|()| self.conn.execute_batch("COMMIT"))
+                .map_err(|e| {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    self.err(e)
+                })
+        });
+        match synced {
+            Ok(()) => self.unsynced_cursors = false,
+            Err(e) => debug!(error = %e, "cannot sync the cursor moves; trying again in a second"),
         }
     }
 
@@ -1337,6 +1410,7 @@ impl WriterState {
         self.stats
             .dedup_ids
             .store(self.dedup.len() as u64, Ordering::Relaxed);
+        self.sync_cursors();
         self.check_wal();
         self.retention_pending = true;
     }
@@ -1393,6 +1467,7 @@ impl WriterState {
     }
 
     fn shutdown(&mut self) {
+        self.sync_cursors();
         if let Some(load) = self.dedup_loading.take() {
             load.cancel.store(true, Ordering::Relaxed);
             let _ = load.thread.join();
