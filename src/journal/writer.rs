@@ -724,7 +724,7 @@ impl WriterState {
     /// without an fsync (`synchronous = NORMAL`). A cursor move lost to a
     /// power failure only sends acknowledged events again, which the
     /// upstream drops by id (invariant 3); one fsync per delivered batch
-    /// would cost the drain about a tenth of its rate and wear flash
+    /// cost the drain about 5 % of its rate (BENCHMARKS.md) and wore flash
     /// storage. The next event commit makes such moves durable (its fsync
     /// covers the whole WAL before it), or else the once-a-second tick.
     fn relax_sync(&mut self, relaxed: bool) -> Result<(), JournalError> {
