@@ -552,6 +552,22 @@ async fn a_batch_evicted_while_upstream_leaves_the_cursor_before_its_gap_events(
         .find(|e| e.event_type == GAP_EVENT_TYPE && !batch.iter().any(|b| b.id == e.id))
         .expect("the second eviction put a gap event in the batch's range");
     assert!(new_gap.seq <= last, "a plain advance would skip it");
+    // Gap events keep the receive time of the row they replace, so receive
+    // times stay in seq order (replays by time search on them).
+    let all = reader
+        .read_after(0, "central", usize::MAX >> 1, usize::MAX)
+        .unwrap();
+    assert!(all.iter().any(|e| e.event_type == GAP_EVENT_TYPE));
+    for w in all.windows(2) {
+        assert!(
+            w[0].recv_time_us <= w[1].recv_time_us,
+            "receive time goes back from seq {} ({}) to seq {} ({})",
+            w[0].seq,
+            w[0].event_type,
+            w[1].seq,
+            w[1].event_type
+        );
+    }
 
     let moved = j
         .advance_delivered("central", 0, last, read_at)

@@ -1233,9 +1233,9 @@ impl WriterState {
     /// gap event in place of every evicted range. Returns the rows evicted.
     fn evict_round(&mut self, class: Class) -> rusqlite::Result<u64> {
         let min_cursor = self.min_cursor();
-        let victims: Vec<(u64, String, String, u64)> = {
+        let victims: Vec<(u64, String, String, u64, i64)> = {
             let mut st = self.conn.prepare_cached(
-                "SELECT seq, source, stream, stream_seq FROM events
+                "SELECT seq, source, stream, stream_seq, recv_time FROM events
                  WHERE seq > ?1 AND class = ?2 AND type != ?3 ORDER BY seq LIMIT ?4",
             )?;
             st.query_map(
@@ -1251,6 +1251,7 @@ impl WriterState {
                         r.get(1)?,
                         r.get(2)?,
                         r.get::<_, i64>(3)?.max(0) as u64,
+                        r.get::<_, i64>(4)?,
                     ))
                 },
             )?
@@ -1267,10 +1268,12 @@ impl WriterState {
             first: u64,
             last: u64,
             at_seq: u64,
+            /// The receive time of the row at `at_seq`.
+            at_recv_us: i64,
         }
         let mut runs: Vec<Run> = Vec::new();
         let mut open: HashMap<(String, String), usize> = HashMap::new();
-        for (seq, source, stream, sseq) in &victims {
+        for (seq, source, stream, sseq, recv_us) in &victims {
             let key = (source.clone(), stream.clone());
             match open.get(&key).map(|&i| &mut runs[i]) {
                 Some(run) if run.last + 1 == *sseq => run.last = *sseq,
@@ -1282,6 +1285,7 @@ impl WriterState {
                         first: *sseq,
                         last: *sseq,
                         at_seq: *seq,
+                        at_recv_us: *recv_us,
                     });
                 }
             }
@@ -1321,8 +1325,12 @@ impl WriterState {
                 };
                 // The gap takes the place (seq) of the first evicted row and
                 // the stream sequence of the first evicted event, so a sink
-                // that had not received the range learns of it in order.
-                self.insert_row(run.at_seq, &gap, run.first, now_us, None)?;
+                // that had not received the range learns of it in order. It
+                // keeps that row's receive time too: receive times stay in
+                // seq order, which replays by time and the dedup window
+                // search rely on, and the backlog's age stays that of the
+                // oldest event it stands for. Its `time` is the eviction's.
+                self.insert_row(run.at_seq, &gap, run.first, run.at_recv_us, None)?;
                 self.conn
                     .prepare_cached(
                         "INSERT INTO gaps (source, stream, first_stream_seq, last_stream_seq, count,
