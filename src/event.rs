@@ -197,9 +197,100 @@ struct CloudEventOut<'a> {
     extra: Option<BTreeMap<&'a str, &'a RawValue>>,
 }
 
+/// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with a
+/// real calendar date (`T` and `Z` in either case, a leap second allowed).
+/// The one check of source-given event times, for every source.
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u32> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().try_fold(0u32, |acc, d| {
+            d.is_ascii_digit().then(|| acc * 10 + u32::from(d - b'0'))
+        })
+    };
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    let (Some(year), Some(month), Some(day)) = (num(0, 4), num(5, 2), num(8, 2)) else {
+        return false;
+    };
+    let (Some(hour), Some(minute), Some(second)) = (num(11, 2), num(14, 2), num(17, 2)) else {
+        return false;
+    };
+    if !(at(4, b'-')
+        && at(7, b'-')
+        && (at(10, b'T') || at(10, b't'))
+        && at(13, b':')
+        && at(16, b':'))
+    {
+        return false;
+    }
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    if day == 0 || day > days || hour > 23 || minute > 59 || second > 60 {
+        return false;
+    }
+    let mut i = 19;
+    if at(i, b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match b.get(i) {
+        Some(b'Z' | b'z') => i + 1 == b.len(),
+        Some(b'+' | b'-') => {
+            i + 6 == b.len()
+                && at(i + 3, b':')
+                && num(i + 1, 2).is_some_and(|h| h <= 23)
+                && num(i + 4, 2).is_some_and(|m| m <= 59)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_accepts_offsets_and_fractions_and_rejects_the_rest() {
+        for ok in [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29t10:00:00z",
+            "2026-11-29T10:00:00.123456789Z",
+            "2026-11-29T11:00:00+01:00",
+            "2024-02-29T23:59:60-05:30",
+        ] {
+            assert!(is_rfc3339(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-29",
+            "2026-11-29 10:00:00Z",
+            "2026-11-29T10:00:00",
+            "2026-11-29T10:00Z",
+            "2025-02-29T10:00:00Z",
+            "2026-13-01T10:00:00Z",
+            "2026-11-31T10:00:00Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29T10:00:00.Z",
+            "2026-11-29T10:00:00+0100",
+            "2026-11-29T10:00:00+01:00x",
+            "2026-11-29T10:00:00Zx",
+        ] {
+            assert!(!is_rfc3339(bad), "{bad}");
+        }
+    }
 
     fn stored() -> StoredEvent {
         StoredEvent {

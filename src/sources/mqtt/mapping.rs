@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{MqttFormat, MqttSourceConfig, OnInvalid};
-use crate::event::{Class, NewEvent};
+use crate::event::{Class, NewEvent, is_rfc3339};
 use crate::sources::sparkplug;
 
 /// CloudEvents `type` of a message whose payload could not be used.
@@ -525,61 +525,6 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` with a real
-/// calendar date.
-pub fn is_rfc3339(s: &str) -> bool {
-    let b = s.as_bytes();
-    let num = |from: usize, len: usize| -> Option<u32> {
-        b.get(from..from + len)?.iter().try_fold(0u32, |acc, d| {
-            d.is_ascii_digit().then(|| acc * 10 + u32::from(d - b'0'))
-        })
-    };
-    let at = |i: usize, c: u8| b.get(i).is_some_and(|x| x.eq_ignore_ascii_case(&c));
-    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
-        num(0, 4),
-        num(5, 2),
-        num(8, 2),
-        num(11, 2),
-        num(14, 2),
-        num(17, 2),
-    ) else {
-        return false;
-    };
-    if !(at(4, b'-') && at(7, b'-') && at(10, b'T') && at(13, b':') && at(16, b':')) {
-        return false;
-    }
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let days = match mo {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return false,
-    };
-    if d == 0 || d > days || h > 23 || mi > 59 || sec > 60 {
-        return false;
-    }
-    let mut i = 19;
-    if at(i, b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        if i == start {
-            return false;
-        }
-    }
-    if at(i, b'Z') {
-        return i + 1 == b.len();
-    }
-    matches!(b.get(i), Some(b'+' | b'-'))
-        && i + 6 == b.len()
-        && at(i + 3, b':')
-        && num(i + 1, 2).is_some_and(|h| h <= 23)
-        && num(i + 4, 2).is_some_and(|m| m <= 59)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -727,25 +672,5 @@ mod tests {
         let attrs: Value = serde_json::from_str(e.attrs.as_deref().unwrap()).unwrap();
         assert_eq!(attrs["data_base64"], "AAEC");
         assert_eq!(attrs["datacontenttype"], "application/octet-stream");
-    }
-
-    #[test]
-    fn rfc3339_check() {
-        for ok in [
-            "2026-11-29T10:00:00Z",
-            "2026-11-29t10:00:00.5z",
-            "2024-02-29T23:59:60-05:30",
-        ] {
-            assert!(is_rfc3339(ok), "{ok}");
-        }
-        for bad in [
-            "2026-11-29",
-            "2025-02-29T10:00:00Z",
-            "2026-11-29T10:00:00",
-            "2026-11-29T10:00:00+0100",
-            "2026-11-29T10:00:00.Z",
-        ] {
-            assert!(!is_rfc3339(bad), "{bad}");
-        }
     }
 }
