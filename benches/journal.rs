@@ -14,15 +14,11 @@ use plantrelay::journal::dedup::{DedupIndex, key_hash};
 use plantrelay::journal::{Journal, JournalOptions, Reader, SyncMode};
 use rand::RngCore;
 
-fn scale() -> f64 {
-    std::env::var("PLANTRELAY_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
+#[path = "support/mod.rs"]
+mod support;
 
 fn n(x: u64) -> u64 {
-    ((x as f64) * scale()).max(1.0) as u64
+    support::scaled(x, 1)
 }
 
 fn random_id() -> String {

@@ -31,18 +31,15 @@ use std::time::{Duration, Instant, SystemTime};
 use plantrelay::journal::Reader;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{head_seq, status_kib};
+
 const TOPICS: usize = 10;
 const PACED_RATE: f64 = 5_000.0;
 
-fn scale() -> f64 {
-    std::env::var("PLANTRELAY_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
 fn n(x: u64) -> u64 {
-    ((x as f64) * scale()).max(1000.0) as u64
+    support::scaled(x, 1000)
 }
 
 fn now_ns() -> u64 {
@@ -282,12 +279,6 @@ async fn plain(
     }
 }
 
-fn rss_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// The committed events of source `line` after `from_seq`: (recv_time_us,
 /// publish t_ns).
 fn committed(db: &Path, from_seq: u64) -> Vec<(i64, Option<u64>)> {
@@ -300,10 +291,6 @@ fn committed(db: &Path, from_seq: u64) -> Vec<(i64, Option<u64>)> {
         .filter(|e| e.source == "line")
         .map(|e| (e.recv_time_us, t_ns_of(&e.data)))
         .collect()
-}
-
-fn head_seq(db: &Path) -> u64 {
-    Reader::open(db).and_then(|r| r.head_seq()).unwrap_or(0)
 }
 
 /// (b): the agent as its own process.
@@ -382,8 +369,8 @@ retry_max = "60s"
         .filter_map(|(recv_us, t_ns)| Some(((recv_us as u64) * 1000).saturating_sub(t_ns?) / 1000))
         .collect();
     lat.sort_unstable();
-    let peak = rss_kib(pid, "VmHWM:").unwrap_or(0);
-    let now = rss_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak = status_kib(pid, "VmHWM:").unwrap_or(0);
+    let now = status_kib(pid, "VmRSS:").unwrap_or(0);
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()

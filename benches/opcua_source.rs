@@ -13,60 +13,16 @@
 //! from `/proc`), and its peak RSS. `PLANTRELAY_BENCH_SCALE=0.1` shrinks the
 //! tick counts.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plantrelay::demo::press::{PressOptions, SimPress, load_node};
-use plantrelay::journal::Reader;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{clk_tck, head_seq, process_ticks, scale, status_kib};
 
 const ITEMS: usize = 10_000;
-
-fn scale() -> f64 {
-    std::env::var("PLANTRELAY_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-fn head_seq(db: &Path) -> u64 {
-    Reader::open(db).and_then(|r| r.head_seq()).unwrap_or(0)
-}
-
-fn stat_ticks(pid: u32) -> u64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let Some(close) = text.rfind(')') else {
-        return 0;
-    };
-    let f: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    let user = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let system = f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    user + system
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 struct Row {
     hz: u32,
@@ -147,7 +103,7 @@ retry_max = "60s"
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base = head_seq(&db);
-    let cpu0 = stat_ticks(pid);
+    let cpu0 = process_ticks(pid);
     let t0 = Instant::now();
     press.resume();
     let changes = ITEMS as u64 * ticks;
@@ -165,8 +121,8 @@ retry_max = "60s"
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let done = head_seq(&db) - base;
-    let cpu_s = (stat_ticks(pid) - cpu0) as f64 / tck;
-    let rss = status_kib(pid, "VmHWM:") / 1024;
+    let cpu_s = (process_ticks(pid) - cpu0) as f64 / tck;
+    let rss = status_kib(pid, "VmHWM:").unwrap_or(0) / 1024;
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -187,7 +143,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let tck = clock_ticks();
+    let tck = clk_tck();
     let ticks_1hz = ((30.0 * scale()) as u64).max(3);
     let ticks_10hz = ((100.0 * scale()) as u64).max(10);
     println!(

@@ -30,6 +30,10 @@ use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptio
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{Journal, SyncMode};
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{clk_tck, scale, stat_ticks, status_kib};
+
 /// Events per ingest request.
 const REQUEST_EVENTS: usize = 500;
 /// Concurrent keep-alive ingest clients.
@@ -49,15 +53,8 @@ const DRAIN_TARGET: f64 = 100_000.0;
 const RSS_TARGET_MIB: f64 = 64.0;
 const RSS_SPREAD: f64 = 0.10;
 
-fn scale() -> f64 {
-    std::env::var("PLANTRELAY_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
 fn n(x: u64) -> u64 {
-    ((x as f64) * scale()).max(1.0) as u64
+    support::scaled(x, 1)
 }
 
 /// How long to wait for `count` events to arrive upstream before giving up
@@ -216,23 +213,6 @@ async fn fill(config: &Config, count: u64, prefix: &'static str) -> f64 {
 // /proc
 
 /// Clock ticks per second for /proc/<pid>/stat.
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime in ticks from a `/proc/.../stat` line.
-fn stat_ticks(text: &str) -> Option<u64> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// CPU seconds of process `pid` (all threads, dead ones included) and of its
 /// threads named `journal-writer`.
 fn cpu_seconds(pid: &str, tck: f64) -> (f64, f64) {
@@ -256,16 +236,6 @@ fn cpu_seconds(pid: &str, tck: f64) -> (f64, f64) {
 }
 
 /// A `kB` field of `/proc/<pid>/status` (VmHWM, VmRSS), in KiB.
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
