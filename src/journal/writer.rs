@@ -4,14 +4,13 @@
 //! anything but SQLite and its own queue.
 
 use std::collections::VecDeque;
-
-// foldhash, not SipHash: stream keys are looked up several times per event.
-use hashbrown::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
+// foldhash, not SipHash: stream keys are looked up several times per event.
+use hashbrown::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};

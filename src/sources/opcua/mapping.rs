@@ -4,11 +4,11 @@
 //! Pure functions; no I/O. The rules are the user contract written in the
 //! module docs of [`super`].
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use opcua::types::{DataValue, DateTime, StatusCode, Variant};
-use std::borrow::Cow;
-
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
