@@ -724,11 +724,14 @@ impl OpcuaSource {
         debug!(source = %self.name, generation, values = snapshot_len, "resync snapshot read");
 
         let health = Arc::new(NodeHealth::default());
+        // Node ids by index, for logs and status: one list for the callback
+        // and the watch loop.
+        let names_of: Arc<[String]> = self.nodes.iter().map(|n| n.meta.node_id.clone()).collect();
         let callback = Notifications {
             source: self.name.clone(),
             feed: feed.clone_sender(),
             health: health.clone(),
-            names_of: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
+            names_of: names_of.clone(),
             status: status.clone(),
             last_sequence: 0,
         };
@@ -769,7 +772,7 @@ impl OpcuaSource {
             bad,
             batches,
             health,
-            names_of: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
+            names_of,
         })
     }
 
@@ -1049,7 +1052,7 @@ struct Live {
     batches: Batches,
     /// Monitored nodes whose latest value is bad.
     health: Arc<NodeHealth>,
-    names_of: Vec<String>,
+    names_of: Arc<[String]>,
 }
 
 fn read_id(id: &NodeId, attribute: AttributeId) -> ReadValueId {
@@ -1229,7 +1232,7 @@ struct Notifications {
     source: String,
     feed: FeedSender,
     health: Arc<NodeHealth>,
-    names_of: Vec<String>,
+    names_of: Arc<[String]>,
     status: Arc<SourceStatus>,
     /// Sequence number of the last data notification message (0: none yet;
     /// the server numbers them from 1).
