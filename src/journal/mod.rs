@@ -315,9 +315,10 @@ const QUEUE_DEPTH: usize = 1024;
 
 impl Journal {
     /// Opens or creates the journal, starts the writer thread and the
-    /// background rebuild of the dedup index. Must be called within a Tokio runtime only for the
-    /// async methods; opening itself is blocking work (call it from
-    /// `spawn_blocking` in async code if start-up latency matters).
+    /// background rebuild of the dedup index. Must be called within a Tokio
+    /// runtime only for the async methods; opening itself is blocking work
+    /// (call it from `spawn_blocking` in async code if start-up latency
+    /// matters).
     pub fn open(opts: JournalOptions) -> Result<Journal, JournalError> {
         if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {

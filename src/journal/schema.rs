@@ -80,8 +80,9 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// The writer's page cache once open (KiB).
 pub(crate) const WRITER_CACHE_KIB: i64 = 16 * 1024;
 
-/// The writer's page cache while it opens the journal (KiB).
-const STARTUP_CACHE_KIB: i64 = 1024;
+/// The page cache of a connection that reads the whole file once (KiB): the
+/// writer's while it opens the journal, the dedup index rebuild's.
+pub(crate) const STARTUP_CACHE_KIB: i64 = 1024;
 
 /// WAL frames beyond this are truncated after a checkpoint.
 pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
@@ -185,9 +186,9 @@ fn try_open(path: &Path, sync: SyncMode, check: bool) -> Result<Connection, Open
         ("synchronous", sync_value.to_string()),
         ("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
         ("wal_autocheckpoint", "1000".to_string()),
-        // Small while opening: the integrity check and the dedup rebuild
-        // read the whole file once, and a full cache would stay resident.
-        // The writer sets WRITER_CACHE_KIB when it is ready.
+        // Small while opening: the integrity check reads the whole file
+        // once, and a full cache would stay resident. The writer sets
+        // WRITER_CACHE_KIB when it is ready.
         ("cache_size", format!("-{STARTUP_CACHE_KIB}")),
         ("temp_store", "MEMORY".to_string()),
     ] {

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
-use super::schema::{WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err};
+use super::schema::{STARTUP_CACHE_KIB, WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err};
 use super::{
     AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
     SyncMode, WhenFull, unix_micros,
@@ -99,7 +99,7 @@ impl DedupLoad {
                 let built = open_reader(&path).and_then(|conn| {
                     // The rows are read once; a large cache would only stay
                     // allocated until the connection closes.
-                    conn.pragma_update(None, "cache_size", -1024)
+                    conn.pragma_update(None, "cache_size", -STARTUP_CACHE_KIB)
                         .and_then(|()| build_dedup(&conn, &opts, head, Some(&stop)))
                         .map_err(|e| sqlite_err(&path, e))
                 });

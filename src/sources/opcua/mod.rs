@@ -41,8 +41,9 @@
 //!   (measured here: 2.7 s at 200 ms × 10 after a burst), and later on a
 //!   saturated host, where the server's timers slip (over 5 s at
 //!   200 ms × 20). No answer for that window plus [`WATCHDOG_SLACK`] or
-//!   half the keep-alive window, whichever is longer, ends the generation: a server that still accepts TCP (and even
-//!   answers reads) but stopped publishing is detected, and the source
+//!   half the keep-alive window, whichever is longer, ends the generation:
+//!   a server that still accepts TCP (and even answers reads) but stopped
+//!   publishing is detected, and the source
 //!   never reports "connected" over a dead publish loop.
 //! - Session keep-alive: a Read of the server state every keep-alive
 //!   window; two failures in a row close the session.
