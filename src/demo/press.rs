@@ -9,8 +9,9 @@
 //! secure endpoints with a generated certificate (Basic256Sha256 Sign and
 //! SignAndEncrypt, Aes128_Sha256_RsaOaep and Aes256_Sha256_RsaPss
 //! SignAndEncrypt; anonymous, user name/password and X.509 users), limit
-//! the server's message size, and restart on the same port. The server's own certificate names `127.0.0.1` and
-//! `localhost`, so a client's host name check passes on loopback.
+//! the server's message size, and restart on the same port. The server's
+//! own certificate names `127.0.0.1` and `localhost`, so a client's host
+//! name check passes on loopback.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
