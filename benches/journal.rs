@@ -334,12 +334,12 @@ async fn main() {
     }
     print_table(&rows);
 
-    let mut d = DedupIndex::new(Duration::from_secs(3600), 2_000_000);
+    let mut d = DedupIndex::new(Duration::from_secs(3600), 1_000_000).expect("dedup index");
     for i in 0..1_000_000u64 {
         d.insert(key_hash("mes", &random_id()), i + 1, i as i64);
     }
     println!(
-        "\ndedup index: 1M ids in the window use {:.1} MiB",
+        "\ndedup index: 1M ids in the window use {:.1} MiB (fixed by dedup_max_ids)",
         d.memory_bytes() as f64 / (1 << 20) as f64
     );
 }

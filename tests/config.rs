@@ -413,6 +413,28 @@ fn a_malformed_size_is_rejected_with_an_example() {
 }
 
 #[test]
+fn dedup_max_ids_outside_its_range_is_rejected() {
+    for (n, why) in [
+        ("999", "must be at least 1000, got 999"),
+        (
+            "1000000000",
+            "must be at most 100000000 (its index takes 12 bytes per id, allocated at start), got 1000000000",
+        ),
+    ] {
+        let text = format!("{BASE}\n[journal]\ndedup_max_ids = {n}\n");
+        let issues = issues(&text);
+        assert_issue(
+            &issues,
+            "journal.dedup_max_ids",
+            Some(line_of(&text, "", "dedup_max_ids")),
+            why,
+        );
+    }
+    let text = format!("{BASE}\n[journal]\ndedup_max_ids = 100000000\n");
+    assert!(parse(&text).is_ok());
+}
+
+#[test]
 fn a_malformed_url_names_the_key_and_line() {
     let text = BASE.replace("https://ingest.example.com/v1/events", "ingest.example.com");
     let issues = issues(&text);

@@ -21,6 +21,9 @@ use super::{AgentConfig, Config, HealthConfig, JournalConfig};
 pub(crate) const MIN_JOURNAL_SIZE: u64 = 16 * 1024 * 1024;
 /// Smallest accepted `journal.dedup_max_ids`.
 const MIN_DEDUP_IDS: usize = 1000;
+/// Largest accepted `journal.dedup_max_ids`: its index (12 bytes an id) is
+/// allocated at start, and a stray digit should not ask for gigabytes.
+const MAX_DEDUP_IDS: usize = 100_000_000;
 /// Largest batch of an HTTPS or JetStream sink.
 const MAX_BATCH_EVENTS: usize = 100_000;
 /// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
@@ -226,6 +229,14 @@ fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
             "journal.dedup_max_ids",
             format!(
                 "must be at least {MIN_DEDUP_IDS}, got {}",
+                journal.dedup_max_ids
+            ),
+        );
+    } else if journal.dedup_max_ids > MAX_DEDUP_IDS {
+        issues.push(
+            "journal.dedup_max_ids",
+            format!(
+                "must be at most {MAX_DEDUP_IDS} (its index takes 12 bytes per id, allocated at start), got {}",
                 journal.dedup_max_ids
             ),
         );

@@ -24,9 +24,9 @@
 //!
 //! There is no index on `(source, event_id)`: random keys in an on-disk
 //! B-tree cost ~10× the insert rate. Deduplication is the in-memory
-//! [`dedup::DedupIndex`] over `dedup_window`, rebuilt from the rows at start
-//! on a thread of its own: forwarders start at once, the first append waits
-//! for the index.
+//! [`dedup::DedupIndex`] over `dedup_window`, a table of fixed size (12 bytes
+//! per `dedup_max_ids`), rebuilt from the rows at start on a thread of its
+//! own: forwarders start at once, the first append waits for the index.
 //!
 //! # The commit point
 //!

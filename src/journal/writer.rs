@@ -100,8 +100,8 @@ impl DedupLoad {
                     // The rows are read once; a large cache would only stay
                     // allocated until the connection closes.
                     conn.pragma_update(None, "cache_size", -STARTUP_CACHE_KIB)
-                        .and_then(|()| build_dedup(&conn, &opts, head, Some(&stop)))
-                        .map_err(|e| sqlite_err(&path, e))
+                        .map_err(|e| sqlite_err(&path, e))?;
+                    build_dedup(&conn, &path, &opts, head, Some(&stop))
                 });
                 let _ = tx.send(built);
             });
@@ -194,36 +194,53 @@ const INSERT_EVENT: &str =
 /// when cancelled.
 fn build_dedup(
     conn: &Connection,
+    path: &Path,
     opts: &JournalOptions,
     head: u64,
     cancel: Option<&AtomicBool>,
-) -> rusqlite::Result<Option<DedupIndex>> {
-    let mut dedup = DedupIndex::new(opts.dedup_window, opts.dedup_max_ids);
+) -> Result<Option<DedupIndex>, JournalError> {
+    let mut dedup =
+        DedupIndex::new(opts.dedup_window, opts.dedup_max_ids).map_err(|e| JournalError::Io {
+            path: path.to_path_buf(),
+            what: "dedup index".into(),
+            detail: e.to_string(),
+        })?;
+    let e = |e| sqlite_err(path, e);
     let now_us = unix_micros(SystemTime::now());
     let window_us = i64::try_from(opts.dedup_window.as_micros()).unwrap_or(i64::MAX);
-    let Some(from) = first_seq_at_or_after(conn, now_us.saturating_sub(window_us))? else {
+    let Some(from) = first_seq_at_or_after(conn, now_us.saturating_sub(window_us)).map_err(e)?
+    else {
         return Ok(Some(dedup));
     };
     // The index keeps the newest `dedup_max_ids` ids at most: rows before
     // those would be inserted only to be dropped again. (Gap rows in the
     // range make it hold slightly fewer; they are rare.)
     let from = from.max(head.saturating_sub(opts.dedup_max_ids as u64) + 1);
-    let mut st = conn.prepare(
-        "SELECT seq, source, event_id, recv_time FROM events
+    let mut st = conn
+        .prepare(
+            "SELECT seq, source, event_id, recv_time FROM events
          WHERE seq >= ?1 AND seq <= ?2 AND only_sink IS NULL AND type != ?3 ORDER BY seq",
-    )?;
-    let mut rows = st.query(params![from as i64, head as i64, GAP_EVENT_TYPE])?;
+        )
+        .map_err(e)?;
+    let mut rows = st
+        .query(params![from as i64, head as i64, GAP_EVENT_TYPE])
+        .map_err(e)?;
     let mut n = 0u64;
-    while let Some(row) = rows.next()? {
+    while let Some(row) = rows.next().map_err(e)? {
         n += 1;
         if n.is_multiple_of(DEDUP_CANCEL_CHECK) && cancel.is_some_and(|c| c.load(Ordering::Relaxed))
         {
             return Ok(None);
         }
-        let seq: i64 = row.get(0)?;
-        let source: &str = row.get_ref(1)?.as_str()?;
-        let id: &str = row.get_ref(2)?.as_str()?;
-        let recv: i64 = row.get(3)?;
+        let (seq, source, id, recv) = (|| {
+            Ok::<_, rusqlite::Error>((
+                row.get::<_, i64>(0)?,
+                row.get_ref(1)?.as_str()?,
+                row.get_ref(2)?.as_str()?,
+                row.get::<_, i64>(3)?,
+            ))
+        })()
+        .map_err(e)?;
         dedup.insert(key_hash(source, id), seq as u64, recv);
     }
     Ok(Some(dedup))
@@ -235,7 +252,6 @@ struct Undo {
     /// Streams this batch touched, with their value before it.
     streams: HashMap<String, HashMap<String, Option<u64>>>,
     cursors: Vec<(String, Option<u64>)>,
-    dedup_inserted: usize,
     retention_through: u64,
 }
 
@@ -396,7 +412,7 @@ impl WriterState {
             last_recv_us,
             streams,
             cursors,
-            dedup: DedupIndex::new(opts.dedup_window, opts.dedup_max_ids),
+            dedup: DedupIndex::unloaded(opts.dedup_window, opts.dedup_max_ids),
             dedup_ready: false,
             dedup_loading,
             stats,
@@ -506,9 +522,9 @@ impl WriterState {
             last_recv_us: self.last_recv_us,
             streams: HashMap::new(),
             cursors: Vec::new(),
-            dedup_inserted: 0,
             retention_through: self.retention_through,
         };
+        self.dedup.begin();
         let mut undo = undo;
         let mut replies = Vec::with_capacity(batch.len());
         let mut advanced = false;
@@ -699,7 +715,7 @@ impl WriterState {
                 None => self.cursors.remove(&k),
             };
         }
-        self.dedup.rollback(undo.dedup_inserted);
+        self.dedup.rollback();
         self.retention_through = undo.retention_through;
     }
 
@@ -786,11 +802,10 @@ impl WriterState {
         }
         let index = match index {
             Some(index) => index,
-            None => match build_dedup(&self.conn, &self.opts, self.head_seq(), None) {
-                Ok(Some(index)) => index,
+            None => match build_dedup(&self.conn, &self.path, &self.opts, self.head_seq(), None)? {
+                Some(index) => index,
                 // Only a cancel flag ends a rebuild early, and none was given.
-                Ok(None) => DedupIndex::new(self.opts.dedup_window, self.opts.dedup_max_ids),
-                Err(e) => return Err(self.err(e)),
+                None => DedupIndex::unloaded(self.opts.dedup_window, self.opts.dedup_max_ids),
             },
         };
         if !index.is_empty() {
@@ -836,7 +851,6 @@ impl WriterState {
                 .map_err(|e| sqlite_err(path, e))?;
             self.next_seq += 1;
             self.dedup.insert(hash, seq, recv_us);
-            undo.dedup_inserted += 1;
             out.push(AppendOutcome::Stored { seq, stream_seq });
         }
         Ok(out)
@@ -1411,7 +1425,7 @@ impl WriterState {
                 dedup_max_ids = self.opts.dedup_max_ids,
                 remembered_s,
                 dedup_window_s = self.opts.dedup_window.as_secs(),
-                "the dedup index is at journal.dedup_max_ids: ids are remembered for {remembered_s} s, not the whole dedup_window; raise dedup_max_ids (about 26 bytes per id) if sources redeliver later than that"
+                "the dedup index is at journal.dedup_max_ids: ids are remembered for {remembered_s} s, not the whole dedup_window; raise dedup_max_ids (12 bytes per id, allocated at start) if sources redeliver later than that"
             );
         }
         self.stats
