@@ -232,18 +232,20 @@ fn build_dedup(
         {
             return Ok(None);
         }
-        let (seq, source, id, recv) = (|| {
-            Ok::<_, rusqlite::Error>((
-                row.get::<_, i64>(0)?,
-                row.get_ref(1)?.as_str()?,
-                row.get_ref(2)?.as_str()?,
-                row.get::<_, i64>(3)?,
-            ))
-        })()
-        .map_err(e)?;
+        let (seq, source, id, recv) = dedup_row(row).map_err(e)?;
         dedup.insert(key_hash(source, id), seq as u64, recv);
     }
     Ok(Some(dedup))
+}
+
+/// `(seq, source, event_id, recv_time)` of a row of `build_dedup`'s query.
+fn dedup_row<'r>(row: &'r rusqlite::Row<'_>) -> rusqlite::Result<(i64, &'r str, &'r str, i64)> {
+    Ok((
+        row.get(0)?,
+        row.get_ref(1)?.as_str()?,
+        row.get_ref(2)?.as_str()?,
+        row.get(3)?,
+    ))
 }
 
 struct Undo {
@@ -804,8 +806,15 @@ impl WriterState {
             Some(index) => index,
             None => match build_dedup(&self.conn, &self.path, &self.opts, self.head_seq(), None)? {
                 Some(index) => index,
-                // Only a cancel flag ends a rebuild early, and none was given.
-                None => DedupIndex::unloaded(self.opts.dedup_window, self.opts.dedup_max_ids),
+                // Only a cancel flag ends a rebuild early, and none was
+                // given; appends must never run without the index.
+                None => {
+                    return Err(JournalError::Io {
+                        path: self.path.clone(),
+                        what: "dedup index".into(),
+                        detail: "reading it stopped early".into(),
+                    });
+                }
             },
         };
         if !index.is_empty() {
