@@ -1524,7 +1524,8 @@ fn verify(conn: &Connection, seq: u64, source: &str, id: &str) -> Verified {
     match row {
         Ok(Some((s, i))) if s == source && i == id => Verified::Same,
         Ok(Some(_)) => Verified::Different,
-        // Gone, or unreadable: trust the 64-bit hash rather than store twice.
+        // Gone, or unreadable: trust the hash bits the index keeps (43 at
+        // the default dedup_max_ids) rather than store twice.
         Ok(None) | Err(_) => Verified::Gone,
     }
 }
