@@ -133,7 +133,7 @@ impl DedupIndex {
     }
 
     /// A placeholder without a table, for the writer until the index is
-    /// read; it finds nothing and must not be inserted into.
+    /// read: it finds nothing and ignores inserts.
     pub fn unloaded(window: std::time::Duration, max_ids: usize) -> DedupIndex {
         DedupIndex {
             slots: Vec::new(),
@@ -162,7 +162,8 @@ impl DedupIndex {
     }
 
     /// Ids remembered (inside the window). Exact unless the journal left
-    /// seqs out (gap events), which makes it count a few too many.
+    /// seqs out (gap events) just before the window's start, which makes it
+    /// count a few too few.
     pub fn len(&self) -> usize {
         let lo = self.lo();
         let Some(first) = self.checkpoints.front() else {
