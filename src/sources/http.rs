@@ -866,15 +866,35 @@ fn check_len(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Attributes up to which `repeated_name` compares every pair rather than
+/// hash: a CloudEvent has a handful, and hashing each cost more than the
+/// comparisons.
+const PAIRWISE_NAMES: usize = 16;
+
+/// The first attribute name that appears twice. Hashed (with a keyed hash)
+/// past `PAIRWISE_NAMES`, so an event with thousands of attributes costs
+/// linear time, not quadratic.
+fn repeated_name<'r>(attrs: &'r [(Cow<'_, str>, &RawValue)]) -> Option<&'r str> {
+    if attrs.len() <= PAIRWISE_NAMES {
+        return attrs.iter().enumerate().find_map(|(i, (name, _))| {
+            attrs[..i]
+                .iter()
+                .any(|(n, _)| n == name)
+                .then_some(name.as_ref())
+        });
+    }
+    let mut seen = HashSet::with_capacity(attrs.len());
+    attrs
+        .iter()
+        .map(|(name, _)| name.as_ref())
+        .find(|name| !seen.insert(*name))
+}
+
 /// Maps one CloudEvent onto a [`NewEvent`] (see the module docs for the rules).
 fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEvent, String> {
-    let mut seen = HashSet::with_capacity(raw.0.len());
-    for (name, _) in &raw.0 {
-        if !seen.insert(name.as_ref()) {
-            return Err(format!("attribute \"{name}\" appears more than once"));
-        }
+    if let Some(name) = repeated_name(&raw.0) {
+        return Err(format!("attribute \"{name}\" appears more than once"));
     }
-    drop(seen);
 
     let mut id = None;
     let mut stream = None;
@@ -1068,6 +1088,27 @@ mod tests {
             parse(r#"{"id":7}"#, Format::Single).unwrap_err().0,
             "id must be a string"
         );
+    }
+
+    #[test]
+    fn a_repeated_attribute_is_named_with_few_and_with_many_attributes() {
+        let event = |n: usize, repeat: Option<usize>| {
+            let mut attrs: Vec<String> = (0..n).map(|i| format!("\"a{i}ext\":{i}")).collect();
+            if let Some(r) = repeat {
+                attrs.push(format!("\"a{r}ext\":0"));
+            }
+            format!("{{\"id\":\"x\",{}}}", attrs.join(","))
+        };
+        for n in [3, PAIRWISE_NAMES - 2, PAIRWISE_NAMES, 200] {
+            let ok = parse(&event(n, None), Format::Single).unwrap();
+            assert_eq!(ok.len(), 1, "{n} distinct attributes");
+            let err = parse(&event(n, Some(n / 2)), Format::Single).unwrap_err();
+            assert_eq!(
+                err.0,
+                format!("attribute \"a{}ext\" appears more than once", n / 2),
+                "{n} attributes"
+            );
+        }
     }
 
     #[test]
