@@ -164,6 +164,49 @@ async fn a_restart_remembers_the_newest_dedup_max_ids_ids() {
     j.close().await;
 }
 
+/// Once `dedup_window` has passed, the once-a-second upkeep forgets an id:
+/// the same id is stored again, not counted as a duplicate.
+#[tokio::test]
+async fn an_id_is_stored_again_once_the_dedup_window_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.dedup_window = Duration::from_secs(1);
+    let j = Journal::open(o).unwrap();
+    let a = || vec![ev("mes", "a", "s1", Class::Critical, 10)];
+    assert_eq!(seqs(&j.append(a()).await.unwrap()), vec![1]);
+    assert_eq!(
+        j.append(a()).await.unwrap(),
+        vec![AppendOutcome::Duplicate { seq: 1 }],
+        "inside the window"
+    );
+    let ids = || {
+        j.stats()
+            .dedup_ids
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(ids(), 1);
+    // The second of arrivals leaves the window whole 2 s after it began; the
+    // upkeep runs once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ids() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the id was not forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = j.append(a()).await.unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Stored {
+            seq: 2,
+            stream_seq: 2
+        }]
+    );
+    assert_eq!(ids(), 1);
+    j.close().await;
+}
+
 #[tokio::test]
 async fn seqs_and_stream_seqs_stay_gap_free_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
