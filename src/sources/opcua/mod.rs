@@ -43,8 +43,8 @@
 //!   200 ms × 20). No answer for that window plus [`WATCHDOG_SLACK`] or
 //!   half the keep-alive window, whichever is longer, ends the generation:
 //!   a server that still accepts TCP (and even answers reads) but stopped
-//!   publishing is detected, and the source
-//!   never reports "connected" over a dead publish loop.
+//!   publishing is detected, and the source never reports "connected"
+//!   over a dead publish loop.
 //! - Session keep-alive: a Read of the server state every keep-alive
 //!   window; two failures in a row close the session.
 //! - `connect_timeout` bounds endpoint discovery, the session activation and
