@@ -144,6 +144,17 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         );
     }
 
+    // Each listener may hold up to its max_connections descriptors; they
+    // must not be able to take the journal's and the upstream's.
+    let listener_caps = config
+        .sources
+        .http
+        .iter()
+        .map(|s| s.max_connections as u64)
+        .chain(config.health.iter().map(|h| h.max_connections as u64))
+        .sum();
+    crate::serve::check_open_file_limit(listener_caps);
+
     // Bind every listener before serving anything.
     let mut bound = Vec::new();
     for cfg in &config.sources.http {

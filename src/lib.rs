@@ -9,6 +9,7 @@
 //! - [`sources`]: inputs that append to the journal (HTTP ingest, …).
 //! - [`logging`]: tracing set-up, text or JSON.
 //! - [`manpage`]: `plantrelay(1)`, rendered from the CLI definition.
+//! - [`serve`]: the accept loop and HTTP/1.1 server every listener runs: connection caps and timeouts.
 //! - [`service`]: systemd notifications (READY, WATCHDOG, STATUS, STOPPING).
 //! - [`sinks`]: the forwarder loop and the upstream sinks (HTTPS, …).
 //! - [`health`]: the HTTPS health and status server.
@@ -26,6 +27,7 @@ pub mod health;
 pub mod journal;
 pub mod logging;
 pub mod manpage;
+pub mod serve;
 pub mod service;
 pub mod sinks;
 pub mod sources;

@@ -35,6 +35,10 @@ fn source_config() -> HttpSourceConfig {
         tls_cert: None,
         tls_key: None,
         max_body: 4 << 20,
+        max_connections: 256,
+        max_connections_per_ip: 64,
+        header_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
     }
 }
 

@@ -195,6 +195,29 @@ pub struct HealthConfig {
         deserialize_with = "units::duration_nonzero"
     )]
     pub stall_after: Duration,
+    /// Connections the health listener holds at once; at the cap it stops
+    /// accepting until one closes. 1 to 65536. Default: `64`.
+    #[serde(default = "default_health_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold; more are
+    /// closed at once. 1 to `max_connections`. Default: `16`.
+    #[serde(default = "default_health_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Time for the TLS handshake, and for each request's headers, counted
+    /// from when the connection is ready for it (so also the keep-alive idle
+    /// timeout). 1s to 5m. Default: `"10s"`.
+    #[serde(
+        default = "default_header_timeout",
+        deserialize_with = "units::duration"
+    )]
+    pub header_timeout: Duration,
+    /// Time from the end of a request's headers until its answer is ready;
+    /// past it the client gets `408`. 1s to 1h. Default: `"30s"`.
+    #[serde(
+        default = "default_health_request_timeout",
+        deserialize_with = "units::duration"
+    )]
+    pub request_timeout: Duration,
 }
 
 /// `[sources]`: arrays of tables, one per kind. All default to empty; at
@@ -249,6 +272,18 @@ fn default_block_timeout() -> Duration {
 }
 fn default_stall_after() -> Duration {
     Duration::from_secs(60)
+}
+fn default_health_max_connections() -> usize {
+    64
+}
+fn default_health_max_connections_per_ip() -> usize {
+    16
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_health_request_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Config {

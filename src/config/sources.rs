@@ -44,6 +44,24 @@ pub struct HttpSourceConfig {
     /// get `413`. Default: `"4MiB"`.
     #[serde(default = "default_max_body", deserialize_with = "units::size")]
     pub max_body: u64,
+    /// Connections this listener holds at once; at the cap it stops
+    /// accepting until one closes. 1 to 65536. Default: `256`.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold; more are
+    /// closed at once. 1 to `max_connections`. Default: `64`.
+    #[serde(default = "default_http_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Time for the TLS handshake, and for each request's headers, counted
+    /// from when the connection is ready for it (so also the keep-alive idle
+    /// timeout). 1s to 5m. Default: `"10s"`.
+    #[serde(default = "default_10s", deserialize_with = "units::duration")]
+    pub header_timeout: Duration,
+    /// Time from the end of a request's headers until its answer is ready
+    /// (body read and journal commit); past it the client gets `408`. 1s to
+    /// 1h. Default: `"60s"`.
+    #[serde(default = "default_60s", deserialize_with = "units::duration")]
+    pub request_timeout: Duration,
 }
 
 /// `[[sources.mqtt]]`: subscribe to topics on a plant MQTT broker. Messages
@@ -356,6 +374,15 @@ fn default_telemetry() -> Class {
 }
 fn default_max_body() -> u64 {
     4 * 1024 * 1024
+}
+fn default_http_max_connections() -> usize {
+    256
+}
+fn default_http_max_connections_per_ip() -> usize {
+    64
+}
+fn default_60s() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_30s() -> Duration {
     Duration::from_secs(30)

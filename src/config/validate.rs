@@ -28,6 +28,8 @@ const MAX_DEDUP_IDS: usize = 100_000_000;
 const MAX_BATCH_EVENTS: usize = 100_000;
 /// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
 const MAX_MQTT_INFLIGHT: usize = 65_535;
+/// Largest `max_connections` of a listener.
+const MAX_LISTENER_CONNECTIONS: usize = 65_536;
 /// Placeholders a sink topic or subject template may use.
 const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
 
@@ -111,6 +113,45 @@ impl Issues<'_> {
     fn mqtt_keep_alive(&mut self, path: String, keep_alive: Duration) {
         if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65_535) {
             self.push(path, "must be between 1s and 65535s");
+        }
+    }
+
+    /// The connection caps and timeouts every listener has (`crate::serve`).
+    fn listener_limits(
+        &mut self,
+        p: &str,
+        max_connections: usize,
+        per_ip: usize,
+        header_timeout: Duration,
+        request_timeout: Duration,
+    ) {
+        if !(1..=MAX_LISTENER_CONNECTIONS).contains(&max_connections) {
+            self.push(
+                format!("{p}.max_connections"),
+                format!("must be between 1 and {MAX_LISTENER_CONNECTIONS} (got {max_connections})"),
+            );
+        }
+        if per_ip == 0 || per_ip > max_connections.max(1) {
+            self.push(
+                format!("{p}.max_connections_per_ip"),
+                format!(
+                    "must be between 1 and max_connections ({max_connections}) (got {per_ip}); \
+                     keep it below max_connections so that one host cannot fill the listener"
+                ),
+            );
+        }
+        let secs = |d: Duration| humantime::format_duration(d).to_string();
+        if header_timeout < Duration::from_secs(1) || header_timeout > Duration::from_secs(300) {
+            self.push(
+                format!("{p}.header_timeout"),
+                format!("must be between 1s and 5m (got {})", secs(header_timeout)),
+            );
+        }
+        if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(3600) {
+            self.push(
+                format!("{p}.request_timeout"),
+                format!("must be between 1s and 1h (got {})", secs(request_timeout)),
+            );
         }
     }
 
@@ -250,6 +291,13 @@ fn health(issues: &mut Issues<'_>, health: &HealthConfig) {
             "no authentication configured: set token_file and/or client_ca, or allow_unauthenticated = true",
         );
     }
+    issues.listener_limits(
+        "health",
+        health.max_connections,
+        health.max_connections_per_ip,
+        health.header_timeout,
+        health.request_timeout,
+    );
 }
 
 fn http_source(issues: &mut Issues<'_>, p: &str, s: &HttpSourceConfig) {
@@ -261,6 +309,13 @@ fn http_source(issues: &mut Issues<'_>, p: &str, s: &HttpSourceConfig) {
     if s.max_body == 0 {
         issues.push(format!("{p}.max_body"), "must be greater than zero");
     }
+    issues.listener_limits(
+        p,
+        s.max_connections,
+        s.max_connections_per_ip,
+        s.header_timeout,
+        s.request_timeout,
+    );
 }
 
 fn mqtt_source(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {

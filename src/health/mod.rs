@@ -34,7 +34,6 @@ use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum_server::tls_rustls::RustlsConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -43,10 +42,14 @@ pub use report::{AgentView, StatusReport};
 pub use tls::TlsReloader;
 
 use crate::config::{HealthConfig, read_secret};
+use crate::serve::{self, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 #[error("health: {0}")]
 pub struct HealthError(pub(crate) String);
+
+/// How long requests in flight may take to finish once the agent stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub(crate) struct AppState {
     view: Arc<AgentView>,
@@ -54,9 +57,10 @@ pub(crate) struct AppState {
 }
 
 pub struct HealthServer {
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     addr: SocketAddr,
-    tls: RustlsConfig,
+    tls: TlsConfig,
+    limits: serve::Limits,
     reloader: TlsReloader,
     state: Arc<AppState>,
 }
@@ -76,18 +80,22 @@ impl HealthServer {
         };
         let read_token = secret("token_file", &cfg.token_file)?;
         let admin_token = secret("admin_token_file", &cfg.admin_token_file)?;
-        let listener = std::net::TcpListener::bind(cfg.listen)
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
             .map_err(|e| HealthError(format!("cannot listen on {}: {e}", cfg.listen)))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| HealthError(format!("listener on {}: {e}", cfg.listen)))?;
         let addr = listener
             .local_addr()
             .map_err(|e| HealthError(format!("listener on {}: {e}", cfg.listen)))?;
-        let tls = RustlsConfig::from_config(Arc::new(server_config));
+        let tls = TlsConfig::new(Arc::new(server_config));
         Ok(HealthServer {
             listener,
             addr,
+            limits: serve::Limits {
+                max_connections: cfg.max_connections,
+                max_connections_per_ip: cfg.max_connections_per_ip,
+                header_timeout: cfg.header_timeout,
+                request_timeout: cfg.request_timeout,
+            },
             reloader: TlsReloader::new(tls.clone(), cfg.clone()),
             tls,
             state: Arc::new(AppState {
@@ -140,23 +148,22 @@ impl HealthServer {
             .with_state(state)
     }
 
+    /// Serves until `stop` is cancelled; then requests in flight get
+    /// [`SHUTDOWN_GRACE`] to finish. Every request carries the [`Peer`]
+    /// extension of its connection (address, client certificate subject).
     pub async fn serve(self, stop: CancellationToken) -> Result<(), HealthError> {
         let app = Self::router(self.state.clone());
-        let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp(self.listener)
-            .map_err(|e| HealthError(format!("listener on {}: {e}", self.addr)))?
-            .acceptor(tls::PeerAcceptor::new(self.tls))
-            .handle(handle.clone())
-            .http1_only();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            h.graceful_shutdown(Some(Duration::from_secs(2)));
-        });
-        server
-            .serve(app.into_make_service())
-            .await
-            .map_err(|e| HealthError(format!("server on {}: {e}", self.addr)))
+        let listener = serve::Listener {
+            label: "health".to_owned(),
+            socket: self.listener,
+            tls: Some(self.tls),
+            limits: self.limits,
+            grace: Some(SHUTDOWN_GRACE),
+        };
+        let tag: Arc<serve::Tagger<Peer>> =
+            Arc::new(|addr, certs| Peer::from_certs(Some(addr), certs));
+        serve::serve(listener, app, tag, stop).await;
+        Ok(())
     }
 }
 

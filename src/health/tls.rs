@@ -1,25 +1,18 @@
-//! The health listener's TLS: its server configuration from `[health]`,
-//! the reload hook behind SIGHUP, and the acceptor that tells each request
-//! which client certificate its connection presented.
+//! The health listener's TLS: its server configuration from `[health]` and
+//! the reload hook behind SIGHUP. Which client certificate a connection
+//! presented reaches each request as a [`super::Peer`] extension, made by
+//! the server loop ([`crate::serve`]) after the handshake.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::Extension;
-use axum::middleware::AddExtension;
-use axum_server::accept::Accept;
-use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::TcpStream;
-use tower_layer::Layer;
 use tracing::{error, info};
 
 use super::HealthError;
-use super::auth::{Peer, subject};
+use super::auth::subject;
 use crate::config::HealthConfig;
+use crate::serve::TlsConfig;
 use crate::tls::{self, TlsError};
 
 /// The server configuration for `[health]`. With `client_ca` a client
@@ -63,12 +56,12 @@ pub fn server_config(cfg: &HealthConfig) -> Result<rustls::ServerConfig, TlsErro
 /// handshakes (connections already open keep theirs). Cheap to clone.
 #[derive(Clone)]
 pub struct TlsReloader {
-    rustls: RustlsConfig,
+    rustls: TlsConfig,
     cfg: Arc<HealthConfig>,
 }
 
 impl TlsReloader {
-    pub(crate) fn new(rustls: RustlsConfig, cfg: HealthConfig) -> TlsReloader {
+    pub(crate) fn new(rustls: TlsConfig, cfg: HealthConfig) -> TlsReloader {
         TlsReloader {
             rustls,
             cfg: Arc::new(cfg),
@@ -80,7 +73,7 @@ impl TlsReloader {
     pub fn reload(&self) -> Result<(), HealthError> {
         match server_config(&self.cfg) {
             Ok(config) => {
-                self.rustls.reload_from_config(Arc::new(config));
+                self.rustls.reload(Arc::new(config));
                 let leaf = tls::load_certs(&self.cfg.tls_cert)
                     .ok()
                     .and_then(|c| c.first().and_then(subject));
@@ -100,41 +93,5 @@ impl TlsReloader {
                 Err(HealthError(format!("TLS reload: {e}")))
             }
         }
-    }
-}
-
-/// The rustls acceptor plus a [`Peer`] extension on every request: the
-/// remote address and the client certificate's subject.
-#[derive(Clone)]
-pub(crate) struct PeerAcceptor {
-    inner: RustlsAcceptor,
-}
-
-impl PeerAcceptor {
-    pub(crate) fn new(config: RustlsConfig) -> PeerAcceptor {
-        PeerAcceptor {
-            inner: RustlsAcceptor::new(config),
-        }
-    }
-}
-
-type Accepted<S> = io::Result<(
-    <RustlsAcceptor as Accept<TcpStream, S>>::Stream,
-    AddExtension<S, Peer>,
-)>;
-
-impl<S: Send + 'static> Accept<TcpStream, S> for PeerAcceptor {
-    type Stream = <RustlsAcceptor as Accept<TcpStream, S>>::Stream;
-    type Service = AddExtension<S, Peer>;
-    type Future = Pin<Box<dyn Future<Output = Accepted<S>> + Send>>;
-
-    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let addr = stream.peer_addr().ok();
-            let (stream, service) = inner.accept(stream, service).await?;
-            let peer = Peer::from_certs(addr, stream.get_ref().1.peer_certificates());
-            Ok((stream, Extension(peer).layer(service)))
-        })
     }
 }

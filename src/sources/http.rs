@@ -83,6 +83,7 @@ use tracing::{debug, info, warn};
 use crate::config::{HttpSourceConfig, read_secret};
 use crate::event::{Class, NewEvent, is_rfc3339};
 use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::serve;
 use crate::status::SourceStatus;
 use crate::tls::{self, TlsError};
 
@@ -142,14 +143,6 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
-    /// The server stopped with an I/O error.
-    #[error("sources.http '{name}': serving on {addr} failed: {source}")]
-    Serve {
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// A bound (not yet serving) ingest listener.
@@ -161,6 +154,7 @@ pub struct HttpSource {
     local_addr: SocketAddr,
     token: Option<Token>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: serve::Limits,
 }
 
 impl fmt::Debug for HttpSource {
@@ -257,6 +251,12 @@ impl HttpSource {
             local_addr,
             token,
             tls,
+            limits: serve::Limits {
+                max_connections: cfg.max_connections,
+                max_connections_per_ip: cfg.max_connections_per_ip,
+                header_timeout: cfg.header_timeout,
+                request_timeout: cfg.request_timeout,
+            },
         })
     }
 
@@ -282,6 +282,7 @@ impl HttpSource {
             local_addr,
             token,
             tls,
+            limits,
         } = self;
         let ingest = Arc::new(Ingest {
             name: name.clone(),
@@ -300,11 +301,6 @@ impl HttpSource {
             ))
             .with_state(ingest);
 
-        let serve_err = |source: io::Error| SourceError::Serve {
-            name: name.clone(),
-            addr: local_addr,
-            source,
-        };
         status
             .started
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -314,45 +310,21 @@ impl HttpSource {
         let scheme = if tls.is_some() { "https" } else { "http" };
         info!(source = %name, addr = %local_addr, "HTTP ingest listening on {scheme}://{local_addr}{INGEST_PATH}");
 
-        let result = match tls {
-            None => {
-                let stop = shutdown.clone();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-                    .map_err(serve_err)
-            }
-            Some(config) => {
-                let std_listener = listener.into_std().map_err(serve_err)?;
-                let handle = axum_server::Handle::<SocketAddr>::new();
-                let server = axum_server::from_tcp_rustls(
-                    std_listener,
-                    axum_server::tls_rustls::RustlsConfig::from_config(config),
-                )
-                .map_err(serve_err)?
-                .handle(handle.clone())
-                .http1_only();
-                let server = server.serve(app.into_make_service());
-                tokio::pin!(server);
-                tokio::select! {
-                    r = &mut server => r.map_err(serve_err),
-                    () = shutdown.cancelled() => {
-                        // Stop accepting; connections finish what they are
-                        // doing (the agent bounds the whole shutdown).
-                        handle.graceful_shutdown(None);
-                        server.await.map_err(serve_err)
-                    }
-                }
-            }
+        let listener = serve::Listener {
+            label: format!("sources.http '{name}'"),
+            socket: listener,
+            tls: tls.map(serve::TlsConfig::new),
+            limits,
+            // The agent bounds the whole shutdown; each request is bounded
+            // by request_timeout.
+            grace: None,
         };
+        serve::serve(listener, app, Arc::new(|_, _| ()), shutdown).await;
         status
             .connected
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        match &result {
-            Ok(()) => info!(source = %name, addr = %local_addr, "HTTP ingest stopped"),
-            Err(e) => status.record_error(e.to_string()),
-        }
-        result
+        info!(source = %name, addr = %local_addr, "HTTP ingest stopped");
+        Ok(())
     }
 }
 
