@@ -246,6 +246,9 @@ pub async fn serve<E>(
             drop((slot, ip_slot));
         });
     }
+    // Closing the socket now refuses new connections while the open ones
+    // finish.
+    drop(socket);
     tracker.close();
     let open = tracker.len();
     if open > 0 {
@@ -505,4 +508,50 @@ pub fn check_open_file_limit(listener_caps: u64) -> Option<u64> {
         );
     }
     soft
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_ip_cap_counts_each_address_and_gives_slots_back_on_drop() {
+        let per_ip = PerIp::new(2);
+        let a: IpAddr = "10.0.3.7".parse().unwrap();
+        let b: IpAddr = "10.0.3.8".parse().unwrap();
+        let first = per_ip.try_take(a).unwrap();
+        let _second = per_ip.try_take(a).unwrap();
+        assert!(per_ip.try_take(a).is_none(), "a third from one address");
+        assert!(
+            per_ip.try_take(b).is_some(),
+            "another address is not held up"
+        );
+        drop(first);
+        assert!(
+            per_ip.try_take(a).is_some(),
+            "a closed connection frees its slot"
+        );
+    }
+
+    #[test]
+    fn the_per_ip_cap_counts_an_ipv6_slash_64_as_one_host_and_a_mapped_ipv4_as_itself() {
+        let per_ip = PerIp::new(1);
+        let _one = per_ip.try_take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(
+            per_ip
+                .try_take("2001:db8:1:2:ffff::9".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            per_ip
+                .try_take("2001:db8:1:3::1".parse().unwrap())
+                .is_some()
+        );
+        let _v4 = per_ip.try_take("10.0.3.7".parse().unwrap()).unwrap();
+        assert!(
+            per_ip
+                .try_take("::ffff:10.0.3.7".parse().unwrap())
+                .is_none()
+        );
+    }
 }
