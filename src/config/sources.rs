@@ -268,6 +268,11 @@ pub struct OpcuaSourceConfig {
     /// Timeout for connecting and activating the session. Default: `"10s"`.
     #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
     pub connect_timeout: Duration,
+    /// Most data changes held in memory while the journal is slower than the
+    /// server, 100 to 10,000,000; beyond it only the newest value per node is
+    /// kept and the superseded ones are counted as dropped. Default: `100000`.
+    #[serde(default = "default_max_queued_changes")]
+    pub max_queued_changes: usize,
     /// Delivery class: `"critical"` or `"telemetry"`. Default: `"telemetry"`.
     #[serde(default = "default_telemetry")]
     pub class: Class,
@@ -425,6 +430,9 @@ fn default_keep_alive_count() -> u32 {
 }
 fn default_lifetime_count() -> u32 {
     30
+}
+fn default_max_queued_changes() -> usize {
+    100_000
 }
 fn default_queue_size() -> u32 {
     10

@@ -438,6 +438,15 @@ fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
     if s.keep_alive_count == 0 {
         issues.push(format!("{p}.keep_alive_count"), "must be at least 1");
     }
+    if !(100..=10_000_000).contains(&s.max_queued_changes) {
+        issues.push(
+            format!("{p}.max_queued_changes"),
+            format!(
+                "must be between 100 and 10000000, got {}",
+                s.max_queued_changes
+            ),
+        );
+    }
     if u64::from(s.lifetime_count) < 3 * u64::from(s.keep_alive_count) {
         issues.push(
             format!("{p}.lifetime_count"),

@@ -331,3 +331,97 @@ async fn births_to_sixty_edge_nodes_with_ten_thousand_aliases_each_keep_memory_b
     );
     assert!(hwm - before_rss < 200.0, "VmHWM {hwm:.1} MiB");
 }
+
+/// The OPC UA source's queue to the journal: async-opcua acknowledges
+/// notifications itself, so a blocked journal must not grow memory without
+/// limit. With the journal full under `when_full = "block"` (and no sink to
+/// drain it), data changes keep coming; at `max_queued_changes` the queue
+/// keeps only the newest value per node and counts what it drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_journal_bounds_the_opc_ua_queue_and_counts_what_it_coalesces() {
+    use std::sync::atomic::Ordering;
+
+    use crate::support::agent::{http_client, post};
+    use crate::support::opcua_server::{NO_SECURITY, SimPress, press_options, press_source_toml};
+    use plantrelay::agent;
+    use plantrelay::config::Config;
+    use serde_json::json;
+
+    let h = Harness::new().await;
+    let mut opts = press_options(h.dir.path());
+    opts.tick = Duration::from_millis(20);
+    let press = SimPress::start(&opts).await.unwrap();
+    let source = press_source_toml(
+        "press",
+        &press.endpoint(),
+        &format!("{NO_SECURITY}\nmax_queued_changes = 100"),
+    );
+    // No upstream: nothing is delivered, so nothing leaves the journal.
+    let text = h
+        .config_text("127.0.0.1:0", "https://127.0.0.1:9/v1/events", "", &source)
+        .replace(
+            "sync = \"normal\"",
+            "sync = \"normal\"\nmax_size = \"16MiB\"\nwhen_full = \"block\"\nblock_timeout = \"100ms\"",
+        );
+    let cfg = Config::load(&h.write_config(&text)).unwrap();
+    let a = agent::start(&cfg).await.unwrap();
+    let st = a
+        .view
+        .sources
+        .iter()
+        .find(|s| s.name == "press")
+        .cloned()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while st.events.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "{:?}", st.snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Fill the journal through HTTP ingest until it refuses (503).
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let client = http_client();
+    let pad = "x".repeat(3 << 20);
+    let mut full = false;
+    for i in 0..20 {
+        let event = json!({
+            "specversion": "1.0", "id": format!("fill-{i}"), "source": "urn:test",
+            "type": "com.example.fill", "subject": "fill", "data": {"pad": pad},
+        });
+        let (code, _) = post(&client, &url, &[event]).await;
+        if code == 503 {
+            full = true;
+            break;
+        }
+        assert_eq!(code, 202);
+    }
+    assert!(full, "the journal never filled");
+
+    // Changes at 20 ms on three nodes: the bound of 100 is passed within
+    // seconds; from then on superseded values are dropped and counted.
+    let stored = st.events.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while st.dropped.load(Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "{:?}", st.snapshot());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snapshot = st.snapshot();
+    eprintln!(
+        "blocked journal: {} data changes dropped (coalesced) at max_queued_changes = 100; {} stored before",
+        snapshot.dropped, stored
+    );
+    assert!(snapshot.dropped >= 200);
+    let view = a.view.clone();
+    let report = tokio::task::spawn_blocking(move || view.status())
+        .await
+        .unwrap();
+    let metrics = plantrelay::health::metrics::render(&report);
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("plantrelay_source_dropped_events_total{source=\"press\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(counted >= 200.0, "{line}");
+    a.shutdown().await;
+    press.stop().await;
+}
