@@ -22,6 +22,9 @@ pub struct SourceStatus {
     pub events: AtomicU64,
     pub duplicates: AtomicU64,
     pub rejects: AtomicU64,
+    /// Events dropped before the journal (OPC UA: data changes superseded
+    /// by a newer value of the same node while the queue was full).
+    pub dropped: AtomicU64,
     /// µs since the epoch; 0 = never.
     pub last_event_us: AtomicI64,
     pub last_error: Mutex<Option<(i64, String)>>,
@@ -40,6 +43,7 @@ impl SourceStatus {
             events: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             rejects: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             last_event_us: AtomicI64::new(0),
             last_error: Mutex::new(None),
             bad_nodes: Mutex::new(Vec::new()),
@@ -82,6 +86,7 @@ impl SourceStatus {
             events: self.events.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             rejects: self.rejects.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
             last_event_time: (last_event > 0).then(|| rfc3339_us(last_event)),
             last_event_us: (last_event > 0).then_some(last_event),
             last_error: last_error.as_ref().map(|(_, m)| m.clone()),
@@ -111,6 +116,8 @@ pub struct SourceSnapshot {
     pub events: u64,
     pub duplicates: u64,
     pub rejects: u64,
+    /// See [`SourceStatus::dropped`].
+    pub dropped: u64,
     pub last_event_time: Option<String>,
     /// `last_event_time` as µs since the epoch, for the metrics.
     #[serde(skip)]

@@ -138,11 +138,50 @@ pub struct MqttSourceConfig {
     /// Largest accepted payload (a size). Default: `"1MiB"`.
     #[serde(default = "default_max_payload", deserialize_with = "units::size")]
     pub max_payload: u64,
+    /// `format = "sparkplug_b"`: most metrics in one message, counting nested
+    /// values (template members, data set cells, properties), 1 to 1,000,000;
+    /// a larger message is refused before it is decoded. Default: `10000`.
+    #[serde(default)]
+    pub sparkplug_max_metrics: Option<u64>,
+    /// `format = "sparkplug_b"`: largest JSON document one message may become
+    /// (a size, 1KiB to 256MiB). Default: `"4MiB"`.
+    #[serde(default, deserialize_with = "units::opt_size")]
+    pub sparkplug_max_event_size: Option<u64>,
+    /// `format = "sparkplug_b"`: most edge nodes whose alias tables are
+    /// remembered, 1 to 1,000,000; the least recently used is forgotten
+    /// first. Default: `1000`.
+    #[serde(default)]
+    pub sparkplug_max_nodes: Option<u64>,
+    /// `format = "sparkplug_b"`: most aliases remembered per edge node (node
+    /// and devices together), 1 to 10,000,000. Default: `10000`.
+    #[serde(default)]
+    pub sparkplug_max_aliases: Option<u64>,
+    /// `format = "sparkplug_b"`: memory all alias tables together may take
+    /// (approximate; a size, 1MiB to 16GiB). Default: `"64MiB"`.
+    #[serde(default, deserialize_with = "units::opt_size")]
+    pub sparkplug_alias_memory: Option<u64>,
     /// What to do with a payload that does not parse as `format`: `"journal"`
     /// (store it as a rejected event, visible upstream) or `"drop"` (count and
     /// log it). Default: `"journal"`.
     #[serde(default)]
     pub on_invalid: OnInvalid,
+}
+
+impl MqttSourceConfig {
+    /// The Sparkplug B limits, defaults filled in.
+    pub fn sparkplug_limits(&self) -> crate::sources::sparkplug::Limits {
+        let d = crate::sources::sparkplug::Limits::default();
+        let get = |v: Option<u64>, default: usize| {
+            v.map_or(default, |v| usize::try_from(v).unwrap_or(usize::MAX))
+        };
+        crate::sources::sparkplug::Limits {
+            max_metrics: get(self.sparkplug_max_metrics, d.max_metrics),
+            max_event_size: get(self.sparkplug_max_event_size, d.max_event_size),
+            max_nodes: get(self.sparkplug_max_nodes, d.max_nodes),
+            max_aliases: get(self.sparkplug_max_aliases, d.max_aliases),
+            alias_memory: get(self.sparkplug_alias_memory, d.alias_memory),
+        }
+    }
 }
 
 /// MQTT protocol version.
@@ -247,6 +286,11 @@ pub struct OpcuaSourceConfig {
     /// Timeout for connecting and activating the session. Default: `"10s"`.
     #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
     pub connect_timeout: Duration,
+    /// Most data changes held in memory while the journal is slower than the
+    /// server, 100 to 10,000,000; beyond it only the newest value per node is
+    /// kept and the superseded ones are counted as dropped. Default: `100000`.
+    #[serde(default = "default_max_queued_changes")]
+    pub max_queued_changes: usize,
     /// Delivery class: `"critical"` or `"telemetry"`. Default: `"telemetry"`.
     #[serde(default = "default_telemetry")]
     pub class: Class,
@@ -413,6 +457,9 @@ fn default_keep_alive_count() -> u32 {
 }
 fn default_lifetime_count() -> u32 {
     30
+}
+fn default_max_queued_changes() -> usize {
+    100_000
 }
 fn default_queue_size() -> u32 {
     10

@@ -397,6 +397,62 @@ fn mqtt_source(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
     if s.max_payload == 0 {
         issues.push(format!("{p}.max_payload"), "must be greater than zero");
     }
+    sparkplug_limits(issues, p, s);
+}
+
+fn sparkplug_limits(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    for (key, value, min, max, bounds) in [
+        (
+            "sparkplug_max_metrics",
+            s.sparkplug_max_metrics,
+            1,
+            1_000_000,
+            "between 1 and 1000000",
+        ),
+        (
+            "sparkplug_max_event_size",
+            s.sparkplug_max_event_size,
+            KIB,
+            256 * MIB,
+            "between 1KiB and 256MiB",
+        ),
+        (
+            "sparkplug_max_nodes",
+            s.sparkplug_max_nodes,
+            1,
+            1_000_000,
+            "between 1 and 1000000",
+        ),
+        (
+            "sparkplug_max_aliases",
+            s.sparkplug_max_aliases,
+            1,
+            10_000_000,
+            "between 1 and 10000000",
+        ),
+        (
+            "sparkplug_alias_memory",
+            s.sparkplug_alias_memory,
+            MIB,
+            16 * 1024 * MIB,
+            "between 1MiB and 16GiB",
+        ),
+    ] {
+        let Some(value) = value else { continue };
+        if s.format != MqttFormat::SparkplugB {
+            issues.push(
+                format!("{p}.{key}"),
+                format!("`{key}` only applies to format = \"sparkplug_b\""),
+            );
+        } else if !(min..=max).contains(&value) {
+            issues.push(
+                format!("{p}.{key}"),
+                format!("must be {bounds}, got {value}"),
+            );
+        }
+    }
 }
 
 fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
@@ -436,6 +492,15 @@ fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
     }
     if s.keep_alive_count == 0 {
         issues.push(format!("{p}.keep_alive_count"), "must be at least 1");
+    }
+    if !(100..=10_000_000).contains(&s.max_queued_changes) {
+        issues.push(
+            format!("{p}.max_queued_changes"),
+            format!(
+                "must be between 100 and 10000000, got {}",
+                s.max_queued_changes
+            ),
+        );
     }
     if u64::from(s.lifetime_count) < 3 * u64::from(s.keep_alive_count) {
         issues.push(
@@ -982,5 +1047,71 @@ mod tests {
         assert_eq!(check_sha256_fingerprint(&colons), Ok(()));
         assert!(check_sha256_fingerprint(&hex[2..]).is_err());
         assert!(check_sha256_fingerprint(&"zz".repeat(32)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod sparkplug_limit_tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn mqtt(format: &str, extra: &str) -> String {
+        format!(
+            "[agent]\nid = \"gw-1\"\nstate_dir = \"/tmp/x\"\n\
+             [[sources.mqtt]]\nname = \"line3\"\nurl = \"mqtt://broker:1883\"\n\
+             topics = [\"spBv1.0/#\"]\nformat = \"{format}\"\n{extra}\n\
+             [[sinks.https]]\nname = \"central\"\nurl = \"https://ingest.example.com/v1/events\"\n"
+        )
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        match Config::parse(text, Path::new("p.toml")) {
+            Ok(_) => vec![],
+            Err(e) => e
+                .issues
+                .iter()
+                .map(|i| format!("{}: {}", i.key_path, i.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn sparkplug_limits_are_checked_against_their_bounds_and_format() {
+        assert!(
+            messages(&mqtt(
+                "sparkplug_b",
+                "sparkplug_max_metrics = 500\nsparkplug_alias_memory = \"8MiB\""
+            ))
+            .is_empty()
+        );
+        let c = Config::parse(
+            &mqtt("sparkplug_b", "sparkplug_max_nodes = 20"),
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let limits = c.sources.mqtt[0].sparkplug_limits();
+        assert_eq!(limits.max_nodes, 20);
+        assert_eq!(limits.max_metrics, 10_000, "the default");
+
+        let m = messages(&mqtt("sparkplug_b", "sparkplug_max_metrics = 0"));
+        assert!(
+            m.iter().any(|m| m.contains("sparkplug_max_metrics")
+                && m.contains("between 1 and 1000000, got 0")),
+            "{m:?}"
+        );
+        let m = messages(&mqtt("sparkplug_b", "sparkplug_max_event_size = \"100B\""));
+        assert!(
+            m.iter()
+                .any(|m| m.contains("sparkplug_max_event_size")
+                    && m.contains("between 1KiB and 256MiB")),
+            "{m:?}"
+        );
+        let m = messages(&mqtt("json", "sparkplug_max_aliases = 10"));
+        assert!(
+            m.iter().any(|m| m.contains("sparkplug_max_aliases")
+                && m.contains("only applies to format = \"sparkplug_b\"")),
+            "{m:?}"
+        );
     }
 }

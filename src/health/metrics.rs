@@ -202,6 +202,12 @@ pub fn render(r: &StatusReport) -> String {
         "Events a source refused as malformed",
         r.sources.iter().map(|s| (source(&s.name), s.rejects)),
     );
+    counters(
+        &mut reg,
+        "plantrelay_source_dropped_events",
+        "Events a source dropped before the journal (OPC UA: data changes superseded by a newer value of the same node while its queue was full)",
+        r.sources.iter().map(|s| (source(&s.name), s.dropped)),
+    );
     int_gauges(
         &mut reg,
         "plantrelay_source_connected",

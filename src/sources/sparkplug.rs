@@ -26,6 +26,30 @@
 //! that arrive by alias before the next birth are kept with `"name": null`
 //! and their `alias`.
 //!
+//! # Limits: anyone who can publish to the broker is an input
+//!
+//! A Sparkplug payload expands: an empty metric is 2 bytes on the wire, a
+//! few hundred bytes once decoded and about 30 bytes of JSON. Before a
+//! payload is decoded, a scan of its protobuf wire format counts its
+//! metrics, including nested values (template members and parameters, data
+//! set columns, types, rows and cells, property set entries), and refuses a
+//! message with more than [`Limits::max_metrics`] of them or nested deeper
+//! than [`MAX_NESTING`]; a document whose JSON would exceed
+//! [`Limits::max_event_size`] is refused too. A refused message is an
+//! `Err` here, and the MQTT source applies its `on_invalid`.
+//!
+//! The alias tables are bounded three ways: at most [`Limits::max_nodes`]
+//! edge nodes are remembered (the one used least recently is forgotten
+//! first), at most [`Limits::max_aliases`] aliases (and as many named
+//! datatypes) per node, and all tables together at most
+//! [`Limits::alias_memory`] bytes (approximate: names plus a fixed cost per
+//! entry; least recently used nodes are forgotten first). A birth that
+//! would exceed the per-node bound, or the memory bound alone, is refused
+//! (an NBIRTH also forgets the node's old table, which it replaces). The
+//! DATA messages of a node that was forgotten are kept as after a restart:
+//! names unresolved, aliases kept. Asking the node for a rebirth (an NCMD)
+//! is not ours to do: the agent never publishes to the plant broker.
+//!
 //! # The JSON document
 //!
 //! ```json
@@ -53,6 +77,7 @@
 //! the content.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -79,6 +104,44 @@ pub const NAMESPACE: &str = "spBv1.0";
 
 /// Largest payload timestamp turned into an event time (9999-12-31, in ms).
 const MAX_TIMESTAMP_MS: u64 = 253_402_300_799_999;
+
+/// Deepest nesting of protobuf messages accepted (a Payload holding a
+/// Metric holding a Template holding a Metric … counts one per message).
+/// Real payloads nest a few levels; prost itself stops at 100.
+pub const MAX_NESTING: usize = 32;
+
+/// What one alias-table entry costs besides its name, in bytes, as counted
+/// against [`Limits::alias_memory`]: hash map slot, key, `Arc` header and
+/// datatype, with the map's spare capacity.
+const ENTRY_COST: usize = 96;
+
+/// The bounds on what a message may expand to and on the alias tables
+/// (`sparkplug_*` keys of `[[sources.mqtt]]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most metrics in one message, nested values included.
+    pub max_metrics: usize,
+    /// Largest JSON document one message may become, in bytes.
+    pub max_event_size: usize,
+    /// Most edge nodes whose alias tables are remembered.
+    pub max_nodes: usize,
+    /// Most aliases remembered per edge node (node and devices together).
+    pub max_aliases: usize,
+    /// Most bytes all alias tables together may take (approximate).
+    pub alias_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_metrics: 10_000,
+            max_event_size: 4 * 1024 * 1024,
+            max_nodes: 1_000,
+            max_aliases: 10_000,
+            alias_memory: 64 * 1024 * 1024,
+        }
+    }
+}
 
 /// Sparkplug B data type names, indexed by their number.
 const DATATYPES: [&str; 22] = [
@@ -229,7 +292,7 @@ pub struct Decoded {
 /// What a birth certificate said about a metric.
 #[derive(Debug, Clone, PartialEq)]
 struct MetricDef {
-    name: String,
+    name: Arc<str>,
     datatype: Option<u32>,
 }
 
@@ -237,59 +300,183 @@ struct MetricDef {
 #[derive(Debug, Clone, Default)]
 struct NodeDefs {
     by_alias: HashMap<u64, MetricDef>,
-    datatype_by_name: HashMap<String, u32>,
+    datatype_by_name: HashMap<Arc<str>, u32>,
+    /// What this table counts against [`Limits::alias_memory`].
+    bytes: usize,
 }
 
 impl NodeDefs {
-    fn learn(&mut self, metrics: &[Metric]) {
+    /// The table with a birth's definitions added; `Err` when the node
+    /// would then hold more than `max_aliases` aliases or named datatypes,
+    /// or more than `max_bytes`.
+    fn learn(
+        self,
+        metrics: &[Metric],
+        max_aliases: usize,
+        max_bytes: usize,
+    ) -> Result<NodeDefs, String> {
+        let mut next = self;
         for m in metrics {
             let Some(name) = &m.name else { continue };
+            let name: Arc<str> = Arc::from(name.as_str());
             if let Some(alias) = m.alias {
-                self.by_alias.insert(
-                    alias,
-                    MetricDef {
-                        name: name.clone(),
-                        datatype: m.datatype,
-                    },
-                );
+                let def = MetricDef {
+                    name: name.clone(),
+                    datatype: m.datatype,
+                };
+                next.bytes += name.len() + ENTRY_COST;
+                if let Some(old) = next.by_alias.insert(alias, def) {
+                    next.bytes -= old.name.len() + ENTRY_COST;
+                }
             }
             if let Some(dt) = m.datatype {
-                self.datatype_by_name.insert(name.clone(), dt);
+                next.bytes += name.len() + ENTRY_COST;
+                if next.datatype_by_name.insert(name.clone(), dt).is_some() {
+                    next.bytes -= name.len() + ENTRY_COST;
+                }
+            }
+            if next.by_alias.len() > max_aliases || next.datatype_by_name.len() > max_aliases {
+                return Err(format!(
+                    "the births of this edge node define more than {max_aliases} metrics \
+                     (sparkplug_max_aliases); its alias table is not extended"
+                ));
+            }
+            if next.bytes > max_bytes {
+                return Err(format!(
+                    "the births of this edge node need more than {max_bytes} bytes of alias \
+                     table (sparkplug_alias_memory); its alias table is not extended"
+                ));
             }
         }
+        Ok(next)
+    }
+}
+
+/// The alias tables of the edge nodes seen, bounded by [`Limits`]. Tables
+/// are shared (`Arc`), so that a snapshot of the whole table is cheap.
+#[derive(Debug, Clone, Default)]
+struct NodeTable {
+    nodes: HashMap<(String, String), NodeEntry>,
+    /// Sum of the tables' `bytes`, plus the keys.
+    bytes: usize,
+    /// Use counter for least-recently-used eviction.
+    clock: u64,
+}
+
+#[derive(Debug, Clone)]
+struct NodeEntry {
+    defs: Arc<NodeDefs>,
+    last_used: u64,
+}
+
+impl NodeTable {
+    fn key_cost(key: &(String, String)) -> usize {
+        key.0.len() + key.1.len() + ENTRY_COST
+    }
+
+    fn get(&mut self, key: &(String, String)) -> Option<Arc<NodeDefs>> {
+        self.clock += 1;
+        let now = self.clock;
+        self.nodes.get_mut(key).map(|e| {
+            e.last_used = now;
+            e.defs.clone()
+        })
+    }
+
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some(e) = self.nodes.remove(key) {
+            self.bytes = self
+                .bytes
+                .saturating_sub(e.defs.bytes + Self::key_cost(key));
+        }
+    }
+
+    /// Puts a node's table, forgetting the least recently used other nodes
+    /// while over `max_nodes` or `alias_memory`.
+    fn put(&mut self, key: (String, String), defs: NodeDefs, limits: &Limits) {
+        self.remove(&key);
+        self.clock += 1;
+        self.bytes += defs.bytes + Self::key_cost(&key);
+        self.nodes.insert(
+            key,
+            NodeEntry {
+                defs: Arc::new(defs),
+                last_used: self.clock,
+            },
+        );
+        while self.nodes.len() > limits.max_nodes.max(1) || self.bytes > limits.alias_memory {
+            let oldest = self
+                .nodes
+                .iter()
+                .filter(|(_, e)| e.last_used != self.clock)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone());
+            let Some(oldest) = oldest else { break };
+            tracing::debug!(group = %oldest.0, edge_node = %oldest.1, "Sparkplug alias table of the least recently used edge node forgotten");
+            self.remove(&oldest);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.nodes.len()
     }
 }
 
 /// Decodes Sparkplug B messages and keeps the alias tables of the births it
 /// has seen. Cloning it takes a snapshot (the MQTT source restores one when
-/// it maps a batch again after a failed journal append).
+/// it maps a batch again after a failed journal append); the node tables
+/// are shared between snapshots, so that costs one pointer per node.
 #[derive(Debug, Clone, Default)]
 pub struct Decoder {
-    nodes: HashMap<(String, String), NodeDefs>,
+    nodes: NodeTable,
+    limits: Limits,
 }
 
 impl Decoder {
+    /// A decoder with the default [`Limits`].
     pub fn new() -> Decoder {
         Decoder::default()
     }
 
+    pub fn with_limits(limits: Limits) -> Decoder {
+        Decoder {
+            nodes: NodeTable::default(),
+            limits,
+        }
+    }
+
+    /// How many edge nodes have an alias table now.
+    pub fn nodes_remembered(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// Decodes one message; `Err` carries the reason it is not valid
-    /// Sparkplug B. Births update the alias table even when later messages
-    /// fail.
+    /// Sparkplug B or is over a limit. Births update the alias table even
+    /// when later messages fail.
     pub fn decode(&mut self, topic: &str, payload: &[u8]) -> Result<Decoded, String> {
-        match Topic::parse(topic)? {
-            Topic::State { host } => Ok(decode_state(host, payload)),
+        let decoded = match Topic::parse(topic)? {
+            Topic::State { host } => decode_state(host, payload),
             Topic::Edge {
                 group,
                 kind,
                 node,
                 device,
             } => {
+                // Counted before anything is expanded.
+                wire::check(payload, self.limits.max_metrics)?;
                 let p = Payload::decode(payload)
                     .map_err(|e| format!("payload is not a Sparkplug B protobuf: {e}"))?;
-                Ok(self.decode_edge(group, kind, node, device, &p))
+                self.decode_edge(group, kind, node, device, &p)?
             }
+        };
+        let max = self.limits.max_event_size;
+        if json_len_over(&decoded.data, max) {
+            return Err(format!(
+                "the message would become a JSON document of more than {max} bytes \
+                 (sparkplug_max_event_size)"
+            ));
         }
+        Ok(decoded)
     }
 
     fn decode_edge(
@@ -299,19 +486,37 @@ impl Decoder {
         node: &str,
         device: Option<&str>,
         p: &Payload,
-    ) -> Decoded {
+    ) -> Result<Decoded, String> {
         let key = (group.to_owned(), node.to_owned());
+        let limits = self.limits;
         match kind {
             MessageType::NBirth => {
-                let mut defs = NodeDefs::default();
-                defs.learn(&p.metrics);
-                self.nodes.insert(key.clone(), defs);
+                // The new birth replaces the old table, accepted or not.
+                self.nodes.remove(&key);
+                let defs = NodeDefs::default().learn(
+                    &p.metrics,
+                    limits.max_aliases,
+                    limits.alias_memory,
+                )?;
+                self.nodes.put(key.clone(), defs, &limits);
             }
-            MessageType::DBirth => self.nodes.entry(key.clone()).or_default().learn(&p.metrics),
+            MessageType::DBirth => {
+                let defs = self
+                    .nodes
+                    .get(&key)
+                    .map(|d| NodeDefs::clone(&d))
+                    .unwrap_or_default()
+                    .learn(&p.metrics, limits.max_aliases, limits.alias_memory)?;
+                self.nodes.put(key.clone(), defs, &limits);
+            }
             _ => {}
         }
         let defs = self.nodes.get(&key);
-        let metrics: Vec<Value> = p.metrics.iter().map(|m| metric_json(m, defs)).collect();
+        let metrics: Vec<Value> = p
+            .metrics
+            .iter()
+            .map(|m| metric_json(m, defs.as_deref()))
+            .collect();
 
         let mut doc = Map::new();
         doc.insert("group_id".into(), json!(group));
@@ -342,12 +547,177 @@ impl Decoder {
         let id = p
             .timestamp
             .map(|ts| format!("spb:{stream}:{}:{seq}:{ts}", kind.as_str()));
-        Decoded {
+        Ok(Decoded {
             stream,
             id,
             timestamp_ms: p.timestamp.filter(|t| *t <= MAX_TIMESTAMP_MS),
             data: Value::Object(doc),
+        })
+    }
+}
+
+/// Whether `v` serialises to more than `max` bytes; stops counting there.
+fn json_len_over(v: &Value, max: usize) -> bool {
+    struct Counter {
+        n: usize,
+        max: usize,
+    }
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.n += buf.len();
+            if self.n > self.max {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(buf.len())
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter { n: 0, max };
+    serde_json::to_writer(&mut c, v).is_err()
+}
+
+/// A scan of the protobuf wire format that counts the values a payload
+/// would expand to, without decoding (allocating) anything. It knows just
+/// enough of the Sparkplug B schema to find the repeated and nested fields.
+mod wire {
+    use super::MAX_NESTING;
+
+    /// The message types that hold repeated or nested fields.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kind {
+        Payload,
+        Metric,
+        Template,
+        DataSet,
+        Row,
+        PropertySet,
+        PropertyValue,
+        PropertySetList,
+    }
+
+    /// For a length-delimited field of a message: whether each occurrence
+    /// counts as one value, and the message type to scan inside it.
+    fn field(kind: Kind, number: u64) -> (bool, Option<Kind>) {
+        match (kind, number) {
+            (Kind::Payload, 2) => (true, Some(Kind::Metric)),
+            (Kind::Metric, 9) => (false, Some(Kind::PropertySet)),
+            (Kind::Metric, 17) => (false, Some(Kind::DataSet)),
+            (Kind::Metric, 18) => (false, Some(Kind::Template)),
+            (Kind::Template, 2) => (true, Some(Kind::Metric)),
+            (Kind::Template, 3) => (true, None),
+            (Kind::DataSet, 2) => (true, None),
+            (Kind::DataSet, 4) => (true, Some(Kind::Row)),
+            (Kind::Row, 1) => (true, None),
+            (Kind::PropertySet, 1) => (true, None),
+            (Kind::PropertySet, 2) => (true, Some(Kind::PropertyValue)),
+            (Kind::PropertyValue, 9) => (false, Some(Kind::PropertySet)),
+            (Kind::PropertyValue, 10) => (false, Some(Kind::PropertySetList)),
+            (Kind::PropertySetList, 1) => (true, Some(Kind::PropertySet)),
+            _ => (false, None),
+        }
+    }
+
+    /// `Err` when the payload holds more than `max` values (metrics at any
+    /// level, template parameters, data set columns, types, rows and cells,
+    /// property keys and values), nests deeper than [`MAX_NESTING`], or is
+    /// not well-formed protobuf.
+    pub(super) fn check(buf: &[u8], max: usize) -> Result<(), String> {
+        let mut count = 0usize;
+        scan(buf, Kind::Payload, 1, max, &mut count)
+    }
+
+    fn scan(
+        buf: &[u8],
+        kind: Kind,
+        depth: usize,
+        max: usize,
+        count: &mut usize,
+    ) -> Result<(), String> {
+        if depth > MAX_NESTING {
+            return Err(format!(
+                "payload nests messages deeper than {MAX_NESTING} levels"
+            ));
+        }
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let key = varint(&mut rest)?;
+            let number = key >> 3;
+            if number == 0 {
+                return Err(malformed("field number 0"));
+            }
+            match key & 7 {
+                0 => {
+                    let _ = varint(&mut rest)?;
+                    // A DataSet's `types`, unpacked: one per occurrence.
+                    if kind == Kind::DataSet && number == 3 {
+                        bump(count, 1, max)?;
+                    }
+                }
+                1 => rest = skip(rest, 8)?,
+                5 => rest = skip(rest, 4)?,
+                2 => {
+                    let len = varint(&mut rest)?;
+                    let len = usize::try_from(len)
+                        .ok()
+                        .filter(|l| *l <= rest.len())
+                        .ok_or_else(|| malformed("a length runs past the end"))?;
+                    let (inner, after) = rest.split_at(len);
+                    rest = after;
+                    if kind == Kind::DataSet && number == 3 {
+                        // Packed `types`: one value per varint.
+                        let n = inner.iter().filter(|b| **b < 0x80).count();
+                        bump(count, n, max)?;
+                        continue;
+                    }
+                    let (counted, nested) = field(kind, number);
+                    if counted {
+                        bump(count, 1, max)?;
+                    }
+                    if let Some(nested) = nested {
+                        scan(inner, nested, depth + 1, max, count)?;
+                    }
+                }
+                _ => return Err(malformed("a group or unknown wire type")),
+            }
+        }
+        Ok(())
+    }
+
+    fn bump(count: &mut usize, n: usize, max: usize) -> Result<(), String> {
+        *count = count.saturating_add(n);
+        if *count > max {
+            return Err(format!(
+                "the message holds more than {max} metrics and nested values \
+                 (sparkplug_max_metrics); refused before decoding"
+            ));
+        }
+        Ok(())
+    }
+
+    fn malformed(what: &str) -> String {
+        format!("payload is not a Sparkplug B protobuf: {what}")
+    }
+
+    fn skip(buf: &[u8], n: usize) -> Result<&[u8], String> {
+        buf.get(n..)
+            .ok_or_else(|| malformed("a fixed-size field runs past the end"))
+    }
+
+    fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = buf
+                .split_first()
+                .ok_or_else(|| malformed("a varint runs past the end"))?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(malformed("a varint longer than 10 bytes"))
     }
 }
 
@@ -394,13 +764,16 @@ fn long_json(v: u64, dt: Option<u32>) -> Value {
 
 fn metric_json(m: &Metric, defs: Option<&NodeDefs>) -> Value {
     let by_alias = m.alias.and_then(|a| defs.and_then(|d| d.by_alias.get(&a)));
-    let name = m.name.clone().or_else(|| by_alias.map(|d| d.name.clone()));
+    let name = m
+        .name
+        .clone()
+        .or_else(|| by_alias.map(|d| d.name.to_string()));
     let datatype = m
         .datatype
         .or_else(|| by_alias.and_then(|d| d.datatype))
         .or_else(|| {
             name.as_ref()
-                .and_then(|n| defs.and_then(|d| d.datatype_by_name.get(n).copied()))
+                .and_then(|n| defs.and_then(|d| d.datatype_by_name.get(n.as_str()).copied()))
         });
 
     let mut out = Map::new();
@@ -723,5 +1096,255 @@ mod tests {
         assert_eq!(m[0]["value"]["types"], json!(["Int16", "String"]));
         assert_eq!(m[1]["value"], Value::Null);
         assert_eq!(m[2]["value"], "AAEC");
+    }
+    fn empty_metrics(n: usize) -> Vec<u8> {
+        Payload {
+            timestamp: Some(1_764_409_200_000),
+            metrics: vec![Metric::default(); n],
+            seq: Some(1),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn the_wire_scan_counts_top_level_metrics() {
+        assert!(wire::check(&empty_metrics(10), 10).is_ok());
+        let err = wire::check(&empty_metrics(11), 10).unwrap_err();
+        assert!(err.contains("more than 10 metrics"), "{err}");
+        assert!(err.contains("sparkplug_max_metrics"), "{err}");
+        assert!(
+            wire::check(&[], 0).is_ok(),
+            "an empty payload has no metrics"
+        );
+    }
+
+    #[test]
+    fn a_message_over_max_metrics_is_refused_before_it_is_decoded() {
+        let mut d = Decoder::with_limits(Limits {
+            max_metrics: 1000,
+            ..Limits::default()
+        });
+        assert!(d.decode("spBv1.0/g/NDATA/n", &empty_metrics(1000)).is_ok());
+        let err = d
+            .decode("spBv1.0/g/NDATA/n", &empty_metrics(1001))
+            .unwrap_err();
+        assert!(err.contains("refused before decoding"), "{err}");
+    }
+
+    #[test]
+    fn nested_values_count_against_max_metrics() {
+        use proto::payload::data_set::{DataSetValue, Row};
+        let cells = |rows: usize, cols: usize| DataSet {
+            num_of_columns: Some(cols as u64),
+            columns: vec!["c".into(); cols],
+            types: vec![INT32; cols],
+            rows: vec![
+                Row {
+                    elements: vec![DataSetValue::default(); cols],
+                };
+                rows
+            ],
+        };
+        // 10 columns + 10 types + 10 rows × (1 + 10 cells) + the metric = 131.
+        let ds = payload(
+            1,
+            vec![metric(
+                None,
+                None,
+                Some(16),
+                MV::DatasetValue(cells(10, 10)),
+            )],
+        );
+        assert!(wire::check(&ds, 131).is_ok());
+        assert!(wire::check(&ds, 130).is_err());
+
+        let template = Template {
+            metrics: vec![Metric::default(); 50],
+            parameters: vec![Default::default(); 20],
+            ..Default::default()
+        };
+        let t = payload(
+            1,
+            vec![metric(None, None, Some(19), MV::TemplateValue(template))],
+        );
+        assert!(wire::check(&t, 71).is_ok());
+        assert!(wire::check(&t, 70).is_err());
+
+        let props = PropertySet {
+            keys: vec!["k".into(); 30],
+            values: vec![PropertyValue::default(); 30],
+        };
+        let mut m = metric(None, None, Some(10), MV::DoubleValue(1.0));
+        m.properties = Some(props);
+        let p = payload(1, vec![m]);
+        assert!(wire::check(&p, 61).is_ok());
+        assert!(wire::check(&p, 60).is_err());
+    }
+
+    #[test]
+    fn templates_nested_too_deep_are_refused() {
+        let mut inner = Metric::default();
+        for _ in 0..40 {
+            inner = Metric {
+                value: Some(MV::TemplateValue(Template {
+                    metrics: vec![inner],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+        }
+        let err = wire::check(&payload(1, vec![inner]), 1_000_000).unwrap_err();
+        assert!(err.contains("deeper than 32"), "{err}");
+    }
+
+    #[test]
+    fn truncated_and_malformed_wire_data_never_panics() {
+        let good = payload(
+            7,
+            vec![
+                metric(Some("a"), Some(1), Some(10), MV::DoubleValue(1.5)),
+                metric(
+                    Some("b"),
+                    Some(2),
+                    Some(12),
+                    MV::StringValue("x".repeat(40)),
+                ),
+            ],
+        );
+        for cut in 0..good.len() {
+            let _ = wire::check(&good[..cut], 100);
+            let _ = Decoder::new().decode("spBv1.0/g/NBIRTH/n", &good[..cut]);
+        }
+        for bad in [
+            &[0x80u8][..],                         // a varint that never ends
+            &[0xff; 11],                           // a varint of 11 bytes
+            &[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f], // a length far past the end
+            &[0x09, 1, 2, 3],                      // fixed64 cut short
+            &[0x0b],                               // a group
+            &[0x00, 0x00],                         // field number 0
+        ] {
+            let err = wire::check(bad, 100).unwrap_err();
+            assert!(err.contains("not a Sparkplug B protobuf"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_event_over_max_event_size_is_refused() {
+        let mut d = Decoder::with_limits(Limits {
+            max_event_size: 4096,
+            ..Limits::default()
+        });
+        // 300 empty metrics: 600 bytes on the wire, about 4 KiB of JSON.
+        let err = d
+            .decode("spBv1.0/g/NDATA/n", &empty_metrics(300))
+            .unwrap_err();
+        assert!(err.contains("more than 4096 bytes"), "{err}");
+        assert!(d.decode("spBv1.0/g/NDATA/n", &empty_metrics(10)).is_ok());
+    }
+
+    fn birth(aliases: u64) -> Vec<u8> {
+        payload(
+            0,
+            (0..aliases)
+                .map(|a| {
+                    metric(
+                        Some(&format!("m{a}")),
+                        Some(a),
+                        Some(10),
+                        MV::DoubleValue(0.0),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn data_name(d: &mut Decoder, node: &str) -> Value {
+        let data = payload(1, vec![metric(None, Some(0), None, MV::DoubleValue(1.0))]);
+        let out = d.decode(&format!("spBv1.0/g/NDATA/{node}"), &data).unwrap();
+        out.data["metrics"][0]["name"].clone()
+    }
+
+    #[test]
+    fn the_node_table_forgets_the_least_recently_used_node_beyond_max_nodes() {
+        let mut d = Decoder::with_limits(Limits {
+            max_nodes: 3,
+            ..Limits::default()
+        });
+        for n in ["a", "b", "c"] {
+            d.decode(&format!("spBv1.0/g/NBIRTH/{n}"), &birth(2))
+                .unwrap();
+        }
+        assert_eq!(data_name(&mut d, "a"), "m0", "a is now the most recent");
+        d.decode("spBv1.0/g/NBIRTH/d", &birth(2)).unwrap();
+        assert_eq!(d.nodes_remembered(), 3);
+        assert_eq!(data_name(&mut d, "b"), Value::Null, "b was forgotten");
+        assert_eq!(data_name(&mut d, "a"), "m0");
+        assert_eq!(data_name(&mut d, "c"), "m0");
+        assert_eq!(data_name(&mut d, "d"), "m0");
+        for i in 0..100 {
+            d.decode(&format!("spBv1.0/g/NBIRTH/x{i}"), &birth(1))
+                .unwrap();
+        }
+        assert_eq!(d.nodes_remembered(), 3);
+    }
+
+    #[test]
+    fn births_over_max_aliases_are_refused() {
+        let mut d = Decoder::with_limits(Limits {
+            max_aliases: 5,
+            ..Limits::default()
+        });
+        d.decode("spBv1.0/g/NBIRTH/n", &birth(5)).unwrap();
+        let err = d.decode("spBv1.0/g/NBIRTH/n", &birth(6)).unwrap_err();
+        assert!(err.contains("sparkplug_max_aliases"), "{err}");
+        // The refused NBIRTH replaced the old birth: nothing is known now.
+        assert_eq!(data_name(&mut d, "n"), Value::Null);
+
+        d.decode("spBv1.0/g/NBIRTH/n", &birth(3)).unwrap();
+        let dbirth = payload(
+            1,
+            (10..13)
+                .map(|a| metric(Some("t"), Some(a), Some(10), MV::DoubleValue(0.0)))
+                .collect(),
+        );
+        let err = d.decode("spBv1.0/g/DBIRTH/n/dev", &dbirth).unwrap_err();
+        assert!(err.contains("sparkplug_max_aliases"), "{err}");
+        // A refused DBIRTH leaves the node's table as it was.
+        assert_eq!(data_name(&mut d, "n"), "m0");
+    }
+
+    #[test]
+    fn the_alias_memory_bound_forgets_old_nodes_and_refuses_a_birth_too_large_alone() {
+        let mut d = Decoder::with_limits(Limits {
+            alias_memory: 64 * 1024,
+            ..Limits::default()
+        });
+        // 200 aliases, each counted twice (alias and named datatype) at about
+        // 100 bytes: about 40 KiB per node, so one fits and two do not.
+        d.decode("spBv1.0/g/NBIRTH/a", &birth(200)).unwrap();
+        d.decode("spBv1.0/g/NBIRTH/b", &birth(200)).unwrap();
+        assert_eq!(d.nodes_remembered(), 1);
+        assert_eq!(data_name(&mut d, "a"), Value::Null);
+        assert_eq!(data_name(&mut d, "b"), "m0");
+        let err = d.decode("spBv1.0/g/NBIRTH/c", &birth(400)).unwrap_err();
+        assert!(err.contains("sparkplug_alias_memory"), "{err}");
+        assert!(d.nodes.bytes <= 64 * 1024);
+    }
+
+    #[test]
+    fn a_snapshot_shares_the_node_tables() {
+        let mut d = Decoder::new();
+        d.decode("spBv1.0/g/NBIRTH/a", &birth(100)).unwrap();
+        let snapshot = d.clone();
+        let a = ("g".to_owned(), "a".to_owned());
+        assert!(Arc::ptr_eq(
+            &d.nodes.nodes[&a].defs,
+            &snapshot.nodes.nodes[&a].defs
+        ));
+        // A DBIRTH after the snapshot leaves the snapshot's table alone.
+        d.decode("spBv1.0/g/DBIRTH/a/dev", &birth(200)).unwrap();
+        assert_eq!(snapshot.nodes.nodes[&a].defs.by_alias.len(), 100);
+        assert_eq!(d.nodes.nodes[&a].defs.by_alias.len(), 200);
     }
 }

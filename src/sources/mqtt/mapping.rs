@@ -266,7 +266,7 @@ impl Mapper {
             stream: StreamTemplate::parse(&cfg.stream),
             max_payload: cfg.max_payload,
             on_invalid: cfg.on_invalid,
-            sparkplug: sparkplug::Decoder::new(),
+            sparkplug: sparkplug::Decoder::with_limits(cfg.sparkplug_limits()),
         }
     }
 
@@ -550,6 +550,11 @@ mod tests {
             stream: "{topic}".into(),
             class: Class::Telemetry,
             event_type: "plantrelay.mqtt.message".into(),
+            sparkplug_max_metrics: None,
+            sparkplug_max_event_size: None,
+            sparkplug_max_nodes: None,
+            sparkplug_max_aliases: None,
+            sparkplug_alias_memory: None,
             max_inflight: 100,
             max_payload: 1024,
             on_invalid: OnInvalid::Journal,

@@ -11,7 +11,8 @@
 //!
 //! It must never drop a data change silently: every notification goes to
 //! the appender, which retries a failed append until the journal takes it
-//! (or has stopped). It must never trust a server certificate that is
+//! (or has stopped); only at the queue's bound is a value superseded by a
+//! newer one of the same node dropped, and that is counted and logged. It must never trust a server certificate that is
 //! neither in `trusted/`, pinned by `server_cert_sha256`, nor accepted by
 //! `trust_unknown_server`.
 //!
@@ -103,16 +104,18 @@
 //! appends up to [`BATCH_MAX`] at a time (group commit) and waits for the
 //! commit. The client library acknowledges notifications to the server
 //! itself, so a journal slower than the server queues notifications in
-//! memory (never dropped; the backlog is logged at `warn` when it passes
-//! [`BACKLOG_WARN`]).
+//! memory: at most `max_queued_changes`; beyond that the queue keeps only
+//! the newest value per node, and every value superseded there is dropped,
+//! counted (`dropped` in the source status) and logged (see [`queue`]).
 
 mod mapping;
 mod nodes;
 pub mod pki;
+mod queue;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use opcua::client::{
@@ -147,8 +150,6 @@ pub use super::reconnect::{BACKOFF_INITIAL, BACKOFF_MAX, STABLE_AFTER};
 pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
 /// How often nodes the server refused are tried again.
 pub const NODE_RETRY: Duration = Duration::from_secs(5);
-/// Notifications waiting for the journal before a warning.
-pub const BACKLOG_WARN: usize = 100_000;
 /// Most notifications the server may put in one publish response. A
 /// server refuses to send a response larger than its own max message size
 /// (`BadResponseTooLarge`; async-opcua's default is 327,675 bytes, which
@@ -236,16 +237,10 @@ enum LinkError {
     JournalClosed,
 }
 
-/// What goes from the session to the appender, in arrival order.
-enum Item {
-    Change {
-        index: usize,
-        value: DataValue,
-    },
-    Resync(Vec<(usize, DataValue)>),
-    /// Display names read for the nodes (by index) on a new session.
-    Names(Vec<(usize, String)>),
-}
+use self::queue::Item;
+
+/// The sending side to the appender.
+type Feed = queue::Sender;
 
 /// A configured (not yet running) OPC UA source.
 pub struct OpcuaSource {
@@ -358,8 +353,7 @@ impl OpcuaSource {
             );
         }
         let client = self.client()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(AtomicUsize::new(0));
+        let (feed, rx) = queue::channel(self.cfg.max_queued_changes, &self.name, status.clone());
         let appender = Appender {
             name: self.name.clone(),
             journal,
@@ -367,10 +361,8 @@ impl OpcuaSource {
             nodes: self.nodes.iter().map(|n| n.meta.clone()).collect(),
             names: self.nodes.iter().map(|n| n.meta.node_id.clone()).collect(),
             status: status.clone(),
-            backlog: backlog.clone(),
         };
         let mut appender = tokio::spawn(appender.run(rx));
-        let feed = Feed { tx, backlog };
         let mut backoff = Backoff::new();
         let mut generation = 0u64;
         info!(
@@ -719,9 +711,9 @@ impl OpcuaSource {
                 }
             }
         }
-        feed.send(Item::Names(names));
+        feed.names(names);
         let snapshot_len = snapshot.len();
-        feed.send(Item::Resync(snapshot));
+        feed.changes(snapshot, true);
         debug!(source = %self.name, generation, values = snapshot_len, "resync snapshot read");
 
         let health = Arc::new(NodeHealth::default());
@@ -730,7 +722,7 @@ impl OpcuaSource {
         let names_of: Arc<[String]> = self.nodes.iter().map(|n| n.meta.node_id.clone()).collect();
         let callback = Notifications {
             source: self.name.clone(),
-            feed: feed.clone_sender(),
+            feed: feed.clone(),
             health: health.clone(),
             names_of: names_of.clone(),
             status: status.clone(),
@@ -1231,7 +1223,7 @@ impl Drop for Driver {
 /// notification messages the server sent but the client never got.
 struct Notifications {
     source: String,
-    feed: FeedSender,
+    feed: Feed,
     health: Arc<NodeHealth>,
     names_of: Arc<[String]>,
     status: Arc<SourceStatus>,
@@ -1296,61 +1288,9 @@ impl OnSubscriptionNotificationCore for Notifications {
                         info!(source = %self.source, node, status = %code, "node reports good values again");
                     }
                 }
-                self.feed.send(Item::Change {
-                    index,
-                    value: n.value,
-                });
+                self.feed.changes([(index, n.value)], false);
             }
         }
-    }
-}
-
-/// The sending side to the appender, with the backlog count.
-struct Feed {
-    tx: mpsc::UnboundedSender<Item>,
-    backlog: Arc<AtomicUsize>,
-}
-
-impl Feed {
-    fn send(&self, item: Item) {
-        self.clone_sender().send(item);
-    }
-
-    fn clone_sender(&self) -> FeedSender {
-        FeedSender {
-            tx: self.tx.clone(),
-            backlog: self.backlog.clone(),
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-}
-
-#[derive(Clone)]
-struct FeedSender {
-    tx: mpsc::UnboundedSender<Item>,
-    backlog: Arc<AtomicUsize>,
-}
-
-impl FeedSender {
-    fn send(&self, item: Item) {
-        let n = match &item {
-            Item::Change { .. } => 1,
-            Item::Resync(v) => v.len(),
-            Item::Names(_) => 0,
-        };
-        let before = self.backlog.fetch_add(n, Ordering::Relaxed);
-        if before < BACKLOG_WARN && before + n >= BACKLOG_WARN {
-            warn!(
-                backlog = before + n,
-                "OPC UA data changes are arriving faster than the journal commits them; they are queued in memory"
-            );
-        }
-        // The appender only stops when the journal has; the watchdog
-        // notices the closed channel and the source stops.
-        let _ = self.tx.send(item);
     }
 }
 
@@ -1362,11 +1302,10 @@ struct Appender {
     nodes: Vec<NodeMeta>,
     names: Vec<String>,
     status: Arc<SourceStatus>,
-    backlog: Arc<AtomicUsize>,
 }
 
 impl Appender {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Item>) -> Result<(), SourceError> {
+    async fn run(mut self, mut rx: queue::Receiver) -> Result<(), SourceError> {
         let mut items = Vec::with_capacity(256);
         let mut batch: Vec<(usize, DataValue, bool)> = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut items, 256).await > 0 {
@@ -1382,10 +1321,11 @@ impl Appender {
                             }
                         }
                     }
-                    Item::Change { index, value } => batch.push((index, value, false)),
-                    Item::Resync(values) => {
-                        batch.extend(values.into_iter().map(|(i, v)| (i, v, true)));
-                    }
+                    Item::Change {
+                        index,
+                        value,
+                        resync,
+                    } => batch.push((index, value, resync)),
                 }
                 if batch.len() >= BATCH_MAX {
                     self.commit(&mut batch).await?;
@@ -1423,11 +1363,6 @@ impl Appender {
                         .filter(|o| matches!(o, AppendOutcome::Duplicate { .. }))
                         .count() as u64;
                     self.status.record_events(mapped - duplicates, duplicates);
-                    let _ = self
-                        .backlog
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                            Some(b.saturating_sub(n))
-                        });
                     if attempt > 0 {
                         info!(source = %self.name, attempts = attempt + 1, "journal append succeeded again");
                     }
