@@ -3,6 +3,10 @@
 //! (`--json`) on standard output. They read the journal with their own read
 //! connection, so they work beside a running agent; `replay` writes, so it
 //! refuses to run while an agent holds the journal.
+//!
+//! Ids, streams, types, sources, data and reasons came from the network:
+//! tables print them with control characters escaped ([`crate::text`]), so
+//! that nothing in the journal can drive the terminal that reads it.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::journal::{Journal, JournalError, Reader, RewindTo, fmt_bytes};
 use crate::status::rfc3339_us;
+use crate::text;
 
 /// A CLI failure with its exit status: 2 for bad config or usage, 1 for
 /// anything at run time.
@@ -82,8 +87,13 @@ fn json_out<T: serde::Serialize>(out: &mut impl Write, v: &T) -> Result<(), CliE
     Ok(())
 }
 
-/// Prints rows as a table with aligned columns.
+/// Prints rows as a table with aligned columns, every cell escaped.
 fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| text::escape(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -277,17 +287,51 @@ pub fn journal_dead_letters(
     Ok(())
 }
 
+/// How far ahead of this host's clock a replay time may be: room for clock
+/// skew between the caller and the gateway, no more.
+pub const SINCE_MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// A replay start as people give it: an RFC 3339 time
+/// (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), checked to lie between
+/// 1970-01-01T00:00:00Z and [`SINCE_MAX_AHEAD`] from now, so that nothing
+/// downstream has to convert or format a time outside what it can hold.
+/// `field` names the input in the reason (`since`, `--since`).
+pub fn since_time(field: &str, s: &str) -> Result<SystemTime, String> {
+    let range = "accepted: an RFC 3339 time from 1970-01-01T00:00:00Z to one day from now, \
+                 or an age (90m, 2h, 7days) that reaches back no further than 1970";
+    let now = SystemTime::now();
+    let t = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(humantime::TimestampError::OutOfRange) => {
+            return Err(format!("{field} {s:?}: out of range; {range}"));
+        }
+        Err(_) => match humantime::parse_duration(s) {
+            Ok(d) => now
+                .checked_sub(d)
+                .ok_or_else(|| format!("{field} {s:?}: too far in the past; {range}"))?,
+            Err(_) => {
+                return Err(format!(
+                    "{field} {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h)"
+                ));
+            }
+        },
+    };
+    if t < SystemTime::UNIX_EPOCH {
+        return Err(format!(
+            "{field} {s:?}: before 1970-01-01T00:00:00Z; {range}"
+        ));
+    }
+    if now.checked_add(SINCE_MAX_AHEAD).is_some_and(|max| t > max) {
+        return Err(format!(
+            "{field} {s:?}: more than a day in the future; {range}"
+        ));
+    }
+    Ok(t)
+}
+
 /// Parses `--since`: RFC 3339 (`2026-11-29T08:00:00Z`) or an age (`2h`).
 pub fn parse_since(s: &str) -> Result<SystemTime, CliError> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t);
-    }
-    match humantime::parse_duration(s) {
-        Ok(d) => Ok(SystemTime::now() - d),
-        Err(_) => Err(CliError::usage(format!(
-            "--since {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h)"
-        ))),
-    }
+    since_time("--since", s).map_err(CliError::usage)
 }
 
 /// `replay`: rewinds a sink's cursor in a stopped agent's journal.
@@ -377,7 +421,7 @@ pub fn opcua_trust(
             writeln!(
                 out,
                 "trusted: {}  sha256 {}  ({})",
-                c.subject,
+                text::escape(&c.subject),
                 pki::colon_hex(&c.sha256),
                 c.path.display()
             )
@@ -418,7 +462,7 @@ pub fn opcua_trust(
             for c in &rejected {
                 text.push_str(&format!(
                     "\n  {}  sha256 {}",
-                    c.subject,
+                    text::escape(&c.subject),
                     pki::colon_hex(&c.sha256)
                 ));
             }
@@ -430,7 +474,7 @@ pub fn opcua_trust(
         writeln!(
             out,
             "trusted: {}  sha256 {}  → {}",
-            c.subject,
+            text::escape(&c.subject),
             pki::colon_hex(&c.sha256),
             to.display()
         )
