@@ -63,6 +63,16 @@ pub fn check_config(path: &Path, out: &mut impl Write) -> Result<(), CliError> {
             .join("\n");
         return Err(CliError::usage(text));
     }
+    let mut err = std::io::stderr().lock();
+    for w in crate::config::risky_settings(&config) {
+        let _ = writeln!(
+            err,
+            "{}: warning: {}: {}",
+            path.display(),
+            w.key_path,
+            w.message
+        );
+    }
     let _ = writeln!(
         out,
         "{}: ok (agent {}, {} source(s): {}; {} sink(s): {}; journal {})",
@@ -431,23 +441,13 @@ pub fn opcua_trust(
     }
     let chosen: Vec<&pki::CertFile> = match (fingerprint, all) {
         (Some(f), _) => {
-            let norm: String = f
-                .chars()
-                .filter(|c| *c != ':')
-                .collect::<String>()
-                .to_ascii_lowercase();
-            if norm.len() < 8 || !norm.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(CliError::usage(
-                    "--fingerprint needs at least 8 hex digits of the SHA-256",
-                ));
-            }
-            let m: Vec<&pki::CertFile> = rejected
-                .iter()
-                .filter(|c| c.sha256.starts_with(&norm))
-                .collect();
+            let want = pki::parse_fingerprint(f).map_err(CliError::usage)?;
+            let m: Vec<&pki::CertFile> = rejected.iter().filter(|c| c.sha256 == want).collect();
             if m.is_empty() {
                 return Err(CliError::usage(format!(
-                    "no rejected certificate has a SHA-256 starting with {f}"
+                    "no rejected certificate in {} has the SHA-256 {}",
+                    dir.join("rejected").display(),
+                    pki::colon_hex(&want)
                 )));
             }
             m
