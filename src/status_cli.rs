@@ -145,7 +145,7 @@ pub async fn run(opts: &StatusOptions, out: &mut impl Write) -> Result<u8, CliEr
     if opts.json {
         let text =
             serde_json::to_string_pretty(&status).map_err(|e| CliError::runtime(e.to_string()))?;
-        let _ = writeln!(out, "{text}");
+        let _ = writeln!(out, "{}", crate::text::json_safe(&text));
     } else {
         let _ = out.write_all(render(&status).as_bytes());
     }

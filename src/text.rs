@@ -102,9 +102,38 @@ pub fn bounded_error(s: &str) -> String {
     escape_control(s, MAX_ERROR_LEN).into_owned()
 }
 
+/// JSON text made safe for a terminal: serde escapes C0 controls inside
+/// strings but leaves DEL, C1 controls and U+2028/U+2029 raw; those (which
+/// can only occur inside strings) become `\u00XX` escapes, so the text stays
+/// the same JSON. Line breaks between values are kept.
+pub fn json_safe(json: &str) -> Cow<'_, str> {
+    if !json.chars().any(|c| is_unsafe(c) && c != '\n') {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if is_unsafe(c) && c != '\n' {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_text_stays_the_same_json_without_raw_controls() {
+        let v = serde_json::json!({"id": "a\u{9b}b\u{7f}\u{2028}\n\u{1b}"});
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let safe = json_safe(&pretty);
+        assert!(!safe.chars().any(|c| is_unsafe(c) && c != '\n'), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+    }
 
     #[test]
     fn clean_text_is_borrowed_unchanged() {

@@ -82,9 +82,10 @@ type ApiResult = Result<Response, ApiError>;
 fn audit(caller: Option<&Caller>, action: &str, object: &str, outcome: &str) {
     let caller = caller.cloned().unwrap_or_default();
     let peer = &caller.peer;
+    let who = caller.who();
     info!(
         target: "plantrelay::audit",
-        who = %caller.who(),
+        who = who.as_str(),
         role = caller.token.as_str(),
         client_cert = peer.cert_subject.as_deref().unwrap_or("-"),
         peer = %peer.addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
@@ -336,5 +337,12 @@ mod tests {
         assert!(e(br#"{}"#).contains("give from_seq or since"));
         assert!(e(br#"{"from_seq": 0}"#).contains("at least 1"));
         assert!(e(br#"{"since": "yesterday"}"#).contains("RFC 3339"));
+        assert!(e(br#"{"since": "57y"}"#).contains("before 1970-01-01T00:00:00Z"));
+        assert!(e(br#"{"since": "1969-12-31T23:59:59Z"}"#).contains("out of range"));
+        assert!(e(br#"{"since": "99999999999999999999y"}"#).contains("since"));
+        assert!(matches!(
+            parse_replay(br#"{"since": "9999-12-31T23:59:59Z"}"#),
+            Ok(RewindTo::Since(_))
+        ));
     }
 }
