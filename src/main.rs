@@ -223,7 +223,10 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("{}", e.message);
+            // Messages may quote what an agent, a server or a file said:
+            // one escaped line per line of the message.
+            let lines: Vec<_> = e.message.lines().map(plantrelay::text::escape).collect();
+            eprintln!("{}", lines.join("\n"));
             ExitCode::from(e.code as u8)
         }
     }
