@@ -3,6 +3,10 @@
 //! (`--json`) on standard output. They read the journal with their own read
 //! connection, so they work beside a running agent; `replay` writes, so it
 //! refuses to run while an agent holds the journal.
+//!
+//! Ids, streams, types, sources, data and reasons came from the network:
+//! tables print them with control characters escaped ([`crate::text`]), so
+//! that nothing in the journal can drive the terminal that reads it.
 
 use std::io::Write;
 use std::path::Path;
@@ -11,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::journal::{Journal, JournalError, Reader, RewindTo, fmt_bytes};
 use crate::status::rfc3339_us;
+use crate::text;
 
 /// A CLI failure with its exit status: 2 for bad config or usage, 1 for
 /// anything at run time.
@@ -58,6 +63,16 @@ pub fn check_config(path: &Path, out: &mut impl Write) -> Result<(), CliError> {
             .join("\n");
         return Err(CliError::usage(text));
     }
+    let mut err = std::io::stderr().lock();
+    for w in crate::config::risky_settings(&config) {
+        let _ = writeln!(
+            err,
+            "{}: warning: {}: {}",
+            path.display(),
+            w.key_path,
+            w.message
+        );
+    }
     let _ = writeln!(
         out,
         "{}: ok (agent {}, {} source(s): {}; {} sink(s): {}; journal {})",
@@ -77,13 +92,18 @@ fn open_reader(config: &Config) -> Result<Reader, CliError> {
 }
 
 fn json_out<T: serde::Serialize>(out: &mut impl Write, v: &T) -> Result<(), CliError> {
-    serde_json::to_writer_pretty(&mut *out, v).map_err(|e| CliError::runtime(e.to_string()))?;
-    let _ = writeln!(out);
+    let json = serde_json::to_string_pretty(v).map_err(|e| CliError::runtime(e.to_string()))?;
+    let _ = writeln!(out, "{}", text::json_safe(&json));
     Ok(())
 }
 
-/// Prints rows as a table with aligned columns.
+/// Prints rows as a table with aligned columns, every cell escaped.
 fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| text::escape(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -198,7 +218,7 @@ pub fn journal_tail(
         for e in &events {
             let mut line = Vec::new();
             e.write_cloudevent(&config.agent.id, &mut line);
-            let _ = out.write_all(&line);
+            let _ = out.write_all(text::json_safe(&String::from_utf8_lossy(&line)).as_bytes());
             let _ = writeln!(out);
         }
         return Ok(());
@@ -277,17 +297,42 @@ pub fn journal_dead_letters(
     Ok(())
 }
 
+/// A replay start as people give it: an RFC 3339 time
+/// (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), checked to lie between
+/// 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z, so that nothing downstream
+/// has to convert or format a time outside what it can hold. A time after
+/// every event is fine: nothing is delivered again. `field` names the input
+/// in the reason (`since`, `--since`).
+pub fn since_time(field: &str, s: &str) -> Result<SystemTime, String> {
+    let range = "accepted: an RFC 3339 time from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z, \
+                 or an age (90m, 2h, 7days) that reaches back no further than 1970";
+    let t = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(humantime::TimestampError::OutOfRange) => {
+            return Err(format!("{field} {s:?}: out of range; {range}"));
+        }
+        Err(_) => match humantime::parse_duration(s) {
+            Ok(d) => SystemTime::now()
+                .checked_sub(d)
+                .ok_or_else(|| format!("{field} {s:?}: too far in the past; {range}"))?,
+            Err(_) => {
+                return Err(format!(
+                    "{field} {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h); {range}"
+                ));
+            }
+        },
+    };
+    if t < SystemTime::UNIX_EPOCH {
+        return Err(format!(
+            "{field} {s:?}: before 1970-01-01T00:00:00Z; {range}"
+        ));
+    }
+    Ok(t)
+}
+
 /// Parses `--since`: RFC 3339 (`2026-11-29T08:00:00Z`) or an age (`2h`).
 pub fn parse_since(s: &str) -> Result<SystemTime, CliError> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t);
-    }
-    match humantime::parse_duration(s) {
-        Ok(d) => Ok(SystemTime::now() - d),
-        Err(_) => Err(CliError::usage(format!(
-            "--since {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h)"
-        ))),
-    }
+    since_time("--since", s).map_err(CliError::usage)
 }
 
 /// `replay`: rewinds a sink's cursor in a stopped agent's journal.
@@ -377,7 +422,7 @@ pub fn opcua_trust(
             writeln!(
                 out,
                 "trusted: {}  sha256 {}  ({})",
-                c.subject,
+                text::escape(&c.subject),
                 pki::colon_hex(&c.sha256),
                 c.path.display()
             )
@@ -387,23 +432,13 @@ pub fn opcua_trust(
     }
     let chosen: Vec<&pki::CertFile> = match (fingerprint, all) {
         (Some(f), _) => {
-            let norm: String = f
-                .chars()
-                .filter(|c| *c != ':')
-                .collect::<String>()
-                .to_ascii_lowercase();
-            if norm.len() < 8 || !norm.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(CliError::usage(
-                    "--fingerprint needs at least 8 hex digits of the SHA-256",
-                ));
-            }
-            let m: Vec<&pki::CertFile> = rejected
-                .iter()
-                .filter(|c| c.sha256.starts_with(&norm))
-                .collect();
+            let want = pki::parse_fingerprint(f).map_err(CliError::usage)?;
+            let m: Vec<&pki::CertFile> = rejected.iter().filter(|c| c.sha256 == want).collect();
             if m.is_empty() {
                 return Err(CliError::usage(format!(
-                    "no rejected certificate has a SHA-256 starting with {f}"
+                    "no rejected certificate in {} has the SHA-256 {}",
+                    dir.join("rejected").display(),
+                    pki::colon_hex(&want)
                 )));
             }
             m
@@ -418,7 +453,7 @@ pub fn opcua_trust(
             for c in &rejected {
                 text.push_str(&format!(
                     "\n  {}  sha256 {}",
-                    c.subject,
+                    text::escape(&c.subject),
                     pki::colon_hex(&c.sha256)
                 ));
             }
@@ -430,7 +465,7 @@ pub fn opcua_trust(
         writeln!(
             out,
             "trusted: {}  sha256 {}  → {}",
-            c.subject,
+            text::escape(&c.subject),
             pki::colon_hex(&c.sha256),
             to.display()
         )

@@ -55,6 +55,9 @@ enum Command {
     /// Checks the syntax, every key and value, that every file the config
     /// names can be opened and that state_dir, if it exists, is a directory;
     /// refuses sections this release cannot run yet. Creates nothing.
+    /// Risky but valid settings (ingest open on the network, an open health
+    /// listener with an admin token, passwords in clear text) are printed
+    /// as warnings on standard error; `run` logs them at start.
     CheckConfig(ConfigArg),
     /// Pull a running agent's status over HTTPS: exit 0 healthy, 1 degraded,
     /// 2 unreachable, unauthorised or bad usage.
@@ -139,7 +142,7 @@ enum OpcuaCommand {
     /// Without a rejected certificate it lists the trusted ones and exits 1.
     /// A running agent picks the change up at its next connection attempt.
     #[command(
-        after_help = "Example:\n  plantrelay opcua trust -c /etc/plantrelay/plantrelay.toml --source press-line-3\n  plantrelay opcua trust -c FILE --source press-line-3 --fingerprint 3f:a2:9c:01"
+        after_help = "Example:\n  plantrelay opcua trust -c /etc/plantrelay/plantrelay.toml --source press-line-3\n  plantrelay opcua trust -c FILE --source press-line-3 --fingerprint 3f:a2:9c:01:…:7e (all 32 bytes)"
     )]
     Trust {
         #[command(flatten)]
@@ -147,7 +150,7 @@ enum OpcuaCommand {
         /// The `[[sources.opcua]]` name.
         #[arg(long)]
         source: String,
-        /// Trust only the certificate whose SHA-256 starts with this (hex, colons allowed, ≥ 8 digits).
+        /// Trust only the certificate with this SHA-256 fingerprint (all 64 hex digits; colons or spaces allowed).
         #[arg(long, conflicts_with = "all")]
         fingerprint: Option<String>,
         /// Trust every rejected certificate.
@@ -220,7 +223,10 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("{}", e.message);
+            // Messages may quote what an agent, a server or a file said:
+            // one escaped line per line of the message.
+            let lines: Vec<_> = e.message.lines().map(plantrelay::text::escape).collect();
+            eprintln!("{}", lines.join("\n"));
             ExitCode::from(e.code as u8)
         }
     }
@@ -231,6 +237,14 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
     match command {
         Command::Run(c) => {
             let config = cli::load_config(&c.config)?;
+            for w in plantrelay::config::risky_settings(&config) {
+                tracing::warn!(
+                    config = %c.config.display(),
+                    key = %w.key_path,
+                    "{}",
+                    w.message
+                );
+            }
             let stop = CancellationToken::new();
             tokio::spawn(signals(stop.clone()));
             let agent = plantrelay::agent::start(&config)

@@ -2,6 +2,10 @@
 //! update it and the health server that reports it. Plain atomics and short
 //! mutexes: updating status must never block a source or a forwarder, and
 //! this module must never do I/O.
+//!
+//! Error text kept here is served by `/api/v1/status` and often holds what
+//! a client or an upstream sent: it is stored escaped and bounded
+//! ([`crate::text::bounded_error`], 512 bytes), never as given.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -10,6 +14,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::journal::unix_micros;
+use crate::text;
 
 /// One source's counters; the source updates, the health server reads.
 #[derive(Debug)]
@@ -70,8 +75,9 @@ impl SourceStatus {
     }
 
     pub fn record_error(&self, message: impl Into<String>) {
+        let message = text::bounded_error(&message.into());
         if let Ok(mut e) = self.last_error.lock() {
-            *e = Some((unix_micros(SystemTime::now()), message.into()));
+            *e = Some((unix_micros(SystemTime::now()), message));
         }
     }
 
@@ -179,9 +185,16 @@ impl SinkStatus {
         }
     }
 
+    /// Applies `f`; a `last_error` it sets is escaped and bounded here, so
+    /// that no caller can store an upstream's whole answer.
     pub fn update(&self, f: impl FnOnce(&mut SinkProgress)) {
         if let Ok(mut p) = self.progress.lock() {
             f(&mut p);
+            if let Some((_, e)) = p.last_error.as_mut()
+                && let std::borrow::Cow::Owned(safe) = text::escape_control(e, text::MAX_ERROR_LEN)
+            {
+                *e = safe;
+            }
         }
     }
 
@@ -190,12 +203,39 @@ impl SinkStatus {
     }
 }
 
-/// RFC 3339 with microseconds, UTC.
+/// The last µs humantime can format (9999-12-31T23:59:59.999999Z); past it
+/// its `Display` fails, and `to_string` would panic.
+const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
+
+/// RFC 3339 with microseconds, UTC; clamped to 1970..=9999, so that no
+/// stored or received value can make formatting fail.
 pub fn rfc3339_us(us: i64) -> String {
-    let t = if us >= 0 {
-        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us as u64)
-    } else {
-        SystemTime::UNIX_EPOCH
-    };
+    let us = us.clamp(0, MAX_FORMATTABLE_US);
+    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us as u64);
     humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_stored_time_formats_without_panicking() {
+        assert_eq!(rfc3339_us(-5), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339_us(i64::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339_us(0), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn a_huge_error_is_stored_escaped_and_bounded() {
+        let s = SourceStatus::new("mes", "http");
+        s.record_error(format!("bad request: {}", "x\n\x1b".repeat(1 << 20)));
+        let e = s.snapshot().last_error.unwrap();
+        assert!(e.len() <= text::MAX_ERROR_LEN, "{}", e.len());
+        let k = SinkStatus::new("central", "https");
+        k.update(|p| p.last_error = Some((1, format!("422: {}\n\x07", "y".repeat(1 << 20)))));
+        let (_, e) = k.progress().last_error.unwrap();
+        assert!(e.len() <= text::MAX_ERROR_LEN, "{}", e.len());
+        assert!(!e.contains('\n') && !e.contains('\x07'));
+    }
 }

@@ -6,6 +6,10 @@
 //! could not be had (bad usage, unreachable, TLS failure, unauthorised, not
 //! a status answer).
 //!
+//! Every string from the answer is printed with its control characters
+//! escaped ([`crate::text`]): an agent's status holds ids, names and errors
+//! that came from its own clients and upstreams.
+//!
 //! It reads the JSON loosely (`serde_json::Value`): a field an older or newer
 //! agent does not send is shown as `?`, never an error.
 
@@ -141,7 +145,7 @@ pub async fn run(opts: &StatusOptions, out: &mut impl Write) -> Result<u8, CliEr
     if opts.json {
         let text =
             serde_json::to_string_pretty(&status).map_err(|e| CliError::runtime(e.to_string()))?;
-        let _ = writeln!(out, "{text}");
+        let _ = writeln!(out, "{}", crate::text::json_safe(&text));
     } else {
         let _ = out.write_all(render(&status).as_bytes());
     }
@@ -150,7 +154,7 @@ pub async fn run(opts: &StatusOptions, out: &mut impl Write) -> Result<u8, CliEr
 
 fn text(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => crate::text::escape(s).into_owned(),
         Value::Null => "?".into(),
         other => other.to_string(),
     }
@@ -172,7 +176,7 @@ fn ago(time: &Value, now: Option<SystemTime>) -> String {
         return "never".into();
     };
     let (Ok(t), Some(now)) = (humantime::parse_rfc3339_weak(t), now) else {
-        return t.to_string();
+        return crate::text::escape(t).into_owned();
     };
     match now.duration_since(t) {
         Ok(d) => format!("{} ago", short_duration(d)),
@@ -297,8 +301,9 @@ pub fn render(s: &Value) -> String {
         ]);
         errors.push(k["last_error"].as_str().map(|e| {
             format!(
-                "      last error {}: {e}\n",
-                ago(&k["last_error_time"], now)
+                "      last error {}: {}\n",
+                ago(&k["last_error_time"], now),
+                crate::text::escape_control(e, crate::text::MAX_ERROR_LEN)
             )
         }));
     }
@@ -371,6 +376,19 @@ mod tests {
             text.contains("warnings (1)\n  - sink 'central' stalled"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn control_characters_in_the_answer_reach_the_terminal_escaped() {
+        let mut s = sample();
+        s["agent_id"] = json!("gw\u{1b}]0;owned\u{7}");
+        s["sources"][0]["name"] = json!("mes\nagent fake: HEALTHY");
+        s["sinks"][0]["last_error"] = json!(format!("502: \u{1b}[2J{}", "z".repeat(5000)));
+        s["warnings"][0]["message"] = json!("\u{9b}31mred");
+        let text = render(&s);
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\u{9b}'));
+        assert!(text.contains("mes\\nagent fake"), "{text}");
+        assert!(text.lines().all(|l| l.len() < 1000), "{text}");
     }
 
     #[test]

@@ -1436,13 +1436,20 @@ fn opcua_trust_moves_rejected_server_certificates_and_asks_which_among_several()
     );
 
     let out = trust(&["--fingerprint", &colon_hex(&fa)[..11]]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("prefix is not accepted"),
+        "{}",
+        out.stderr
+    );
+    let out = trust(&["--fingerprint", &colon_hex(&fa)]);
     out.expect_code(0);
     assert!(out.stdout.contains(&colon_hex(&fa)), "{}", out.stdout);
     assert!(pki.join("trusted/a [1].der").exists());
     assert!(!pki.join("rejected/a [1].der").exists());
     assert!(pki.join("rejected/b [2].der").exists());
 
-    let out = trust(&["--fingerprint", "00000000"]);
+    let out = trust(&["--fingerprint", &"0".repeat(64)]);
     out.expect_code(2);
     let out = trust(&["--all"]);
     out.expect_code(0);

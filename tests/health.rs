@@ -971,11 +971,13 @@ async fn a_replay_over_the_api_redelivers_the_range_in_order_with_the_same_ids()
 
     let lines = audit_lines(&logs, "replay");
     assert!(
-        lines.iter().any(|l| l.contains("who=\"admin-token\"")
-            && l.contains("sink central from_seq 31")
-            && l.contains("ok: cursor 30")
-            && l.contains(" at=")
-            && l.contains("peer=127.0.0.1:")),
+        lines
+            .iter()
+            .any(|l| l.contains("who=\"admin-token@127.0.0.1\"")
+                && l.contains("sink central from_seq 31")
+                && l.contains("ok: cursor 30")
+                && l.contains(" at=")
+                && l.contains("peer=127.0.0.1:")),
         "{lines:#?}"
     );
     a.shutdown().await;
@@ -1193,7 +1195,7 @@ async fn with_client_certificates_the_audit_line_names_the_certificate_subject()
         lines
             .iter()
             .any(|l| l.contains("client_cert=\"CN=plantrelay demo agent\"")
-                && l.contains("who=\"admin-token\"")),
+                && l.contains("who=\"CN=plantrelay demo agent (admin-token)\"")),
         "{lines:#?}"
     );
     a.shutdown().await;

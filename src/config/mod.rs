@@ -41,6 +41,7 @@ pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,
     OpcuaNodeConfig, OpcuaSourceConfig, SecurityMode, SecurityPolicy, TopicSubscription,
 };
+pub use validate::{RiskWarning, risky_settings};
 
 use locate::Locator;
 

@@ -5,8 +5,13 @@
 //! writer serialises them with everything else.
 //!
 //! Every write logs one audit line at info (target `plantrelay::audit`):
-//! who (`admin-token`, plus the client certificate's subject when mTLS is
-//! on, and the peer address), what, the outcome, and when.
+//! who (the client certificate's subject when mTLS is on, else the admin
+//! token's role at the peer address: see [`Caller::who`]), the peer address,
+//! what, the outcome, and when. Refused requests are logged by
+//! [`super::auth`], with the reason given here.
+//!
+//! Times from a request are range-checked before anything converts or
+//! formats them; nothing here may panic on what a caller sends.
 //!
 //! [`Journal::rewind`]: crate::journal::Journal::rewind
 //! [`Journal::retry_dead_letter`]: crate::journal::Journal::retry_dead_letter
@@ -26,7 +31,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::AppState;
-use super::auth::Peer;
+use super::auth::{Caller, Refusal};
 use crate::journal::{DeadLetter, JournalError, RewindTo};
 use crate::status::rfc3339_us;
 
@@ -48,7 +53,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let refusal = Refusal(self.message.clone());
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        response.extensions_mut().insert(refusal);
+        response
     }
 }
 
@@ -71,11 +79,14 @@ impl From<JournalError> for ApiError {
 type ApiResult = Result<Response, ApiError>;
 
 /// One audit line per write.
-fn audit(peer: Option<&Peer>, action: &str, object: &str, outcome: &str) {
-    let peer = peer.cloned().unwrap_or_default();
+fn audit(caller: Option<&Caller>, action: &str, object: &str, outcome: &str) {
+    let caller = caller.cloned().unwrap_or_default();
+    let peer = &caller.peer;
+    let who = caller.who();
     info!(
         target: "plantrelay::audit",
-        who = "admin-token",
+        who = who.as_str(),
+        role = caller.token.as_str(),
         client_cert = peer.cert_subject.as_deref().unwrap_or("-"),
         peer = %peer.addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
         action,
@@ -112,19 +123,11 @@ fn parse_replay(body: &[u8]) -> Result<RewindTo, String> {
     }
 }
 
-/// An RFC 3339 time (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`).
+/// An RFC 3339 time (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), in
+/// the range the journal and the audit line can take (see
+/// [`crate::cli::since_time`]).
 fn parse_since(s: &str) -> Result<SystemTime, String> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t);
-    }
-    match humantime::parse_duration(s) {
-        Ok(d) => SystemTime::now()
-            .checked_sub(d)
-            .ok_or_else(|| format!("since {s:?}: too far in the past")),
-        Err(_) => Err(format!(
-            "since {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h)"
-        )),
-    }
+    crate::cli::since_time("since", s)
 }
 
 fn describe(to: RewindTo) -> String {
@@ -137,11 +140,11 @@ fn describe(to: RewindTo) -> String {
 /// `POST /api/v1/sinks/{name}/replay`.
 pub(crate) async fn replay(
     State(state): State<Arc<AppState>>,
-    peer: Option<axum::Extension<Peer>>,
+    caller: Option<axum::Extension<Caller>>,
     Path(sink): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let peer = peer.map(|p| p.0);
+    let caller = caller.map(|c| c.0);
     let view = &state.view;
     if !view.has_sink(&sink) {
         let names: Vec<&str> = view.sinks.iter().map(|s| s.name.as_str()).collect();
@@ -157,9 +160,9 @@ pub(crate) async fn replay(
         .journal
         .rewind(&sink, to)
         .await
-        .inspect_err(|e| audit(peer.as_ref(), "replay", &object, &format!("refused: {e}")))?;
+        .inspect_err(|e| audit(caller.as_ref(), "replay", &object, &format!("refused: {e}")))?;
     audit(
-        peer.as_ref(),
+        caller.as_ref(),
         "replay",
         &object,
         &format!("ok: cursor {cursor}"),
@@ -268,10 +271,10 @@ async fn dead_letter_of(state: &Arc<AppState>, id: &str) -> Result<(i64, String)
 /// `POST /api/v1/dead-letters/{id}/retry`.
 pub(crate) async fn retry_dead_letter(
     State(state): State<Arc<AppState>>,
-    peer: Option<axum::Extension<Peer>>,
+    caller: Option<axum::Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let peer = peer.map(|p| p.0);
+    let caller = caller.map(|c| c.0);
     let (id, sink) = dead_letter_of(&state, &id).await?;
     let object = format!("dead letter {id} of sink {sink}");
     let action = "dead_letter_retry";
@@ -280,9 +283,9 @@ pub(crate) async fn retry_dead_letter(
         .journal
         .retry_dead_letter(id)
         .await
-        .inspect_err(|e| audit(peer.as_ref(), action, &object, &format!("refused: {e}")))?;
+        .inspect_err(|e| audit(caller.as_ref(), action, &object, &format!("refused: {e}")))?;
     audit(
-        peer.as_ref(),
+        caller.as_ref(),
         action,
         &object,
         &format!("ok: journaled again as seq {seq}"),
@@ -293,10 +296,10 @@ pub(crate) async fn retry_dead_letter(
 /// `DELETE /api/v1/dead-letters/{id}`.
 pub(crate) async fn drop_dead_letter(
     State(state): State<Arc<AppState>>,
-    peer: Option<axum::Extension<Peer>>,
+    caller: Option<axum::Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let peer = peer.map(|p| p.0);
+    let caller = caller.map(|c| c.0);
     let (id, sink) = dead_letter_of(&state, &id).await?;
     let object = format!("dead letter {id} of sink {sink}");
     let action = "dead_letter_delete";
@@ -305,8 +308,8 @@ pub(crate) async fn drop_dead_letter(
         .journal
         .drop_dead_letter(id)
         .await
-        .inspect_err(|e| audit(peer.as_ref(), action, &object, &format!("refused: {e}")))?;
-    audit(peer.as_ref(), action, &object, "ok");
+        .inspect_err(|e| audit(caller.as_ref(), action, &object, &format!("refused: {e}")))?;
+    audit(caller.as_ref(), action, &object, "ok");
     Ok(Json(json!({ "id": id, "sink": sink, "deleted": true })).into_response())
 }
 
@@ -334,5 +337,12 @@ mod tests {
         assert!(e(br#"{}"#).contains("give from_seq or since"));
         assert!(e(br#"{"from_seq": 0}"#).contains("at least 1"));
         assert!(e(br#"{"since": "yesterday"}"#).contains("RFC 3339"));
+        assert!(e(br#"{"since": "57y"}"#).contains("before 1970-01-01T00:00:00Z"));
+        assert!(e(br#"{"since": "1969-12-31T23:59:59Z"}"#).contains("out of range"));
+        assert!(e(br#"{"since": "99999999999999999999y"}"#).contains("since"));
+        assert!(matches!(
+            parse_replay(br#"{"since": "9999-12-31T23:59:59Z"}"#),
+            Ok(RewindTo::Since(_))
+        ));
     }
 }

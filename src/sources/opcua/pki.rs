@@ -71,6 +71,31 @@ pub fn colon_hex(hex: &str) -> String {
         .join(":")
 }
 
+/// A full SHA-256 fingerprint as people copy it from a server's display
+/// (`AA:BB:…`, `aa bb …` or plain hex, any case) in the lowercase hex form
+/// of [`sha256_hex`]; anything but 64 hex digits is refused, a prefix too:
+/// trusting by prefix would trust whatever certificate an attacker ground to
+/// match it.
+pub fn parse_fingerprint(s: &str) -> Result<String, String> {
+    let norm: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if !norm.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!(
+            "--fingerprint {s:?}: not a hex fingerprint; give the certificate's full SHA-256 (64 hex digits, colons optional)"
+        ));
+    }
+    if norm.len() != 64 {
+        return Err(format!(
+            "--fingerprint {s:?}: {} hex digits; give the certificate's full SHA-256 (64 hex digits, colons optional): a prefix is not accepted",
+            norm.len()
+        ));
+    }
+    Ok(norm)
+}
+
 /// `AA:BB:…` (colons optional, any case) equals a lowercase hex fingerprint.
 pub fn fingerprint_eq(configured: &str, hex: &str) -> bool {
     let norm: String = configured
@@ -178,5 +203,25 @@ mod tests {
         assert!(fingerprint_eq(&hex, &hex));
         assert!(!fingerprint_eq(&sha256_hex(b"y"), &hex));
         assert!(!fingerprint_eq("", &hex));
+    }
+
+    #[test]
+    fn trust_takes_a_full_sha256_only() {
+        let hex = sha256_hex(b"x");
+        assert_eq!(parse_fingerprint(&hex).unwrap(), hex);
+        assert_eq!(
+            parse_fingerprint(&colon_hex(&hex).to_uppercase()).unwrap(),
+            hex
+        );
+        let spaced = colon_hex(&hex).replace(':', " ");
+        assert_eq!(parse_fingerprint(&spaced).unwrap(), hex);
+        let e = parse_fingerprint(&hex[..8]).unwrap_err();
+        assert!(
+            e.contains("8 hex digits") && e.contains("prefix is not accepted"),
+            "{e}"
+        );
+        assert!(parse_fingerprint(&hex[..63]).is_err());
+        assert!(parse_fingerprint(&format!("{hex}0")).is_err());
+        assert!(parse_fingerprint("zz").unwrap_err().contains("not a hex"));
     }
 }
