@@ -35,6 +35,10 @@ fn source_config() -> HttpSourceConfig {
         tls_cert: None,
         tls_key: None,
         max_body: 4 << 20,
+        max_events_per_request: 10_000,
+        max_concurrent_requests: 4,
+        max_depth: 32,
+        max_attributes: 64,
     }
 }
 
