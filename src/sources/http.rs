@@ -809,11 +809,15 @@ enum Stop {
     /// An event with more than `max_attributes` attributes; the first name
     /// past the limit.
     Attributes(String),
+    /// An event of a batch broke a rule (see [`to_new_event`]).
+    Invalid(String),
 }
 
 /// What the parser of one body shares: the limits, and why it stopped.
 struct ParseState<'l> {
     limits: &'l Limits,
+    source: &'l str,
+    class: Class,
     /// The element of a batch being parsed, so that an error can name it.
     at: std::cell::Cell<Option<usize>>,
     stop: std::cell::Cell<Option<Stop>>,
@@ -825,6 +829,7 @@ impl ParseState<'_> {
     fn reject(&self, e: &serde_json::Error, what: &str, index: Option<usize>) -> Reject {
         match self.stop.take() {
             Some(Stop::Events) => Reject::too_many_events(self.limits.max_events_per_request),
+            Some(Stop::Invalid(message)) => Reject::bad_request(message, index),
             Some(Stop::Attributes(name)) => Reject::bad_request(
                 format!(
                     "event has more than {} attributes (max_attributes); the first one past \
@@ -877,40 +882,48 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
     }
 }
 
-/// A JSON array of CloudEvents that records which element it is parsing, so
-/// that an error can name the event, and stops at the first event past
-/// `max_events_per_request`, before storing it.
+/// A JSON array of CloudEvents, mapped one by one as they are parsed (so
+/// that only one event's attribute list exists at a time). Records which
+/// element it is parsing, so that an error can name the event, and stops at
+/// the first event past `max_events_per_request`, before mapping it.
 struct BatchSeed<'s, 'l> {
     state: &'s ParseState<'l>,
 }
 
 impl<'de> DeserializeSeed<'de> for BatchSeed<'_, '_> {
-    type Value = Vec<RawEvent<'de>>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<RawEvent<'de>>, D::Error> {
+    type Value = Vec<NewEvent>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<NewEvent>, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
 impl<'de> Visitor<'de> for BatchSeed<'_, '_> {
-    type Value = Vec<RawEvent<'de>>;
+    type Value = Vec<NewEvent>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON array of CloudEvents")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawEvent<'de>>, A::Error> {
-        let max = self.state.limits.max_events_per_request;
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<NewEvent>, A::Error> {
+        let state = self.state;
+        let max = state.limits.max_events_per_request;
         let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         loop {
-            self.state.at.set(Some(events.len()));
-            match seq.next_element_seed(EventSeed { state: self.state })? {
+            state.at.set(Some(events.len()));
+            match seq.next_element_seed(EventSeed { state })? {
                 Some(_) if events.len() == max => {
-                    self.state.stop.set(Some(Stop::Events));
+                    state.stop.set(Some(Stop::Events));
                     return Err(serde::de::Error::custom("too many events"));
                 }
-                Some(event) => events.push(event),
+                Some(raw) => match to_new_event(raw, state.source, state.class, state.limits) {
+                    Ok(event) => events.push(event),
+                    Err(message) => {
+                        state.stop.set(Some(Stop::Invalid(message)));
+                        return Err(serde::de::Error::custom("invalid event"));
+                    }
+                },
                 None => break,
             }
         }
-        self.state.at.set(None);
+        state.at.set(None);
         Ok(events)
     }
 }
@@ -944,6 +957,8 @@ fn parse_events(
     };
     let state = ParseState {
         limits,
+        source,
+        class,
         at: std::cell::Cell::new(None),
         stop: std::cell::Cell::new(None),
     };
@@ -962,22 +977,15 @@ fn parse_events(
         }
         Format::Batch => {
             let mut de = serde_json::Deserializer::from_slice(body);
-            let raws = BatchSeed { state: &state }
+            events = BatchSeed { state: &state }
                 .deserialize(&mut de)
-                .and_then(|raws| de.end().map(|()| raws))
+                .and_then(|events| de.end().map(|()| events))
                 .map_err(|e| {
                     let at = state.at.get();
                     state.reject(&e, "malformed JSON", at)
                 })?;
-            if raws.is_empty() {
+            if events.is_empty() {
                 return Err(no_events());
-            }
-            events.reserve_exact(raws.len());
-            for (i, raw) in raws.into_iter().enumerate() {
-                events.push(
-                    to_new_event(raw, source, class, limits)
-                        .map_err(|m| Reject::bad_request(m, Some(i)))?,
-                );
             }
         }
         Format::Ndjson => {
