@@ -114,6 +114,11 @@ pub const ACCEPTED_CONTENT_TYPES: [&str; 5] = [
 /// to come back rather than left hanging.
 const SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a request may take to send its body once it holds a slot: a
+/// sender that trickles its body must not keep a slot from the others for
+/// longer. 4 MiB in 20 s needs 1.7 Mbit/s.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Longest reason, in bytes, in a `4xx`/`503` answer, a log line or the
 /// source's `last_error`.
 const MAX_REASON: usize = 512;
@@ -488,6 +493,18 @@ impl Reject {
         }
     }
 
+    fn body_timeout() -> Reject {
+        Reject {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "body too slow",
+            message: format!(
+                "the request body did not arrive within {} s; nothing was stored",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+            index: None,
+        }
+    }
+
     fn too_many_events(max: usize) -> Reject {
         Reject {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -553,12 +570,13 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
         // The semaphore is never closed; either way there is no slot.
         Ok(Err(_)) | Err(_) => return Err(Reject::busy(ingest.limits.max_concurrent_requests)),
     };
-    let body = match Bytes::from_request(req, &()).await {
-        Ok(body) => body,
-        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, &())).await {
+        Err(_) => return Err(Reject::body_timeout()),
+        Ok(Ok(body)) => body,
+        Ok(Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)))) => {
             return Err(Reject::too_large(ingest.max_body));
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             return Err(Reject::bad_request(
                 format!(
                     "cannot read the request body: {}",
@@ -697,7 +715,7 @@ impl Ingest {
                     ),
                 );
             }
-            StatusCode::PAYLOAD_TOO_LARGE => {
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
                 // The rest of the body may still be on its way: do not try to
                 // keep this connection.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

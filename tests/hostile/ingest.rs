@@ -238,6 +238,20 @@ impl SlowRequest {
         }
     }
 
+    /// Sends nothing more; returns the status line the agent answers with.
+    async fn stall(mut self) -> String {
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.stream.read_to_end(&mut answer),
+        )
+        .await
+        .expect("a stalled request was never answered")
+        .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+
     /// Sends the rest of the body; returns the status line.
     async fn finish(mut self) -> String {
         self.stream.write_all(&self.rest).await.unwrap();
@@ -308,6 +322,30 @@ async fn requests_past_max_concurrent_requests_get_503_with_retry_after_and_noth
 
     let stored: HashSet<String> = s.stored().into_iter().map(|e| e.id).collect();
     assert_eq!(stored, acked);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_sender_that_trickles_its_body_loses_its_slot_with_408_and_the_next_request_is_served() {
+    let s = start(|c| c.max_concurrent_requests = 1).await;
+    let started = Instant::now();
+    let slow = SlowRequest::open(s.addr, small_batch("slow", 3)).await;
+    let status = slow.stall().await;
+    let held = started.elapsed();
+    assert!(status.contains(" 408 "), "{status}");
+    assert!(
+        held >= Duration::from_secs(19) && held < Duration::from_secs(40),
+        "slot held for {held:?}"
+    );
+    assert!(
+        s.last_error().contains("did not arrive within 20 s"),
+        "{}",
+        s.last_error()
+    );
+    let a = s.post(BATCH, small_batch("next", 2)).await;
+    assert_eq!(a.status, 202, "{}", brief(&a.body));
+    let stored: Vec<String> = s.stored().into_iter().map(|e| e.id).collect();
+    assert_eq!(stored, ["next-0", "next-1"]);
     s.finish().await;
 }
 
