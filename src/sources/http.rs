@@ -11,7 +11,11 @@
 //! It must never answer `2xx` before [`Journal::append`] returned `Ok` (the
 //! journal commit is the durable-before-ack point), and it must never store
 //! anything of a request it rejects: validation is all-or-nothing per
-//! request, so a batch with one bad event stores none of them.
+//! request, so a batch with one bad event stores none of them. It must never
+//! let one client's request grow without bound: events per request,
+//! attributes per event, nesting depth and requests at once are all capped
+//! (see [Limits](#limits)), and text quoted from a request into an answer, a
+//! log line or `last_error` is escaped and cut ([`crate::text`]).
 //!
 //! # Accepted bodies
 //!
@@ -45,17 +49,35 @@
 //! - `sequence` and `streamsequence` are **dropped**: plantrelay assigns
 //!   these extensions itself when forwarding.
 //! - Every other attribute (`datacontenttype`, `dataschema`, any extension)
-//!   is forwarded unchanged. An attribute that appears twice in one event is
-//!   rejected. A `null` `subject`, `type`, `time` or `source` counts as absent.
+//!   is forwarded unchanged; it must be a scalar (string, number, boolean),
+//!   as must `source`: an object or an array is rejected. An attribute that
+//!   appears twice in one event is rejected. A `null` `subject`, `type`,
+//!   `time`, `source` or extension counts as absent.
+//!
+//! # Limits
+//!
+//! - `max_events_per_request` (default 10,000): the parser stops at the first
+//!   event past it; `413`.
+//! - `max_attributes` (default 64) per event: the parser stops at the first
+//!   attribute past it; `400`.
+//! - `max_depth` (default 32) of `data`: counted on the raw text, without
+//!   recursion, before anything is built; `400`.
+//! - `max_concurrent_requests` (default 4): a slot is taken after the
+//!   headers are checked and before the body is read, and held until the
+//!   answer; none free within 2 s gives `503` + `Retry-After: 1`.
+//!   With a slot, the body must arrive within 20 s, else
+//!   `408`. So requests in flight hold at most `max_concurrent_requests` ×
+//!   about 4 × `max_body` (measured by the hostile-input tests).
 //!
 //! # Answers
 //!
 //! `202 {"accepted": n, "duplicates": d, "seqs": [...]}` once committed (one
 //! seq per event, in request order); `400 {"error", "index"}` (index of the
 //! first bad event, the 0-based line number for NDJSON; no index when the
-//! problem is not one event's); `401` + `WWW-Authenticate: Bearer`; `413`;
-//! `415` listing the accepted types; `503` + `Retry-After: 1` when the journal
-//! is full under `when_full = "block"`, `503` + `Retry-After: 5` when the
+//! problem is not one event's); `401` + `WWW-Authenticate: Bearer`; `408`
+//! when the body is too slow; `413` (body or event count); `415` listing the
+//! accepted types; `503` + `Retry-After: 1` when the journal is full under
+//! `when_full = "block"` or no slot is free, `503` + `Retry-After: 5` when the
 //! commit failed (nothing was stored; the sender must retry).
 
 use std::borrow::Cow;
