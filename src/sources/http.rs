@@ -64,10 +64,10 @@
 //!   recursion, before anything is built; `400`.
 //! - `max_concurrent_requests` (default 4): a slot is taken after the
 //!   headers are checked and before the body is read, and held until the
-//!   answer; none free within 2 s gives `503` + `Retry-After: 1`.
-//!   With a slot, the body must arrive within 20 s, else
-//!   `408`. So requests in flight hold at most `max_concurrent_requests` ×
-//!   about 4 × `max_body` (measured by the hostile-input tests).
+//!   answer; none free within 2 s gives `503` + `Retry-After: 1`. With a
+//!   slot, the body must arrive within 20 s, else `408`. So requests in
+//!   flight hold at most `max_concurrent_requests` × about 4 × `max_body`
+//!   (measured by the hostile-input tests).
 //!
 //! # Answers
 //!
