@@ -610,6 +610,7 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
     };
     // 5. Every event valid, or none stored.
     let events = parse_events(&body, format, &ingest.name, ingest.class, &ingest.limits)?;
+    // The events own their bytes: the body need not live through the commit.
     drop(body);
     let count = events.len();
     // 6. The commit: only its success is acknowledged.
