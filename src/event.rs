@@ -197,6 +197,55 @@ struct CloudEventOut<'a> {
     extra: Option<BTreeMap<&'a str, &'a RawValue>>,
 }
 
+/// Default for the deepest nesting of arrays and objects accepted in an
+/// event's `data` (`max_depth` of an HTTP source; fixed for MQTT JSON).
+///
+/// Well below serde_json's recursion limit of 128, so that what is accepted
+/// can always be parsed again upstream even inside the two levels a
+/// CloudEvents batch adds (the array and the event object), and below what
+/// recursive parsers elsewhere (Python's `json`, most JSON libraries) accept.
+pub const DEFAULT_MAX_DEPTH: usize = 32;
+
+/// Largest `max_depth` an operator may configure: with the two levels of a
+/// CloudEvents batch around it, still within serde_json's limit of 128.
+pub const MAX_DEPTH_LIMIT: usize = 120;
+
+/// How deeply arrays and objects nest in `json`, the text of one JSON value
+/// (already known to be valid JSON): `0` for a scalar, `1` for `[]` or
+/// `{"a":1}`, `2` for `[[1]]`.
+///
+/// One pass over the bytes, without recursion and without building
+/// anything, so that a value nested 100,000 deep costs no more than its
+/// length and cannot exhaust the stack. Brackets inside strings do not count.
+pub fn json_depth(json: &[u8]) -> usize {
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with a
 /// real calendar date (`T` and `Z` in either case, a leap second allowed).
 /// The one check of source-given event times, for every source.
@@ -260,6 +309,24 @@ pub fn is_rfc3339(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(b"1"), 0);
+        assert_eq!(json_depth(b"\"[[{\""), 0);
+        assert_eq!(json_depth(b"[]"), 1);
+        assert_eq!(json_depth(br#"{"a":[1,{"b":"]]"}],"c":{}}"#), 3);
+        assert_eq!(json_depth(br#"["\\",[["\"["]]]"#), 3);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(json_depth(deep.as_bytes()), 100_000);
+        // What we accept at the bound parses again, inside a batch.
+        let at_bound = format!(
+            "[{{\"data\":{}1{}}}]",
+            "[".repeat(MAX_DEPTH_LIMIT),
+            "]".repeat(MAX_DEPTH_LIMIT)
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&at_bound).is_ok());
+    }
 
     #[test]
     fn rfc3339_accepts_offsets_and_fractions_and_rejects_the_rest() {

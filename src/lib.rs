@@ -15,7 +15,7 @@
 //! - [`health`]: the HTTPS health and status server.
 //! - [`status`]: live counters of sources and sinks, read by the health server.
 //! - [`status_cli`]: `plantrelay status`: pulls an agent's status over HTTPS and sums it up.
-//! - [`text`]: outside text made safe to log and print: control characters escaped, length bounded.
+//! - [`text`]: outside text made safe to quote in answers, `last_error`, logs and CLI output: control characters escaped, length bounded.
 //! - [`tls`]: rustls set-up shared by every listener and client (one crypto provider: ring).
 //! - [`demo`]: `plantrelay demo` and the embedded upstream receiver it (and the tests) use.
 

@@ -15,6 +15,11 @@ use std::fmt::Write as _;
 /// upstream said, not enough to hold a request body.
 pub const MAX_ERROR_LEN: usize = 512;
 
+/// Bound, in bytes of the escaped result, for request-derived text quoted
+/// in an ingest error: enough for an attribute name or a timestamp, too
+/// little to carry a forged page of log lines.
+pub const QUOTE_MAX: usize = 128;
+
 /// Appended where text was cut short.
 pub const TRUNCATED: &str = "…[truncated]";
 

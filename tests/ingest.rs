@@ -39,6 +39,10 @@ fn source_config() -> HttpSourceConfig {
         max_connections_per_ip: 64,
         header_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(60),
+        max_events_per_request: 10_000,
+        max_concurrent_requests: 4,
+        max_depth: 32,
+        max_attributes: 64,
     }
 }
 

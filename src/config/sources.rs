@@ -62,6 +62,22 @@ pub struct HttpSourceConfig {
     /// 1h. Default: `"60s"`.
     #[serde(default = "default_60s", deserialize_with = "units::duration")]
     pub request_timeout: Duration,
+    /// Most events one request may carry, 1 to 100000; a request with more
+    /// gets `413` and nothing of it is stored. Default: `10000`.
+    #[serde(default = "default_max_events_per_request")]
+    pub max_events_per_request: usize,
+    /// Most ingest requests handled at once, 1 to 64; a request that finds
+    /// no free slot within 2 s gets `503` with `Retry-After`. Default: `4`.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Deepest nesting of arrays and objects in an event's `data`, 1 to 120;
+    /// deeper events get `400`. Default: `32`.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+    /// Most attributes (`id`, `type`, `data`, extensions, ...) one event may
+    /// have, 16 to 1024; more get `400`. Default: `64`.
+    #[serde(default = "default_max_attributes")]
+    pub max_attributes: usize,
 }
 
 /// `[[sources.mqtt]]`: subscribe to topics on a plant MQTT broker. Messages
@@ -427,6 +443,18 @@ fn default_http_max_connections_per_ip() -> usize {
 }
 fn default_60s() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_events_per_request() -> usize {
+    10_000
+}
+fn default_max_concurrent_requests() -> usize {
+    4
+}
+fn default_max_depth() -> usize {
+    crate::event::DEFAULT_MAX_DEPTH
+}
+fn default_max_attributes() -> usize {
+    64
 }
 fn default_30s() -> Duration {
     Duration::from_secs(30)

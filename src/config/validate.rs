@@ -30,6 +30,17 @@ const MAX_BATCH_EVENTS: usize = 100_000;
 const MAX_MQTT_INFLIGHT: usize = 65_535;
 /// Largest `max_connections` of a listener.
 const MAX_LISTENER_CONNECTIONS: usize = 65_536;
+/// Bounds of `sources.http.max_events_per_request`: the upper one keeps one
+/// request's parsed events within tens of megabytes.
+const HTTP_MAX_EVENTS_PER_REQUEST: (usize, usize) = (1, 100_000);
+/// Bounds of `sources.http.max_concurrent_requests`: each request in flight
+/// may hold up to about `max_body` times a small factor in memory.
+const HTTP_MAX_CONCURRENT_REQUESTS: (usize, usize) = (1, 64);
+/// Bounds of `sources.http.max_depth`: see [`crate::event::MAX_DEPTH_LIMIT`].
+const HTTP_MAX_DEPTH: (usize, usize) = (1, crate::event::MAX_DEPTH_LIMIT);
+/// Bounds of `sources.http.max_attributes`: the CloudEvents core attributes
+/// alone are ten.
+const HTTP_MAX_ATTRIBUTES: (usize, usize) = (16, 1024);
 /// Placeholders a sink topic or subject template may use.
 const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
 
@@ -316,6 +327,27 @@ fn http_source(issues: &mut Issues<'_>, p: &str, s: &HttpSourceConfig) {
         s.header_timeout,
         s.request_timeout,
     );
+    for (key, value, (min, max)) in [
+        (
+            "max_events_per_request",
+            s.max_events_per_request,
+            HTTP_MAX_EVENTS_PER_REQUEST,
+        ),
+        (
+            "max_concurrent_requests",
+            s.max_concurrent_requests,
+            HTTP_MAX_CONCURRENT_REQUESTS,
+        ),
+        ("max_depth", s.max_depth, HTTP_MAX_DEPTH),
+        ("max_attributes", s.max_attributes, HTTP_MAX_ATTRIBUTES),
+    ] {
+        if !(min..=max).contains(&value) {
+            issues.push(
+                format!("{p}.{key}"),
+                format!("must be between {min} and {max}; got {value}"),
+            );
+        }
+    }
 }
 
 fn mqtt_source(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
@@ -1047,6 +1079,52 @@ mod tests {
         assert_eq!(check_sha256_fingerprint(&colons), Ok(()));
         assert!(check_sha256_fingerprint(&hex[2..]).is_err());
         assert!(check_sha256_fingerprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn http_ingest_limits_default_sanely_and_out_of_range_values_name_key_and_bounds() {
+        let base = "[agent]\nid = \"gw-1\"\nstate_dir = \"/var/lib/plantrelay\"\n\
+                    [[sinks.https]]\nname = \"central\"\nurl = \"https://up.example.com/v1\"\n\
+                    [[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:8081\"\n";
+        let parse = |extra: &str| {
+            crate::config::Config::parse(
+                &format!("{base}{extra}"),
+                std::path::Path::new("plantrelay.toml"),
+            )
+        };
+        let c = parse("").unwrap();
+        let http = &c.sources.http[0];
+        assert_eq!(
+            (
+                http.max_events_per_request,
+                http.max_concurrent_requests,
+                http.max_depth,
+                http.max_attributes
+            ),
+            (10_000, 4, 32, 64)
+        );
+        for (line, key, bounds) in [
+            (
+                "max_events_per_request = 0",
+                "max_events_per_request",
+                "between 1 and 100000",
+            ),
+            (
+                "max_concurrent_requests = 65",
+                "max_concurrent_requests",
+                "between 1 and 64",
+            ),
+            ("max_depth = 121", "max_depth", "between 1 and 120"),
+            (
+                "max_attributes = 8",
+                "max_attributes",
+                "between 16 and 1024",
+            ),
+        ] {
+            let e = parse(line).unwrap_err().to_string();
+            assert!(e.contains(&format!("sources.http[0].{key}")), "{e}");
+            assert!(e.contains(bounds), "{e}");
+        }
     }
 }
 

@@ -11,7 +11,11 @@
 //! It must never answer `2xx` before [`Journal::append`] returned `Ok` (the
 //! journal commit is the durable-before-ack point), and it must never store
 //! anything of a request it rejects: validation is all-or-nothing per
-//! request, so a batch with one bad event stores none of them.
+//! request, so a batch with one bad event stores none of them. It must never
+//! let one client's request grow without bound: events per request,
+//! attributes per event, nesting depth and requests at once are all capped
+//! (see [Limits](#limits)), and text quoted from a request into an answer, a
+//! log line or `last_error` is escaped and cut ([`crate::text`]).
 //!
 //! # Accepted bodies
 //!
@@ -45,17 +49,35 @@
 //! - `sequence` and `streamsequence` are **dropped**: plantrelay assigns
 //!   these extensions itself when forwarding.
 //! - Every other attribute (`datacontenttype`, `dataschema`, any extension)
-//!   is forwarded unchanged. An attribute that appears twice in one event is
-//!   rejected. A `null` `subject`, `type`, `time` or `source` counts as absent.
+//!   is forwarded unchanged; it must be a scalar (string, number, boolean),
+//!   as must `source`: an object or an array is rejected. An attribute that
+//!   appears twice in one event is rejected. A `null` `subject`, `type`,
+//!   `time`, `source` or extension counts as absent.
+//!
+//! # Limits
+//!
+//! - `max_events_per_request` (default 10,000): the parser stops at the first
+//!   event past it; `413`.
+//! - `max_attributes` (default 64) per event: the parser stops at the first
+//!   attribute past it; `400`.
+//! - `max_depth` (default 32) of `data`: counted on the raw text, without
+//!   recursion, before anything is built; `400`.
+//! - `max_concurrent_requests` (default 4): a slot is taken after the
+//!   headers are checked and before the body is read, and held until the
+//!   answer; none free within 2 s gives `503` + `Retry-After: 1`. With a
+//!   slot, the body must arrive within 20 s, else `408`. So requests in
+//!   flight hold at most `max_concurrent_requests` × about 4 × `max_body`
+//!   (measured by the hostile-input tests).
 //!
 //! # Answers
 //!
 //! `202 {"accepted": n, "duplicates": d, "seqs": [...]}` once committed (one
 //! seq per event, in request order); `400 {"error", "index"}` (index of the
 //! first bad event, the 0-based line number for NDJSON; no index when the
-//! problem is not one event's); `401` + `WWW-Authenticate: Bearer`; `413`;
-//! `415` listing the accepted types; `503` + `Retry-After: 1` when the journal
-//! is full under `when_full = "block"`, `503` + `Retry-After: 5` when the
+//! problem is not one event's); `401` + `WWW-Authenticate: Bearer`; `408`
+//! when the body is too slow; `413` (body or event count); `415` listing the
+//! accepted types; `503` + `Retry-After: 1` when the journal is full under
+//! `when_full = "block"` or no slot is free, `503` + `Retry-After: 5` when the
 //! commit failed (nothing was stored; the sender must retry).
 
 use std::borrow::Cow;
@@ -81,10 +103,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{HttpSourceConfig, read_secret};
-use crate::event::{Class, NewEvent, is_rfc3339};
+use crate::event::{Class, NewEvent, is_rfc3339, json_depth};
 use crate::journal::{AppendOutcome, Journal, JournalError};
 use crate::serve;
 use crate::status::SourceStatus;
+use crate::text::{QUOTE_MAX, escape_control};
 use crate::tls::{self, TlsError};
 
 /// The one ingest path.
@@ -107,6 +130,21 @@ pub const ACCEPTED_CONTENT_TYPES: [&str; 5] = [
     "application/ndjson",
     "application/json",
 ];
+
+/// How long a request waits for one of the `max_concurrent_requests` slots
+/// before it is answered `503`: long enough to ride out a burst of normal
+/// batches (a commit takes milliseconds), short enough that a sender is told
+/// to come back rather than left hanging.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a request may take to send its body once it holds a slot: a
+/// sender that trickles its body must not keep a slot from the others for
+/// longer. 4 MiB in 20 s needs 1.7 Mbit/s.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Longest reason, in bytes, in a `4xx`/`503` answer, a log line or the
+/// source's `last_error`.
+const MAX_REASON: usize = 512;
 
 /// How often the same kind of rejection is logged at `warn`.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -154,7 +192,8 @@ pub struct HttpSource {
     local_addr: SocketAddr,
     token: Option<Token>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    limits: serve::Limits,
+    listener_limits: serve::Limits,
+    limits: Limits,
 }
 
 impl fmt::Debug for HttpSource {
@@ -251,12 +290,13 @@ impl HttpSource {
             local_addr,
             token,
             tls,
-            limits: serve::Limits {
+            listener_limits: serve::Limits {
                 max_connections: cfg.max_connections,
                 max_connections_per_ip: cfg.max_connections_per_ip,
                 header_timeout: cfg.header_timeout,
                 request_timeout: cfg.request_timeout,
             },
+            limits: Limits::new(cfg),
         })
     }
 
@@ -282,6 +322,7 @@ impl HttpSource {
             local_addr,
             token,
             tls,
+            listener_limits,
             limits,
         } = self;
         let ingest = Arc::new(Ingest {
@@ -292,6 +333,8 @@ impl HttpSource {
             journal,
             status: status.clone(),
             warnings: WarnLimiter::default(),
+            slots: tokio::sync::Semaphore::new(limits.max_concurrent_requests),
+            limits,
         });
         let app = Router::new()
             .route(INGEST_PATH, post(post_events))
@@ -314,7 +357,7 @@ impl HttpSource {
             label: format!("sources.http '{name}'"),
             socket: listener,
             tls: tls.map(serve::TlsConfig::new),
-            limits,
+            limits: listener_limits,
             // The agent bounds the whole shutdown; each request is bounded
             // by request_timeout.
             grace: None,
@@ -351,6 +394,32 @@ struct Ingest {
     journal: Journal,
     status: Arc<SourceStatus>,
     warnings: WarnLimiter,
+    limits: Limits,
+    /// One permit per request being read, parsed or committed: bounds the
+    /// memory all requests together hold to about `max_concurrent_requests`
+    /// times that of one.
+    slots: tokio::sync::Semaphore,
+}
+
+/// What one request may hold, from the source's config.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_events_per_request: usize,
+    max_concurrent_requests: usize,
+    max_depth: usize,
+    max_attributes: usize,
+}
+
+impl Limits {
+    fn new(cfg: &HttpSourceConfig) -> Limits {
+        Limits {
+            max_events_per_request: cfg.max_events_per_request,
+            // A zero would refuse every request; validation keeps it >= 1.
+            max_concurrent_requests: cfg.max_concurrent_requests.max(1),
+            max_depth: cfg.max_depth,
+            max_attributes: cfg.max_attributes,
+        }
+    }
 }
 
 /// Logs a kind of rejection at `warn` at most once per [`WARN_EVERY`], with
@@ -405,6 +474,43 @@ impl Reject {
         }
     }
 
+    fn busy(max_concurrent_requests: usize) -> Reject {
+        Reject {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "too many concurrent requests",
+            message: format!(
+                "{max_concurrent_requests} ingest requests are already in progress \
+                 (max_concurrent_requests) and none finished within {} s; nothing was stored, retry later",
+                SLOT_WAIT.as_secs()
+            ),
+            index: None,
+        }
+    }
+
+    fn body_timeout() -> Reject {
+        Reject {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "body too slow",
+            message: format!(
+                "the request body did not arrive within {} s; nothing was stored",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+            index: None,
+        }
+    }
+
+    fn too_many_events(max: usize) -> Reject {
+        Reject {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "too many events",
+            message: format!(
+                "request carries more than {max} events (max_events_per_request); \
+                 nothing was stored, send smaller batches"
+            ),
+            index: None,
+        }
+    }
+
     fn too_large(max_body: u64) -> Reject {
         Reject {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -451,22 +557,35 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
     {
         return Err(Reject::too_large(ingest.max_body));
     }
-    let body = match Bytes::from_request(req, &()).await {
-        Ok(body) => body,
-        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+    // 4. A slot, before the body is read: what requests hold in memory is
+    // bounded by the number of slots, not by the number of clients.
+    let _slot = match tokio::time::timeout(SLOT_WAIT, ingest.slots.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        // The semaphore is never closed; either way there is no slot.
+        Ok(Err(_)) | Err(_) => return Err(Reject::busy(ingest.limits.max_concurrent_requests)),
+    };
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, &())).await {
+        Err(_) => return Err(Reject::body_timeout()),
+        Ok(Ok(body)) => body,
+        Ok(Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)))) => {
             return Err(Reject::too_large(ingest.max_body));
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             return Err(Reject::bad_request(
-                format!("cannot read the request body: {}", e.body_text()),
+                format!(
+                    "cannot read the request body: {}",
+                    escape_control(&e.body_text(), QUOTE_MAX)
+                ),
                 None,
             ));
         }
     };
-    // 4. Every event valid, or none stored.
-    let events = parse_events(&body, format, &ingest.name, ingest.class)?;
+    // 5. Every event valid, or none stored.
+    let events = parse_events(&body, format, &ingest.name, ingest.class, &ingest.limits)?;
+    // The events own their bytes: the body need not live through the commit.
+    drop(body);
     let count = events.len();
-    // 5. The commit: only its success is acknowledged.
+    // 6. The commit: only its success is acknowledged.
     match ingest.journal.append(events).await {
         Ok(outcomes) => Ok(ingest.committed(count, &outcomes)),
         Err(e) => Ok(ingest.commit_failed(count, &e)),
@@ -530,7 +649,13 @@ impl Ingest {
         response
     }
 
-    fn rejected(&self, reject: Reject) -> Response {
+    fn rejected(&self, mut reject: Reject) -> Response {
+        // Reasons quote the request: built escaped where they are made, and
+        // bounded once more here so no answer, log line or `last_error`
+        // carries a raw control character or kilobytes of the sender's text.
+        if let Cow::Owned(bounded) = escape_control(&reject.message, MAX_REASON) {
+            reject.message = bounded;
+        }
         self.status.record_reject(1);
         if reject.status != StatusCode::UNAUTHORIZED {
             // The reason of a 401 stays out of the status page as well.
@@ -585,10 +710,13 @@ impl Ingest {
                     ),
                 );
             }
-            StatusCode::PAYLOAD_TOO_LARGE => {
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
                 // The rest of the body may still be on its way: do not try to
                 // keep this connection.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -632,7 +760,10 @@ fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
         "application/cloudevents-batch+json" => Ok(Format::Batch),
         "application/x-ndjson" | "application/ndjson" => Ok(Format::Ndjson),
         "application/json" => Ok(Format::Json),
-        _ => Err(unsupported(&format!("\"{essence}\""))),
+        _ => Err(unsupported(&format!(
+            "\"{}\"",
+            escape_control(essence, QUOTE_MAX)
+        ))),
     }
 }
 
@@ -682,55 +813,130 @@ impl<'de> Deserialize<'de> for AttrName<'de> {
     }
 }
 
-impl<'de> Deserialize<'de> for RawEvent<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawEvent<'de>, D::Error> {
-        struct EventVisitor;
-        impl<'de> Visitor<'de> for EventVisitor {
-            type Value = RawEvent<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a CloudEvent (a JSON object)")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
-                let mut attrs = Vec::with_capacity(8);
-                while let Some(AttrName(key)) = map.next_key::<AttrName<'de>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    attrs.push((key, value));
-                }
-                Ok(RawEvent(attrs))
-            }
+/// Why the parser stopped before the end of the body: a count limit was
+/// reached. Recorded beside the serde error it raises, which then becomes
+/// the limit's own answer rather than "malformed JSON".
+enum Stop {
+    /// More than `max_events_per_request` events.
+    Events,
+    /// An event with more than `max_attributes` attributes; the first name
+    /// past the limit.
+    Attributes(String),
+    /// An event of a batch broke a rule (see [`to_new_event`]).
+    Invalid(String),
+}
+
+/// What the parser of one body shares: the limits, and why it stopped.
+struct ParseState<'l> {
+    limits: &'l Limits,
+    source: &'l str,
+    class: Class,
+    /// The element of a batch being parsed, so that an error can name it.
+    at: std::cell::Cell<Option<usize>>,
+    stop: std::cell::Cell<Option<Stop>>,
+}
+
+impl ParseState<'_> {
+    /// Turns a serde error into an answer: the limit that stopped the parser,
+    /// or the syntax error (which may quote the body: escaped and bounded).
+    fn reject(&self, e: &serde_json::Error, what: &str, index: Option<usize>) -> Reject {
+        match self.stop.take() {
+            Some(Stop::Events) => Reject::too_many_events(self.limits.max_events_per_request),
+            Some(Stop::Invalid(message)) => Reject::bad_request(message, index),
+            Some(Stop::Attributes(name)) => Reject::bad_request(
+                format!(
+                    "event has more than {} attributes (max_attributes); the first one past \
+                     the limit is \"{}\"",
+                    self.limits.max_attributes,
+                    escape_control(&name, QUOTE_MAX)
+                ),
+                index,
+            ),
+            None => Reject::bad_request(
+                format!("{what}: {}", escape_control(&e.to_string(), MAX_REASON / 2)),
+                index,
+            ),
         }
-        d.deserialize_map(EventVisitor)
     }
 }
 
-/// A JSON array of CloudEvents that records which element it is parsing, so
-/// that a syntax error can name the event.
-struct BatchSeed<'a> {
-    at: &'a std::cell::Cell<Option<usize>>,
+/// One CloudEvent, parsed with the attribute limit: it stops at the first
+/// attribute past `max_attributes`, before storing it.
+struct EventSeed<'s, 'l> {
+    state: &'s ParseState<'l>,
 }
 
-impl<'de> DeserializeSeed<'de> for BatchSeed<'_> {
-    type Value = Vec<RawEvent<'de>>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<RawEvent<'de>>, D::Error> {
+impl<'de> DeserializeSeed<'de> for EventSeed<'_, '_> {
+    type Value = RawEvent<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RawEvent<'de>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_, '_> {
+    type Value = RawEvent<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a CloudEvent (a JSON object)")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
+        let max = self.state.limits.max_attributes;
+        let mut attrs = Vec::with_capacity(8);
+        while let Some(AttrName(key)) = map.next_key::<AttrName<'de>>()? {
+            if attrs.len() == max {
+                self.state
+                    .stop
+                    .set(Some(Stop::Attributes(key.into_owned())));
+                return Err(serde::de::Error::custom("too many attributes"));
+            }
+            let value: &'de RawValue = map.next_value()?;
+            attrs.push((key, value));
+        }
+        Ok(RawEvent(attrs))
+    }
+}
+
+/// A JSON array of CloudEvents, mapped one by one as they are parsed (so
+/// that only one event's attribute list exists at a time). Records which
+/// element it is parsing, so that an error can name the event, and stops at
+/// the first event past `max_events_per_request`, before mapping it.
+struct BatchSeed<'s, 'l> {
+    state: &'s ParseState<'l>,
+}
+
+impl<'de> DeserializeSeed<'de> for BatchSeed<'_, '_> {
+    type Value = Vec<NewEvent>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<NewEvent>, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for BatchSeed<'_> {
-    type Value = Vec<RawEvent<'de>>;
+impl<'de> Visitor<'de> for BatchSeed<'_, '_> {
+    type Value = Vec<NewEvent>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON array of CloudEvents")
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<RawEvent<'de>>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<NewEvent>, A::Error> {
+        let state = self.state;
+        let max = state.limits.max_events_per_request;
         let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         loop {
-            self.at.set(Some(events.len()));
-            match seq.next_element::<RawEvent<'de>>()? {
-                Some(event) => events.push(event),
+            state.at.set(Some(events.len()));
+            match seq.next_element_seed(EventSeed { state })? {
+                Some(_) if events.len() == max => {
+                    state.stop.set(Some(Stop::Events));
+                    return Err(serde::de::Error::custom("too many events"));
+                }
+                Some(raw) => match to_new_event(raw, state.source, state.class, state.limits) {
+                    Ok(event) => events.push(event),
+                    Err(message) => {
+                        state.stop.set(Some(Stop::Invalid(message)));
+                        return Err(serde::de::Error::custom("invalid event"));
+                    }
+                },
                 None => break,
             }
         }
-        self.at.set(None);
+        state.at.set(None);
         Ok(events)
     }
 }
@@ -740,11 +946,17 @@ fn no_events() -> Reject {
 }
 
 /// Parses and validates a whole body; the first problem rejects all of it.
+///
+/// The count limits are enforced while parsing (the parser stops at the
+/// first event or attribute past them, so a body of a million tiny events
+/// costs no more than one at the limit), the depth limit on each value's
+/// raw text before anything of it is built.
 fn parse_events(
     body: &[u8],
     format: Format,
     source: &str,
     class: Class,
+    limits: &Limits,
 ) -> Result<Vec<NewEvent>, Reject> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let trimmed = body.trim_ascii_start();
@@ -756,31 +968,37 @@ fn parse_events(
         Format::Json => Format::Single,
         other => other,
     };
+    let state = ParseState {
+        limits,
+        source,
+        class,
+        at: std::cell::Cell::new(None),
+        stop: std::cell::Cell::new(None),
+    };
     let mut events = Vec::new();
     match format {
         Format::Single | Format::Json => {
-            let raw: RawEvent = serde_json::from_slice(body)
-                .map_err(|e| Reject::bad_request(format!("malformed JSON: {e}"), Some(0)))?;
+            let mut de = serde_json::Deserializer::from_slice(body);
+            let raw = EventSeed { state: &state }
+                .deserialize(&mut de)
+                .and_then(|raw| de.end().map(|()| raw))
+                .map_err(|e| state.reject(&e, "malformed JSON", Some(0)))?;
             events.push(
-                to_new_event(raw, source, class).map_err(|m| Reject::bad_request(m, Some(0)))?,
+                to_new_event(raw, source, class, limits)
+                    .map_err(|m| Reject::bad_request(m, Some(0)))?,
             );
         }
         Format::Batch => {
-            let at = std::cell::Cell::new(None);
             let mut de = serde_json::Deserializer::from_slice(body);
-            let raws = BatchSeed { at: &at }
+            events = BatchSeed { state: &state }
                 .deserialize(&mut de)
-                .and_then(|raws| de.end().map(|()| raws))
-                .map_err(|e| Reject::bad_request(format!("malformed JSON: {e}"), at.get()))?;
-            if raws.is_empty() {
+                .and_then(|events| de.end().map(|()| events))
+                .map_err(|e| {
+                    let at = state.at.get();
+                    state.reject(&e, "malformed JSON", at)
+                })?;
+            if events.is_empty() {
                 return Err(no_events());
-            }
-            events.reserve_exact(raws.len());
-            for (i, raw) in raws.into_iter().enumerate() {
-                events.push(
-                    to_new_event(raw, source, class)
-                        .map_err(|m| Reject::bad_request(m, Some(i)))?,
-                );
             }
         }
         Format::Ndjson => {
@@ -789,11 +1007,18 @@ fn parse_events(
                 if line.is_empty() {
                     continue;
                 }
-                let raw: RawEvent = serde_json::from_slice(line).map_err(|e| {
-                    Reject::bad_request(format!("malformed JSON on line {}: {e}", i + 1), Some(i))
-                })?;
+                if events.len() == limits.max_events_per_request {
+                    return Err(Reject::too_many_events(limits.max_events_per_request));
+                }
+                let mut de = serde_json::Deserializer::from_slice(line);
+                let raw = EventSeed { state: &state }
+                    .deserialize(&mut de)
+                    .and_then(|raw| de.end().map(|()| raw))
+                    .map_err(|e| {
+                        state.reject(&e, &format!("malformed JSON on line {}", i + 1), Some(i))
+                    })?;
                 events.push(
-                    to_new_event(raw, source, class)
+                    to_new_event(raw, source, class, limits)
                         .map_err(|m| Reject::bad_request(m, Some(i)))?,
                 );
             }
@@ -863,9 +1088,17 @@ fn repeated_name<'r>(attrs: &'r [(Cow<'_, str>, &RawValue)]) -> Option<&'r str> 
 }
 
 /// Maps one CloudEvent onto a [`NewEvent`] (see the module docs for the rules).
-fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEvent, String> {
+fn to_new_event(
+    raw: RawEvent<'_>,
+    source: &str,
+    class: Class,
+    limits: &Limits,
+) -> Result<NewEvent, String> {
     if let Some(name) = repeated_name(&raw.0) {
-        return Err(format!("attribute \"{name}\" appears more than once"));
+        return Err(format!(
+            "attribute \"{}\" appears more than once",
+            escape_control(name, QUOTE_MAX)
+        ));
     }
 
     let mut id = None;
@@ -892,7 +1125,7 @@ fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEven
                 if json_string(value).as_deref() != Some("1.0") {
                     return Err(format!(
                         "unsupported specversion {}; only \"1.0\" is accepted",
-                        value.get()
+                        escape_control(value.get(), QUOTE_MAX)
                     ));
                 }
             }
@@ -914,13 +1147,23 @@ fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEven
                         return Err(format!(
                             "time \"{}\" is not an RFC 3339 timestamp \
                              (e.g. 2026-11-29T10:00:00Z or 2026-11-29T11:00:00.123+01:00)",
-                            v.escape_debug()
+                            escape_control(&v, QUOTE_MAX)
                         ));
                     }
                     time = Some(v);
                 }
             }
-            "data" => data = Some(value),
+            "data" => {
+                let depth = json_depth(value.get().as_bytes());
+                if depth > limits.max_depth {
+                    return Err(format!(
+                        "attribute \"data\" nests arrays and objects {depth} levels deep; \
+                         at most {} are allowed (max_depth)",
+                        limits.max_depth
+                    ));
+                }
+                data = Some(value);
+            }
             "data_base64" => {
                 let v =
                     json_string(value).ok_or_else(|| "data_base64 must be a string".to_string())?;
@@ -932,15 +1175,22 @@ fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEven
             }
             "source" => {
                 if value.get() != "null" {
+                    check_scalar(&name, value)?;
                     origin = Some(value);
                 }
             }
             "originsource" => {
                 has_originsource = true;
+                check_scalar(&name, value)?;
                 attrs.push((name, value));
             }
             n if RESERVED_ATTRIBUTES.contains(&n) => {}
-            _ => attrs.push((name, value)),
+            // An absent extension and a null one mean the same.
+            _ if value.get() == "null" => {}
+            _ => {
+                check_scalar(&name, value)?;
+                attrs.push((name, value));
+            }
         }
     }
 
@@ -973,6 +1223,22 @@ fn to_new_event(raw: RawEvent<'_>, source: &str, class: Class) -> Result<NewEven
         data,
         attrs,
     })
+}
+
+/// CloudEvents attributes other than `data` are scalars (string, number,
+/// boolean): an object or an array there would travel upstream unchecked
+/// (and, nested deep enough, fail there as a dead letter hours later).
+fn check_scalar(name: &str, value: &RawValue) -> Result<(), String> {
+    let kind = match value.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "attribute \"{}\" is {kind}; CloudEvents attributes other than data must be a string, \
+         number or boolean",
+        escape_control(name, QUOTE_MAX)
+    ))
 }
 
 /// `{"name":<raw value>,...}` in the given order.
@@ -1019,8 +1285,15 @@ fn is_base64(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        max_events_per_request: 100,
+        max_concurrent_requests: 4,
+        max_depth: 8,
+        max_attributes: 300,
+    };
+
     fn parse(body: &str, format: Format) -> Result<Vec<NewEvent>, (String, Option<usize>)> {
-        parse_events(body.as_bytes(), format, "mes", Class::Critical)
+        parse_events(body.as_bytes(), format, "mes", Class::Critical, &LIMITS)
             .map_err(|r| (r.message, r.index))
     }
 
@@ -1172,6 +1445,104 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn the_event_cap_stops_the_parser_in_every_format() {
+        let max = LIMITS.max_events_per_request;
+        let batch = |n: usize| {
+            let events: Vec<String> = (0..n).map(|i| format!("{{\"id\":\"e{i}\"}}")).collect();
+            format!("[{}]", events.join(","))
+        };
+        assert_eq!(parse(&batch(max), Format::Batch).unwrap().len(), max);
+        for body in [batch(max + 1), batch(max * 50)] {
+            let (msg, index) = parse(&body, Format::Batch).unwrap_err();
+            assert!(msg.contains(&format!("more than {max} events (max_events_per_request)")));
+            assert_eq!(index, None);
+        }
+        let ndjson = |n: usize| {
+            (0..n)
+                .map(|i| format!("{{\"id\":\"e{i}\"}}\n"))
+                .collect::<String>()
+        };
+        assert_eq!(parse(&ndjson(max), Format::Ndjson).unwrap().len(), max);
+        let (msg, _) = parse(&ndjson(max + 1), Format::Ndjson).unwrap_err();
+        assert!(msg.contains("max_events_per_request"), "{msg}");
+        // Past the cap the rest is not even read: a syntax error after it
+        // does not change the answer.
+        let (msg, _) = parse(&format!("{}, oops", &batch(max + 1)), Format::Batch).unwrap_err();
+        assert!(msg.contains("max_events_per_request"), "{msg}");
+    }
+
+    #[test]
+    fn depth_attribute_count_and_scalar_extensions_are_checked_per_event() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let ok = format!(r#"{{"id":"a","data":{}}}"#, deep(LIMITS.max_depth));
+        assert_eq!(parse(&ok, Format::Single).unwrap().len(), 1);
+        let body = format!(
+            r#"[{{"id":"a"}},{{"id":"b","data":{{"x":{}}}}}]"#,
+            deep(10_000)
+        );
+        let (msg, index) = parse(&body, Format::Batch).unwrap_err();
+        assert!(
+            msg.contains("\"data\" nests arrays and objects 10001 levels deep"),
+            "{msg}"
+        );
+        assert!(msg.contains("at most 8 are allowed (max_depth)"), "{msg}");
+        assert_eq!(index, Some(1));
+
+        for (value, kind) in [(r#"{"a":1}"#, "an object"), ("[1]", "an array")] {
+            let body = format!(r#"{{"id":"a","plantext":{value}}}"#);
+            let (msg, index) = parse(&body, Format::Single).unwrap_err();
+            assert!(msg.contains(&format!("\"plantext\" is {kind}")), "{msg}");
+            assert_eq!(index, Some(0));
+        }
+        let body = format!(r#"{{"id":"a","source":{}}}"#, deep(10_000));
+        assert!(
+            parse(&body, Format::Single)
+                .unwrap_err()
+                .0
+                .contains("\"source\" is an array")
+        );
+        // A null extension is absent; scalars are kept as sent.
+        let e = parse(
+            r#"{"id":"a","nullext":null,"n":1.5,"b":true}"#,
+            Format::Single,
+        )
+        .unwrap();
+        assert_eq!(e[0].attrs.as_deref(), Some(r#"{"n":1.5,"b":true}"#));
+
+        let many: Vec<String> = (0..100_000).map(|i| format!("\"x{i}\":1")).collect();
+        let body = format!(r#"{{"id":"a",{}}}"#, many.join(","));
+        let (msg, index) = parse(&format!("[{body}]"), Format::Batch).unwrap_err();
+        assert!(
+            msg.contains("more than 300 attributes (max_attributes)"),
+            "{msg}"
+        );
+        assert!(msg.contains("\"x299\""), "{msg}");
+        assert_eq!(index, Some(0));
+    }
+
+    #[test]
+    fn reasons_quoting_the_request_carry_no_control_characters_and_are_bounded() {
+        let forged = "x\\n2026-12-05T08:00:00Z  WARN admin action: journal dropped\\u001b[0m";
+        let body = format!(r#"{{"id":"a","{forged}":1,"{forged}":2}}"#);
+        let (msg, _) = parse(&body, Format::Single).unwrap_err();
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        assert!(msg.contains("x\\n2026-12-05"), "{msg}");
+        assert!(msg.contains("\\x1b"), "{msg}");
+
+        let long = format!("\\n{}", "A".repeat(100_000));
+        for body in [
+            format!(r#"{{"id":"a","{long}":1,"{long}":2}}"#),
+            format!(r#"{{"id":"a","time":"{long}"}}"#),
+            format!(r#"{{"id":"a","specversion":["{long}"]}}"#),
+            format!(r#"[{{"id":"a"}}, "{long}"]"#),
+        ] {
+            let (msg, _) = parse(&body, Format::Json).unwrap_err();
+            assert!(msg.len() < 600, "{} bytes: {}", msg.len(), &msg[..200]);
+            assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{MqttFormat, MqttSourceConfig, OnInvalid};
-use crate::event::{Class, NewEvent, is_rfc3339};
+use crate::event::{Class, DEFAULT_MAX_DEPTH, NewEvent, is_rfc3339, json_depth};
 use crate::sources::sparkplug;
 
 /// CloudEvents `type` of a message whose payload could not be used.
@@ -309,6 +309,16 @@ impl Mapper {
             .payload
             .strip_prefix(b"\xef\xbb\xbf")
             .unwrap_or(&m.payload[..]);
+        // Checked on the raw text before any parse: a payload nested deeper
+        // than upstream parsers accept would pass here and come back hours
+        // later as a dead letter.
+        let depth = json_depth(body);
+        if depth > DEFAULT_MAX_DEPTH {
+            return Err(format!(
+                "payload nests arrays and objects {depth} levels deep; \
+                 at most {DEFAULT_MAX_DEPTH} are accepted"
+            ));
+        }
         let mut id = None;
         let mut time = None;
         if self.id_pointer.is_none() && self.time_pointer.is_none() {
@@ -667,6 +677,29 @@ mod tests {
         assert!(
             matches!(mapper.map(&msg("a", b"{}")), Mapped::Dropped(r) if r.contains("no event id"))
         );
+    }
+
+    #[test]
+    fn json_nested_past_the_depth_limit_becomes_a_rejected_record() {
+        let mut mapper = Mapper::new(&cfg(MqttFormat::Json));
+        let nested = |n: usize| {
+            let text = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+            let payload = Bytes::from(text.into_bytes());
+            Message::new(1, 7, 1, false, "m/p/s".into(), payload, None, 1 << 20)
+        };
+        assert!(matches!(
+            mapper.map(&nested(DEFAULT_MAX_DEPTH)),
+            Mapped::Event(_)
+        ));
+        // 127 deep passes serde_json's own limit here but not upstream,
+        // inside a batch; 10,000 deep must not reach a recursive parser.
+        for n in [DEFAULT_MAX_DEPTH + 1, 127, 10_000] {
+            let Mapped::Rejected(e, reason) = mapper.map(&nested(n)) else {
+                panic!("{n} deep not rejected");
+            };
+            assert!(reason.contains(&format!("{n} levels deep")), "{reason}");
+            assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
+        }
     }
 
     #[test]
