@@ -38,6 +38,10 @@ fn source_config() -> HttpSourceConfig {
         max_concurrent_requests: 4,
         max_depth: 32,
         max_attributes: 64,
+        max_connections: 256,
+        max_connections_per_ip: 64,
+        header_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(60),
     }
 }
 
