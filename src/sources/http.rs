@@ -415,7 +415,7 @@ impl WarnLimiter {
 }
 
 /// A rejected request, before it becomes a response.
-struct Reject {
+pub(crate) struct Reject {
     status: StatusCode,
     /// Short, stable kind for logs and the warning limiter.
     kind: &'static str,
@@ -626,7 +626,7 @@ impl Ingest {
 
 /// What the body holds, by content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     /// One CloudEvent object.
     Single,
     /// A JSON array of CloudEvents.
@@ -637,7 +637,7 @@ enum Format {
     Json,
 }
 
-fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
+pub(crate) fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
     let unsupported = |given: &str| Reject {
         status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
         kind: "unsupported content type",
@@ -768,7 +768,7 @@ fn no_events() -> Reject {
 }
 
 /// Parses and validates a whole body; the first problem rejects all of it.
-fn parse_events(
+pub(crate) fn parse_events(
     body: &[u8],
     format: Format,
     source: &str,
