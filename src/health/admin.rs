@@ -120,6 +120,7 @@ pub(crate) fn parse_since(s: &str) -> Result<SystemTime, String> {
     match humantime::parse_duration(s) {
         Ok(d) => SystemTime::now()
             .checked_sub(d)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
             .ok_or_else(|| format!("since {s:?}: too far in the past")),
         Err(_) => Err(format!(
             "since {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h)"
