@@ -246,6 +246,53 @@ pub fn json_depth(json: &[u8]) -> usize {
     deepest
 }
 
+/// Whether JSON text (already known to be valid JSON) holds a `\uD800`-style
+/// escape that is not half of a surrogate pair: a high surrogate not
+/// followed by `\uDC00`..`\uDFFF`, or a low one standing alone. serde_json
+/// passes such text through a `RawValue` untouched, but it decodes to no
+/// Unicode string: strict readers upstream (serde_json into a `String`,
+/// among others) refuse the whole batch that carries it, so it must be
+/// refused at ingest, before the ack.
+///
+/// A backslash can only occur inside a string in valid JSON, so every
+/// backslash starts an escape and no string tracking is needed.
+pub fn json_lone_surrogate(json: &[u8]) -> bool {
+    let hex4 = |at: usize| -> Option<u32> {
+        let digits = json.get(at..at + 4)?;
+        let text = std::str::from_utf8(digits).ok()?;
+        u32::from_str_radix(text, 16).ok()
+    };
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if json.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        let Some(unit) = hex4(i + 2) else {
+            return true;
+        };
+        i += 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = (json.get(i) == Some(&b'\\') && json.get(i + 1) == Some(&b'u'))
+                    .then(|| hex4(i + 2))
+                    .flatten();
+                match low {
+                    Some(0xDC00..=0xDFFF) => i += 6,
+                    _ => return true,
+                }
+            }
+            0xDC00..=0xDFFF => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// RFC 3339 `date-time`: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with a
 /// real calendar date (`T` and `Z` in either case, a leap second allowed).
 /// The one check of source-given event times, for every source.
@@ -309,6 +356,20 @@ pub fn is_rfc3339(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_surrogate_escapes_are_found_and_pairs_are_not() {
+        assert!(!json_lone_surrogate(br#"{"a":"plain","b":[1,2]}"#));
+        assert!(!json_lone_surrogate(br#""\ud83d\ude00""#));
+        assert!(!json_lone_surrogate(br#""\\ud800""#), "an escaped backslash, then text");
+        assert!(!json_lone_surrogate(br#""\u00e9\n\"""#));
+        assert!(json_lone_surrogate(br#"{"qt\ud800y":5}"#));
+        assert!(json_lone_surrogate(br#""\ud800""#));
+        assert!(json_lone_surrogate(br#""\ud800\u0041""#));
+        assert!(json_lone_surrogate(br#""\udc00\ud800""#));
+        assert!(json_lone_surrogate(br#""x\uDFFF""#));
+        assert!(json_lone_surrogate(br#""\ud800\"#), "cut short");
+    }
 
     #[test]
     fn json_depth_counts_nesting_outside_strings() {

@@ -18,12 +18,15 @@
 //! - [`text`]: outside text made safe to quote in answers, `last_error`, logs and CLI output: control characters escaped, length bounded.
 //! - [`tls`]: rustls set-up shared by every listener and client (one crypto provider: ring).
 //! - [`demo`]: `plantrelay demo` and the embedded upstream receiver it (and the tests) use.
+//! - `fuzzing`: entry points for the fuzz targets in `fuzz/`; not an API.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod journal;
 pub mod logging;

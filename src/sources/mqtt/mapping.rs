@@ -15,7 +15,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::{MqttFormat, MqttSourceConfig, OnInvalid};
-use crate::event::{Class, DEFAULT_MAX_DEPTH, NewEvent, is_rfc3339, json_depth};
+use crate::event::{
+    Class, DEFAULT_MAX_DEPTH, NewEvent, is_rfc3339, json_depth, json_lone_surrogate,
+};
 use crate::sources::sparkplug;
 
 /// CloudEvents `type` of a message whose payload could not be used.
@@ -333,6 +335,14 @@ impl Mapper {
             if let Some(ptr) = &self.time_pointer {
                 time = time_at(&doc, ptr)?;
             }
+        }
+        // Checked once the parse above has shown it is JSON: a lone
+        // surrogate escape passes a parse that skips strings, but not the
+        // strict readers upstream.
+        if json_lone_surrogate(body) {
+            return Err("payload holds a \\u escape of half a surrogate pair (e.g. \\ud800 \
+                        alone), which is no Unicode text"
+                .to_string());
         }
         let id = id.unwrap_or_else(|| content_id(&m.topic, &m.payload, m.properties.as_ref()));
         Ok(NewEvent {

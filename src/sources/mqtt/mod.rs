@@ -77,7 +77,7 @@
 //!   system store otherwise); `client_cert`/`client_key` for mutual TLS.
 
 mod link;
-mod mapping;
+pub(crate) mod mapping;
 
 use std::collections::HashMap;
 use std::io;
