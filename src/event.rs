@@ -361,7 +361,10 @@ mod tests {
     fn lone_surrogate_escapes_are_found_and_pairs_are_not() {
         assert!(!json_lone_surrogate(br#"{"a":"plain","b":[1,2]}"#));
         assert!(!json_lone_surrogate(br#""\ud83d\ude00""#));
-        assert!(!json_lone_surrogate(br#""\\ud800""#), "an escaped backslash, then text");
+        assert!(
+            !json_lone_surrogate(br#""\\ud800""#),
+            "an escaped backslash, then text"
+        );
         assert!(!json_lone_surrogate(br#""\u00e9\n\"""#));
         assert!(json_lone_surrogate(br#"{"qt\ud800y":5}"#));
         assert!(json_lone_surrogate(br#""\ud800""#));

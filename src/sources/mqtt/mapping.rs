@@ -340,9 +340,11 @@ impl Mapper {
         // surrogate escape passes a parse that skips strings, but not the
         // strict readers upstream.
         if json_lone_surrogate(body) {
-            return Err("payload holds a \\u escape of half a surrogate pair (e.g. \\ud800 \
+            return Err(
+                "payload holds a \\u escape of half a surrogate pair (e.g. \\ud800 \
                         alone), which is no Unicode text"
-                .to_string());
+                    .to_string(),
+            );
         }
         let id = id.unwrap_or_else(|| content_id(&m.topic, &m.payload, m.properties.as_ref()));
         Ok(NewEvent {
@@ -710,6 +712,24 @@ mod tests {
             assert!(reason.contains(&format!("{n} levels deep")), "{reason}");
             assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
         }
+    }
+
+    #[test]
+    fn json_with_a_lone_surrogate_escape_becomes_a_rejected_record() {
+        let mut mapper = Mapper::new(&cfg(MqttFormat::Json));
+        let message = |text: &str| {
+            let payload = Bytes::from(text.as_bytes().to_vec());
+            Message::new(1, 7, 1, false, "m/p/s".into(), payload, None, 1 << 20)
+        };
+        let Mapped::Rejected(e, reason) = mapper.map(&message(r#"{"qt\ud800y":5}"#)) else {
+            panic!("a lone surrogate was not rejected");
+        };
+        assert!(reason.contains("half a surrogate pair"), "{reason}");
+        assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
+        assert!(matches!(
+            mapper.map(&message(r#"{"smile":"\ud83d\ude00"}"#)),
+            Mapped::Event(_)
+        ));
     }
 
     #[test]
