@@ -322,14 +322,17 @@ async fn births_to_sixty_edge_nodes_with_ten_thousand_aliases_each_keep_memory_b
         "every birth is journaled (each is within the per-message limits)"
     );
     assert_good_node_complete(&events, expected);
-    // The alias tables are held to 64 MiB (counted approximately); with
-    // the decoding of one birth at a time on top, 160 MiB is the bound.
+    // The alias tables are held to 64 MiB (counted approximately); the
+    // decoding of one birth at a time, its journal write and what the
+    // allocator keeps of both come on top (measured: +142 MiB in a debug
+    // build), so 192 MiB is the bound. Without the bound the tables alone
+    // grew by over 400 MiB for 30 births and never gave it back.
     assert!(
-        rss - before_rss < 160.0,
+        rss - before_rss < 192.0,
         "VmRSS {rss:.1} MiB, {:.1} MiB over the {before_rss:.1} MiB before the births",
         rss - before_rss
     );
-    assert!(hwm - before_rss < 200.0, "VmHWM {hwm:.1} MiB");
+    assert!(hwm - before_rss < 240.0, "VmHWM {hwm:.1} MiB");
 }
 
 /// The OPC UA source's queue to the journal: async-opcua acknowledges
