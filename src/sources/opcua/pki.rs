@@ -96,14 +96,16 @@ pub fn parse_fingerprint(s: &str) -> Result<String, String> {
     Ok(norm)
 }
 
-/// `AA:BB:…` (colons optional, any case) equals a lowercase hex fingerprint.
+/// `AA:BB:…` (colons optional, any case) equals a lowercase hex fingerprint,
+/// whole: a prefix pins nothing, since a certificate made to match a short
+/// prefix is cheap.
 pub fn fingerprint_eq(configured: &str, hex: &str) -> bool {
     let norm: String = configured
         .chars()
         .filter(|c| *c != ':')
         .map(|c| c.to_ascii_lowercase())
         .collect();
-    !norm.is_empty() && (hex.starts_with(&norm) && norm.len() >= 8 || norm == hex)
+    !norm.is_empty() && norm == hex
 }
 
 fn file_name(der: &[u8]) -> Result<String, String> {
@@ -203,6 +205,8 @@ mod tests {
         assert!(fingerprint_eq(&hex, &hex));
         assert!(!fingerprint_eq(&sha256_hex(b"y"), &hex));
         assert!(!fingerprint_eq("", &hex));
+        assert!(!fingerprint_eq(&hex[..8], &hex), "a prefix is no pin");
+        assert!(!fingerprint_eq(&hex[..63], &hex));
     }
 
     #[test]
