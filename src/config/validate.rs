@@ -28,6 +28,10 @@ const MAX_DEDUP_IDS: usize = 100_000_000;
 const MAX_BATCH_EVENTS: usize = 100_000;
 /// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
 const MAX_MQTT_INFLIGHT: usize = 65_535;
+/// Upper bound of `journal.commit_window`: every ack may wait this long.
+const MAX_COMMIT_WINDOW: Duration = Duration::from_millis(100);
+/// Upper bound of a sink's `batch_linger`: delivery may wait this long.
+const MAX_BATCH_LINGER: Duration = Duration::from_secs(10);
 /// Placeholders a sink topic or subject template may use.
 const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
 
@@ -238,6 +242,27 @@ fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
             format!(
                 "must be at most {MAX_DEDUP_IDS} (its index takes 12 bytes per id, allocated at start), got {}",
                 journal.dedup_max_ids
+            ),
+        );
+    }
+    at_most(
+        issues,
+        "journal.commit_window".into(),
+        journal.commit_window,
+        MAX_COMMIT_WINDOW,
+        "every source ack may wait this long",
+    );
+}
+
+/// A duration key that must not pass `max` (the message names both).
+fn at_most(issues: &mut Issues<'_>, path: String, value: Duration, max: Duration, why: &str) {
+    if value > max {
+        issues.push(
+            path,
+            format!(
+                "must be between 0s and {} ({why}), got {}",
+                humantime::format_duration(max),
+                humantime::format_duration(value)
             ),
         );
     }
@@ -469,6 +494,13 @@ fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
     if s.batch_max_bytes == 0 {
         issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
     }
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        s.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
     issues.retry(p, s.retry_initial, s.retry_max);
 }
 
