@@ -50,6 +50,9 @@ const WINDOW_ENOUGH_EVENTS: usize = 32;
 /// ... or once the events gathered fill this many bytes (a few pages):
 /// waiting longer no longer saves page writes.
 const WINDOW_ENOUGH_BYTES: u64 = 16 * 1024;
+/// The shortest quiet time that ends a commit window early (see
+/// `CommitWindow::gather`).
+const WINDOW_QUIET: Duration = Duration::from_millis(2);
 
 pub(crate) struct WriterState {
     conn: Connection,
@@ -390,6 +393,39 @@ impl WriterState {
                 streams.entry(source).or_default().insert(stream, v);
             }
         }
+        // Counters the table does not hold yet (only the rows after
+        // `streams_through` do) are written with the next flush: it moves
+        // `streams_through` past those rows.
+        let mut dirty_streams: HashMap<String, HashSet<String>> = HashMap::new();
+        {
+            let mut st = conn
+                .prepare("SELECT source, stream, last_seq FROM streams")
+                .map_err(e)?;
+            let mut in_table: HashMap<(String, String), u64> = HashMap::new();
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?.max(0) as u64,
+                    ))
+                })
+                .map_err(e)?;
+            for row in rows {
+                let (source, stream, v) = row.map_err(e)?;
+                in_table.insert((source, stream), v);
+            }
+            for (source, heads) in &streams {
+                for (stream, v) in heads {
+                    if in_table.get(&(source.clone(), stream.clone())) != Some(v) {
+                        dirty_streams
+                            .entry(source.clone())
+                            .or_default()
+                            .insert(stream.clone());
+                    }
+                }
+            }
+        }
         let mut cursors = HashMap::new();
         {
             let mut st = conn.prepare("SELECT sink, seq FROM cursors").map_err(e)?;
@@ -450,7 +486,7 @@ impl WriterState {
             recent_evictions: VecDeque::new(),
             relaxed_sync: false,
             unsynced_cursors: false,
-            dirty_streams: HashMap::new(),
+            dirty_streams,
             streams_flushed_at: Instant::now(),
             events_since_flush: 0,
             flushing_streams: false,
@@ -1666,6 +1702,10 @@ struct CommitWindow {
     len: Duration,
     /// Drives the timed receive; the writer thread is no runtime worker.
     rt: tokio::runtime::Runtime,
+    /// When the last batch of appends began, and the mean time between
+    /// such beginnings (a moving average).
+    last_start: Option<tokio::time::Instant>,
+    spacing: Option<Duration>,
 }
 
 impl CommitWindow {
@@ -1679,7 +1719,12 @@ impl CommitWindow {
             .enable_time()
             .build()
         {
-            Ok(rt) => Some(CommitWindow { len, rt }),
+            Ok(rt) => Some(CommitWindow {
+                len,
+                rt,
+                last_start: None,
+                spacing: None,
+            }),
             Err(e) => {
                 warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
                 None
@@ -1692,22 +1737,52 @@ impl CommitWindow {
     /// request must not wait: a forwarder has one batch in flight, and its
     /// drain rate is one batch per commit), when it already holds enough
     /// events to fill a few pages (under load: group commit as before),
-    /// and at shutdown.
+    /// and at shutdown. Once two or more requests are in, it also ends
+    /// when none arrives for four times their mean spacing (at least
+    /// [`WINDOW_QUIET`]): appenders that each wait for their answer before
+    /// sending more (a source's batch loop) have all arrived by then, and
+    /// waiting longer would only delay them. Nor does a batch wait when
+    /// batches of appends begin more than two windows apart (or when there
+    /// is no history yet, just after start): under so thin a trickle the
+    /// window would rarely gather a second request.
     fn gather(
-        &self,
+        &mut self,
         rx: &mut mpsc::Receiver<Request>,
         batch: &mut Vec<Request>,
         maintain: &mut bool,
         shutdown: &mut Option<oneshot::Sender<()>>,
     ) {
-        let deadline = tokio::time::Instant::now() + self.len;
+        if !window_applies(batch) {
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        let spacing = self.last_start.map(|t| start - t);
+        self.last_start = Some(start);
+        self.spacing = match (self.spacing, spacing) {
+            (Some(avg), Some(s)) => Some((avg * 3 + s.min(self.len * 100)) / 4),
+            (None, s) => s,
+            (avg, None) => avg,
+        };
+        if self.spacing.is_none_or(|s| s > self.len * 2) {
+            return;
+        }
+        let deadline = start + self.len;
+        let mut last = start;
         loop {
             if !window_applies(batch) {
                 return;
             }
+            let until = match u32::try_from(batch.len()) {
+                Ok(n) if n >= 2 => {
+                    let spacing = (last - start) / (n - 1);
+                    deadline.min(last + (spacing * 4).max(WINDOW_QUIET))
+                }
+                _ => deadline,
+            };
             let next = self
                 .rt
-                .block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+                .block_on(async { tokio::time::timeout_at(until, rx.recv()).await });
+            last = tokio::time::Instant::now();
             match next {
                 Ok(Some(Request::Maintain)) => *maintain = true,
                 Ok(Some(Request::Shutdown { reply })) => {
@@ -1748,7 +1823,7 @@ pub(crate) struct Signals {
 
 pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
-    let window = CommitWindow::new(state.opts.commit_window);
+    let mut window = CommitWindow::new(state.opts.commit_window);
     loop {
         state
             .stats
@@ -1790,7 +1865,7 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
             }
         }
         if shutdown.is_none()
-            && let Some(window) = &window
+            && let Some(window) = &mut window
         {
             window.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
         }
