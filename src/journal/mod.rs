@@ -50,9 +50,12 @@
 //! fsync and one page write for several events). The window ends early when
 //! the batch already holds a few pages' worth of events (under load group
 //! commit works as it always did), when anything but an append is queued
-//! (cursor moves never wait), and at shutdown. Callers are answered after
-//! the commit as always: the window only delays the ack, by at most its
-//! length.
+//! (cursor moves never wait), when the appenders that answer-then-send have
+//! all come in, and at shutdown; it is shortened to what the current rate
+//! needs to fill a batch (so a source with a bounded number of unacked
+//! messages is never held below its rate), and skipped when batches come
+//! more than two windows apart. Callers are answered after the commit as
+//! always: the window only delays the ack, by at most its length.
 //!
 //! A transaction of cursor moves alone skips the fsync under `"full"`: a
 //! move lost to power failure only sends acknowledged events again (the

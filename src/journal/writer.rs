@@ -1706,6 +1706,8 @@ struct CommitWindow {
     /// such beginnings (a moving average).
     last_start: Option<tokio::time::Instant>,
     spacing: Option<Duration>,
+    /// Events per committed batch of appends (a moving average).
+    events: Option<f64>,
 }
 
 impl CommitWindow {
@@ -1724,6 +1726,7 @@ impl CommitWindow {
                 rt,
                 last_start: None,
                 spacing: None,
+                events: None,
             }),
             Err(e) => {
                 warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
@@ -1744,7 +1747,11 @@ impl CommitWindow {
     /// waiting longer would only delay them. Nor does a batch wait when
     /// batches of appends begin more than two windows apart (or when there
     /// is no history yet, just after start): under so thin a trickle the
-    /// window would rarely gather a second request.
+    /// window would rarely gather a second request. And it never waits
+    /// longer than, at the rate appends arrive, it takes to gather
+    /// [`WINDOW_ENOUGH_EVENTS`]: a source with a bounded number of
+    /// unacknowledged messages (MQTT `max_inflight`) could otherwise send no
+    /// faster than that number per window.
     fn gather(
         &mut self,
         rx: &mut mpsc::Receiver<Request>,
@@ -1752,7 +1759,7 @@ impl CommitWindow {
         maintain: &mut bool,
         shutdown: &mut Option<oneshot::Sender<()>>,
     ) {
-        if !window_applies(batch) {
+        if batch.is_empty() || !batch.iter().all(|r| matches!(r, Request::Append { .. })) {
             return;
         }
         let start = tokio::time::Instant::now();
@@ -1763,14 +1770,24 @@ impl CommitWindow {
             (None, s) => s,
             (avg, None) => avg,
         };
-        if self.spacing.is_none_or(|s| s > self.len * 2) {
+        let Some(spacing) = self
+            .spacing
+            .filter(|s| *s <= self.len * 2 && window_applies(batch))
+        else {
+            self.count(batch);
             return;
-        }
-        let deadline = start + self.len;
+        };
+        let len = match self.events {
+            Some(per_batch) if per_batch > 0.0 => self
+                .len
+                .min(spacing.mul_f64(WINDOW_ENOUGH_EVENTS as f64 / per_batch)),
+            _ => self.len,
+        };
+        let deadline = start + len;
         let mut last = start;
         loop {
             if !window_applies(batch) {
-                return;
+                break;
             }
             let until = match u32::try_from(batch.len()) {
                 Ok(n) if n >= 2 => {
@@ -1787,13 +1804,20 @@ impl CommitWindow {
                 Ok(Some(Request::Maintain)) => *maintain = true,
                 Ok(Some(Request::Shutdown { reply })) => {
                     *shutdown = Some(reply);
-                    return;
+                    break;
                 }
                 Ok(Some(other)) => batch.push(other),
                 // Closed (the journal is going away) or the window passed.
-                Ok(None) | Err(_) => return,
+                Ok(None) | Err(_) => break,
             }
         }
+        self.count(batch);
+    }
+
+    /// Keeps the moving average of events per batch.
+    fn count(&mut self, batch: &[Request]) {
+        let n = batch.iter().map(event_count).sum::<usize>() as f64;
+        self.events = Some(self.events.map_or(n, |avg| (avg * 3.0 + n) / 4.0));
     }
 }
 
