@@ -411,3 +411,41 @@ async fn full_batches_and_a_backlog_go_out_without_lingering() {
     assert!(h.receiver.verdict().is_complete_and_ordered());
     running.shutdown().await;
 }
+
+#[test]
+fn commit_window_and_batch_linger_beyond_their_bounds_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plantrelay.toml");
+    std::fs::write(
+        &file,
+        r#"
+[agent]
+id = "gw-test"
+state_dir = "state"
+
+[journal]
+commit_window = "200ms"
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+
+[[sinks.https]]
+name = "central"
+url = "https://ingest.example.com/v1/events"
+batch_linger = "11s"
+"#,
+    )
+    .unwrap();
+    let err = plantrelay::config::Config::load(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("journal.commit_window") && err.contains("between 0s and 100ms"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sinks.https[0].batch_linger") && err.contains("between 0s and 10s"),
+        "{err}"
+    );
+}
