@@ -89,6 +89,7 @@ pub fn journal_options(config: &Config) -> JournalOptions {
         dedup_window: j.dedup_window,
         dedup_max_ids: j.dedup_max_ids,
         block_timeout: j.block_timeout,
+        commit_window: j.commit_window,
         sinks: config.sink_names().into_iter().map(String::from).collect(),
     }
 }

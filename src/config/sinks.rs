@@ -55,6 +55,14 @@ pub struct HttpsSinkConfig {
     /// outage; `0` = unlimited. Default: `0`.
     #[serde(default)]
     pub max_events_per_sec: u32,
+    /// How long a batch smaller than `batch_max_events` waits for more
+    /// events, counted from its oldest event's arrival, 0 to 10s; `"0s"`
+    /// sends whatever is there at once. A full batch, and an event already
+    /// this old (a backlog after an outage), never wait. Fewer, larger
+    /// requests and cursor writes under light traffic, for at most this
+    /// much delivery delay. Default: `"250ms"`.
+    #[serde(default = "default_batch_linger", deserialize_with = "units::duration")]
+    pub batch_linger: Duration,
     /// First retry delay after a failed batch (doubles, with jitter, up to
     /// `retry_max`). Default: `"500ms"`.
     #[serde(
@@ -204,6 +212,9 @@ fn default_10s() -> Duration {
 }
 fn default_60s() -> Duration {
     Duration::from_secs(60)
+}
+fn default_batch_linger() -> Duration {
+    crate::sinks::DEFAULT_BATCH_LINGER
 }
 fn default_500ms() -> Duration {
     Duration::from_millis(500)

@@ -41,6 +41,10 @@ const HTTP_MAX_DEPTH: (usize, usize) = (1, crate::event::MAX_DEPTH_LIMIT);
 /// Bounds of `sources.http.max_attributes`: the CloudEvents core attributes
 /// alone are ten.
 const HTTP_MAX_ATTRIBUTES: (usize, usize) = (16, 1024);
+/// Upper bound of `journal.commit_window`: every ack may wait this long.
+const MAX_COMMIT_WINDOW: Duration = Duration::from_millis(100);
+/// Upper bound of a sink's `batch_linger`: delivery may wait this long.
+const MAX_BATCH_LINGER: Duration = Duration::from_secs(10);
 /// Placeholders a sink topic or subject template may use.
 const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
 
@@ -290,6 +294,27 @@ fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
             format!(
                 "must be at most {MAX_DEDUP_IDS} (its index takes 12 bytes per id, allocated at start), got {}",
                 journal.dedup_max_ids
+            ),
+        );
+    }
+    at_most(
+        issues,
+        "journal.commit_window".into(),
+        journal.commit_window,
+        MAX_COMMIT_WINDOW,
+        "every source ack may wait this long",
+    );
+}
+
+/// A duration key that must not pass `max` (the message names both).
+fn at_most(issues: &mut Issues<'_>, path: String, value: Duration, max: Duration, why: &str) {
+    if value > max {
+        issues.push(
+            path,
+            format!(
+                "must be between 0s and {} ({why}), got {}",
+                humantime::format_duration(max),
+                humantime::format_duration(value)
             ),
         );
     }
@@ -621,6 +646,13 @@ fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
     if s.batch_max_bytes == 0 {
         issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
     }
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        s.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
     issues.retry(p, s.retry_initial, s.retry_max);
 }
 

@@ -73,6 +73,17 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 2: `streams` and `meta.last_seq` are written about once a second, not
+    // with every commit; `meta.streams_through` is the seq they were last
+    // written at, and the rows after it hold the rest (see the writer's
+    // `load`). Schema 1 wrote them with every commit, so its tables are
+    // current through the head. A plantrelay that knows only schema 1
+    // refuses the file rather than reuse stream sequences.
+    r#"
+    INSERT OR REPLACE INTO meta(key, value) VALUES ('streams_through', max(
+        coalesce((SELECT max(seq) FROM events), 0),
+        coalesce((SELECT value FROM meta WHERE key = 'last_seq'), 0)));
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -304,14 +315,19 @@ fn salvage(path: &Path) -> Option<Salvage> {
         .ok()
         .flatten();
     let last_seq = from_meta.into_iter().chain(from_rows).max()?;
-    let streams = conn
-        .prepare("SELECT source, stream, last_seq FROM streams")
-        .and_then(|mut st| {
+    let heads = |sql: &str| {
+        conn.prepare(sql).and_then(|mut st| {
             st.query_map([], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
             })?
             .collect::<Result<Vec<_>, _>>()
         })
+    };
+    // The table is written about once a second; the rows after
+    // `streams_through` hold the newer heads. When those cannot be read,
+    // the table alone is better than nothing.
+    let streams = heads(STREAM_HEADS)
+        .or_else(|_| heads("SELECT source, stream, last_seq FROM streams"))
         .unwrap_or_default();
     Some(Salvage {
         last_seq: last_seq.max(0) as u64,
@@ -353,6 +369,18 @@ fn seed_after_quarantine(
     .map_err(|e| sqlite_err(path, e))?;
     tx.commit().map_err(|e| sqlite_err(path, e))
 }
+
+/// Every stream's last stream sequence: the `streams` table, raised by the
+/// rows committed after it was last written (`meta.streams_through`).
+/// Gap rows and retried dead letters carry stream sequences at or below
+/// their stream's head, so they never raise it.
+pub(crate) const STREAM_HEADS: &str = "SELECT source, stream, max(last_seq) FROM (
+        SELECT source, stream, last_seq FROM streams
+        UNION ALL
+        SELECT source, stream, max(stream_seq) FROM events
+        WHERE seq > coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)
+        GROUP BY source, stream
+    ) GROUP BY source, stream";
 
 /// Opens a connection for reading only (forwarders, status, CLI).
 pub fn open_reader(path: &Path) -> Result<Connection, JournalError> {

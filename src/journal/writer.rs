@@ -7,17 +7,19 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 // foldhash, not SipHash: stream keys are looked up several times per event.
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
-use super::schema::{STARTUP_CACHE_KIB, WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err};
+use super::schema::{
+    STARTUP_CACHE_KIB, STREAM_HEADS, WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err,
+};
 use super::{
     AppendOutcome, AppendReply, JournalError, JournalOptions, Request, RewindTo, SharedStats,
     SyncMode, WhenFull, unix_micros,
@@ -33,6 +35,24 @@ const EVICTION_CHUNK: i64 = 2_048;
 /// Per-row overhead on disk beyond the accounted event size (row header,
 /// integer columns, B-tree cell).
 const ROW_OVERHEAD: u64 = 64;
+/// The `streams` table and `meta.last_seq` are written with an event commit
+/// once this long has passed since they last were (or after
+/// [`STREAMS_FLUSH_EVENTS`] events), not with every commit: under a trickle
+/// they were two of the three pages each commit wrote. Start-up reads the
+/// rows committed since (see [`STREAM_HEADS`]), so this bounds that scan.
+const STREAMS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const STREAMS_FLUSH_EVENTS: u64 = 65_536;
+/// A commit window ends early once this many events are gathered: a
+/// source with this many waiting is batching by itself, and holding its
+/// acks longer would only cap its rate (a source with `max_inflight`
+/// unacknowledged messages cannot send more until they are acked).
+const WINDOW_ENOUGH_EVENTS: usize = 32;
+/// ... or once the events gathered fill this many bytes (a few pages):
+/// waiting longer no longer saves page writes.
+const WINDOW_ENOUGH_BYTES: u64 = 16 * 1024;
+/// The shortest quiet time that ends a commit window early (see
+/// `CommitWindow::gather`).
+const WINDOW_QUIET: Duration = Duration::from_millis(2);
 
 pub(crate) struct WriterState {
     conn: Connection,
@@ -64,6 +84,15 @@ pub(crate) struct WriterState {
     relaxed_sync: bool,
     /// Cursor moves committed without an fsync since the last one.
     unsynced_cursors: bool,
+    /// Streams whose counters changed since the `streams` table was last
+    /// written.
+    dirty_streams: HashMap<String, HashSet<String>>,
+    /// When the `streams` table was last written, and events stored since.
+    streams_flushed_at: Instant,
+    events_since_flush: u64,
+    /// The current transaction writes the `streams` table: `dirty_streams`
+    /// is cleared once it commits.
+    flushing_streams: bool,
 }
 
 /// One committed eviction round: the eviction count before and after it,
@@ -349,9 +378,7 @@ impl WriterState {
 
         let mut streams: HashMap<String, HashMap<String, u64>> = HashMap::new();
         {
-            let mut st = conn
-                .prepare("SELECT source, stream, last_seq FROM streams")
-                .map_err(e)?;
+            let mut st = conn.prepare(STREAM_HEADS).map_err(e)?;
             let rows = st
                 .query_map([], |r| {
                     Ok((
@@ -364,6 +391,39 @@ impl WriterState {
             for row in rows {
                 let (source, stream, v) = row.map_err(e)?;
                 streams.entry(source).or_default().insert(stream, v);
+            }
+        }
+        // Counters the table does not hold yet (only the rows after
+        // `streams_through` do) are written with the next flush: it moves
+        // `streams_through` past those rows.
+        let mut dirty_streams: HashMap<String, HashSet<String>> = HashMap::new();
+        {
+            let mut st = conn
+                .prepare("SELECT source, stream, last_seq FROM streams")
+                .map_err(e)?;
+            let mut in_table: HashMap<(String, String), u64> = HashMap::new();
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?.max(0) as u64,
+                    ))
+                })
+                .map_err(e)?;
+            for row in rows {
+                let (source, stream, v) = row.map_err(e)?;
+                in_table.insert((source, stream), v);
+            }
+            for (source, heads) in &streams {
+                for (stream, v) in heads {
+                    if in_table.get(&(source.clone(), stream.clone())) != Some(v) {
+                        dirty_streams
+                            .entry(source.clone())
+                            .or_default()
+                            .insert(stream.clone());
+                    }
+                }
             }
         }
         let mut cursors = HashMap::new();
@@ -426,6 +486,10 @@ impl WriterState {
             recent_evictions: VecDeque::new(),
             relaxed_sync: false,
             unsynced_cursors: false,
+            dirty_streams,
+            streams_flushed_at: Instant::now(),
+            events_since_flush: 0,
+            flushing_streams: false,
         };
         state.refresh_used().map_err(e)?;
         Ok(state)
@@ -670,6 +734,7 @@ impl WriterState {
                     // This commit's fsync covered every WAL frame before it.
                     self.unsynced_cursors = false;
                 }
+                self.streams_committed();
                 if self.next_seq != undo.next_seq {
                     signals.committed.send_replace(self.next_seq - 1);
                 }
@@ -686,6 +751,7 @@ impl WriterState {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.flushing_streams = false;
                 error!(error = %e, "journal commit failed: nothing of this batch was stored");
                 super::stats_set_error(&self.stats, &e);
                 self.rollback(undo);
@@ -878,34 +944,73 @@ impl WriterState {
     }
 
     fn finish_batch(&mut self, undo: &Undo, duplicates: u64) -> Result<(), JournalError> {
-        let conn = &self.conn;
-        let e = |e| sqlite_err(&self.path, e);
-        if !undo.streams.is_empty() {
-            let mut st = conn
-                .prepare_cached(
-                    "INSERT INTO streams(source, stream, last_seq) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(source, stream) DO UPDATE SET last_seq = excluded.last_seq",
-                )
-                .map_err(e)?;
-            for (source, touched) in &undo.streams {
-                for stream in touched.keys() {
-                    let last = self
-                        .streams
-                        .get(source)
-                        .and_then(|m| m.get(stream))
-                        .copied()
-                        .unwrap_or(0);
-                    st.execute(params![source, stream, last as i64])
-                        .map_err(e)?;
+        for (source, touched) in &undo.streams {
+            let dirty = match self.dirty_streams.get_mut(source) {
+                Some(d) => d,
+                None => self.dirty_streams.entry(source.clone()).or_default(),
+            };
+            for stream in touched.keys() {
+                if !dirty.contains(stream) {
+                    dirty.insert(stream.clone());
                 }
             }
-            meta_set(conn, "last_seq", (self.next_seq - 1) as i64).map_err(e)?;
-            meta_set(conn, "last_recv_us", self.last_recv_us).map_err(e)?;
+        }
+        self.events_since_flush += self.next_seq - undo.next_seq;
+        self.flushing_streams = false;
+        if !self.dirty_streams.is_empty()
+            && (self.events_since_flush >= STREAMS_FLUSH_EVENTS
+                || self.streams_flushed_at.elapsed() >= STREAMS_FLUSH_INTERVAL)
+        {
+            self.write_streams().map_err(|e| self.err(e))?;
         }
         if duplicates > 0 {
-            meta_add(conn, "duplicates", duplicates as i64).map_err(e)?;
+            meta_add(&self.conn, "duplicates", duplicates as i64).map_err(|e| self.err(e))?;
         }
         Ok(())
+    }
+
+    /// Writes the changed stream counters, `last_seq` and `last_recv_us`
+    /// in the open transaction, and where they are current
+    /// (`streams_through`). Every transaction that deletes rows calls it
+    /// first: the rows after `streams_through` are the only record of the
+    /// newest counters, so they must never go before the table has them.
+    fn write_streams(&mut self) -> rusqlite::Result<()> {
+        let conn = &self.conn;
+        {
+            let mut st = conn.prepare_cached(
+                "INSERT INTO streams(source, stream, last_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(source, stream) DO UPDATE SET last_seq = excluded.last_seq",
+            )?;
+            for (source, touched) in &self.dirty_streams {
+                let Some(heads) = self.streams.get(source) else {
+                    continue;
+                };
+                for stream in touched {
+                    // A stream rolled back to before its first event has no
+                    // counter and no row to write.
+                    if let Some(last) = heads.get(stream) {
+                        st.execute(params![source, stream, *last as i64])?;
+                    }
+                }
+            }
+        }
+        let head = (self.next_seq - 1) as i64;
+        meta_set(conn, "last_seq", head)?;
+        meta_set(conn, "last_recv_us", self.last_recv_us)?;
+        meta_set(conn, "streams_through", head)?;
+        self.flushing_streams = true;
+        Ok(())
+    }
+
+    /// After a commit: what the transaction wrote of the stream counters
+    /// is on disk.
+    fn streams_committed(&mut self) {
+        if self.flushing_streams {
+            self.flushing_streams = false;
+            self.dirty_streams.clear();
+            self.events_since_flush = 0;
+            self.streams_flushed_at = Instant::now();
+        }
     }
 
     /// Moves `sink`'s cursor to `to`, or short of it (see
@@ -1228,6 +1333,7 @@ impl WriterState {
         let upto = limit.min(oldest + RETENTION_CHUNK - 1);
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| {
+            self.write_streams()?;
             let n = self.conn.execute(
                 "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2",
                 params![oldest as i64, upto as i64],
@@ -1238,6 +1344,7 @@ impl WriterState {
         })();
         match result.and_then(|r| self.conn.execute_batch("COMMIT").map(|_| r)) {
             Ok((n, through)) => {
+                self.streams_committed();
                 self.retention_through = through;
                 self.stats
                     .retention_deleted
@@ -1246,6 +1353,7 @@ impl WriterState {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.flushing_streams = false;
                 Err(e)
             }
         }
@@ -1316,6 +1424,7 @@ impl WriterState {
         let now_us = unix_micros(SystemTime::now());
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| {
+            self.write_streams()?;
             {
                 let mut del = self
                     .conn
@@ -1379,6 +1488,7 @@ impl WriterState {
         })();
         match result.and_then(|_| self.conn.execute_batch("COMMIT")) {
             Ok(()) => {
+                self.streams_committed();
                 let n = victims.len() as u64;
                 let before = self.stats.evictions();
                 if self.recent_evictions.len() == RECENT_EVICTION_ROUNDS {
@@ -1410,8 +1520,36 @@ impl WriterState {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.flushing_streams = false;
                 Err(e)
             }
+        }
+    }
+
+    /// Writes the stream counters in a transaction of their own (at
+    /// shutdown, so the next start has no rows to read for them).
+    fn flush_streams(&mut self) {
+        if self.dirty_streams.is_empty() {
+            return;
+        }
+        let r = self
+            .relax_sync(false)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.conn
+                    .execute_batch("BEGIN IMMEDIATE")
+                    .and_then(|()| self.write_streams())
+                    .and_then(|()| self.conn.execute_batch("COMMIT"))
+                    .map_err(|e| {
+                        let _ = self.conn.execute_batch("ROLLBACK");
+                        self.flushing_streams = false;
+                        self.err(e).to_string()
+                    })
+            });
+        match r {
+            Ok(()) => self.streams_committed(),
+            // Nothing is lost: the next start reads the counters from the rows.
+            Err(e) => debug!(error = %e, "cannot write the stream counters at shutdown"),
         }
     }
 
@@ -1497,6 +1635,7 @@ impl WriterState {
     }
 
     fn shutdown(&mut self) {
+        self.flush_streams();
         self.sync_cursors();
         if let Some(load) = self.dedup_loading.take() {
             load.cancel.store(true, Ordering::Relaxed);
@@ -1555,7 +1694,147 @@ fn event_count(r: &Request) -> usize {
     }
 }
 
-/// The writer thread's loop.
+/// `commit_window`: under a trickle, the appends that arrive shortly after
+/// a first one share its commit (one fsync and one page write for several
+/// events instead of one each). Every caller is still answered only after
+/// the commit, so the wait adds at most the window to an ack.
+struct CommitWindow {
+    len: Duration,
+    /// Drives the timed receive; the writer thread is no runtime worker.
+    rt: tokio::runtime::Runtime,
+    /// When the last batch of appends began, and the mean time between
+    /// such beginnings (a moving average).
+    last_start: Option<tokio::time::Instant>,
+    spacing: Option<Duration>,
+    /// Events per committed batch of appends (a moving average).
+    events: Option<f64>,
+}
+
+impl CommitWindow {
+    /// `None` when the window is 0, or when no timer can be made (then
+    /// every batch commits at once, as with a window of 0).
+    fn new(len: Duration) -> Option<CommitWindow> {
+        if len.is_zero() {
+            return None;
+        }
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => Some(CommitWindow {
+                len,
+                rt,
+                last_start: None,
+                spacing: None,
+                events: None,
+            }),
+            Err(e) => {
+                warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
+                None
+            }
+        }
+    }
+
+    /// Waits up to the window for more appends to join `batch`. Ends at
+    /// once when the batch is not appends alone (a cursor move or an admin
+    /// request must not wait: a forwarder has one batch in flight, and its
+    /// drain rate is one batch per commit), when it already holds enough
+    /// events to fill a few pages (under load: group commit as before),
+    /// and at shutdown. Once two or more requests are in, it also ends
+    /// when none arrives for four times their mean spacing (at least
+    /// [`WINDOW_QUIET`]): appenders that each wait for their answer before
+    /// sending more (a source's batch loop) have all arrived by then, and
+    /// waiting longer would only delay them. Nor does a batch wait when
+    /// batches of appends begin more than two windows apart (or when there
+    /// is no history yet, just after start): under so thin a trickle the
+    /// window would rarely gather a second request. And it never waits
+    /// longer than, at the rate appends arrive, it takes to gather
+    /// [`WINDOW_ENOUGH_EVENTS`]: a source with a bounded number of
+    /// unacknowledged messages (MQTT `max_inflight`) could otherwise send no
+    /// faster than that number per window.
+    fn gather(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        batch: &mut Vec<Request>,
+        maintain: &mut bool,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        if batch.is_empty() || !batch.iter().all(|r| matches!(r, Request::Append { .. })) {
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        let spacing = self.last_start.map(|t| start - t);
+        self.last_start = Some(start);
+        self.spacing = match (self.spacing, spacing) {
+            (Some(avg), Some(s)) => Some((avg * 3 + s.min(self.len * 100)) / 4),
+            (None, s) => s,
+            (avg, None) => avg,
+        };
+        let Some(spacing) = self
+            .spacing
+            .filter(|s| *s <= self.len * 2 && window_applies(batch))
+        else {
+            self.count(batch);
+            return;
+        };
+        let len = match self.events {
+            Some(per_batch) if per_batch > 0.0 => self
+                .len
+                .min(spacing.mul_f64(WINDOW_ENOUGH_EVENTS as f64 / per_batch)),
+            _ => self.len,
+        };
+        let deadline = start + len;
+        let mut last = start;
+        loop {
+            if !window_applies(batch) {
+                break;
+            }
+            let until = match u32::try_from(batch.len()) {
+                Ok(n) if n >= 2 => {
+                    let spacing = (last - start) / (n - 1);
+                    deadline.min(last + (spacing * 4).max(WINDOW_QUIET))
+                }
+                _ => deadline,
+            };
+            let next = self
+                .rt
+                .block_on(async { tokio::time::timeout_at(until, rx.recv()).await });
+            last = tokio::time::Instant::now();
+            match next {
+                Ok(Some(Request::Maintain)) => *maintain = true,
+                Ok(Some(Request::Shutdown { reply })) => {
+                    *shutdown = Some(reply);
+                    break;
+                }
+                Ok(Some(other)) => batch.push(other),
+                // Closed (the journal is going away) or the window passed.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.count(batch);
+    }
+
+    /// Keeps the moving average of events per batch.
+    fn count(&mut self, batch: &[Request]) {
+        let n = batch.iter().map(event_count).sum::<usize>() as f64;
+        self.events = Some(self.events.map_or(n, |avg| (avg * 3.0 + n) / 4.0));
+    }
+}
+
+/// True while a batch is appends alone, and small: fewer than
+/// [`WINDOW_ENOUGH_EVENTS`] events in fewer than [`WINDOW_ENOUGH_BYTES`].
+fn window_applies(batch: &[Request]) -> bool {
+    let (mut events, mut bytes) = (0usize, 0u64);
+    for r in batch {
+        let Request::Append { events: evs, .. } = r else {
+            return false;
+        };
+        events += evs.len();
+        bytes += evs.iter().map(|e| e.size() as u64).sum::<u64>();
+    }
+    !batch.is_empty() && events < WINDOW_ENOUGH_EVENTS && bytes < WINDOW_ENOUGH_BYTES
+}
+
 /// How the writer tells the rest of the agent what it committed.
 pub(crate) struct Signals {
     /// Highest committed seq.
@@ -1568,6 +1847,7 @@ pub(crate) struct Signals {
 
 pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
+    let mut window = CommitWindow::new(state.opts.commit_window);
     loop {
         state
             .stats
@@ -1607,6 +1887,11 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
             if n < MAX_BATCH_EVENTS {
                 next = rx.try_recv().ok();
             }
+        }
+        if shutdown.is_none()
+            && let Some(window) = &mut window
+        {
+            window.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
         }
         if !batch.is_empty() {
             state.process(batch, &signals);

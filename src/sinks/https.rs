@@ -96,6 +96,7 @@ impl HttpsSink {
             batch_max_events: cfg.batch_max_events,
             batch_max_bytes: usize::try_from(cfg.batch_max_bytes).unwrap_or(usize::MAX),
             max_events_per_sec: cfg.max_events_per_sec,
+            batch_linger: cfg.batch_linger,
             retry: RetryPolicy {
                 initial: cfg.retry_initial,
                 max: cfg.retry_max,

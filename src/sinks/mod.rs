@@ -9,6 +9,13 @@
 //! reason while the rest continue in order. It wakes on the journal's commit
 //! signal, never by polling.
 //!
+//! Under light traffic a batch smaller than `batch_max_events` lingers: it
+//! waits until its oldest event is `batch_linger` old, or until enough new
+//! events are committed to fill it (see [`linger`]). A full batch, and an
+//! event already that old (a backlog after an outage), never wait, so a
+//! drain runs at full speed; cursor writes follow batches and fall with
+//! them.
+//!
 //! The bookkeeping ([`Backoff`], [`RateLimiter`], [`Plan`]) is plain data
 //! tested without I/O; [`Forwarder::run`] is the driver. A forwarder must
 //! never write to the journal except through [`Journal::advance`] and
@@ -232,6 +239,39 @@ impl Plan {
     }
 }
 
+/// Default `batch_linger`: at most 4 requests (and 4 cursor writes) a
+/// second per sink below saturation instead of one per commit, for at most
+/// a quarter of a second of delivery delay, which MES workflows do not
+/// notice (peers default to 0.5–10 s).
+pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(250);
+
+/// How long a batch just read should wait for more events before it goes
+/// out; `None`: send it now. `len` events of `bytes` bytes, the oldest
+/// received at `oldest_recv_us`. A batch at `max_events`, or at half of
+/// `max_bytes` or more (waiting could not double it), never waits, nor does
+/// one whose oldest event is already `linger` old. The wait ends when the
+/// oldest event is `linger` old, so a clock that steps back cannot stretch
+/// it beyond `linger`.
+pub fn linger(
+    len: usize,
+    bytes: usize,
+    oldest_recv_us: i64,
+    now_us: i64,
+    settings: &ForwarderSettings,
+) -> Option<Duration> {
+    if settings.batch_linger.is_zero()
+        || len >= settings.batch_max_events
+        || bytes.saturating_mul(2) >= settings.batch_max_bytes
+    {
+        return None;
+    }
+    let age = Duration::from_micros(now_us.saturating_sub(oldest_recv_us).max(0) as u64);
+    settings
+        .batch_linger
+        .checked_sub(age)
+        .filter(|d| !d.is_zero())
+}
+
 /// Settings every forwarder has.
 #[derive(Debug, Clone)]
 pub struct ForwarderSettings {
@@ -239,6 +279,8 @@ pub struct ForwarderSettings {
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
     pub max_events_per_sec: u32,
+    /// See [`linger`]; zero sends every batch at once.
+    pub batch_linger: Duration,
     pub retry: RetryPolicy,
 }
 
@@ -425,6 +467,22 @@ impl<S: Sink> Forwarder<S> {
                     Wait::Work => continue,
                     Wait::Shutdown => break,
                 }
+            }
+            let oldest = batch.iter().map(|e| e.recv_time_us).min().unwrap_or(0);
+            let bytes = batch.iter().map(StoredEvent::size).sum();
+            if let Some(wait) = linger(batch.len(), bytes, oldest, now_us(), &self.settings) {
+                // Committed seqs are not all this sink's, so reaching this
+                // one may still leave the batch short: it is read again and
+                // waits out the rest of its linger.
+                let fill_at = batch[batch.len() - 1]
+                    .seq
+                    .saturating_add((self.settings.batch_max_events - batch.len()) as u64);
+                if let Wait::Work =
+                    linger_wait(&mut committed, &mut rewinds, fill_at, wait, &shutdown).await
+                {
+                    continue;
+                }
+                // Shutdown: what lingers goes out now, like a batch in flight.
             }
             // Rate limit: may shorten the batch (and its encoding is then
             // made again for what is left).
@@ -636,6 +694,29 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> Wait {
     }
 }
 
+/// Waits up to `wait`, or until the committed seq reaches `fill_at`, or a
+/// replay moves the cursor (`Work`: read again), or shutdown.
+async fn linger_wait(
+    committed: &mut tokio::sync::watch::Receiver<u64>,
+    rewinds: &mut tokio::sync::watch::Receiver<u64>,
+    fill_at: u64,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> Wait {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if *committed.borrow_and_update() >= fill_at {
+            return Wait::Work;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Wait::Work,
+            r = committed.changed() => if r.is_err() { return Wait::Shutdown },
+            r = rewinds.changed() => return if r.is_ok() { Wait::Work } else { Wait::Shutdown },
+            _ = shutdown.cancelled() => return Wait::Shutdown,
+        }
+    }
+}
+
 async fn wait_for_work(
     committed: &mut tokio::sync::watch::Receiver<u64>,
     rewinds: &mut tokio::sync::watch::Receiver<u64>,
@@ -760,6 +841,71 @@ mod tests {
             b.fail(Some(Duration::from_secs(3600)), 0.1),
             Duration::from_secs(10),
             "a silly Retry-After is capped at 10 × retry_max"
+        );
+    }
+
+    fn lingering(linger_ms: u64) -> ForwarderSettings {
+        ForwarderSettings {
+            name: "central".into(),
+            batch_max_events: 1000,
+            batch_max_bytes: 4 << 20,
+            max_events_per_sec: 0,
+            batch_linger: Duration::from_millis(linger_ms),
+            retry: RetryPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(1),
+            },
+        }
+    }
+
+    #[test]
+    fn a_small_young_batch_waits_until_its_oldest_event_is_linger_old() {
+        let s = lingering(250);
+        let now = 10_000_000;
+        assert_eq!(
+            linger(10, 2_000, now - 50_000, now, &s),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            linger(1, 200, now, now, &s),
+            Some(Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn a_full_batch_or_one_already_late_goes_out_at_once() {
+        let s = lingering(250);
+        let now = 10_000_000;
+        assert_eq!(linger(1000, 200_000, now, now, &s), None, "full by count");
+        assert_eq!(
+            linger(10, 2 << 20, now, now, &s),
+            None,
+            "half of batch_max_bytes"
+        );
+        assert_eq!(
+            linger(10, 2_000, now - 250_000, now, &s),
+            None,
+            "oldest is linger old"
+        );
+        assert_eq!(
+            linger(10, 2_000, now - 3_600_000_000, now, &s),
+            None,
+            "a backlog after an outage"
+        );
+        assert_eq!(
+            linger(1, 200, now, now, &lingering(0)),
+            None,
+            "batch_linger = 0"
+        );
+    }
+
+    #[test]
+    fn a_clock_stepping_back_never_stretches_the_linger() {
+        let s = lingering(250);
+        let now = 10_000_000;
+        assert_eq!(
+            linger(1, 200, now + 60_000_000, now, &s),
+            Some(Duration::from_millis(250))
         );
     }
 

@@ -1,0 +1,747 @@
+//! `cargo bench --bench plant_rates`: what one event costs at the rates a
+//! plant gateway lives at, not only at saturation. Prints a table; records
+//! go to BENCHMARKS.md by hand.
+//!
+//! For the MQTT source (the embedded rumqttd broker, one QoS 1 publisher,
+//! 200-byte JSON over 10 topics) and for HTTP ingest (one event per `POST`,
+//! each on its own connection-pooled request, the way MES integrations
+//! post), each to an HTTPS sink (the embedded receiver), with `sync =
+//! "full"` and defaults otherwise, at paced 10, 100, 1,000 and 5,000
+//! events/s and at saturation (MQTT: a burst as fast as the publisher goes;
+//! HTTP: 6 clients × 500 events per request), the real `plantrelay run`
+//! binary as its own process:
+//!
+//! - bytes written to disk per event (`write_bytes` of `/proc/PID/io`) and
+//!   write system calls per event (`syscw`);
+//! - agent CPU µs per event (utime + stime of `/proc/PID/stat`);
+//! - upstream requests per second (over the time events were sent);
+//! - ack p50/p99: MQTT from publish to the journal commit (the row's
+//!   receive time, taken as the commit starts; the agent acks the broker
+//!   right after), HTTP from sending the `POST` to its `202`;
+//! - delivery p50/p99: from publish or `POST` to the upstream's receipt
+//!   (the n-th event counts as received when the receiver holds n new
+//!   events; the receiver's count is polled every millisecond).
+//!
+//! Knobs: `PLANTRELAY_BENCH_SCALE` (default 1) scales the run time of every
+//! row; `PLANTRELAY_BENCH_LINGER` and `PLANTRELAY_BENCH_WINDOW` set
+//! `batch_linger` and `commit_window` (unset: the defaults; `"0s"` for both
+//! behaves as the releases before them did); `PLANTRELAY_BENCH_ONLY`
+//! (`mqtt` or `http`) runs one source; `PLANTRELAY_BENCH_RATES` (e.g.
+//! `100,1000,sat`) picks rows; `PLANTRELAY_BENCH_BIN` runs another
+//! `plantrelay` binary (an earlier release, for the figures before); the
+//! knobs above must then stay unset, as it does not know them);
+//! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use plantrelay::demo::machines::EmbeddedBroker;
+use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptions};
+use plantrelay::journal::Reader;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{clk_tck, head_seq, process_ticks};
+
+const TOPICS: u64 = 10;
+/// Saturation, HTTP: concurrent clients and events per request (as the
+/// pipeline bench).
+const SAT_CLIENTS: u64 = 6;
+const SAT_REQUEST_EVENTS: u64 = 500;
+
+// Targets of the issue, with the defaults.
+const BYTES_TARGET_100: f64 = 3.0 * 1024.0;
+const BYTES_TARGET_1000: f64 = 1.5 * 1024.0;
+const CPU_TARGET_US: f64 = 40.0;
+const REQUESTS_TARGET: f64 = 10.0;
+const ACK_P99_TARGET_MS: f64 = 50.0;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// 200 bytes of JSON carrying its publish time.
+fn payload(i: u64) -> Vec<u8> {
+    let mut s = format!(
+        r#"{{"machine":"press{:02}","n":{i},"t_ns":{},"state":"running","temperature_c":61.5,"pad":""#,
+        i % TOPICS,
+        now_ns()
+    );
+    while s.len() < 198 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    s.into_bytes()
+}
+
+fn t_ns_of(data: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(data).ok()?;
+    let at = s.find("\"t_ns\":")? + 7;
+    s[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One MES CloudEvent with ~200 bytes of data.
+fn cloudevent(prefix: &str, i: u64) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"{prefix}-{i:09}","source":"urn:mes:plant-hamburg","type":"com.example.mes.confirmation","subject":"line3/press{:02}","time":"2026-11-29T10:00:00.123Z","data":{{"order":"4711-{i:09}","operation":"0010","qty":{},"unit":"PCE","workcenter":"PRESS07","material":"MAT-{:06}","batch":"B{:010}","operator":"op-{:04}","shift":"A","scrap":0,"note":"confirmed at line 3"}}}}"#,
+        i % TOPICS,
+        i % 97,
+        i % 4999,
+        i / 1000,
+        i % 37
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    Mqtt,
+    Http,
+}
+
+impl SourceKind {
+    fn label(self) -> &'static str {
+        match self {
+            SourceKind::Mqtt => "MQTT",
+            SourceKind::Http => "HTTP",
+        }
+    }
+}
+
+/// A paced rate, or `None`: saturation.
+type Rate = Option<u64>;
+
+/// How long a paced row publishes, before the scale.
+fn paced_seconds(rate: u64) -> f64 {
+    match rate {
+        0..=10 => 30.0,
+        11..=100 => 20.0,
+        _ => 10.0,
+    }
+}
+
+struct Row {
+    source: SourceKind,
+    rate: Rate,
+    events: u64,
+    bytes_per_event: f64,
+    syscw_per_event: f64,
+    cpu_us_per_event: f64,
+    requests_per_s: f64,
+    events_per_s: f64,
+    ack: (f64, f64),
+    delivery: (f64, f64),
+    complete: bool,
+}
+
+struct Io {
+    write_bytes: u64,
+    syscw: u64,
+}
+
+fn proc_io(pid: u32) -> Io {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Io {
+        write_bytes: field("write_bytes:"),
+        syscw: field("syscw:"),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    _pki: EphemeralPki,
+    paths: PkiPaths,
+    receiver: Arc<Receiver>,
+    broker: EmbeddedBroker,
+    linger: Option<String>,
+    window: Option<String>,
+}
+
+impl Env {
+    async fn new() -> Env {
+        plantrelay::tls::install_crypto_provider();
+        let base = std::env::var("PLANTRELAY_BENCH_DIR").unwrap_or_else(|_| ".".into());
+        let dir = tempfile::Builder::new()
+            .prefix("plantrelay-bench-rates-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        let pki = EphemeralPki::generate().expect("pki");
+        let pki_dir = dir.path().join("pki");
+        std::fs::create_dir_all(&pki_dir).expect("pki dir");
+        let paths = pki.write_to(&pki_dir).expect("write pki");
+        let mut opts = ReceiverOptions::new(&pki);
+        opts.record_data = false;
+        let receiver = Receiver::start(opts).await.expect("receiver");
+        let broker = EmbeddedBroker::start().await.expect("broker");
+        Env {
+            dir,
+            _pki: pki,
+            paths,
+            receiver: Arc::new(receiver),
+            broker,
+            linger: std::env::var("PLANTRELAY_BENCH_LINGER").ok(),
+            window: std::env::var("PLANTRELAY_BENCH_WINDOW").ok(),
+        }
+    }
+
+    /// Writes the agent's config for one row; returns it, the state dir and
+    /// the HTTP listen port (HTTP rows).
+    fn config(&self, name: &str, source: SourceKind) -> (PathBuf, PathBuf, u16) {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let port = free_port();
+        let source_toml = match source {
+            SourceKind::Mqtt => format!(
+                r#"
+[[sources.mqtt]]
+name = "line"
+url = "{}"
+topics = ["bench/#"]
+"#,
+                self.broker.url()
+            ),
+            SourceKind::Http => format!(
+                r#"
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:{port}"
+"#
+            ),
+        };
+        let window = self
+            .window
+            .as_ref()
+            .map(|w| format!("commit_window = \"{w}\"\n"))
+            .unwrap_or_default();
+        let linger = self
+            .linger
+            .as_ref()
+            .map(|l| format!("batch_linger = \"{l}\"\n"))
+            .unwrap_or_default();
+        let state = dir.join("state");
+        let text = format!(
+            r#"
+[agent]
+id = "gw-bench"
+state_dir = "{state}"
+shutdown_timeout = "10s"
+
+[journal]
+sync = "full"
+{window}
+{source_toml}
+[[sinks.https]]
+name = "central"
+url = "{url}"
+ca_file = "{ca}"
+ca_only = true
+{linger}"#,
+            state = state.display(),
+            url = self.receiver.url(),
+            ca = self.paths.ca.display(),
+        );
+        let path = dir.join("plantrelay.toml");
+        std::fs::write(&path, text).expect("write config");
+        (path, state, port)
+    }
+}
+
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn spawn(config: &Path) -> Agent {
+        let bin = std::env::var("PLANTRELAY_BENCH_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plantrelay").to_string());
+        let child = Command::new(bin)
+            .args(["run", "-c"])
+            .arg(config)
+            .env("PLANTRELAY_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn plantrelay");
+        Agent { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// An MQTT publisher with QoS 1 (100 in flight) that keeps its connection
+/// across rows of the same run.
+async fn publish(broker: SocketAddr, count: u64, rate: Rate, first: u64) {
+    let mut o = MqttOptions::new(
+        format!("bench-pub-{}", now_ns()),
+        "127.0.0.1",
+        broker.port(),
+    );
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(100);
+    let (client, mut el) = AsyncClient::new(o, 1000);
+    let started = Instant::now();
+    let producer = tokio::spawn(async move {
+        for i in 0..count {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let n = first + i;
+            let topic = format!("bench/press{:02}/state", n % TOPICS);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload(n))
+                .await
+                .expect("publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < count {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("publisher: {e}"),
+        }
+    }
+    let _client = producer.await.expect("producer");
+}
+
+/// Polls the receiver's count of new events every millisecond; returns
+/// (when, count) at every change, until `stop`.
+fn watch_receipts(
+    receiver: &Arc<Receiver>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, u64)>> {
+    let receiver = receiver.clone();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut last = u64::MAX;
+        while !stop.load(Ordering::Relaxed) {
+            let n = receiver.stats().unique_ids;
+            if n != last {
+                seen.push((Instant::now(), n));
+                last = n;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen
+    })
+}
+
+/// Delivery latency of the k-th event sent (`sent[k]`): the first time the
+/// receiver held `base + k + 1` events.
+fn delivery_ms(sent: &[Instant], receipts: &[(Instant, u64)], base: u64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(sent.len());
+    let mut j = 0;
+    for (k, t) in sent.iter().enumerate() {
+        let want = base + k as u64 + 1;
+        while j < receipts.len() && receipts[j].1 < want {
+            j += 1;
+        }
+        if let Some((at, _)) = receipts.get(j) {
+            out.push(at.saturating_duration_since(*t).as_secs_f64() * 1e3);
+        }
+    }
+    out
+}
+
+/// Waits until the receiver holds `want` new events or `limit` passes.
+async fn wait_received(receiver: &Receiver, want: u64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while receiver.stats().unique_ids < want {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// The MQTT rows' send times: the `t_ns` each payload carries, and the
+/// commit times, from the journal after `from_seq`.
+fn committed(db: &Path, from_seq: u64) -> Vec<(i64, Option<u64>)> {
+    let Ok(r) = Reader::open(db) else {
+        return Vec::new();
+    };
+    r.events_from(from_seq, 10_000_000)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.recv_time_us, t_ns_of(&e.data)))
+        .collect()
+}
+
+async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
+    let name = format!(
+        "{}-{}",
+        source.label().to_lowercase(),
+        rate.map_or("sat".into(), |r| r.to_string())
+    );
+    let (config, state, port) = env.config(&name, source);
+    let db = state.join("journal.db");
+    let agent = Agent::spawn(&config);
+    let pid = agent.pid();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
+    let ingest = format!("http://127.0.0.1:{port}/v1/events");
+    let mut seq_base = 0u64;
+
+    // Ready: one event through to the upstream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let received_before = env.receiver.stats().unique_ids;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not start ({name})"
+        );
+        match source {
+            SourceKind::Mqtt => {
+                publish(env.broker.addr(), 1, None, 1_000_000_000 + seq_base).await;
+                seq_base += 1;
+            }
+            SourceKind::Http => {
+                let ok = client
+                    .post(&ingest)
+                    .header("content-type", "application/cloudevents+json")
+                    .body(cloudevent(&format!("{name}-probe"), seq_base))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 202);
+                seq_base += u64::from(ok);
+            }
+        }
+        if head_seq(&db) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let probes = head_seq(&db);
+    assert!(
+        wait_received(
+            &env.receiver,
+            received_before + probes,
+            Duration::from_secs(30)
+        )
+        .await,
+        "probe not delivered ({name})"
+    );
+    // Let the start-up writes (schema, first checkpoint) settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let scale = support::scale();
+    let count = match rate {
+        Some(r) => ((r as f64 * paced_seconds(r) * scale).round() as u64).max(20),
+        None => match source {
+            SourceKind::Mqtt => ((100_000.0 * scale) as u64).max(2_000),
+            SourceKind::Http => {
+                // Whole requests for every client.
+                let unit = SAT_CLIENTS * SAT_REQUEST_EVENTS;
+                ((200_000.0 * scale) as u64).div_ceil(unit).max(2) * unit
+            }
+        },
+    };
+    let head0 = head_seq(&db);
+    let base = env.receiver.stats().unique_ids;
+    let requests0 = env.receiver.stats().requests;
+    let io0 = proc_io(pid);
+    let cpu0 = process_ticks(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let receipts = watch_receipts(&env.receiver, stop.clone());
+    let t0 = Instant::now();
+
+    let mut sent: Vec<Instant> = Vec::new();
+    let mut acks: Vec<f64> = Vec::new();
+    match source {
+        SourceKind::Mqtt => {
+            // Send times of MQTT rows come from the payloads (below); here
+            // only the pacing.
+            publish(env.broker.addr(), count, rate, 0).await;
+        }
+        SourceKind::Http => match rate {
+            Some(r) => {
+                let mut tasks = Vec::with_capacity(count as usize);
+                for i in 0..count {
+                    let due = t0 + Duration::from_secs_f64(i as f64 / r as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let (client, url) = (client.clone(), ingest.clone());
+                    let body = cloudevent(&name, i);
+                    sent.push(Instant::now());
+                    tasks.push(tokio::spawn(async move {
+                        let t = Instant::now();
+                        let resp = client
+                            .post(&url)
+                            .header("content-type", "application/cloudevents+json")
+                            .body(body)
+                            .send()
+                            .await;
+                        let ok = resp.is_ok_and(|r| r.status().as_u16() == 202);
+                        (ok, t.elapsed().as_secs_f64() * 1e3)
+                    }));
+                }
+                for t in tasks {
+                    let (ok, ms) = t.await.expect("post task");
+                    assert!(ok, "a POST was not accepted ({name})");
+                    acks.push(ms);
+                }
+            }
+            None => {
+                let per_client = count / SAT_CLIENTS;
+                let mut tasks = Vec::new();
+                for c in 0..SAT_CLIENTS {
+                    let (client, url, name) = (client.clone(), ingest.clone(), name.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        let mut i = c * per_client;
+                        while i < (c + 1) * per_client {
+                            let body = format!(
+                                "[{}]",
+                                (i..i + SAT_REQUEST_EVENTS)
+                                    .map(|k| cloudevent(&name, k))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            );
+                            let t = Instant::now();
+                            let resp = client
+                                .post(&url)
+                                .header("content-type", "application/cloudevents-batch+json")
+                                .body(body)
+                                .send()
+                                .await;
+                            assert!(
+                                resp.is_ok_and(|r| r.status().as_u16() == 202),
+                                "a batch was not accepted"
+                            );
+                            lat.push(t.elapsed().as_secs_f64() * 1e3);
+                            i += SAT_REQUEST_EVENTS;
+                        }
+                        lat
+                    }));
+                }
+                for t in tasks {
+                    acks.extend(t.await.expect("client task"));
+                }
+            }
+        },
+    }
+    let sending = t0.elapsed();
+    let complete = wait_received(
+        &env.receiver,
+        base + count,
+        Duration::from_secs(60) + sending,
+    )
+    .await;
+    // The cursor write after the last batch.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let io1 = proc_io(pid);
+    let cpu1 = process_ticks(pid);
+    let requests = env.receiver.stats().requests - requests0;
+    stop.store(true, Ordering::Relaxed);
+    let receipts = receipts.await.expect("receipts");
+
+    if source == SourceKind::Mqtt {
+        // Ack: publish → commit; delivery: publish → upstream, with the
+        // publish time carried in each payload (same clock).
+        let rows = committed(&db, head0 + 1);
+        let t_ref = Instant::now();
+        let ns_ref = now_ns();
+        let mut sent_ns: Vec<u64> = Vec::with_capacity(rows.len());
+        for (recv_us, t_ns) in rows {
+            if let Some(t_ns) = t_ns {
+                acks.push(((recv_us as f64) * 1e3 - t_ns as f64).max(0.0) / 1e6);
+                sent_ns.push(t_ns);
+            }
+        }
+        // Payload times (wall clock) onto the monotonic clock of receipts.
+        sent = sent_ns
+            .iter()
+            .map(|&t| t_ref - Duration::from_nanos(ns_ref.saturating_sub(t)))
+            .collect();
+    }
+    // HTTP at saturation has no per-event send times: no delivery figure.
+    let delivery = delivery_ms(&sent, &receipts, base);
+    drop(agent);
+    let n = count as f64;
+    let secs = sending.as_secs_f64().max(1e-3);
+    Row {
+        source,
+        rate,
+        events: count,
+        bytes_per_event: io1.write_bytes.saturating_sub(io0.write_bytes) as f64 / n,
+        syscw_per_event: io1.syscw.saturating_sub(io0.syscw) as f64 / n,
+        cpu_us_per_event: cpu1.saturating_sub(cpu0) as f64 / tck * 1e6 / n,
+        requests_per_s: requests as f64 / secs,
+        events_per_s: n / secs,
+        ack: p50_p99(acks),
+        delivery: p50_p99(delivery),
+        complete,
+    }
+}
+
+fn fmt_ms(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let env = Env::new().await;
+    let tck = clk_tck();
+    let only = std::env::var("PLANTRELAY_BENCH_ONLY").ok();
+    println!(
+        "plant_rates: scale {}, batch_linger {}, commit_window {}, load {} at start",
+        support::scale(),
+        env.linger.as_deref().unwrap_or("default"),
+        env.window.as_deref().unwrap_or("default"),
+        loadavg()
+    );
+    let rates: Vec<Rate> = match std::env::var("PLANTRELAY_BENCH_RATES") {
+        Ok(list) => list
+            .split(',')
+            .map(|r| match r.trim() {
+                "sat" => None,
+                n => Some(n.parse().expect("PLANTRELAY_BENCH_RATES: numbers or sat")),
+            })
+            .collect(),
+        Err(_) => vec![Some(10), Some(100), Some(1000), Some(5000), None],
+    };
+    let mut rows = Vec::new();
+    for source in [SourceKind::Mqtt, SourceKind::Http] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.eq_ignore_ascii_case(source.label()))
+        {
+            continue;
+        }
+        for &rate in &rates {
+            let row = run_row(&env, source, rate, tck).await;
+            eprintln!(
+                "  {} {}: {:.0} B/event, {:.1} µs/event (load {})",
+                source.label(),
+                rate.map_or("saturation".into(), |r| format!("{r}/s")),
+                row.bytes_per_event,
+                row.cpu_us_per_event,
+                loadavg()
+            );
+            rows.push(row);
+        }
+    }
+    println!();
+    println!(
+        "| source | rate | events | written per event | write calls per event | agent CPU per event | upstream requests/s | ack p50 / p99 ms | delivery p50 / p99 ms | events/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} KB | {:.2} | {:.1} µs | {:.1} | {} / {} | {} / {} | {:.0}{} |",
+            r.source.label(),
+            r.rate.map_or("saturation".into(), |x| format!("{x}/s")),
+            r.events,
+            r.bytes_per_event / 1000.0,
+            r.syscw_per_event,
+            r.cpu_us_per_event,
+            r.requests_per_s,
+            fmt_ms(r.ack.0),
+            fmt_ms(r.ack.1),
+            fmt_ms(r.delivery.0),
+            fmt_ms(r.delivery.1),
+            r.events_per_s,
+            if r.complete { "" } else { " (incomplete)" },
+        );
+    }
+    println!();
+    let linger_ms = env
+        .linger
+        .as_deref()
+        .and_then(|l| humantime::parse_duration(l).ok())
+        .unwrap_or(plantrelay::sinks::DEFAULT_BATCH_LINGER)
+        .as_secs_f64()
+        * 1e3;
+    for r in rows.iter().filter(|r| r.rate.is_some()) {
+        let rate = r.rate.unwrap_or(0);
+        let label = format!("{} {rate}/s", r.source.label());
+        let mut misses = Vec::new();
+        if rate >= 1000 && r.bytes_per_event > BYTES_TARGET_1000 {
+            misses.push("≤ 1.5 KB written per event");
+        } else if rate >= 100 && r.bytes_per_event > BYTES_TARGET_100 {
+            misses.push("≤ 3 KB written per event");
+        }
+        if rate >= 1000 && r.cpu_us_per_event > CPU_TARGET_US {
+            misses.push("≤ 40 µs CPU per event");
+        }
+        if r.requests_per_s > REQUESTS_TARGET {
+            misses.push("≤ 10 upstream requests/s");
+        }
+        if r.ack.1 > ACK_P99_TARGET_MS {
+            misses.push("ack p99 ≤ 50 ms");
+        }
+        if r.delivery.1 > linger_ms + 50.0 {
+            misses.push("delivery p99 ≤ linger + 50 ms");
+        }
+        if misses.is_empty() {
+            println!("{label}: targets met");
+        } else {
+            println!("{label}: missed {}", misses.join(", "));
+        }
+    }
+    println!("load {} at end", loadavg());
+}
