@@ -34,6 +34,8 @@ pub struct AgentView {
     /// True between a completed start-up and the beginning of shutdown.
     pub ready: AtomicBool,
     pub stall_after: Duration,
+    /// The certificates loaded at start-up and when they expire.
+    pub certificates: Vec<super::certs::CertificateExpiry>,
     /// One read connection, reopened after an error.
     reader: Mutex<Option<Reader>>,
 }
@@ -52,6 +54,8 @@ pub struct StatusReport {
     pub sources: Vec<SourceSnapshot>,
     pub sinks: Vec<SinkReport>,
     pub warnings: Vec<Warning>,
+    /// Every certificate file the agent loaded, with its expiry.
+    pub certificates: Vec<super::certs::CertificateExpiry>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,6 +205,7 @@ impl AgentView {
                 .health
                 .as_ref()
                 .map_or(Duration::from_secs(60), |h| h.stall_after),
+            certificates: super::certs::expiries(config),
             reader: Mutex::new(None),
         }
     }
@@ -390,6 +395,7 @@ impl AgentView {
             sources: self.sources.iter().map(|s| s.snapshot()).collect(),
             sinks,
             warnings,
+            certificates: self.certificates.clone(),
         }
     }
 }
