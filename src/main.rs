@@ -59,8 +59,8 @@ enum Command {
     /// listener with an admin token, passwords in clear text) are printed
     /// as warnings on standard error; `run` logs them at start.
     CheckConfig(ConfigArg),
-    /// Pull a running agent's status over HTTPS: exit 0 healthy, 1 degraded,
-    /// 2 unreachable, unauthorised or bad usage.
+    /// Pull a running agent's status over HTTPS (or a fleet's, with --fleet):
+    /// exit 0 healthy, 1 degraded, 2 unreachable, unauthorised or bad usage.
     Status(StatusArgs),
     /// Inspect the journal (works beside a running agent).
     Journal {

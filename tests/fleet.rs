@@ -493,3 +493,87 @@ async fn every_metric_the_alert_rules_use_is_exported_by_a_live_agent() {
     assert!(value > now, "{expiry}");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_certificate_expiry_follows_a_sighup_reload() {
+    let h = Harness::new().await;
+    let a = start_agent(&h).await;
+    let health = |a: &RunningAgent| {
+        a.view
+            .status()
+            .certificates
+            .into_iter()
+            .find(|c| c.key == "health.tls_cert")
+            .unwrap()
+    };
+    let before = health(&a);
+    assert_eq!(before.usage, "health");
+    assert_eq!(before.path, h.paths.server_cert.display().to_string());
+    // The upstream CA of the sink is there too.
+    assert!(
+        a.view
+            .status()
+            .certificates
+            .iter()
+            .any(|c| c.key == "sinks.https[0].ca_file" && c.usage == "sink_ca"),
+        "{:?}",
+        a.view.status().certificates
+    );
+
+    // A renewed certificate with another expiry: 2035-06-01T00:00:00Z.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2035, 6, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(&h.paths.server_cert, cert.pem()).unwrap();
+    std::fs::write(&h.paths.server_key, key.serialize_pem()).unwrap();
+    assert_eq!(
+        health(&a),
+        before,
+        "the file changed, the certificate in use did not"
+    );
+    a.tls_reloader().unwrap().reload().unwrap();
+    assert_eq!(health(&a).not_after, 2_064_268_800);
+    let metrics = plantrelay::health::metrics::render(&a.view.status());
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "plantrelay_certificate_expiry_timestamp_seconds{use=\"health\",key=\"health.tls_cert\""
+        ) && l.ends_with(" 2064268800")),
+        "{metrics}"
+    );
+    a.shutdown().await;
+}
+
+#[test]
+fn every_runbook_link_in_the_alert_rules_names_a_readme_heading() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules =
+        std::fs::read_to_string(root.join("packaging/prometheus/plantrelay-alerts.yml")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    // GitHub's anchors: lower case, punctuation dropped, spaces to hyphens.
+    let anchors: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(|h| {
+            h.to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let links: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert!(links.len() >= 10, "{links:?}");
+    for link in links {
+        let link = link.trim_matches('"');
+        assert!(
+            link.starts_with("file:///usr/share/doc/plantrelay/README.md#"),
+            "{link}"
+        );
+        let anchor = link.rsplit('#').next().unwrap();
+        assert!(anchors.contains(anchor), "no README heading for {link}");
+    }
+}

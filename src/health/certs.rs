@@ -3,16 +3,17 @@
 //! that a certificate is renewed before a listener or an upstream starts
 //! refusing handshakes.
 //!
-//! It reads the files named in the config once, when the agent starts (what
-//! the agent uses, not what has since been written to disk), and never
-//! fails: a file it cannot read or parse is left out (start-up has already
+//! It reads the files named in the config when the agent loads them: at
+//! start, and for the health listener again at each successful SIGHUP
+//! reload (what the agent uses, not what has since been written to disk).
+//! It never fails: a file it cannot read or parse is left out (start-up has already
 //! refused a certificate the agent needs).
 
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, HealthConfig};
 
 /// One certificate file: for a chain or a CA bundle, the certificate in it
 /// that expires first (that is when something stops working).
@@ -41,15 +42,43 @@ pub fn earliest_expiry(path: &Path) -> Option<i64> {
         .min()
 }
 
+/// The health listener's certificate files (re-read on SIGHUP).
+pub fn health_expiries(h: &HealthConfig) -> Vec<CertificateExpiry> {
+    let mut files: Vec<(&'static str, String, &Path)> =
+        vec![("health", "health.tls_cert".into(), &h.tls_cert)];
+    if let Some(p) = &h.client_ca {
+        files.push(("health_client_ca", "health.client_ca".into(), p));
+    }
+    with_expiry(files)
+}
+
+/// Whether an entry belongs to the health listener (replaced on reload).
+pub fn is_health(c: &CertificateExpiry) -> bool {
+    c.key.starts_with("health.")
+}
+
+fn with_expiry(files: Vec<(&'static str, String, &Path)>) -> Vec<CertificateExpiry> {
+    files
+        .into_iter()
+        .filter_map(|(usage, key, path)| {
+            Some(CertificateExpiry {
+                usage,
+                key,
+                path: path.display().to_string(),
+                not_after: earliest_expiry(path)?,
+            })
+        })
+        .collect()
+}
+
 /// Every certificate file in `config`, with its expiry.
 pub fn expiries(config: &Config) -> Vec<CertificateExpiry> {
+    let mut out = config
+        .health
+        .as_ref()
+        .map(health_expiries)
+        .unwrap_or_default();
     let mut files: Vec<(&'static str, String, &Path)> = Vec::new();
-    if let Some(h) = &config.health {
-        files.push(("health", "health.tls_cert".into(), &h.tls_cert));
-        if let Some(p) = &h.client_ca {
-            files.push(("health_client_ca", "health.client_ca".into(), p));
-        }
-    }
     for (i, s) in config.sources.http.iter().enumerate() {
         if let Some(p) = &s.tls_cert {
             files.push(("ingest", format!("sources.http[{i}].tls_cert"), p));
@@ -98,17 +127,8 @@ pub fn expiries(config: &Config) -> Vec<CertificateExpiry> {
             files.push(("sink_ca", format!("sinks.{kind}[{i}].ca_file"), p));
         }
     }
-    files
-        .into_iter()
-        .filter_map(|(usage, key, path)| {
-            Some(CertificateExpiry {
-                usage,
-                key,
-                path: path.display().to_string(),
-                not_after: earliest_expiry(path)?,
-            })
-        })
-        .collect()
+    out.extend(with_expiry(files));
+    out
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ impl HealthServer {
                 header_timeout: cfg.header_timeout,
                 request_timeout: cfg.request_timeout,
             },
-            reloader: TlsReloader::new(tls.clone(), cfg.clone()),
+            reloader: TlsReloader::new(tls.clone(), cfg.clone(), view.clone()),
             tls,
             state: Arc::new(AppState {
                 view,

@@ -34,8 +34,9 @@ pub struct AgentView {
     /// True between a completed start-up and the beginning of shutdown.
     pub ready: AtomicBool,
     pub stall_after: Duration,
-    /// The certificates loaded at start-up and when they expire.
-    pub certificates: Vec<super::certs::CertificateExpiry>,
+    /// The certificates in use and when they expire (the health listener's
+    /// are replaced when they are reloaded).
+    certificates: Mutex<Vec<super::certs::CertificateExpiry>>,
     /// One read connection, reopened after an error.
     reader: Mutex<Option<Reader>>,
 }
@@ -205,9 +206,16 @@ impl AgentView {
                 .health
                 .as_ref()
                 .map_or(Duration::from_secs(60), |h| h.stall_after),
-            certificates: super::certs::expiries(config),
+            certificates: Mutex::new(super::certs::expiries(config)),
             reader: Mutex::new(None),
         }
+    }
+
+    /// The health listener reloaded its certificates: these are in use now.
+    pub fn health_certificates_reloaded(&self, now: Vec<super::certs::CertificateExpiry>) {
+        let mut certs = self.certificates.lock().unwrap_or_else(|p| p.into_inner());
+        certs.retain(|c| !super::certs::is_health(c));
+        certs.splice(0..0, now);
     }
 
     /// Whether a sink of this name is configured.
@@ -395,7 +403,11 @@ impl AgentView {
             sources: self.sources.iter().map(|s| s.snapshot()).collect(),
             sinks,
             warnings,
-            certificates: self.certificates.clone(),
+            certificates: self
+                .certificates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
