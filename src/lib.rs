@@ -5,6 +5,7 @@
 //! - [`cli`]: the offline commands (check-config, journal, replay) and their output.
 //! - [`config`]: the TOML contract: parse, validate, errors with file:line:col and key path.
 //! - [`event`]: the event envelope and its CloudEvents wire shape.
+//! - [`fleet`]: `plantrelay status --fleet`: pulls many gateways' status at once, one row each, worst first.
 //! - [`journal`]: the SQLite journal; the only module that runs SQL.
 //! - [`sources`]: inputs that append to the journal (HTTP ingest, …).
 //! - [`logging`]: tracing set-up, text or JSON.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

@@ -59,8 +59,8 @@ enum Command {
     /// listener with an admin token, passwords in clear text) are printed
     /// as warnings on standard error; `run` logs them at start.
     CheckConfig(ConfigArg),
-    /// Pull a running agent's status over HTTPS: exit 0 healthy, 1 degraded,
-    /// 2 unreachable, unauthorised or bad usage.
+    /// Pull a running agent's status over HTTPS (or a fleet's, with --fleet):
+    /// exit 0 healthy, 1 degraded, 2 unreachable, unauthorised or bad usage.
     Status(StatusArgs),
     /// Inspect the journal (works beside a running agent).
     Journal {
@@ -110,8 +110,22 @@ enum Command {
 #[derive(Args)]
 struct StatusArgs {
     /// The agent's health listener, e.g. https://gw-hamburg-01:8443.
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "fleet", conflicts_with = "fleet")]
+    url: Option<String>,
+    /// Pull every gateway listed in FILE (TOML: token_file, ca_file,
+    /// client_cert, client_key defaults and [[gateway]] name, url entries) at
+    /// once: one row each, worst first; exit 0 all healthy, 1 any degraded, 2
+    /// any unreachable or unauthorized.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["token_file", "ca_file", "client_cert"])]
+    fleet: Option<PathBuf>,
+    /// With --fleet: pull at most this many gateways at once.
+    #[arg(long, default_value_t = plantrelay::fleet::DEFAULT_CONCURRENCY, requires = "fleet")]
+    concurrency: usize,
+    /// Output format: a summary (table) or JSON (with --fleet, an array of
+    /// name, state, backlog, oldest_undelivered_age_s, dead_letters,
+    /// sources_down, error).
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
     /// File holding the bearer token (`token_file` of the agent).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
@@ -124,12 +138,19 @@ struct StatusArgs {
     /// Private key (PEM) of --client-cert.
     #[arg(long, value_name = "FILE", requires = "client_cert")]
     client_key: Option<PathBuf>,
-    /// Print the status JSON instead of the summary.
+    /// Print the status JSON instead of the summary (same as --output json).
     #[arg(long)]
     json: bool,
-    /// Give up after this long.
+    /// Give up after this long (with --fleet: per gateway, connect, TLS and
+    /// answer together; a gateway still silent then is unreachable).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -259,13 +280,27 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             Ok(0)
         }
         Command::Status(a) => {
+            let json = a.json || a.output == OutputFormat::Json;
+            let url = match (a.fleet, a.url) {
+                (Some(file), _) => {
+                    let opts = plantrelay::fleet::FleetOptions {
+                        file,
+                        json,
+                        timeout: a.timeout,
+                        concurrency: a.concurrency,
+                    };
+                    return plantrelay::fleet::run(&opts, &mut out).await;
+                }
+                (None, Some(url)) => url,
+                (None, None) => return Err(CliError::usage("give --url or --fleet")),
+            };
             let opts = plantrelay::status_cli::StatusOptions {
-                url: a.url,
+                url,
                 token_file: a.token_file,
                 ca_file: a.ca_file,
                 client_cert: a.client_cert,
                 client_key: a.client_key,
-                json: a.json,
+                json,
                 timeout: a.timeout,
             };
             plantrelay::status_cli::run(&opts, &mut out).await

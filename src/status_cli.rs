@@ -67,7 +67,7 @@ pub fn status_url(base: &str) -> Result<url::Url, CliError> {
 }
 
 /// An error and its causes on one line ("... : connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -185,7 +185,7 @@ fn ago(time: &Value, now: Option<SystemTime>) -> String {
 }
 
 /// Rows with aligned columns, indented by two spaces, one line each.
-fn rows(rows: &[Vec<String>]) -> Vec<String> {
+pub(crate) fn rows(rows: &[Vec<String>]) -> Vec<String> {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; n];
     for r in rows {

@@ -292,6 +292,22 @@ pub fn render(r: &StatusReport) -> String {
         }),
     );
 
+    int_gauges(
+        &mut reg,
+        "plantrelay_certificate_expiry_timestamp_seconds",
+        "Unix time when a certificate file the agent loaded at start expires (the first to expire, for a chain or bundle)",
+        r.certificates.iter().map(|c| {
+            (
+                vec![
+                    ("use", c.usage.to_string()),
+                    ("key", c.key.clone()),
+                    ("path", c.path.clone()),
+                ],
+                u64::try_from(c.not_after).unwrap_or(0),
+            )
+        }),
+    );
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_text::encode(&mut out, &reg);

@@ -9,7 +9,7 @@
 //! a [`TlsReloader`] (SIGHUP in `plantrelay run`).
 //!
 //! Module map: `report` builds the one snapshot that status, readiness and
-//! metrics are rendered from; `metrics` renders it for Prometheus; `auth`
+//! metrics are rendered from; `certs` the expiry of the certificates in use; `metrics` renders it for Prometheus; `auth`
 //! the token and client-certificate checks; `admin` the write endpoints and
 //! their audit lines; `tls` the server configuration, the reload hook and
 //! the acceptor that hands each request its client certificate.
@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod certs;
 pub mod metrics;
 pub mod report;
 pub mod tls;
@@ -96,7 +97,7 @@ impl HealthServer {
                 header_timeout: cfg.header_timeout,
                 request_timeout: cfg.request_timeout,
             },
-            reloader: TlsReloader::new(tls.clone(), cfg.clone()),
+            reloader: TlsReloader::new(tls.clone(), cfg.clone(), view.clone()),
             tls,
             state: Arc::new(AppState {
                 view,

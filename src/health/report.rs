@@ -34,6 +34,9 @@ pub struct AgentView {
     /// True between a completed start-up and the beginning of shutdown.
     pub ready: AtomicBool,
     pub stall_after: Duration,
+    /// The certificates in use and when they expire (the health listener's
+    /// are replaced when they are reloaded).
+    certificates: Mutex<Vec<super::certs::CertificateExpiry>>,
     /// One read connection, reopened after an error.
     reader: Mutex<Option<Reader>>,
 }
@@ -52,6 +55,8 @@ pub struct StatusReport {
     pub sources: Vec<SourceSnapshot>,
     pub sinks: Vec<SinkReport>,
     pub warnings: Vec<Warning>,
+    /// Every certificate file the agent loaded, with its expiry.
+    pub certificates: Vec<super::certs::CertificateExpiry>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,8 +206,16 @@ impl AgentView {
                 .health
                 .as_ref()
                 .map_or(Duration::from_secs(60), |h| h.stall_after),
+            certificates: Mutex::new(super::certs::expiries(config)),
             reader: Mutex::new(None),
         }
+    }
+
+    /// The health listener reloaded its certificates: these are in use now.
+    pub fn health_certificates_reloaded(&self, now: Vec<super::certs::CertificateExpiry>) {
+        let mut certs = self.certificates.lock().unwrap_or_else(|p| p.into_inner());
+        certs.retain(|c| !super::certs::is_health(c));
+        certs.splice(0..0, now);
     }
 
     /// Whether a sink of this name is configured.
@@ -390,6 +403,11 @@ impl AgentView {
             sources: self.sources.iter().map(|s| s.snapshot()).collect(),
             sinks,
             warnings,
+            certificates: self
+                .certificates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

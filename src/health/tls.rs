@@ -58,13 +58,20 @@ pub fn server_config(cfg: &HealthConfig) -> Result<rustls::ServerConfig, TlsErro
 pub struct TlsReloader {
     rustls: TlsConfig,
     cfg: Arc<HealthConfig>,
+    /// Told the expiry of the certificates now in use.
+    view: Arc<super::AgentView>,
 }
 
 impl TlsReloader {
-    pub(crate) fn new(rustls: TlsConfig, cfg: HealthConfig) -> TlsReloader {
+    pub(crate) fn new(
+        rustls: TlsConfig,
+        cfg: HealthConfig,
+        view: Arc<super::AgentView>,
+    ) -> TlsReloader {
         TlsReloader {
             rustls,
             cfg: Arc::new(cfg),
+            view,
         }
     }
 
@@ -74,6 +81,8 @@ impl TlsReloader {
         match server_config(&self.cfg) {
             Ok(config) => {
                 self.rustls.reload(Arc::new(config));
+                self.view
+                    .health_certificates_reloaded(super::certs::health_expiries(&self.cfg));
                 let leaf = tls::load_certs(&self.cfg.tls_cert)
                     .ok()
                     .and_then(|c| c.first().and_then(subject));
