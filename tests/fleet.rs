@@ -128,8 +128,8 @@ async fn the_fleet_shows_a_row_per_gateway_worst_first_with_the_exit_status_of_t
     let deadline = Instant::now() + WAIT;
     loop {
         let (code, out, err, _) = fleet_cli(&healthy_only, &[]).await;
-        if code == 0 {
-            assert!(out.contains("hamburg-01  healthy  0"), "{out}");
+        // Healthy at once; the backlog drains within the sink's batch_linger.
+        if code == 0 && out.contains("hamburg-01  healthy  0") {
             assert!(
                 out.ends_with("1 gateways: 1 healthy, 0 degraded, 0 unreachable, 0 unauthorized\n"),
                 "{out}"
