@@ -58,6 +58,10 @@ impl fmt::Display for Class {
     }
 }
 
+/// CloudEvents extension attributes plantrelay assigns to every forwarded
+/// event itself: dropped from incoming events, never taken from storage.
+pub const RESERVED_ATTRIBUTES: [&str; 3] = ["sequence", "streamsequence", "deliveryclass"];
+
 /// An event as a source hands it to the journal, before it has a `seq`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -156,6 +160,15 @@ impl StoredEvent {
                 }
             },
         };
+        // What plantrelay assigns itself is never taken from stored
+        // attributes (a journal written before a name was reserved may hold
+        // it): a JSON object with a key twice is read differently upstream.
+        let extra = extra.map(|mut m| {
+            for name in RESERVED_ATTRIBUTES {
+                m.remove(name);
+            }
+            m
+        });
         // Binary data arrives as `data_base64` (kept in attrs) and leaves the
         // same way: CloudEvents allows only one of `data` and `data_base64`.
         let binary = extra
@@ -170,6 +183,7 @@ impl StoredEvent {
             time: self.source_time.as_deref(),
             sequence: self.seq,
             streamsequence: self.stream_seq,
+            deliveryclass: self.class.as_str(),
             data: (!binary).then_some(data),
             extra,
         };
@@ -191,6 +205,7 @@ struct CloudEventOut<'a> {
     time: Option<&'a str>,
     sequence: u64,
     streamsequence: u64,
+    deliveryclass: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a RawValue>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -452,8 +467,25 @@ mod tests {
         assert_eq!(v["time"], "2026-11-29T10:00:00Z");
         assert_eq!(v["sequence"], 7);
         assert_eq!(v["streamsequence"], 3);
+        assert_eq!(v["deliveryclass"], "critical");
         assert_eq!(v["data"]["qty"], 5);
         assert_eq!(v["datacontenttype"], "application/json");
+    }
+
+    #[test]
+    fn reserved_attributes_in_storage_never_reach_the_wire_twice() {
+        let mut e = stored();
+        e.class = Class::Telemetry;
+        e.attrs = Some(r#"{"deliveryclass":"critical","sequence":1,"zz":"kept"}"#.into());
+        let mut out = Vec::new();
+        e.write_cloudevent("gw-1", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("\"deliveryclass\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"sequence\"").count(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["deliveryclass"], "telemetry");
+        assert_eq!(v["sequence"], 7);
+        assert_eq!(v["zz"], "kept");
     }
 
     #[test]

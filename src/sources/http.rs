@@ -125,7 +125,7 @@ const LONE_SURROGATE_DATA: &str = "attribute \"data\" holds a \\u escape of half
 pub const MAX_KEY_LEN: usize = 1024;
 
 /// Attribute names plantrelay assigns itself; dropped from incoming events.
-pub const RESERVED_ATTRIBUTES: [&str; 2] = ["sequence", "streamsequence"];
+pub use crate::event::RESERVED_ATTRIBUTES;
 
 /// The content types `POST /v1/events` accepts (listed in a `415`).
 pub const ACCEPTED_CONTENT_TYPES: [&str; 5] = [
