@@ -27,6 +27,7 @@ use crate::sources::http::HttpSource;
 use crate::sources::mqtt::MqttSource;
 use crate::sources::opcua::OpcuaSource;
 use crate::status::{SinkStatus, SourceStatus};
+use crate::supervise::Supervised;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -116,9 +117,9 @@ pub struct RunningAgent {
     health_stop: CancellationToken,
     watchdog_stop: CancellationToken,
     watchdog: Option<JoinHandle<()>>,
-    sources: Vec<JoinHandle<()>>,
-    forwarders: Vec<JoinHandle<()>>,
-    health: Option<JoinHandle<()>>,
+    sources: Vec<Supervised>,
+    forwarders: Vec<Supervised>,
+    health: Option<Supervised>,
     shutdown_timeout: Duration,
 }
 
@@ -222,12 +223,14 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     let sources_stop = CancellationToken::new();
     let forwarders_stop = CancellationToken::new();
     let health_stop = CancellationToken::new();
+    let supervisor = view.supervisor.clone();
     let mut http_addrs = Vec::new();
     let mut source_tasks = Vec::new();
     for ((name, source), status) in bound.into_iter().zip(&source_status) {
         http_addrs.push((name.clone(), source.local_addr()));
         let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        source_tasks.push(tokio::spawn(async move {
+        let task = format!("HTTP source '{name}'");
+        source_tasks.push(supervisor.spawn(task, async move {
             if let Err(e) = source.serve(journal, status.clone(), stop).await {
                 error!(source = %name, error = %e, "HTTP source stopped with an error");
                 status.record_error(e.to_string());
@@ -236,30 +239,35 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     }
     for ((name, source), status) in mqtt_sources.into_iter().zip(&mqtt_status) {
         let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        source_tasks.push(tokio::spawn(async move {
-            if let Err(e) = source.run(journal, status, stop).await {
+        let task = format!("MQTT source '{name}'");
+        source_tasks.push(supervisor.spawn(task, async move {
+            if let Err(e) = source.run(journal, status.clone(), stop).await {
                 error!(source = %name, error = %e, "MQTT source stopped with an error");
+                status.record_error(e.to_string());
             }
         }));
     }
     for ((name, source), status) in opcua_sources.into_iter().zip(&opcua_status) {
         let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        source_tasks.push(tokio::spawn(async move {
-            if let Err(e) = source.run(journal, status, stop).await {
+        let task = format!("OPC UA source '{name}'");
+        source_tasks.push(supervisor.spawn(task, async move {
+            if let Err(e) = source.run(journal, status.clone(), stop).await {
                 error!(source = %name, error = %e, "OPC UA source stopped with an error");
+                status.record_error(e.to_string());
             }
         }));
     }
     let mut forwarder_tasks = Vec::new();
     for ((settings, sink), status) in sinks.into_iter().zip(&sink_status) {
+        let task = format!("forwarder of sink '{}'", settings.name);
         let fwd = Forwarder::new(settings, sink, journal.clone(), status.clone());
-        forwarder_tasks.push(tokio::spawn(fwd.run(forwarders_stop.clone())));
+        forwarder_tasks.push(supervisor.spawn(task, fwd.run(forwarders_stop.clone())));
     }
     let health_addr = health.as_ref().map(|h| h.local_addr());
     let health_tls = health.as_ref().map(|h| h.tls_reloader());
     let health_task = health.map(|h| {
         let stop = health_stop.clone();
-        tokio::spawn(async move {
+        supervisor.spawn("health listener".to_string(), async move {
             if let Err(e) = h.serve(stop).await {
                 error!(error = %e, "health server stopped with an error");
             }
@@ -321,17 +329,20 @@ impl RunningAgent {
             w.abort();
         }
         self.view.ready.store(false, Ordering::Relaxed);
+        self.view.supervisor.stopping();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.sources_stop.cancel();
         for t in self.sources {
-            if tokio::time::timeout_at(deadline, t).await.is_err() {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t.join()).await.is_err() {
                 warn!("a source did not stop in time");
+                abort.abort();
             }
         }
         self.forwarders_stop.cancel();
         for t in self.forwarders {
             let abort = t.abort_handle();
-            if tokio::time::timeout_at(deadline, t).await.is_err() {
+            if tokio::time::timeout_at(deadline, t.join()).await.is_err() {
                 warn!(
                     "a forwarder did not finish its batch within shutdown_timeout; it will be sent again at the next start"
                 );
@@ -341,7 +352,7 @@ impl RunningAgent {
         self.health_stop.cancel();
         if let Some(t) = self.health {
             let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), t)
+            if tokio::time::timeout(Duration::from_secs(2), t.join())
                 .await
                 .is_err()
             {

@@ -39,5 +39,6 @@ pub mod sinks;
 pub mod sources;
 pub mod status;
 pub mod status_cli;
+pub mod supervise;
 pub mod text;
 pub mod tls;

@@ -47,6 +47,9 @@ pub fn liveness(view: &AgentView) -> Result<(), String> {
             return Err(format!("forwarder of sink '{}' is not running", sink.name));
         }
     }
+    if let Some(f) = view.supervisor.failures().first() {
+        return Err(format!("{} has stopped ({})", f.task, f.how));
+    }
     Ok(())
 }
 

@@ -287,6 +287,42 @@ async fn an_upstream_outage_shows_a_growing_backlog_then_a_stalled_sink_and_clea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervised_task_that_panics_makes_the_agent_not_ready_and_withholds_the_watchdog() {
+    let h = Harness::new().await;
+    let a = agent::start(&config_with(&h, TOKEN_ONLY, ""))
+        .await
+        .unwrap();
+    let api = Api::new(&h, &a, false);
+    let t = Some(TOKEN);
+    assert_eq!(api.code("/readyz", t).await, 200);
+    assert!(plantrelay::service::liveness(&a.view).is_ok());
+
+    // A task of the agent's own kind, supervised the same way as its
+    // sources, forwarders and listeners.
+    a.view
+        .supervisor
+        .spawn("forwarder of sink 'central'".into(), async {
+            panic!("index out of bounds")
+        })
+        .join()
+        .await;
+    let (code, body) = api.get("/readyz", t).await.unwrap();
+    assert_eq!(code, 503);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["reasons"]
+            .to_string()
+            .contains("forwarder of sink 'central' has stopped (panicked: index out of bounds)"),
+        "{body}"
+    );
+    let live = plantrelay::service::liveness(&a.view).unwrap_err();
+    assert!(live.contains("forwarder of sink 'central'"), "{live}");
+    let status = api.status(t).await;
+    assert_eq!(status["ready"], false);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_names_the_agent_its_journal_disk_and_every_source_and_sink() {
     let h = Harness::new().await;
     let a = agent::start(&config_with(&h, TOKEN_ONLY, ""))

@@ -34,6 +34,8 @@ pub struct AgentView {
     /// True between a completed start-up and the beginning of shutdown.
     pub ready: AtomicBool,
     pub stall_after: Duration,
+    /// Tasks that ended when they should not have (see [`crate::supervise`]).
+    pub supervisor: Arc<crate::supervise::Supervisor>,
     /// The certificates in use and when they expire (the health listener's
     /// are replaced when they are reloaded).
     certificates: Mutex<Vec<super::certs::CertificateExpiry>>,
@@ -206,6 +208,7 @@ impl AgentView {
                 .health
                 .as_ref()
                 .map_or(Duration::from_secs(60), |h| h.stall_after),
+            supervisor: Arc::new(crate::supervise::Supervisor::new()),
             certificates: Mutex::new(super::certs::expiries(config)),
             reader: Mutex::new(None),
         }
@@ -261,6 +264,9 @@ impl AgentView {
             if !s.progress().running {
                 out.push(format!("forwarder of sink '{}' is not running", s.name));
             }
+        }
+        for f in self.supervisor.failures() {
+            out.push(format!("{} has stopped ({})", f.task, f.how));
         }
         out
     }
