@@ -665,6 +665,24 @@ struct Faults {
     rejected: Arc<HashSet<String>>,
 }
 
+/// One scripted answer (see [`Receiver::script`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scripted {
+    /// Answer this status (with `Retry-After: <secs>` if given), accepting
+    /// nothing.
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+    /// Refuse the batch: `Some(i)` answers 422 naming the id of its `i`-th
+    /// event, `None` answers 400 naming no event.
+    Reject(Option<usize>),
+    /// Wait this long, then handle the batch as usual (a client with a
+    /// shorter timeout has given up by then; what it sent is accepted all
+    /// the same, as a slow upstream would).
+    Delay(Duration),
+}
+
 fn roll(probability: f64) -> bool {
     if probability >= 1.0 {
         true
@@ -790,6 +808,7 @@ impl<S> Accept<TcpStream, S> for TrackingAcceptor {
 struct Shared {
     recording: Mutex<Recording>,
     faults: Mutex<Faults>,
+    script: Mutex<std::collections::VecDeque<Scripted>>,
     conns: Mutex<HashMap<SocketAddr, Arc<ConnState>>>,
     changed: Notify,
     record_data: bool,
@@ -861,6 +880,7 @@ impl Receiver {
             shared: Arc::new(Shared {
                 recording: Mutex::new(Recording::default()),
                 faults: Mutex::new(Faults::default()),
+                script: Mutex::new(std::collections::VecDeque::new()),
                 conns: Mutex::new(HashMap::new()),
                 changed: Notify::new(),
                 record_data: opts.record_data,
@@ -1015,9 +1035,19 @@ impl Receiver {
         lock(&self.shared.faults).rejected = Arc::new(ids.into_iter().map(Into::into).collect());
     }
 
+    /// Answer the next requests, one each, as scripted (before any other
+    /// fault); once the script is used up, the other faults apply again.
+    pub fn script<I>(&self, answers: I)
+    where
+        I: IntoIterator<Item = Scripted>,
+    {
+        lock(&self.shared.script).extend(answers);
+    }
+
     /// Back to accepting everything, at once.
     pub fn clear_faults(&self) {
         *lock(&self.shared.faults) = Faults::default();
+        lock(&self.shared.script).clear();
     }
 
     // -- recording ---------------------------------------------------------
@@ -1151,10 +1181,65 @@ async fn ingest(
     body: Bytes,
 ) -> Response {
     let faults = lock(&shared.faults).clone();
+    let scripted = lock(&shared.script).pop_front();
     lock(&shared.recording).stats.requests += 1;
-    let response = handle_batch(&shared, peer, &headers, &body, faults).await;
+    let response = match scripted {
+        Some(answer) => scripted_answer(&shared, peer, &headers, &body, faults, answer).await,
+        None => handle_batch(&shared, peer, &headers, &body, faults).await,
+    };
     shared.changed.notify_waiters();
     response
+}
+
+async fn scripted_answer(
+    shared: &Shared,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: &[u8],
+    faults: Faults,
+    answer: Scripted,
+) -> Response {
+    match answer {
+        Scripted::Status {
+            status,
+            retry_after,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (
+                status,
+                axum::Json(json!({ "error": "scripted", "status": status.as_u16() })),
+            )
+                .into_response();
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            response
+        }
+        Scripted::Reject(index) => {
+            let named = decode_body(headers, body)
+                .and_then(|(decoded, _)| parse_batch(&decoded))
+                .ok()
+                .and_then(|events| index.and_then(|i| events.get(i).map(|e| e.id.clone())));
+            match named {
+                Some(id) => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    axum::Json(json!({ "error": "rejected", "id": id, "reason": REJECT_REASON })),
+                )
+                    .into_response(),
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(json!({ "error": "rejected", "reason": REJECT_REASON })),
+                )
+                    .into_response(),
+            }
+        }
+        Scripted::Delay(d) => {
+            tokio::time::sleep(d).await;
+            handle_batch(shared, peer, headers, body, faults).await
+        }
+    }
 }
 
 async fn handle_batch(

@@ -220,10 +220,7 @@ impl Sink for HttpsSink {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                return SendOutcome::Retry {
-                    after: None,
-                    reason: format!("request failed: {}", describe(&e)),
-                };
+                return SendOutcome::retry(None, format!("request failed: {}", describe(&e)));
             }
         };
         let status = resp.status();
@@ -249,16 +246,13 @@ impl Sink for HttpsSink {
             format!("upstream answered {status}: {snippet}")
         };
         if is_retryable(status) {
-            return SendOutcome::Retry {
-                after: retry_after,
-                reason,
-            };
+            return SendOutcome::retry(retry_after, reason);
         }
         let index = match status.as_u16() {
             400 | 422 => rejected_index(&body, batch),
             _ => None,
         };
-        SendOutcome::Reject { index, reason }
+        SendOutcome::reject(index, reason)
     }
 }
 

@@ -16,16 +16,22 @@
 //! drain runs at full speed; cursor writes follow batches and fall with
 //! them.
 //!
-//! The bookkeeping ([`Backoff`], [`RateLimiter`], [`Plan`]) is plain data
-//! tested without I/O; [`Forwarder::run`] is the driver. A forwarder must
-//! never write to the journal except through [`Journal::advance`] and
-//! [`Journal::dead_letter`], and never skip an event without one of them.
+//! The bookkeeping is a plain state machine, [`core::Core`], tested without
+//! I/O; [`Forwarder::run`] is the thin loop that does what it says. A
+//! forwarder must never write to the journal except through
+//! [`Journal::advance_delivered`] and [`Journal::dead_letter`], and never
+//! skip an event without one of them.
+//!
+//! Every sink implements [`Sink`] and passes the sink conformance suite
+//! (`tests/conformance/`): acknowledgement, partial acknowledgement,
+//! retries with and without `Retry-After`, rejections with and without the
+//! event named, timeouts, slowness and a panicking sink.
 //!
 //! - [`https`]: CloudEvents batches over HTTPS.
 
+pub mod core;
 pub mod https;
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,28 +40,13 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+pub use self::core::{
+    Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now, Plan,
+    RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
+};
 use crate::event::StoredEvent;
 use crate::journal::{Journal, JournalError, Reader, unix_micros};
 use crate::status::SinkStatus;
-
-/// What the upstream said about one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SendOutcome {
-    /// Every event of the batch is safely upstream.
-    Ack,
-    /// Nothing of the batch can be taken as delivered; try again later
-    /// (`after`: the upstream's `Retry-After`).
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-    },
-    /// The upstream refused the batch for good. With `index`, it named the
-    /// offending event; without, the batch is bisected to find it.
-    Reject {
-        index: Option<usize>,
-        reason: String,
-    },
-}
 
 /// One upstream. Implementations do I/O only; the forwarder decides.
 pub trait Sink: Send + Sync + 'static {
@@ -75,216 +66,22 @@ pub trait Sink: Send + Sync + 'static {
         batch: &[StoredEvent],
         encoded: Self::Encoded,
     ) -> impl Future<Output = SendOutcome> + Send;
-}
 
-/// Retry timing of a forwarder.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-/// Capped exponential backoff with full jitter: the n-th consecutive failure
-/// waits a uniform random time in [0, min(max, initial × 2^n)], but never
-/// less than the upstream's `Retry-After` (itself capped at 10 × max).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    policy: RetryPolicy,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(policy: RetryPolicy) -> Backoff {
-        Backoff {
-            policy,
-            failures: 0,
-        }
+    /// Opens the connection to the upstream, once before the first send;
+    /// retried with backoff while it fails (`Err`: why, for the status).
+    /// Sinks that connect per request keep the default.
+    fn connect(&self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
     }
 
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// The ceiling of the next delay, before jitter.
-    pub fn ceiling(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.failures.min(30)).unwrap_or(u32::MAX);
-        self.policy
-            .initial
-            .saturating_mul(factor)
-            .min(self.policy.max)
-    }
-
-    /// Records a failure and returns how long to wait; `jitter` in [0, 1].
-    pub fn fail(&mut self, retry_after: Option<Duration>, jitter: f64) -> Duration {
-        let ceiling = self.ceiling();
-        self.failures = self.failures.saturating_add(1);
-        let jittered = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
-        match retry_after {
-            Some(after) => jittered.max(after.min(self.policy.max.saturating_mul(10))),
-            None => jittered,
-        }
-    }
-
-    pub fn succeed(&mut self) {
-        self.failures = 0;
+    /// Closes the connection cleanly (an MQTT DISCONNECT, a drained
+    /// publisher) when the forwarder stops; nothing is in flight then.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        async {}
     }
 }
 
-/// Token bucket for `max_events_per_sec` (0 = unlimited); one second of
-/// burst.
-#[derive(Debug, Clone)]
-pub struct RateLimiter {
-    per_sec: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    pub fn new(per_sec: u32, now: Instant) -> RateLimiter {
-        RateLimiter {
-            per_sec: per_sec as f64,
-            tokens: per_sec as f64,
-            last: now,
-        }
-    }
-
-    /// How many of `want` events may go now (at least 1 once the bucket has
-    /// a whole token), and how long to wait when none may.
-    pub fn take(&mut self, want: usize, now: Instant) -> Result<usize, Duration> {
-        if self.per_sec <= 0.0 {
-            return Ok(want);
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.per_sec.max(1.0));
-        if self.tokens < 1.0 {
-            return Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec));
-        }
-        let n = (self.tokens.floor() as usize).min(want).max(1);
-        self.tokens -= n as f64;
-        Ok(n)
-    }
-}
-
-/// The work left of one batch read from the journal, in order. A
-/// rejection replaces the front range by smaller ones (or by the poison
-/// event alone), so the order of what is sent never changes.
-#[derive(Debug)]
-pub struct Plan {
-    events: Vec<StoredEvent>,
-    pending: VecDeque<Step>,
-}
-
-/// What the driver must do next for a plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// Send `events[a..b]`.
-    Send(usize, usize),
-    /// Dead-letter `events[i]`, then continue.
-    DeadLetter(usize),
-    Done,
-}
-
-impl Plan {
-    pub fn new(events: Vec<StoredEvent>) -> Plan {
-        let mut pending = VecDeque::new();
-        if !events.is_empty() {
-            pending.push_back(Step::Send(0, events.len()));
-        }
-        Plan { events, pending }
-    }
-
-    pub fn events(&self) -> &[StoredEvent] {
-        &self.events
-    }
-
-    pub fn next(&self) -> Step {
-        self.pending.front().copied().unwrap_or(Step::Done)
-    }
-
-    /// The front step is done (range acknowledged, or event dead-lettered).
-    pub fn done(&mut self) {
-        self.pending.pop_front();
-    }
-
-    /// The front range was rejected; `index` (relative to the range) is the
-    /// event the upstream named, if it named one.
-    pub fn rejected(&mut self, index: Option<usize>) {
-        let Some(Step::Send(a, b)) = self.pending.front().copied() else {
-            return;
-        };
-        self.pending.pop_front();
-        let mut replace = Vec::with_capacity(3);
-        match index {
-            Some(i) if a + i < b => {
-                let at = a + i;
-                if a < at {
-                    replace.push(Step::Send(a, at));
-                }
-                replace.push(Step::DeadLetter(at));
-                if at + 1 < b {
-                    replace.push(Step::Send(at + 1, b));
-                }
-            }
-            _ if b - a == 1 => replace.push(Step::DeadLetter(a)),
-            _ => {
-                let mid = a + (b - a) / 2;
-                replace.push(Step::Send(a, mid));
-                replace.push(Step::Send(mid, b));
-            }
-        }
-        for step in replace.into_iter().rev() {
-            self.pending.push_front(step);
-        }
-    }
-}
-
-/// Default `batch_linger`: at most 4 requests (and 4 cursor writes) a
-/// second per sink below saturation instead of one per commit, for at most
-/// a quarter of a second of delivery delay, which MES workflows do not
-/// notice (peers default to 0.5–10 s).
-pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(250);
-
-/// How long a batch just read should wait for more events before it goes
-/// out; `None`: send it now. `len` events of `bytes` bytes, the oldest
-/// received at `oldest_recv_us`. A batch at `max_events`, or at half of
-/// `max_bytes` or more (waiting could not double it), never waits, nor does
-/// one whose oldest event is already `linger` old. The wait ends when the
-/// oldest event is `linger` old, so a clock that steps back cannot stretch
-/// it beyond `linger`.
-pub fn linger(
-    len: usize,
-    bytes: usize,
-    oldest_recv_us: i64,
-    now_us: i64,
-    settings: &ForwarderSettings,
-) -> Option<Duration> {
-    if settings.batch_linger.is_zero()
-        || len >= settings.batch_max_events
-        || bytes.saturating_mul(2) >= settings.batch_max_bytes
-    {
-        return None;
-    }
-    let age = Duration::from_micros(now_us.saturating_sub(oldest_recv_us).max(0) as u64);
-    settings
-        .batch_linger
-        .checked_sub(age)
-        .filter(|d| !d.is_zero())
-}
-
-/// Settings every forwarder has.
-#[derive(Debug, Clone)]
-pub struct ForwarderSettings {
-    pub name: String,
-    pub batch_max_events: usize,
-    pub batch_max_bytes: usize,
-    pub max_events_per_sec: u32,
-    /// See [`linger`]; zero sends every batch at once.
-    pub batch_linger: Duration,
-    pub retry: RetryPolicy,
-}
-
-/// Drives one sink.
+/// Drives one sink: the thin I/O loop around [`Core`].
 pub struct Forwarder<S: Sink> {
     settings: ForwarderSettings,
     sink: Arc<S>,
@@ -313,6 +110,16 @@ struct Ahead<E> {
     task: ReadTask<E>,
 }
 
+/// The wire form of the batch read last, for the seqs it holds: a part of
+/// it (bisected, rate-limited, after a partial acknowledgement) is encoded
+/// anew.
+struct Encoded<E> {
+    first: u64,
+    last: u64,
+    len: usize,
+    body: E,
+}
+
 impl<S: Sink> Forwarder<S> {
     pub fn new(
         settings: ForwarderSettings,
@@ -328,6 +135,13 @@ impl<S: Sink> Forwarder<S> {
         }
     }
 
+    fn lock_failed(&self) -> JournalError {
+        JournalError::Sqlite {
+            path: self.journal.path().to_path_buf(),
+            detail: "reader lock poisoned".into(),
+        }
+    }
+
     /// Reads and encodes the next batch after `cursor` on a blocking thread
     /// (SQLite reads and compression do not belong on the async workers).
     fn spawn_read(&self, reader: &Arc<Mutex<Reader>>, cursor: u64) -> ReadTask<S::Encoded> {
@@ -338,13 +152,10 @@ impl<S: Sink> Forwarder<S> {
             self.settings.batch_max_events,
             self.settings.batch_max_bytes,
         );
-        let path = self.journal.path().to_path_buf();
+        let poisoned = self.lock_failed();
         tokio::task::spawn_blocking(move || {
             let events = {
-                let reader = reader.lock().map_err(|_| JournalError::Sqlite {
-                    path: path.clone(),
-                    detail: "reader lock poisoned".into(),
-                })?;
+                let reader = reader.lock().map_err(|_| poisoned)?;
                 reader.read_after(cursor, &name, max_events, max_bytes)?
             };
             let encoded = (!events.is_empty()).then(|| sink.encode(&events));
@@ -364,320 +175,341 @@ impl<S: Sink> Forwarder<S> {
         })
     }
 
+    /// Encodes a part of a batch on a blocking thread.
+    async fn encode_part(&self, part: Vec<StoredEvent>) -> Option<S::Encoded> {
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || sink.encode(&part))
+            .await
+            .ok()
+    }
+
     fn cursor(&self, reader: &Arc<Mutex<Reader>>) -> Result<u64, JournalError> {
         match reader.lock() {
             Ok(r) => r.cursor(&self.settings.name),
-            Err(_) => Err(JournalError::Sqlite {
-                path: self.journal.path().to_path_buf(),
-                detail: "reader lock poisoned".into(),
-            }),
+            Err(_) => Err(self.lock_failed()),
+        }
+    }
+
+    fn record_error(&self, message: String) {
+        self.status
+            .update(|p| p.last_error = Some((now_us(), message)));
+    }
+
+    /// Connects the sink, retrying with backoff; false at shutdown.
+    async fn connect(&self, shutdown: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(self.settings.retry);
+        loop {
+            let attempt = tokio::select! {
+                r = self.sink.connect() => r,
+                _ = shutdown.cancelled() => return false,
+            };
+            match attempt {
+                Ok(()) => return true,
+                Err(reason) => {
+                    let delay = backoff.fail(None, rand::rng().random());
+                    warn!(sink = %self.settings.name, reason = %reason, retry_in_ms = delay.as_millis() as u64, "cannot connect to the upstream; retrying");
+                    self.status.update(|p| {
+                        p.consecutive_failures += 1;
+                        p.last_error = Some((now_us(), reason));
+                    });
+                    if let Wait::Shutdown = sleep_or_shutdown(delay, shutdown).await {
+                        return false;
+                    }
+                }
+            }
         }
     }
 
     /// Runs until `shutdown` is cancelled. A batch in flight at shutdown is
-    /// given until `drain_deadline` (set when shutdown starts) to finish.
+    /// finished (its acknowledgement stored), and a batch lingering is sent
+    /// as it is; the caller bounds how long that may take.
     pub async fn run(self, shutdown: CancellationToken) {
         let name = self.settings.name.clone();
         let reader = match self.journal.reader() {
             Ok(r) => Arc::new(Mutex::new(r)),
             Err(e) => {
                 error!(sink = %name, error = %e, "forwarder cannot open a journal reader; not forwarding");
-                self.status
-                    .update(|p| p.last_error = Some((now_us(), e.to_string())));
+                self.record_error(e.to_string());
                 return;
             }
         };
         let mut committed = self.journal.committed();
         let mut rewinds = self.journal.rewinds();
-        // The rewind counter last acted on: `wait_for_work` marks a rewind
-        // as seen when it wakes for it, so the loop compares counters
-        // instead of asking the watch whether it changed.
+        // The rewind counter last acted on: waits mark a rewind as seen when
+        // they wake for it, so the loop compares counters instead of asking
+        // the watch whether it changed.
         let mut rewinds_seen = *rewinds.borrow_and_update();
-        let mut cursor = match self.cursor(&reader) {
+        let cursor = match self.cursor(&reader) {
             Ok(c) => c,
             Err(e) => {
                 error!(sink = %name, error = %e, "forwarder cannot read its cursor; not forwarding");
+                self.record_error(e.to_string());
                 return;
             }
         };
-        let mut backoff = Backoff::new(self.settings.retry);
-        let mut limiter = RateLimiter::new(self.settings.max_events_per_sec, Instant::now());
-        let mut ahead: Option<Ahead<S::Encoded>> = None;
         self.status.update(|p| {
             p.cursor = cursor;
             p.running = true;
         });
         info!(sink = %name, cursor, "forwarder started");
-
-        'outer: loop {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            // Mark what we have seen before reading, so a commit that lands
-            // during the read wakes us again.
-            committed.borrow_and_update();
-            let rewinds_now = *rewinds.borrow_and_update();
-            if rewinds_now != rewinds_seen {
-                rewinds_seen = rewinds_now;
-                match self.cursor(&reader) {
-                    Ok(c) => {
-                        info!(sink = %name, from = cursor, to = c, "cursor moved by a replay");
-                        cursor = c;
-                    }
-                    Err(e) => warn!(sink = %name, error = %e, "cannot reload cursor"),
-                }
-            }
-            // Evictions so far, taken before the read: a batch read before an
-            // eviction may hold rows the journal has since replaced by gap
-            // events.
-            let (evictions_at_read, read, read_ahead) = match ahead.take() {
-                Some(a) if a.after == cursor => {
-                    (a.evictions_at_read, self.join_read(a.task).await, true)
-                }
-                _ => {
-                    let e = self.journal.evictions();
-                    let task = self.spawn_read(&reader, cursor);
-                    (e, self.join_read(task).await, false)
-                }
-            };
-            let prepared = match read {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(sink = %name, error = %e, "journal read failed; retrying");
-                    self.status
-                        .update(|p| p.last_error = Some((now_us(), e.to_string())));
-                    let d = backoff.fail(None, rand::rng().random());
-                    if let Wait::Shutdown = sleep_or_shutdown(d, &shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let Prepared {
-                events: mut batch,
-                encoded: mut whole,
-            } = prepared;
-            if batch.is_empty() {
-                if read_ahead {
-                    // Read before commits this loop has marked as seen:
-                    // read again rather than wait for the next one.
-                    continue;
-                }
-                match wait_for_work(&mut committed, &mut rewinds, &shutdown).await {
-                    Wait::Work => continue,
-                    Wait::Shutdown => break,
-                }
-            }
-            let oldest = batch.iter().map(|e| e.recv_time_us).min().unwrap_or(0);
-            let bytes = batch.iter().map(StoredEvent::size).sum();
-            if let Some(wait) = linger(batch.len(), bytes, oldest, now_us(), &self.settings) {
-                // Committed seqs are not all this sink's, so reaching this
-                // one may still leave the batch short: it is read again and
-                // waits out the rest of its linger.
-                let fill_at = batch[batch.len() - 1]
-                    .seq
-                    .saturating_add((self.settings.batch_max_events - batch.len()) as u64);
-                if let Wait::Work =
-                    linger_wait(&mut committed, &mut rewinds, fill_at, wait, &shutdown).await
-                {
-                    continue;
-                }
-                // Shutdown: what lingers goes out now, like a batch in flight.
-            }
-            // Rate limit: may shorten the batch (and its encoding is then
-            // made again for what is left).
-            loop {
-                match limiter.take(batch.len(), Instant::now()) {
-                    Ok(n) => {
-                        if n < batch.len() {
-                            batch.truncate(n);
-                            whole = None;
-                        }
-                        break;
-                    }
-                    Err(wait) => {
-                        if let Wait::Shutdown = sleep_or_shutdown(wait, &shutdown).await {
-                            break 'outer;
-                        }
-                    }
-                }
-            }
-            let mut plan = Plan::new(batch);
-            loop {
-                match plan.next() {
-                    Step::Done => break,
-                    Step::DeadLetter(i) => {
-                        let reason = self.last_reason();
-                        if !self
-                            .dead_letter(&plan, i, &reason, &mut cursor, evictions_at_read)
-                            .await
-                        {
-                            continue 'outer;
-                        }
-                        plan.done();
-                    }
-                    Step::Send(a, b) => {
-                        if self.journal.evictions() != evictions_at_read {
-                            // Read again so the gap events go out in place of
-                            // what was evicted meanwhile.
-                            continue 'outer;
-                        }
-                        let slice = &plan.events()[a..b];
-                        let (first, last) = (slice[0].seq, slice[slice.len() - 1].seq);
-                        let whole_batch = a == 0 && b == plan.events().len();
-                        let encoded = match whole.take() {
-                            Some(e) if whole_batch => e,
-                            // A part of a bisected or rate-limited batch.
-                            _ => self.sink.encode(slice),
-                        };
-                        if whole_batch {
-                            // Read and encode the next batch while this one
-                            // is upstream; it is used once the cursor is at
-                            // `last`, that is after an acknowledgement.
-                            ahead = Some(Ahead {
-                                after: last,
-                                evictions_at_read: self.journal.evictions(),
-                                task: self.spawn_read(&reader, last),
-                            });
-                        }
-                        self.status.update(|p| p.attempts += 1);
-                        match self.sink.send(slice, encoded).await {
-                            SendOutcome::Ack => {
-                                let n = (b - a) as u64;
-                                match self
-                                    .journal
-                                    .advance_delivered(&name, cursor, last, evictions_at_read)
-                                    .await
-                                {
-                                    Ok(Some(moved)) => {
-                                        cursor = moved;
-                                        backoff.succeed();
-                                        plan.done();
-                                        self.status.update(|p| {
-                                            p.cursor = moved;
-                                            p.delivered += n;
-                                            p.batches += 1;
-                                            p.consecutive_failures = 0;
-                                            p.last_success_us = Some(now_us());
-                                        });
-                                        debug!(sink = %name, first, last, events = n, "batch delivered");
-                                        if moved < last {
-                                            // Gap events now stand in the delivered
-                                            // range: read again from before them.
-                                            continue 'outer;
-                                        }
-                                    }
-                                    Ok(None) => {
-                                        // A replay moved the cursor while the batch was
-                                        // upstream: start again from the new cursor.
-                                        cursor = self.cursor(&reader).unwrap_or(cursor);
-                                        continue 'outer;
-                                    }
-                                    Err(e) => {
-                                        error!(sink = %name, error = %e, "cannot store the cursor; the batch will be sent again");
-                                        self.status.update(|p| {
-                                            p.last_error = Some((now_us(), e.to_string()))
-                                        });
-                                        if let Wait::Shutdown =
-                                            sleep_or_shutdown(Duration::from_secs(1), &shutdown)
-                                                .await
-                                        {
-                                            break 'outer;
-                                        }
-                                        continue 'outer;
-                                    }
-                                }
-                            }
-                            SendOutcome::Retry { after, reason } => {
-                                let delay = backoff.fail(after, rand::rng().random());
-                                warn!(
-                                    sink = %name,
-                                    first,
-                                    last,
-                                    attempt = backoff.failures(),
-                                    retry_in_ms = delay.as_millis() as u64,
-                                    reason = %reason,
-                                    "upstream did not take the batch; retrying"
-                                );
-                                self.status.update(|p| {
-                                    p.consecutive_failures += 1;
-                                    p.last_error = Some((now_us(), reason));
-                                });
-                                if let Wait::Shutdown = sleep_or_shutdown(delay, &shutdown).await {
-                                    break 'outer;
-                                }
-                                // Read the batch again: while we waited the journal
-                                // may have evicted some of it (a gap event now
-                                // stands in its place) or a replay moved the cursor.
-                                continue 'outer;
-                            }
-                            SendOutcome::Reject { index, reason } => {
-                                warn!(sink = %name, first, last, index = ?index, reason = %reason, "upstream rejected the batch");
-                                self.status
-                                    .update(|p| p.last_error = Some((now_us(), reason)));
-                                plan.rejected(index);
-                            }
-                        }
-                    }
-                }
-                if shutdown.is_cancelled() {
-                    break 'outer;
-                }
-            }
+        if self.connect(&shutdown).await {
+            self.drive(
+                cursor,
+                &reader,
+                &mut committed,
+                &mut rewinds,
+                &mut rewinds_seen,
+                &shutdown,
+            )
+            .await;
         }
+        self.sink.close().await;
+        let cursor = self.status.progress().cursor;
         self.status.update(|p| p.running = false);
         info!(sink = %name, cursor, "forwarder stopped");
     }
 
-    fn last_reason(&self) -> String {
-        self.status
-            .progress()
-            .last_error
-            .map(|(_, r)| r)
-            .unwrap_or_else(|| "rejected by the upstream".to_string())
-    }
-
-    /// Records `plan.events()[i]` as a dead letter and moves the cursor past
-    /// it. Returns false when the journal refused (the batch starts over).
-    async fn dead_letter(
+    async fn drive(
         &self,
-        plan: &Plan,
-        i: usize,
-        reason: &str,
-        cursor: &mut u64,
-        evictions_at_read: u64,
-    ) -> bool {
+        cursor: u64,
+        reader: &Arc<Mutex<Reader>>,
+        committed: &mut tokio::sync::watch::Receiver<u64>,
+        rewinds: &mut tokio::sync::watch::Receiver<u64>,
+        rewinds_seen: &mut u64,
+        shutdown: &CancellationToken,
+    ) {
         let name = &self.settings.name;
-        let ev = plan.events()[i].clone();
-        let (seq, id) = (ev.seq, ev.id.clone());
-        match self.journal.dead_letter(name, ev, reason).await {
-            Ok(dl) => {
-                error!(sink = %name, seq, id = %id, dead_letter = dl, reason, "event dead-lettered: the upstream rejects it for good");
-                match self
-                    .journal
-                    .advance_delivered(name, *cursor, seq, evictions_at_read)
-                    .await
-                {
-                    Ok(Some(moved)) => {
-                        *cursor = moved;
-                        self.status.update(|p| {
-                            p.dead_letters += 1;
-                            p.cursor = moved;
-                        });
-                        // Short of it: a gap event now stands before it and
-                        // goes out first, so the batch is read again.
-                        moved == seq
-                    }
-                    Ok(None) => false,
-                    Err(e) => {
-                        error!(sink = %name, error = %e, "cannot store the cursor after a dead letter");
-                        false
-                    }
+        let mut core = Core::new(self.settings.clone(), cursor, Instant::now());
+        let mut ahead: Option<Ahead<S::Encoded>> = None;
+        let mut encoded: Option<Encoded<S::Encoded>> = None;
+        // At shutdown only the bookkeeping of what is already upstream is
+        // finished, plus one send of a batch that was lingering.
+        let mut stopping = false;
+        let mut flush = false;
+        loop {
+            stopping |= shutdown.is_cancelled();
+            let action = core.next(&Now {
+                at: Instant::now(),
+                unix_us: now_us(),
+                evictions: self.journal.evictions(),
+            });
+            if stopping {
+                let allowed = match action {
+                    Action::Advance { .. } | Action::DeadLetter { .. } => true,
+                    Action::Send { .. } => std::mem::take(&mut flush),
+                    _ => false,
+                };
+                if !allowed {
+                    break;
                 }
             }
-            Err(e) => {
-                error!(sink = %name, seq, error = %e, "cannot record the dead letter; the batch will be sent again");
-                false
+            match action {
+                Action::Read { after } => {
+                    // Mark what we have seen before reading, so a commit
+                    // that lands during the read wakes us again.
+                    committed.borrow_and_update();
+                    let rewinds_now = *rewinds.borrow_and_update();
+                    if rewinds_now != *rewinds_seen {
+                        *rewinds_seen = rewinds_now;
+                        match self.cursor(reader) {
+                            Ok(c) => {
+                                info!(sink = %name, from = after, to = c, "cursor moved by a replay");
+                                core.on_rewind(c);
+                                self.status.update(|p| p.cursor = c);
+                                ahead = None;
+                                continue;
+                            }
+                            Err(e) => warn!(sink = %name, error = %e, "cannot reload cursor"),
+                        }
+                    }
+                    let (evictions_at_read, read, from_ahead) = match ahead.take() {
+                        Some(a) if a.after == after => {
+                            (a.evictions_at_read, self.join_read(a.task).await, true)
+                        }
+                        _ => {
+                            let e = self.journal.evictions();
+                            let task = self.spawn_read(reader, after);
+                            (e, self.join_read(task).await, false)
+                        }
+                    };
+                    match read {
+                        Ok(Prepared { events, encoded: e }) => {
+                            encoded = match (events.first(), events.last(), e) {
+                                (Some(f), Some(l), Some(body)) => Some(Encoded {
+                                    first: f.seq,
+                                    last: l.seq,
+                                    len: events.len(),
+                                    body,
+                                }),
+                                _ => None,
+                            };
+                            core.on_read(events, evictions_at_read, from_ahead);
+                        }
+                        Err(e) => {
+                            let delay = core.on_read_failed(rand::rng().random());
+                            warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "journal read failed; retrying");
+                            self.record_error(e.to_string());
+                        }
+                    }
+                }
+                Action::WaitForCommit => match wait_for_work(committed, rewinds, shutdown).await {
+                    Wait::Work => core.on_woken(),
+                    Wait::Shutdown => stopping = true,
+                },
+                Action::Linger { wait, fill_at } => {
+                    match linger_wait(committed, rewinds, fill_at, wait, shutdown).await {
+                        Wait::Work => {
+                            core.on_woken();
+                            ahead = None;
+                        }
+                        Wait::Shutdown => {
+                            core.flush();
+                            stopping = true;
+                            flush = true;
+                        }
+                    }
+                }
+                Action::Sleep(d) => {
+                    if let Wait::Shutdown = sleep_or_shutdown(d, shutdown).await {
+                        stopping = true;
+                    }
+                }
+                Action::Send { range } => {
+                    let outcome = {
+                        let slice = &core.events()[range.clone()];
+                        let (first, last) = (slice[0].seq, slice[slice.len() - 1].seq);
+                        let whole = encoded.take_if(|e| {
+                            e.first == first && e.last == last && e.len == slice.len()
+                        });
+                        let body = match whole {
+                            Some(e) => {
+                                // Read and encode the next batch while this
+                                // one is upstream; it is used once the
+                                // cursor is at `last`, that is after an
+                                // acknowledgement.
+                                ahead = Some(Ahead {
+                                    after: last,
+                                    evictions_at_read: self.journal.evictions(),
+                                    task: self.spawn_read(reader, last),
+                                });
+                                Some(e.body)
+                            }
+                            None => self.encode_part(slice.to_vec()).await,
+                        };
+                        let Some(body) = body else {
+                            // The encoding task died (a bug in the sink's
+                            // encoder): fail this forwarder loudly rather
+                            // than skip anything.
+                            error!(sink = %name, first, last, "encoding the batch failed; the forwarder stops");
+                            self.record_error("encoding a batch failed".into());
+                            break;
+                        };
+                        self.status.update(|p| p.attempts += 1);
+                        let outcome = self.sink.send(slice, body).await;
+                        match &outcome {
+                            SendOutcome::Ack => {
+                                debug!(sink = %name, first, last, events = slice.len(), "batch delivered")
+                            }
+                            SendOutcome::Retry { reason, acked, .. } => {
+                                self.status.update(|p| {
+                                    p.consecutive_failures += 1;
+                                    p.last_error = Some((now_us(), reason.clone()));
+                                });
+                                debug!(sink = %name, first, last, acked, "upstream did not take all of the batch");
+                            }
+                            SendOutcome::Reject {
+                                index,
+                                reason,
+                                acked,
+                            } => {
+                                warn!(sink = %name, first, last, acked, index = ?index, reason = %reason, "upstream rejected the batch");
+                                self.record_error(reason.clone());
+                            }
+                        }
+                        (outcome, first, last)
+                    };
+                    let (outcome, first, last) = outcome;
+                    let reason = match &outcome {
+                        SendOutcome::Retry { reason, .. } => reason.clone(),
+                        _ => String::new(),
+                    };
+                    if let Sent::Retrying {
+                        acked,
+                        delay,
+                        attempt,
+                    } = core.on_sent(outcome, rand::rng().random())
+                    {
+                        warn!(
+                            sink = %name,
+                            first,
+                            last,
+                            acked,
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            reason = %reason,
+                            "upstream did not take the batch; retrying"
+                        );
+                    }
+                }
+                Action::DeadLetter { index, reason } => {
+                    let Some(ev) = core.events().get(index).cloned() else {
+                        break;
+                    };
+                    let (seq, id) = (ev.seq, ev.id.clone());
+                    match self.journal.dead_letter(name, ev, &reason).await {
+                        Ok(dl) => {
+                            error!(sink = %name, seq, id = %id, dead_letter = dl, reason = %reason, "event dead-lettered: the upstream rejects it for good");
+                            core.on_dead_lettered(true);
+                        }
+                        Err(e) => {
+                            error!(sink = %name, seq, error = %e, "cannot record the dead letter; the batch will be sent again");
+                            self.record_error(e.to_string());
+                            core.on_dead_lettered(false);
+                        }
+                    }
+                }
+                Action::Advance {
+                    from,
+                    to,
+                    evictions_at_read,
+                } => {
+                    let result = self
+                        .journal
+                        .advance_delivered(name, from, to, evictions_at_read)
+                        .await;
+                    if let Err(e) = &result {
+                        error!(sink = %name, error = %e, "cannot store the cursor; the batch will be sent again");
+                        self.record_error(e.to_string());
+                    }
+                    match core.on_advanced(result.as_ref().map(|c| *c)) {
+                        Advanced::Moved {
+                            cursor,
+                            delivered,
+                            dead_letter,
+                        } => self.status.update(|p| {
+                            p.cursor = cursor;
+                            if dead_letter {
+                                p.dead_letters += 1;
+                            } else {
+                                p.delivered += delivered;
+                                p.batches += 1;
+                                if core.failures() == 0 {
+                                    p.consecutive_failures = 0;
+                                }
+                                p.last_success_us = Some(now_us());
+                            }
+                        }),
+                        Advanced::Rewound => {
+                            // A replay moved the cursor while the batch was
+                            // upstream: start again from the new cursor.
+                            let c = self.cursor(reader).unwrap_or(core.cursor());
+                            core.on_rewind(c);
+                            self.status.update(|p| p.cursor = c);
+                            ahead = None;
+                        }
+                        Advanced::Failed => {}
+                    }
+                }
             }
         }
     }
@@ -726,198 +558,5 @@ async fn wait_for_work(
         r = committed.changed() => if r.is_ok() { Wait::Work } else { Wait::Shutdown },
         r = rewinds.changed() => if r.is_ok() { Wait::Work } else { Wait::Shutdown },
         _ = shutdown.cancelled() => Wait::Shutdown,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::Class;
-
-    fn ev(seq: u64) -> StoredEvent {
-        StoredEvent {
-            seq,
-            source: "mes".into(),
-            id: format!("e{seq}"),
-            stream: "s".into(),
-            stream_seq: seq,
-            class: Class::Critical,
-            event_type: "t".into(),
-            source_time: None,
-            recv_time_us: 0,
-            data: b"null".to_vec(),
-            attrs: None,
-        }
-    }
-
-    /// Drives a plan against a fake upstream that rejects `poison` seqs,
-    /// naming them or not. Returns (sent-and-acked seqs in order, dead seqs).
-    fn drive(n: u64, poison: &[u64], names_it: bool) -> (Vec<u64>, Vec<u64>, usize) {
-        let mut plan = Plan::new((1..=n).map(ev).collect());
-        let (mut acked, mut dead, mut requests) = (Vec::new(), Vec::new(), 0);
-        loop {
-            match plan.next() {
-                Step::Done => break,
-                Step::DeadLetter(i) => {
-                    dead.push(plan.events()[i].seq);
-                    plan.done();
-                }
-                Step::Send(a, b) => {
-                    requests += 1;
-                    let slice = &plan.events()[a..b];
-                    match slice.iter().position(|e| poison.contains(&e.seq)) {
-                        None => {
-                            acked.extend(slice.iter().map(|e| e.seq));
-                            plan.done();
-                        }
-                        Some(i) => plan.rejected(names_it.then_some(i)),
-                    }
-                }
-            }
-        }
-        (acked, dead, requests)
-    }
-
-    #[test]
-    fn bisection_isolates_every_poison_event_and_keeps_the_rest_in_order() {
-        let (acked, dead, requests) = drive(1000, &[17, 500, 999], false);
-        assert_eq!(dead, vec![17, 500, 999]);
-        let expected: Vec<u64> = (1..=1000).filter(|s| ![17, 500, 999].contains(s)).collect();
-        assert_eq!(acked, expected);
-        assert!(
-            requests < 100,
-            "bisection, not one request per event: {requests}"
-        );
-    }
-
-    #[test]
-    fn a_named_poison_event_is_dead_lettered_without_bisection() {
-        let (acked, dead, requests) = drive(100, &[40], true);
-        assert_eq!(dead, vec![40]);
-        assert_eq!(acked.len(), 99);
-        assert!(acked.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(requests, 3, "whole batch, the part before, the part after");
-    }
-
-    #[test]
-    fn a_named_index_out_of_range_falls_back_to_bisection() {
-        let mut plan = Plan::new((1..=4).map(ev).collect());
-        plan.rejected(Some(99));
-        assert_eq!(plan.next(), Step::Send(0, 2));
-    }
-
-    #[test]
-    fn backoff_grows_exponentially_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        });
-        assert_eq!(b.fail(None, 1.0), Duration::from_millis(100));
-        assert_eq!(b.fail(None, 1.0), Duration::from_millis(200));
-        assert_eq!(b.fail(None, 0.5), Duration::from_millis(200));
-        for _ in 0..40 {
-            assert!(b.fail(None, 1.0) <= Duration::from_secs(2));
-        }
-        assert_eq!(
-            b.fail(None, 0.0),
-            Duration::ZERO,
-            "full jitter reaches zero"
-        );
-        b.succeed();
-        assert_eq!(b.ceiling(), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn backoff_honours_retry_after_within_reason() {
-        let mut b = Backoff::new(RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        });
-        assert_eq!(
-            b.fail(Some(Duration::from_secs(3)), 0.1),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            b.fail(Some(Duration::from_secs(3600)), 0.1),
-            Duration::from_secs(10),
-            "a silly Retry-After is capped at 10 × retry_max"
-        );
-    }
-
-    fn lingering(linger_ms: u64) -> ForwarderSettings {
-        ForwarderSettings {
-            name: "central".into(),
-            batch_max_events: 1000,
-            batch_max_bytes: 4 << 20,
-            max_events_per_sec: 0,
-            batch_linger: Duration::from_millis(linger_ms),
-            retry: RetryPolicy {
-                initial: Duration::from_millis(100),
-                max: Duration::from_secs(1),
-            },
-        }
-    }
-
-    #[test]
-    fn a_small_young_batch_waits_until_its_oldest_event_is_linger_old() {
-        let s = lingering(250);
-        let now = 10_000_000;
-        assert_eq!(
-            linger(10, 2_000, now - 50_000, now, &s),
-            Some(Duration::from_millis(200))
-        );
-        assert_eq!(
-            linger(1, 200, now, now, &s),
-            Some(Duration::from_millis(250))
-        );
-    }
-
-    #[test]
-    fn a_full_batch_or_one_already_late_goes_out_at_once() {
-        let s = lingering(250);
-        let now = 10_000_000;
-        assert_eq!(linger(1000, 200_000, now, now, &s), None, "full by count");
-        assert_eq!(
-            linger(10, 2 << 20, now, now, &s),
-            None,
-            "half of batch_max_bytes"
-        );
-        assert_eq!(
-            linger(10, 2_000, now - 250_000, now, &s),
-            None,
-            "oldest is linger old"
-        );
-        assert_eq!(
-            linger(10, 2_000, now - 3_600_000_000, now, &s),
-            None,
-            "a backlog after an outage"
-        );
-        assert_eq!(
-            linger(1, 200, now, now, &lingering(0)),
-            None,
-            "batch_linger = 0"
-        );
-    }
-
-    #[test]
-    fn a_clock_stepping_back_never_stretches_the_linger() {
-        let s = lingering(250);
-        let now = 10_000_000;
-        assert_eq!(
-            linger(1, 200, now + 60_000_000, now, &s),
-            Some(Duration::from_millis(250))
-        );
-    }
-
-    #[test]
-    fn rate_limiter_caps_events_per_second() {
-        let t0 = Instant::now();
-        let mut r = RateLimiter::new(100, t0);
-        assert_eq!(r.take(1000, t0), Ok(100), "one second of burst");
-        let wait = r.take(10, t0).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(10));
-        assert_eq!(r.take(1000, t0 + Duration::from_millis(500)), Ok(50));
-        let mut unlimited = RateLimiter::new(0, t0);
-        assert_eq!(unlimited.take(5000, t0), Ok(5000));
     }
 }
