@@ -303,7 +303,7 @@ async fn main() {
             let mut read = 0u64;
             while read < m1 {
                 let batch = reader
-                    .read_after(cursor, "central", 1000, 4 << 20)
+                    .read_after(cursor, "central", None, 1000, 4 << 20)
                     .expect("read");
                 let Some(last) = batch.last() else { break };
                 cursor = last.seq;

@@ -91,7 +91,7 @@ pub fn journal_options(config: &Config) -> JournalOptions {
         dedup_max_ids: j.dedup_max_ids,
         block_timeout: j.block_timeout,
         commit_window: j.commit_window,
-        sinks: config.sink_names().into_iter().map(String::from).collect(),
+        sinks: config.cursor_keys(),
     }
 }
 
@@ -273,6 +273,28 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
             }
         })
     });
+    // Ready only once every task has begun (or failed, which the
+    // supervisor reports): a forwarder still reading its cursors, or a
+    // source task not yet polled, would otherwise make the first /readyz a
+    // 503.
+    let forwarders_up = async {
+        while !(sink_status.iter().all(|s| s.progress().running)
+            && source_status
+                .iter()
+                .all(|s| s.started.load(Ordering::Relaxed)))
+            && view.supervisor.failures().is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), forwarders_up)
+        .await
+        .is_err()
+    {
+        warn!(
+            "a source or forwarder has not started within 10 s; the agent reports not ready until it has"
+        );
+    }
     view.ready.store(true, Ordering::Relaxed);
     let watchdog_stop = CancellationToken::new();
     let watchdog = crate::service::spawn_watchdog(view.clone(), watchdog_stop.clone());

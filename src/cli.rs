@@ -192,7 +192,10 @@ pub fn journal_stats(config: &Config, json: bool, out: &mut impl Write) -> Resul
         ]);
     }
     for (name, cursor) in &s.cursors {
-        if !configured.contains(&name.as_str()) {
+        let sink = crate::journal::lane_of_key(name).map_or(name.as_str(), |(s, _)| s);
+        if name != sink && configured.contains(&sink) {
+            sink_rows.push(vec![format!("  {name}"), cursor.to_string(), String::new()]);
+        } else if !configured.contains(&name.as_str()) {
             sink_rows.push(vec![
                 format!("{name} (not in config)"),
                 cursor.to_string(),

@@ -259,7 +259,7 @@ async fn cursors_advance_only_forward_and_rewind_for_replay() {
     j.append(events).await.unwrap();
     let r = j.reader().unwrap();
     assert_eq!(r.cursor("central").unwrap(), 0);
-    let batch = r.read_after(0, "central", 4, 1 << 20).unwrap();
+    let batch = r.read_after(0, "central", None, 4, 1 << 20).unwrap();
     assert_eq!(
         batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
@@ -279,7 +279,7 @@ async fn cursors_advance_only_forward_and_rewind_for_replay() {
 
     assert_eq!(j.rewind("central", RewindTo::Seq(3)).await.unwrap(), 2);
     let again = r
-        .read_after(r.cursor("central").unwrap(), "central", 100, 1 << 20)
+        .read_after(r.cursor("central").unwrap(), "central", None, 100, 1 << 20)
         .unwrap();
     assert_eq!(again.first().map(|e| e.seq), Some(3));
     assert_eq!(again.len(), 8);
@@ -294,7 +294,7 @@ async fn cursors_advance_only_forward_and_rewind_for_replay() {
     assert_eq!(j.rewind("central", RewindTo::Since(cut)).await.unwrap(), 10);
 
     // max_bytes cuts a batch, but a single event always comes.
-    let small = r.read_after(0, "central", 100, 1).unwrap();
+    let small = r.read_after(0, "central", None, 100, 1).unwrap();
     assert_eq!(small.len(), 1);
     j.close().await;
 }
@@ -380,7 +380,7 @@ async fn the_wal_stays_bounded_while_a_reader_reads_continuously() {
             let mut reads = 0u64;
             let mut cursor = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let batch = r.read_after(cursor, "central", 500, 1 << 20).unwrap();
+                let batch = r.read_after(cursor, "central", None, 500, 1 << 20).unwrap();
                 if let Some(last) = batch.last() {
                     cursor = if last.seq > 50_000 { 0 } else { last.seq };
                 }
@@ -495,11 +495,18 @@ async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps()
     let rows = all_events(&path);
     let critical = rows.iter().filter(|e| e.stream == "orders").count();
     assert_eq!(critical, 2000);
-    let telemetry_left = rows.iter().filter(|e| e.class == Class::Telemetry).count() as u64;
+    let telemetry_left = rows
+        .iter()
+        .filter(|e| e.class == Class::Telemetry && e.event_type != GAP_EVENT_TYPE)
+        .count() as u64;
     let gaps: Vec<_> = rows
         .iter()
         .filter(|e| e.event_type == GAP_EVENT_TYPE)
         .collect();
+    assert!(
+        gaps.iter().all(|g| g.class == Class::Telemetry),
+        "a gap event has the class of what it stands for (it goes out in that lane)"
+    );
     let gap_count: u64 = gaps
         .iter()
         .map(|g| {
@@ -582,14 +589,16 @@ async fn a_batch_evicted_while_upstream_leaves_the_cursor_before_its_gap_events(
     }
     let reader = Reader::open(&path).unwrap();
     let read_at = j.evictions();
-    let batch = reader.read_after(0, "central", 1000, usize::MAX).unwrap();
+    let batch = reader
+        .read_after(0, "central", None, 1000, usize::MAX)
+        .unwrap();
     assert_eq!(batch.len(), 1000);
     let last = batch[batch.len() - 1].seq;
     while j.evictions() == read_at {
         fill(&j).await;
     }
     let new_gap = reader
-        .read_after(0, "central", 1000, usize::MAX)
+        .read_after(0, "central", None, 1000, usize::MAX)
         .unwrap()
         .into_iter()
         .find(|e| e.event_type == GAP_EVENT_TYPE && !batch.iter().any(|b| b.id == e.id))
@@ -598,7 +607,7 @@ async fn a_batch_evicted_while_upstream_leaves_the_cursor_before_its_gap_events(
     // Gap events keep the receive time of the row they replace, so receive
     // times stay in seq order (replays by time search on them).
     let all = reader
-        .read_after(0, "central", usize::MAX >> 1, usize::MAX)
+        .read_after(0, "central", None, usize::MAX >> 1, usize::MAX)
         .unwrap();
     assert!(all.iter().any(|e| e.event_type == GAP_EVENT_TYPE));
     for w in all.windows(2) {
@@ -618,7 +627,13 @@ async fn a_batch_evicted_while_upstream_leaves_the_cursor_before_its_gap_events(
         .unwrap();
     assert_eq!(moved, Some(new_gap.seq - 1));
     let rest = reader
-        .read_after(new_gap.seq - 1, "central", usize::MAX >> 1, usize::MAX)
+        .read_after(
+            new_gap.seq - 1,
+            "central",
+            None,
+            usize::MAX >> 1,
+            usize::MAX,
+        )
         .unwrap();
     assert_eq!(rest[0].id, new_gap.id, "the gap event goes out next");
 
@@ -771,7 +786,7 @@ async fn dead_letters_are_listed_retried_in_order_for_their_sink_and_dropped() {
     .await
     .unwrap();
     let r = j.reader().unwrap();
-    let batch = r.read_after(0, "central", 10, 1 << 20).unwrap();
+    let batch = r.read_after(0, "central", None, 10, 1 << 20).unwrap();
     let d1 = j
         .dead_letter("central", batch[3].clone(), "422: bad unit")
         .await
@@ -794,7 +809,7 @@ async fn dead_letters_are_listed_retried_in_order_for_their_sink_and_dropped() {
     let s2 = j.retry_dead_letter(d2).await.unwrap();
     let s1 = j.retry_dead_letter(d1).await.unwrap();
     assert_eq!((s2, s1), (6, 7));
-    let again = r.read_after(5, "central", 10, 1 << 20).unwrap();
+    let again = r.read_after(5, "central", None, 10, 1 << 20).unwrap();
     assert_eq!(
         again.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         vec!["1", "3"]
@@ -804,7 +819,9 @@ async fn dead_letters_are_listed_retried_in_order_for_their_sink_and_dropped() {
         "the same event, with its stream sequence"
     );
     assert!(
-        r.read_after(5, "backup", 10, 1 << 20).unwrap().is_empty(),
+        r.read_after(5, "backup", None, 10, 1 << 20)
+            .unwrap()
+            .is_empty(),
         "other sinks already had it"
     );
     assert!(r.dead_letters(None).unwrap().is_empty());

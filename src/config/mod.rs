@@ -36,7 +36,9 @@ use toml::de::DeTable;
 
 pub use error::{ConfigError, ConfigIssue};
 pub use files::read_secret;
-pub use sinks::{Compression, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig};
+pub use sinks::{
+    Compression, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, Priority, lanes,
+};
 pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,
     OpcuaNodeConfig, OpcuaSourceConfig, SecurityMode, SecurityPolicy, TopicSubscription,
@@ -343,6 +345,26 @@ impl Config {
 
     /// All sink names: https, then mqtt, then jetstream sinks, each kind in
     /// file order.
+    /// The cursor key of every lane of every sink (see
+    /// [`crate::journal::cursor_key`]): what retention waits for.
+    pub fn cursor_keys(&self) -> Vec<String> {
+        let s = &self.sinks;
+        let routes = (s.https.iter().map(|x| (&x.name, &x.classes, x.priority)))
+            .chain(s.mqtt.iter().map(|x| (&x.name, &x.classes, x.priority)))
+            .chain(
+                s.jetstream
+                    .iter()
+                    .map(|x| (&x.name, &x.classes, x.priority)),
+            );
+        routes
+            .flat_map(|(name, classes, priority)| {
+                sinks::lanes(classes, priority)
+                    .into_iter()
+                    .map(move |lane| crate::journal::cursor_key(name, lane))
+            })
+            .collect()
+    }
+
     pub fn sink_names(&self) -> Vec<&str> {
         let s = &self.sinks;
         (s.https.iter().map(|x| x.name.as_str()))

@@ -10,6 +10,34 @@ use url::Url;
 
 use super::sources::MqttProtocol;
 use super::units;
+use crate::event::Class;
+
+/// The order a sink delivers in (`priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Critical events ahead of any telemetry backlog (`"critical_first"`).
+    #[default]
+    CriticalFirst,
+    /// Every event in journal (arrival) order (`"journal_order"`).
+    JournalOrder,
+}
+
+/// The lanes of a sink: one cursor each, `None` for one lane over every
+/// class in journal order. A sink taking one class has that class's lane
+/// whatever its priority, so changing the priority keeps its cursor.
+pub fn lanes(classes: &[Class], priority: Priority) -> Vec<Option<Class>> {
+    let takes = |c| classes.contains(&c);
+    match (takes(Class::Critical), takes(Class::Telemetry), priority) {
+        (true, true, Priority::CriticalFirst) => {
+            vec![Some(Class::Critical), Some(Class::Telemetry)]
+        }
+        (true, true, Priority::JournalOrder) => vec![None],
+        (true, false, _) => vec![Some(Class::Critical)],
+        (false, true, _) => vec![Some(Class::Telemetry)],
+        (false, false, _) => Vec::new(),
+    }
+}
 
 /// `[[sinks.https]]`: POST CloudEvents batches
 /// (`application/cloudevents-batch+json`) to an HTTPS ingest API.
@@ -63,6 +91,17 @@ pub struct HttpsSinkConfig {
     /// much delivery delay. Default: `"250ms"`.
     #[serde(default = "default_batch_linger", deserialize_with = "units::duration")]
     pub batch_linger: Duration,
+    /// Classes of events this sink takes: `["critical"]`, `["telemetry"]`
+    /// or both. It also receives the `plantrelay.gap` events of the classes
+    /// it takes. Default: both.
+    #[serde(default = "all_classes")]
+    pub classes: Vec<Class>,
+    /// `"critical_first"`: critical events go ahead of any telemetry
+    /// backlog (one cursor per class; per stream, order always holds);
+    /// `"journal_order"`: everything in arrival order. Default:
+    /// `"critical_first"`.
+    #[serde(default)]
+    pub priority: Priority,
     /// First retry delay after a failed batch (doubles, with jitter, up to
     /// `retry_max`). Default: `"500ms"`.
     #[serde(
@@ -138,6 +177,17 @@ pub struct MqttSinkConfig {
     /// Cap on events sent per second; `0` = unlimited. Default: `0`.
     #[serde(default)]
     pub max_events_per_sec: u32,
+    /// Classes of events this sink takes: `["critical"]`, `["telemetry"]`
+    /// or both. It also receives the `plantrelay.gap` events of the classes
+    /// it takes. Default: both.
+    #[serde(default = "all_classes")]
+    pub classes: Vec<Class>,
+    /// `"critical_first"`: critical events go ahead of any telemetry
+    /// backlog (one cursor per class; per stream, order always holds);
+    /// `"journal_order"`: everything in arrival order. Default:
+    /// `"critical_first"`.
+    #[serde(default)]
+    pub priority: Priority,
     /// First retry delay after a failure. Default: `"500ms"`.
     #[serde(
         default = "default_500ms",
@@ -190,6 +240,17 @@ pub struct JetStreamSinkConfig {
     /// Cap on events sent per second; `0` = unlimited. Default: `0`.
     #[serde(default)]
     pub max_events_per_sec: u32,
+    /// Classes of events this sink takes: `["critical"]`, `["telemetry"]`
+    /// or both. It also receives the `plantrelay.gap` events of the classes
+    /// it takes. Default: both.
+    #[serde(default = "all_classes")]
+    pub classes: Vec<Class>,
+    /// `"critical_first"`: critical events go ahead of any telemetry
+    /// backlog (one cursor per class; per stream, order always holds);
+    /// `"journal_order"`: everything in arrival order. Default:
+    /// `"critical_first"`.
+    #[serde(default)]
+    pub priority: Priority,
     /// First retry delay after a failure. Default: `"500ms"`.
     #[serde(
         default = "default_500ms",
@@ -204,6 +265,9 @@ pub struct JetStreamSinkConfig {
     pub timeout: Duration,
 }
 
+fn all_classes() -> Vec<Class> {
+    vec![Class::Critical, Class::Telemetry]
+}
 fn default_30s() -> Duration {
     Duration::from_secs(30)
 }

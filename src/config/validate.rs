@@ -620,7 +620,23 @@ fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
     }
 }
 
+/// `classes` names each class at most once, and at least one.
+fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
+    if classes.is_empty() {
+        issues.push(
+            format!("{p}.classes"),
+            "must name at least one class (\"critical\", \"telemetry\")",
+        );
+    }
+    for (i, c) in classes.iter().enumerate() {
+        if classes[..i].contains(c) {
+            issues.push(format!("{p}.classes"), format!("names \"{c}\" twice"));
+        }
+    }
+}
+
 fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
+    classes(issues, p, &s.classes);
     let schemes: &[&str] = if s.allow_plain_http {
         &["https", "http"]
     } else {
@@ -657,6 +673,7 @@ fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
 }
 
 fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
+    classes(issues, p, &s.classes);
     issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
     mqtt_tls_needs_mqtts(
         issues,
@@ -703,6 +720,7 @@ fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
 }
 
 fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
+    classes(issues, p, &s.classes);
     issues.url(&format!("{p}.url"), &s.url, &["nats", "tls"], "");
     let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
     let allowed = "`{agent}`, `{source}` or `{stream}`";

@@ -243,6 +243,32 @@ pub fn render(r: &StatusReport) -> String {
             )
         }),
     );
+    // Per class, for sinks that send critical events first.
+    let per_class = || {
+        r.sinks.iter().flat_map(|s| {
+            s.classes.iter().map(move |c| {
+                (
+                    vec![
+                        ("sink", s.name.clone()),
+                        ("class", c.class.as_str().to_string()),
+                    ],
+                    c,
+                )
+            })
+        })
+    };
+    int_gauges(
+        &mut reg,
+        "plantrelay_sink_class_backlog_events",
+        "Events of the class after the sink's cursor for that class (sinks with priority = critical_first)",
+        per_class().map(|(l, c)| (l, c.backlog_events)),
+    );
+    gauges(
+        &mut reg,
+        "plantrelay_sink_class_oldest_undelivered_age_seconds",
+        "Age of the oldest event of the class the sink has not delivered (0: none)",
+        per_class().map(|(l, c)| (l, c.oldest_undelivered_age_seconds.unwrap_or(0.0))),
+    );
     int_gauges(
         &mut reg,
         "plantrelay_sink_cursor",

@@ -36,6 +36,8 @@ pub struct AgentView {
     pub stall_after: Duration,
     /// Tasks that ended when they should not have (see [`crate::supervise`]).
     pub supervisor: Arc<crate::supervise::Supervisor>,
+    /// The lanes of each sink, by name (see [`crate::config::lanes`]).
+    sink_lanes: Vec<(String, Vec<Option<crate::event::Class>>)>,
     /// The certificates in use and when they expire (the health listener's
     /// are replaced when they are reloaded).
     certificates: Mutex<Vec<super::certs::CertificateExpiry>>,
@@ -108,6 +110,18 @@ pub struct SinkReport {
     /// `last_success_time` as µs since the epoch, for the metrics.
     #[serde(skip)]
     pub last_success_us: Option<i64>,
+    /// Per class, for a sink that sends critical events first (one cursor
+    /// each); empty for one in journal order over both classes.
+    pub classes: Vec<ClassReport>,
+}
+
+/// A sink's backlog in one class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassReport {
+    pub class: crate::event::Class,
+    pub cursor: u64,
+    pub backlog_events: u64,
+    pub oldest_undelivered_age_seconds: Option<f64>,
 }
 
 /// Something the central team should look at; the agent may still be ready.
@@ -209,6 +223,23 @@ impl AgentView {
                 .as_ref()
                 .map_or(Duration::from_secs(60), |h| h.stall_after),
             supervisor: Arc::new(crate::supervise::Supervisor::new()),
+            sink_lanes: {
+                let sk = &config.sinks;
+                sk.https
+                    .iter()
+                    .map(|x| (x.name.clone(), crate::config::lanes(&x.classes, x.priority)))
+                    .chain(
+                        sk.mqtt.iter().map(|x| {
+                            (x.name.clone(), crate::config::lanes(&x.classes, x.priority))
+                        }),
+                    )
+                    .chain(
+                        sk.jetstream.iter().map(|x| {
+                            (x.name.clone(), crate::config::lanes(&x.classes, x.priority))
+                        }),
+                    )
+                    .collect()
+            },
             certificates: Mutex::new(super::certs::expiries(config)),
             reader: Mutex::new(None),
         }
@@ -288,14 +319,45 @@ impl AgentView {
             .iter()
             .map(|s| {
                 let p = s.progress();
-                let read =
-                    self.read(|r| Ok((r.position(&s.name, head)?, r.dead_letter_count(&s.name)?)));
-                let (cursor, oldest_us, dead_letters) = match read {
-                    Ok((pos, dl)) => (pos.cursor, pos.oldest_undelivered_us, dl),
-                    Err(_) => (p.cursor, None, p.dead_letters),
+                let lanes = self
+                    .sink_lanes
+                    .iter()
+                    .find(|(n, _)| *n == s.name)
+                    .map_or(&[None][..], |(_, l)| l.as_slice());
+                let read = self.read(|r| {
+                    Ok((
+                        r.position(&s.name, lanes, head)?,
+                        r.dead_letter_count(&s.name)?,
+                    ))
+                });
+                let (cursor, backlog, oldest_us, dead_letters, classes) = match read {
+                    Ok((pos, dl)) => (
+                        pos.cursor,
+                        pos.backlog,
+                        pos.oldest_undelivered_us,
+                        dl,
+                        pos.classes,
+                    ),
+                    Err(_) => (
+                        p.cursor,
+                        head.saturating_sub(p.cursor),
+                        None,
+                        p.dead_letters,
+                        Vec::new(),
+                    ),
                 };
-                let backlog = head.saturating_sub(cursor);
                 let age_us = |t: i64| (now_us - t).max(0) as u64;
+                let classes = classes
+                    .into_iter()
+                    .map(|c| ClassReport {
+                        class: c.class,
+                        cursor: c.cursor,
+                        backlog_events: c.backlog,
+                        oldest_undelivered_age_seconds: c
+                            .oldest_undelivered_us
+                            .map(|t| Duration::from_micros(age_us(t)).as_secs_f64()),
+                    })
+                    .collect();
                 let oldest_age = oldest_us.map(|t| Duration::from_micros(age_us(t)));
                 let waiting = oldest_age.map(|oldest| {
                     let since_success = p
@@ -332,6 +394,7 @@ impl AgentView {
                     last_error: p.last_error.as_ref().map(|(_, m)| m.clone()),
                     last_error_time: p.last_error.as_ref().map(|(t, _)| rfc3339_us(*t)),
                     last_success_us: p.last_success_us,
+                    classes,
                 }
             })
             .collect();

@@ -111,10 +111,31 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-pub use reader::{DeadLetter, GapRecord, JournalStats, Reader, SinkPosition};
+pub use reader::{ClassPosition, DeadLetter, GapRecord, JournalStats, Reader, SinkPosition};
 pub use schema::SCHEMA_VERSION;
 
 use crate::event::{NewEvent, StoredEvent};
+
+/// The key of a sink's cursor in the `cursors` table: the sink's name for a
+/// sink that sends in journal order, `<sink>/critical` and
+/// `<sink>/telemetry` for the lanes of one that sends critical events
+/// first. Sink names cannot hold a `/`, so the keys never collide.
+pub fn cursor_key(sink: &str, lane: Option<crate::event::Class>) -> String {
+    match lane {
+        None => sink.to_string(),
+        Some(c) => format!("{sink}/{}", c.as_str()),
+    }
+}
+
+/// The sink and class of a lane's cursor key; `None` for a sink's own key.
+pub fn lane_of_key(key: &str) -> Option<(&str, crate::event::Class)> {
+    let (sink, class) = key.split_once('/')?;
+    match class {
+        "critical" => Some((sink, crate::event::Class::Critical)),
+        "telemetry" => Some((sink, crate::event::Class::Telemetry)),
+        _ => None,
+    }
+}
 
 /// `PRAGMA synchronous` for the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

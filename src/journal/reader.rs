@@ -71,6 +71,20 @@ pub struct SinkPosition {
     pub backlog: u64,
     /// Receive time (µs) of the oldest event not yet delivered.
     pub oldest_undelivered_us: Option<i64>,
+    /// Per lane of a sink that sends critical events first (one entry per
+    /// class it takes); empty for a sink in journal order over both.
+    pub classes: Vec<ClassPosition>,
+}
+
+/// A sink's position in one class.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassPosition {
+    pub class: Class,
+    pub cursor: u64,
+    /// Events of this class after the cursor (gaps left by evictions make
+    /// it an upper bound).
+    pub backlog: u64,
+    pub oldest_undelivered_us: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,18 +174,30 @@ impl Reader {
     }
 
     /// Events after `after` in seq order, for `sink` (rows put back for
-    /// another sink are skipped): at most `max_events`, and no more than
-    /// `max_bytes` unless a single event is larger (it then comes alone).
+    /// another sink are skipped), of `lane`'s class if given: at most
+    /// `max_events`, and no more than `max_bytes` unless a single event is
+    /// larger (it then comes alone).
+    ///
+    /// The critical lane reads through the partial index `events_critical`
+    /// (the literal `class = 0` is what lets SQLite use it), never row by
+    /// row through a telemetry backlog; the telemetry lane steps over the
+    /// few critical rows in its range.
     pub fn read_after(
         &self,
         after: u64,
         sink: &str,
+        lane: Option<Class>,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>, JournalError> {
+        let class = match lane {
+            None => "",
+            Some(Class::Critical) => "class = 0 AND",
+            Some(Class::Telemetry) => "class = 1 AND",
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events
-             WHERE seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
+             WHERE {class} seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
              ORDER BY seq LIMIT ?3"
         );
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
@@ -191,14 +217,80 @@ impl Reader {
         Ok(out)
     }
 
-    /// The durable cursor of `sink` (0 when it has none yet).
-    pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
-        let c: Option<i64> = self
+    fn cursor_rows(&self, sink: &str) -> Result<Vec<(String, u64)>, JournalError> {
+        let mut st = self
             .conn
-            .prepare_cached("SELECT seq FROM cursors WHERE sink = ?1")
-            .and_then(|mut st| st.query_row([sink], |r| r.get(0)).optional())
+            .prepare_cached(
+                "SELECT sink, seq FROM cursors
+                 WHERE sink = ?1 OR sink = ?1 || '/critical' OR sink = ?1 || '/telemetry'",
+            )
             .map_err(|e| self.err(e))?;
-        Ok(c.unwrap_or(0).max(0) as u64)
+        let rows = st
+            .query_map([sink], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// The durable cursor of `sink` (0 when it has none yet): every event
+    /// at or before it is delivered. For a sink with lanes, the lowest of
+    /// its lanes', a lane counting as far as the event before the first one
+    /// of its class it has not delivered (the head, if none): a critical
+    /// lane is never "behind" telemetry it does not carry.
+    pub fn cursor(&self, sink: &str) -> Result<u64, JournalError> {
+        let rows = self.cursor_rows(sink)?;
+        let row = |k: &str| rows.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        let base = row(sink);
+        let lane_rows: Vec<(Class, Option<u64>)> = [Class::Critical, Class::Telemetry]
+            .iter()
+            .map(|c| (*c, row(&super::cursor_key(sink, Some(*c)))))
+            .collect();
+        if lane_rows.iter().all(|(_, r)| r.is_none()) {
+            return Ok(base.unwrap_or(0));
+        }
+        let head = self.head_seq()?;
+        let mut lowest = head;
+        for (class, r) in lane_rows {
+            // A lane without a row of its own stands at the sink's row.
+            let Some(c) = r.or(base) else { continue };
+            let through = match self.first_of_class_after(class, c)? {
+                Some(first) => first.saturating_sub(1).max(c),
+                None => head.max(c),
+            };
+            lowest = lowest.min(through);
+        }
+        Ok(lowest)
+    }
+
+    /// The first seq of `class` after `after`.
+    fn first_of_class_after(&self, class: Class, after: u64) -> Result<Option<u64>, JournalError> {
+        // Literal classes, so that the critical probe uses the partial index.
+        let sql = match class {
+            Class::Critical => {
+                "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
+            }
+            Class::Telemetry => {
+                "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
+            }
+        };
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut st| {
+                st.query_row([after as i64], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|s| s.map(|s| s.max(0) as u64))
+            .map_err(|e| self.err(e))
+    }
+
+    /// The durable cursor under `key` (see [`super::cursor_key`]); a lane
+    /// without a row of its own stands at its sink's row.
+    pub fn lane_cursor(&self, key: &str) -> Result<u64, JournalError> {
+        let sink = super::lane_of_key(key).map_or(key, |(s, _)| s);
+        let rows = self.cursor_rows(sink)?;
+        let row = |k: &str| rows.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        Ok(row(key).or_else(|| row(sink)).unwrap_or(0))
     }
 
     /// The highest seq ever assigned.
@@ -217,22 +309,96 @@ impl Reader {
         Ok(meta.unwrap_or(0).max(rows.unwrap_or(0)).max(0) as u64)
     }
 
-    pub fn position(&self, sink: &str, head_seq: u64) -> Result<SinkPosition, JournalError> {
-        let cursor = self.cursor(sink)?;
-        let oldest: Option<i64> = self
-            .conn
-            .prepare_cached(
-                "SELECT recv_time FROM events WHERE seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
-                 ORDER BY seq LIMIT 1",
-            )
-            .and_then(|mut st| st.query_row(params![cursor as i64, sink], |r| r.get(0)).optional())
-            .map_err(|e| self.err(e))?;
+    /// Where `sink` stands, over its `lanes` (see
+    /// [`crate::config::lanes`]).
+    pub fn position(
+        &self,
+        sink: &str,
+        lanes: &[Option<Class>],
+        head_seq: u64,
+    ) -> Result<SinkPosition, JournalError> {
+        if lanes.iter().all(Option::is_none) {
+            let cursor = self.cursor(sink)?;
+            let oldest = self.oldest_after(sink, cursor, None)?;
+            return Ok(SinkPosition {
+                sink: sink.to_string(),
+                cursor,
+                backlog: head_seq.saturating_sub(cursor),
+                oldest_undelivered_us: oldest,
+                classes: Vec::new(),
+            });
+        }
+        let mut classes = Vec::new();
+        for class in lanes.iter().flatten() {
+            let cursor = self.lane_cursor(&super::cursor_key(sink, Some(*class)))?;
+            let critical_after = self.critical_after(cursor)?;
+            let backlog = match class {
+                Class::Critical => critical_after,
+                Class::Telemetry => head_seq
+                    .saturating_sub(cursor)
+                    .saturating_sub(critical_after),
+            };
+            classes.push(ClassPosition {
+                class: *class,
+                cursor,
+                backlog,
+                oldest_undelivered_us: self.oldest_after(sink, cursor, Some(*class))?,
+            });
+        }
+        // Every event at or before the lowest of these is delivered; a lane
+        // with nothing waiting is caught up with the head.
+        let cursor = classes
+            .iter()
+            .map(|c| {
+                if c.backlog == 0 {
+                    head_seq.max(c.cursor)
+                } else {
+                    c.cursor
+                }
+            })
+            .min()
+            .unwrap_or(0);
         Ok(SinkPosition {
             sink: sink.to_string(),
             cursor,
-            backlog: head_seq.saturating_sub(cursor),
-            oldest_undelivered_us: oldest,
+            backlog: classes.iter().map(|c| c.backlog).sum(),
+            oldest_undelivered_us: classes.iter().filter_map(|c| c.oldest_undelivered_us).min(),
+            classes,
         })
+    }
+
+    /// Critical events after `after`, counted through the partial index.
+    fn critical_after(&self, after: u64) -> Result<u64, JournalError> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM events WHERE class = 0 AND seq > ?1")
+            .and_then(|mut st| st.query_row([after as i64], |r| r.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Receive time of the first event after `after` for `sink` (of `class`).
+    fn oldest_after(
+        &self,
+        sink: &str,
+        after: u64,
+        class: Option<Class>,
+    ) -> Result<Option<i64>, JournalError> {
+        let class = match class {
+            None => "",
+            Some(Class::Critical) => "class = 0 AND",
+            Some(Class::Telemetry) => "class = 1 AND",
+        };
+        let sql = format!(
+            "SELECT recv_time FROM events WHERE {class} seq > ?1
+             AND (only_sink IS NULL OR only_sink = ?2) ORDER BY seq LIMIT 1"
+        );
+        self.conn
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(params![after as i64, sink], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.err(e))
     }
 
     /// The last `n` events (optionally of one stream), in seq order.
@@ -369,6 +535,26 @@ impl Reader {
             rows.collect::<Result<Vec<_>, _>>().map_err(e)?
         };
         drop(tx);
+        // Each sink's own cursor first (for a sink with lanes, the lower of
+        // theirs), then the lanes' rows as they are.
+        let mut sinks: Vec<&str> = Vec::new();
+        for (k, _) in &cursors {
+            let sink = super::lane_of_key(k).map_or(k.as_str(), |(s, _)| s);
+            if !sinks.contains(&sink) {
+                sinks.push(sink);
+            }
+        }
+        let mut listed = Vec::new();
+        for sink in sinks {
+            listed.push((sink.to_string(), self.cursor(sink)?));
+            listed.extend(
+                cursors
+                    .iter()
+                    .filter(|(k, _)| super::lane_of_key(k).is_some_and(|(s, _)| s == sink))
+                    .cloned(),
+            );
+        }
+        let cursors = listed;
         let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");
         Ok(JournalStats {

@@ -84,6 +84,15 @@ const MIGRATIONS: &[&str] = &[
         coalesce((SELECT max(seq) FROM events), 0),
         coalesce((SELECT value FROM meta WHERE key = 'last_seq'), 0)));
     "#,
+    // 3: priority lanes. A sink that sends critical events first reads them
+    // through this index, never row by row through a telemetry backlog. It
+    // is partial: telemetry, most of a plant's traffic, never writes to it.
+    // Cursors of lanes are rows `<sink>/critical` and `<sink>/telemetry` in
+    // `cursors`; a lane without its row starts at the sink's own row, the
+    // cursor an earlier release kept.
+    r#"
+    CREATE INDEX events_critical ON events (seq) WHERE class = 0;
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -100,6 +100,7 @@ pub(crate) struct WriterState {
 struct EvictionRound {
     before: u64,
     after: u64,
+    class: Class,
     gap_seqs: Vec<u64>,
 }
 
@@ -515,13 +516,65 @@ impl WriterState {
         Ok(used)
     }
 
+    /// The cursor stored under `key`; a lane without a row of its own
+    /// stands at its sink's row (see [`super::cursor_key`]).
+    fn cursor_of(&self, key: &str) -> Option<u64> {
+        self.cursors.get(key).copied().or_else(|| {
+            super::lane_of_key(key).and_then(|(sink, _)| self.cursors.get(sink).copied())
+        })
+    }
+
+    /// Where `key` stands for retention: a lane has delivered everything
+    /// before the first event of its class after its cursor (a critical
+    /// lane of a journal that holds only telemetry is at the head, though
+    /// its cursor never moved). On a failed query, its cursor.
+    fn effective_cursor(&self, key: &str) -> u64 {
+        let cursor = self.cursor_of(key).unwrap_or(0);
+        let Some((_, class)) = super::lane_of_key(key) else {
+            return cursor;
+        };
+        // Literal classes, so that the critical lane's probe uses the
+        // partial index `events_critical`.
+        let sql = match class {
+            Class::Critical => {
+                "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
+            }
+            Class::Telemetry => {
+                "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
+            }
+        };
+        let first = self.conn.prepare_cached(sql).and_then(|mut st| {
+            st.query_row([cursor as i64], |r| r.get::<_, i64>(0))
+                .optional()
+        });
+        match first {
+            Ok(Some(f)) => (f.max(1) as u64 - 1).max(cursor),
+            Ok(None) => self.next_seq.saturating_sub(1).max(cursor),
+            Err(_) => cursor,
+        }
+    }
+
+    /// The lowest position of every configured sink and lane: what
+    /// retention may delete.
     fn min_cursor(&self) -> u64 {
         self.opts
             .sinks
             .iter()
-            .map(|s| self.cursors.get(s).copied().unwrap_or(0))
+            .map(|k| self.effective_cursor(k))
             .min()
             .unwrap_or(0)
+    }
+
+    /// The lowest cursor of the sinks and lanes that take `class`: events of
+    /// that class past it are undelivered to someone.
+    fn min_cursor_for(&self, class: Class) -> u64 {
+        self.opts
+            .sinks
+            .iter()
+            .filter(|k| super::lane_of_key(k).is_none_or(|(_, c)| c == class))
+            .map(|k| self.cursor_of(k).unwrap_or(0))
+            .min()
+            .unwrap_or_else(|| self.min_cursor())
     }
 
     fn recv_now(&mut self) -> i64 {
@@ -1024,7 +1077,7 @@ impl WriterState {
         read_at_evictions: Option<u64>,
         undo: &mut Undo,
     ) -> Result<Option<u64>, Fatal> {
-        let current = self.cursors.get(sink).copied();
+        let current = self.cursor_of(sink);
         if let Some(from) = from
             && current.unwrap_or(0) != from
         {
@@ -1034,8 +1087,9 @@ impl WriterState {
         let mut to = to.min(self.next_seq - 1);
         if let Some(read_at) = read_at_evictions {
             let base = current.unwrap_or(0);
+            let lane = super::lane_of_key(sink).map(|(_, c)| c);
             if let Some(gap) = self
-                .unsent_gap(read_at, base, to)
+                .unsent_gap(read_at, base, to, lane)
                 .map_err(|e| Fatal(self.err(e)))?
             {
                 debug!(
@@ -1067,7 +1121,14 @@ impl WriterState {
     /// gap stands in place of events the batch carried, and may announce
     /// the eviction of later events the batch did not carry: a cursor moved
     /// past it would skip that announcement, so it must stop just before.
-    fn unsent_gap(&self, read_at: u64, base: u64, to: u64) -> rusqlite::Result<Option<u64>> {
+    /// A lane (`lane`: its class) only stops at the gaps of its class.
+    fn unsent_gap(
+        &self,
+        read_at: u64,
+        base: u64,
+        to: u64,
+        lane: Option<Class>,
+    ) -> rusqlite::Result<Option<u64>> {
         if read_at >= self.stats.evictions() {
             return Ok(None);
         }
@@ -1079,7 +1140,7 @@ impl WriterState {
             return Ok(self
                 .recent_evictions
                 .iter()
-                .filter(|r| r.after > read_at)
+                .filter(|r| r.after > read_at && lane.is_none_or(|c| c == r.class))
                 .flat_map(|r| r.gap_seqs.iter().copied())
                 .filter(|&s| s > base && s <= to)
                 .min());
@@ -1088,11 +1149,18 @@ impl WriterState {
         // be new. Stopping at an old one only sends it and what follows again.
         self.conn
             .prepare_cached(
-                "SELECT min(seq) FROM events WHERE seq > ?1 AND seq <= ?2 AND type = ?3",
+                "SELECT min(seq) FROM events WHERE seq > ?1 AND seq <= ?2 AND type = ?3
+                 AND (?4 IS NULL OR class = ?4)",
             )?
-            .query_row(params![base as i64, to as i64, GAP_EVENT_TYPE], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
+            .query_row(
+                params![
+                    base as i64,
+                    to as i64,
+                    GAP_EVENT_TYPE,
+                    lane.map(Class::as_i64)
+                ],
+                |r| r.get::<_, Option<i64>>(0),
+            )
             .map(|s| s.map(|s| s.max(0) as u64))
     }
 
@@ -1119,25 +1187,52 @@ impl WriterState {
                 oldest: self.retention_through + 1,
             }));
         }
-        // A sink without a cursor row has delivered nothing: its cursor is 0.
-        let current = self.cursors.get(sink).copied();
-        let target = from_seq - 1;
-        if current.unwrap_or(0) <= target {
-            // Nothing delivered at or after that point yet: nothing to do. A
-            // replay never moves a cursor forward.
-            return Ok(Ok(current.unwrap_or(0)));
+        // The sink's own row and every lane of it (configured, or with a row
+        // from an earlier configuration): a replay rewinds them all. A key
+        // without a cursor row has delivered nothing: its cursor is 0.
+        let mut keys: Vec<String> = Vec::new();
+        for k in self.opts.sinks.iter().chain(self.cursors.keys()) {
+            let of_sink = k == sink || super::lane_of_key(k).is_some_and(|(s, _)| s == sink);
+            if of_sink && !keys.contains(k) {
+                keys.push(k.clone());
+            }
         }
-        self.conn
-            .prepare_cached(
-                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
-            )
-            .and_then(|mut st| st.execute(params![sink, target as i64, unix_micros(SystemTime::now())]))
-            .map_err(|e| Fatal(self.err(e)))?;
-        undo.cursors.push((sink.to_string(), current));
-        self.cursors.insert(sink.to_string(), target);
+        if keys.is_empty() {
+            keys.push(sink.to_string());
+        }
+        let target = from_seq - 1;
+        let mut moved = false;
+        for key in &keys {
+            let current = self.cursor_of(key);
+            if current.unwrap_or(0) <= target {
+                // Nothing delivered at or after that point yet: nothing to
+                // do. A replay never moves a cursor forward.
+                continue;
+            }
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
+                )
+                .and_then(|mut st| st.execute(params![key, target as i64, unix_micros(SystemTime::now())]))
+                .map_err(|e| Fatal(self.err(e)))?;
+            undo.cursors
+                .push((key.clone(), self.cursors.get(key).copied()));
+            self.cursors.insert(key.clone(), target);
+            moved = true;
+        }
+        // Where the sink now stands: the lowest of its keys, a lane with
+        // nothing of its class waiting counting as caught up.
+        let lowest = keys
+            .iter()
+            .map(|k| self.effective_cursor(k))
+            .min()
+            .unwrap_or(0);
+        if !moved {
+            return Ok(Ok(lowest));
+        }
         info!(sink, from_seq, "replay: cursor rewound");
-        Ok(Ok(target))
+        Ok(Ok(lowest))
     }
 
     fn dead_letter(
@@ -1362,7 +1457,7 @@ impl WriterState {
     /// Evicts the oldest undelivered events of `class` (one chunk) and puts a
     /// gap event in place of every evicted range. Returns the rows evicted.
     fn evict_round(&mut self, class: Class) -> rusqlite::Result<u64> {
-        let min_cursor = self.min_cursor();
+        let min_cursor = self.min_cursor_for(class);
         let victims: Vec<(u64, String, String, u64, i64)> = {
             let mut st = self.conn.prepare_cached(
                 "SELECT seq, source, stream, stream_seq, recv_time FROM events
@@ -1446,7 +1541,10 @@ impl WriterState {
                     source: run.source.clone(),
                     id: format!("gap:{}:{}-{}", run.stream, run.first, run.last),
                     stream: run.stream.clone(),
-                    class: Class::Critical,
+                    // The class of what it stands for: it goes out in that
+                    // lane, in its stream's order, and only to the sinks
+                    // that take that class.
+                    class,
                     event_type: GAP_EVENT_TYPE.to_string(),
                     source_time: Some(
                         humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
@@ -1497,6 +1595,7 @@ impl WriterState {
                 self.recent_evictions.push_back(EvictionRound {
                     before,
                     after: before + n,
+                    class,
                     gap_seqs: runs.iter().map(|r| r.at_seq).collect(),
                 });
                 match class {

@@ -297,6 +297,9 @@ pub struct ForwarderSettings {
     /// See [`linger`]; zero sends every batch at once.
     pub batch_linger: Duration,
     pub retry: RetryPolicy,
+    /// One cursor each, in priority order: `[None]` for one lane over every
+    /// class in journal order (see [`crate::config::lanes`]).
+    pub lanes: Vec<Option<crate::event::Class>>,
 }
 
 /// What the driver sees when it asks [`Core::next`].
@@ -864,6 +867,7 @@ mod tests {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(1),
             },
+            lanes: vec![None],
         }
     }
 

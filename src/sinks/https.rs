@@ -101,6 +101,7 @@ impl HttpsSink {
                 initial: cfg.retry_initial,
                 max: cfg.retry_max,
             },
+            lanes: crate::config::lanes(&cfg.classes, cfg.priority),
         }
     }
 

@@ -44,7 +44,7 @@ pub use self::core::{
     Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now, Plan,
     RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
 };
-use crate::event::StoredEvent;
+use crate::event::{Class, StoredEvent};
 use crate::journal::{Journal, JournalError, Reader, unix_micros};
 use crate::status::SinkStatus;
 
@@ -144,7 +144,12 @@ impl<S: Sink> Forwarder<S> {
 
     /// Reads and encodes the next batch after `cursor` on a blocking thread
     /// (SQLite reads and compression do not belong on the async workers).
-    fn spawn_read(&self, reader: &Arc<Mutex<Reader>>, cursor: u64) -> ReadTask<S::Encoded> {
+    fn spawn_read(
+        &self,
+        reader: &Arc<Mutex<Reader>>,
+        cursor: u64,
+        lane: Option<Class>,
+    ) -> ReadTask<S::Encoded> {
         let reader = reader.clone();
         let sink = self.sink.clone();
         let (name, max_events, max_bytes) = (
@@ -156,7 +161,7 @@ impl<S: Sink> Forwarder<S> {
         tokio::task::spawn_blocking(move || {
             let events = {
                 let reader = reader.lock().map_err(|_| poisoned)?;
-                reader.read_after(cursor, &name, max_events, max_bytes)?
+                reader.read_after(cursor, &name, lane, max_events, max_bytes)?
             };
             let encoded = (!events.is_empty()).then(|| sink.encode(&events));
             Ok(Prepared { events, encoded })
@@ -183,9 +188,9 @@ impl<S: Sink> Forwarder<S> {
             .ok()
     }
 
-    fn cursor(&self, reader: &Arc<Mutex<Reader>>) -> Result<u64, JournalError> {
+    fn cursor(&self, reader: &Arc<Mutex<Reader>>, key: &str) -> Result<u64, JournalError> {
         match reader.lock() {
-            Ok(r) => r.cursor(&self.settings.name),
+            Ok(r) => r.lane_cursor(key),
             Err(_) => Err(self.lock_failed()),
         }
     }
@@ -235,33 +240,43 @@ impl<S: Sink> Forwarder<S> {
         };
         let mut committed = self.journal.committed();
         let mut rewinds = self.journal.rewinds();
-        // The rewind counter last acted on: waits mark a rewind as seen when
-        // they wake for it, so the loop compares counters instead of asking
-        // the watch whether it changed.
+        // The rewind counter last acted on: reads compare counters instead
+        // of asking the watch whether it changed.
         let mut rewinds_seen = *rewinds.borrow_and_update();
-        let cursor = match self.cursor(&reader) {
-            Ok(c) => c,
-            Err(e) => {
-                error!(sink = %name, error = %e, "forwarder cannot read its cursor; not forwarding");
-                self.record_error(e.to_string());
-                return;
+        let mut lanes = Vec::new();
+        for &lane in &self.settings.lanes {
+            let key = crate::journal::cursor_key(&name, lane);
+            match self.cursor(&reader, &key) {
+                Ok(c) => lanes.push(LaneState::new(lane, key, &self.settings, c)),
+                Err(e) => {
+                    error!(sink = %name, error = %e, "forwarder cannot read its cursor; not forwarding");
+                    self.record_error(e.to_string());
+                    return;
+                }
             }
-        };
+        }
+        let cursor = lanes.iter().map(|l| l.core.cursor()).min().unwrap_or(0);
         self.status.update(|p| {
             p.cursor = cursor;
             p.running = true;
         });
-        info!(sink = %name, cursor, "forwarder started");
+        let lane_names: Vec<&str> = self
+            .settings
+            .lanes
+            .iter()
+            .map(|l| l.map_or("all", Class::as_str))
+            .collect();
+        info!(sink = %name, cursor, lanes = ?lane_names, "forwarder started");
         if self.connect(&shutdown).await {
-            self.drive(
-                cursor,
-                &reader,
-                &mut committed,
-                &mut rewinds,
-                &mut rewinds_seen,
-                &shutdown,
-            )
-            .await;
+            let mut io = Io {
+                reader: &reader,
+                committed: &mut committed,
+                rewinds: &mut rewinds,
+                rewinds_seen: &mut rewinds_seen,
+                shutdown: &shutdown,
+                stopping: false,
+            };
+            self.schedule(&mut lanes, &mut io).await;
         }
         self.sink.close().await;
         let cursor = self.status.progress().cursor;
@@ -269,72 +284,193 @@ impl<S: Sink> Forwarder<S> {
         info!(sink = %name, cursor, "forwarder stopped");
     }
 
-    async fn drive(
-        &self,
-        cursor: u64,
-        reader: &Arc<Mutex<Reader>>,
-        committed: &mut tokio::sync::watch::Receiver<u64>,
-        rewinds: &mut tokio::sync::watch::Receiver<u64>,
-        rewinds_seen: &mut u64,
-        shutdown: &CancellationToken,
-    ) {
-        let name = &self.settings.name;
-        let mut core = Core::new(self.settings.clone(), cursor, Instant::now());
-        let mut ahead: Option<Ahead<S::Encoded>> = None;
-        let mut encoded: Option<Encoded<S::Encoded>> = None;
-        // At shutdown only the bookkeeping of what is already upstream is
-        // finished, plus one send of a batch that was lingering.
-        let mut stopping = false;
-        let mut flush = false;
+    /// Strict priority between lanes (the first has it), except that after
+    /// [`TELEMETRY_EVERY`] batches of the first lane in a row while the next
+    /// one has work, the next one sends one batch: a steady critical flow
+    /// slows a telemetry backlog down but never stops it.
+    async fn schedule(&self, lanes: &mut [LaneState<S::Encoded>], io: &mut Io<'_>) {
+        let mut streak = 0u32;
         loop {
-            stopping |= shutdown.is_cancelled();
-            let action = core.next(&Now {
+            io.stopping |= io.shutdown.is_cancelled();
+            let committed_now = *io.committed.borrow();
+            let now = tokio::time::Instant::now();
+            for l in lanes.iter_mut() {
+                if let Some((until, fill_at)) = l.linger
+                    && (now >= until || committed_now >= fill_at)
+                {
+                    l.linger = None;
+                    l.core.on_woken();
+                    l.ahead = None;
+                }
+            }
+            if io.stopping {
+                // What lingers goes out now, like a batch in flight; then stop.
+                for l in lanes.iter_mut().filter(|l| l.linger.is_some()) {
+                    l.linger = None;
+                    l.core.flush();
+                    l.flush = true;
+                    let _ = self.run_lane(l, io).await;
+                }
+                break;
+            }
+            let mut order: Vec<usize> = (0..lanes.len()).collect();
+            if streak >= TELEMETRY_EVERY && lanes.len() > 1 {
+                order.rotate_left(1);
+            }
+            let mut progressed = false;
+            let mut rewound = false;
+            for i in order {
+                if lanes[i].linger.is_some() || lanes[i].idle {
+                    continue;
+                }
+                let run = self.run_lane(&mut lanes[i], io).await;
+                self.publish_cursor(lanes);
+                match run {
+                    LaneRun::Progress => {
+                        progressed = true;
+                        streak = if i == 0 { streak + 1 } else { 0 };
+                        break;
+                    }
+                    LaneRun::Idle => {
+                        if i == 0 {
+                            streak = 0;
+                        }
+                    }
+                    LaneRun::Rewound => {
+                        rewound = true;
+                        break;
+                    }
+                    LaneRun::Stop => {
+                        io.stopping = true;
+                        break;
+                    }
+                }
+            }
+            if rewound {
+                self.reload(lanes, io);
+                continue;
+            }
+            if progressed || io.stopping {
+                continue;
+            }
+            // Every lane waits: for a commit it has not seen, a replay, the
+            // end of a linger, or shutdown.
+            let head = *io.committed.borrow_and_update();
+            let mut woke = false;
+            for l in lanes.iter_mut().filter(|l| l.idle && l.seen < head) {
+                l.idle = false;
+                l.core.on_woken();
+                woke = true;
+            }
+            if woke {
+                continue;
+            }
+            let deadline = lanes.iter().filter_map(|l| l.linger.map(|(u, _)| u)).min();
+            let linger_end = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = io.committed.changed() => if r.is_err() { io.stopping = true },
+                r = io.rewinds.changed() => if r.is_err() { io.stopping = true },
+                _ = linger_end => {}
+                _ = io.shutdown.cancelled() => io.stopping = true,
+            }
+            for l in lanes.iter_mut().filter(|l| l.idle) {
+                l.idle = false;
+                l.core.on_woken();
+            }
+        }
+    }
+
+    /// The sink's cursor in its status: the lowest of its lanes', where a
+    /// lane that found nothing to send counts as caught up with what was
+    /// committed when it looked.
+    fn publish_cursor(&self, lanes: &[LaneState<S::Encoded>]) {
+        let cursor = lanes
+            .iter()
+            .map(|l| {
+                if l.idle {
+                    l.core.cursor().max(l.seen)
+                } else {
+                    l.core.cursor()
+                }
+            })
+            .min()
+            .unwrap_or(0);
+        self.status.update(|p| p.cursor = cursor);
+    }
+
+    /// A replay moved cursors: every lane starts again from its own.
+    fn reload(&self, lanes: &mut [LaneState<S::Encoded>], io: &mut Io<'_>) {
+        for l in lanes.iter_mut() {
+            match self.cursor(io.reader, &l.key) {
+                Ok(c) => {
+                    if c != l.core.cursor() {
+                        info!(sink = %self.settings.name, lane = %l.key, from = l.core.cursor(), to = c, "cursor moved by a replay");
+                    }
+                    l.core.on_rewind(c);
+                }
+                Err(e) => {
+                    warn!(sink = %self.settings.name, lane = %l.key, error = %e, "cannot reload cursor");
+                    l.core.on_rewind(l.core.cursor());
+                }
+            }
+            l.ahead = None;
+            l.idle = false;
+            l.linger = None;
+        }
+        let cursor = lanes.iter().map(|l| l.core.cursor()).min().unwrap_or(0);
+        self.status.update(|p| p.cursor = cursor);
+    }
+
+    /// Runs one lane's actions until it has delivered (or dead-lettered) a
+    /// batch or part of one, or has nothing to send.
+    async fn run_lane(&self, lane: &mut LaneState<S::Encoded>, io: &mut Io<'_>) -> LaneRun {
+        let name = &self.settings.name;
+        loop {
+            io.stopping |= io.shutdown.is_cancelled();
+            let action = lane.core.next(&Now {
                 at: Instant::now(),
                 unix_us: now_us(),
                 evictions: self.journal.evictions(),
             });
-            if stopping {
+            if io.stopping {
+                // At shutdown only the bookkeeping of what is already
+                // upstream is finished, plus one send of what was lingering.
                 let allowed = match action {
                     Action::Advance { .. } | Action::DeadLetter { .. } => true,
-                    Action::Send { .. } => std::mem::take(&mut flush),
+                    Action::Send { .. } => std::mem::take(&mut lane.flush),
                     _ => false,
                 };
                 if !allowed {
-                    break;
+                    return LaneRun::Stop;
                 }
             }
             match action {
                 Action::Read { after } => {
-                    // Mark what we have seen before reading, so a commit
-                    // that lands during the read wakes us again.
-                    committed.borrow_and_update();
-                    let rewinds_now = *rewinds.borrow_and_update();
-                    if rewinds_now != *rewinds_seen {
-                        *rewinds_seen = rewinds_now;
-                        match self.cursor(reader) {
-                            Ok(c) => {
-                                info!(sink = %name, from = after, to = c, "cursor moved by a replay");
-                                core.on_rewind(c);
-                                self.status.update(|p| p.cursor = c);
-                                ahead = None;
-                                continue;
-                            }
-                            Err(e) => warn!(sink = %name, error = %e, "cannot reload cursor"),
-                        }
+                    let rewinds_now = *io.rewinds.borrow_and_update();
+                    if rewinds_now != *io.rewinds_seen {
+                        *io.rewinds_seen = rewinds_now;
+                        return LaneRun::Rewound;
                     }
-                    let (evictions_at_read, read, from_ahead) = match ahead.take() {
+                    // What was committed before the read is in it.
+                    lane.seen = *io.committed.borrow();
+                    let (evictions_at_read, read, from_ahead) = match lane.ahead.take() {
                         Some(a) if a.after == after => {
                             (a.evictions_at_read, self.join_read(a.task).await, true)
                         }
                         _ => {
                             let e = self.journal.evictions();
-                            let task = self.spawn_read(reader, after);
+                            let task = self.spawn_read(io.reader, after, lane.lane);
                             (e, self.join_read(task).await, false)
                         }
                     };
                     match read {
                         Ok(Prepared { events, encoded: e }) => {
-                            encoded = match (events.first(), events.last(), e) {
+                            lane.encoded = match (events.first(), events.last(), e) {
                                 (Some(f), Some(l), Some(body)) => Some(Encoded {
                                     first: f.seq,
                                     last: l.seq,
@@ -343,42 +479,33 @@ impl<S: Sink> Forwarder<S> {
                                 }),
                                 _ => None,
                             };
-                            core.on_read(events, evictions_at_read, from_ahead);
+                            lane.core.on_read(events, evictions_at_read, from_ahead);
                         }
                         Err(e) => {
-                            let delay = core.on_read_failed(rand::rng().random());
-                            warn!(sink = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "journal read failed; retrying");
+                            let delay = lane.core.on_read_failed(rand::rng().random());
+                            warn!(sink = %name, lane = %lane.key, error = %e, retry_in_ms = delay.as_millis() as u64, "journal read failed; retrying");
                             self.record_error(e.to_string());
                         }
                     }
                 }
-                Action::WaitForCommit => match wait_for_work(committed, rewinds, shutdown).await {
-                    Wait::Work => core.on_woken(),
-                    Wait::Shutdown => stopping = true,
-                },
+                Action::WaitForCommit => {
+                    lane.idle = true;
+                    return LaneRun::Idle;
+                }
                 Action::Linger { wait, fill_at } => {
-                    match linger_wait(committed, rewinds, fill_at, wait, shutdown).await {
-                        Wait::Work => {
-                            core.on_woken();
-                            ahead = None;
-                        }
-                        Wait::Shutdown => {
-                            core.flush();
-                            stopping = true;
-                            flush = true;
-                        }
-                    }
+                    lane.linger = Some((tokio::time::Instant::now() + wait, fill_at));
+                    return LaneRun::Idle;
                 }
                 Action::Sleep(d) => {
-                    if let Wait::Shutdown = sleep_or_shutdown(d, shutdown).await {
-                        stopping = true;
+                    if let Wait::Shutdown = sleep_or_shutdown(d, io.shutdown).await {
+                        io.stopping = true;
                     }
                 }
                 Action::Send { range } => {
-                    let outcome = {
-                        let slice = &core.events()[range.clone()];
+                    let (outcome, first, last) = {
+                        let slice = &lane.core.events()[range.clone()];
                         let (first, last) = (slice[0].seq, slice[slice.len() - 1].seq);
-                        let whole = encoded.take_if(|e| {
+                        let whole = lane.encoded.take_if(|e| {
                             e.first == first && e.last == last && e.len == slice.len()
                         });
                         let body = match whole {
@@ -387,10 +514,10 @@ impl<S: Sink> Forwarder<S> {
                                 // one is upstream; it is used once the
                                 // cursor is at `last`, that is after an
                                 // acknowledgement.
-                                ahead = Some(Ahead {
+                                lane.ahead = Some(Ahead {
                                     after: last,
                                     evictions_at_read: self.journal.evictions(),
-                                    task: self.spawn_read(reader, last),
+                                    task: self.spawn_read(io.reader, last, lane.lane),
                                 });
                                 Some(e.body)
                             }
@@ -402,7 +529,7 @@ impl<S: Sink> Forwarder<S> {
                             // than skip anything.
                             error!(sink = %name, first, last, "encoding the batch failed; the forwarder stops");
                             self.record_error("encoding a batch failed".into());
-                            break;
+                            return LaneRun::Stop;
                         };
                         self.status.update(|p| p.attempts += 1);
                         let outcome = self.sink.send(slice, body).await;
@@ -428,7 +555,6 @@ impl<S: Sink> Forwarder<S> {
                         }
                         (outcome, first, last)
                     };
-                    let (outcome, first, last) = outcome;
                     let reason = match &outcome {
                         SendOutcome::Retry { reason, .. } => reason.clone(),
                         _ => String::new(),
@@ -437,7 +563,7 @@ impl<S: Sink> Forwarder<S> {
                         acked,
                         delay,
                         attempt,
-                    } = core.on_sent(outcome, rand::rng().random())
+                    } = lane.core.on_sent(outcome, rand::rng().random())
                     {
                         warn!(
                             sink = %name,
@@ -452,19 +578,19 @@ impl<S: Sink> Forwarder<S> {
                     }
                 }
                 Action::DeadLetter { index, reason } => {
-                    let Some(ev) = core.events().get(index).cloned() else {
-                        break;
+                    let Some(ev) = lane.core.events().get(index).cloned() else {
+                        return LaneRun::Stop;
                     };
                     let (seq, id) = (ev.seq, ev.id.clone());
                     match self.journal.dead_letter(name, ev, &reason).await {
                         Ok(dl) => {
                             error!(sink = %name, seq, id = %id, dead_letter = dl, reason = %reason, "event dead-lettered: the upstream rejects it for good");
-                            core.on_dead_lettered(true);
+                            lane.core.on_dead_lettered(true);
                         }
                         Err(e) => {
                             error!(sink = %name, seq, error = %e, "cannot record the dead letter; the batch will be sent again");
                             self.record_error(e.to_string());
-                            core.on_dead_lettered(false);
+                            lane.core.on_dead_lettered(false);
                         }
                     }
                 }
@@ -475,44 +601,98 @@ impl<S: Sink> Forwarder<S> {
                 } => {
                     let result = self
                         .journal
-                        .advance_delivered(name, from, to, evictions_at_read)
+                        .advance_delivered(&lane.key, from, to, evictions_at_read)
                         .await;
                     if let Err(e) = &result {
-                        error!(sink = %name, error = %e, "cannot store the cursor; the batch will be sent again");
+                        error!(sink = %name, lane = %lane.key, error = %e, "cannot store the cursor; the batch will be sent again");
                         self.record_error(e.to_string());
                     }
-                    match core.on_advanced(result.as_ref().map(|c| *c)) {
+                    match lane.core.on_advanced(result.as_ref().map(|c| *c)) {
                         Advanced::Moved {
-                            cursor,
+                            cursor: _,
                             delivered,
                             dead_letter,
-                        } => self.status.update(|p| {
-                            p.cursor = cursor;
-                            if dead_letter {
-                                p.dead_letters += 1;
-                            } else {
-                                p.delivered += delivered;
-                                p.batches += 1;
-                                if core.failures() == 0 {
-                                    p.consecutive_failures = 0;
+                        } => {
+                            let failures = lane.core.failures();
+                            self.status.update(|p| {
+                                if dead_letter {
+                                    p.dead_letters += 1;
+                                } else {
+                                    p.delivered += delivered;
+                                    p.batches += 1;
+                                    if failures == 0 {
+                                        p.consecutive_failures = 0;
+                                    }
+                                    p.last_success_us = Some(now_us());
                                 }
-                                p.last_success_us = Some(now_us());
-                            }
-                        }),
-                        Advanced::Rewound => {
-                            // A replay moved the cursor while the batch was
-                            // upstream: start again from the new cursor.
-                            let c = self.cursor(reader).unwrap_or(core.cursor());
-                            core.on_rewind(c);
-                            self.status.update(|p| p.cursor = c);
-                            ahead = None;
+                            });
+                            return LaneRun::Progress;
                         }
-                        Advanced::Failed => {}
+                        // A replay moved the cursor while the batch was
+                        // upstream: every lane starts again from its cursor.
+                        Advanced::Rewound => return LaneRun::Rewound,
+                        Advanced::Failed => return LaneRun::Progress,
                     }
                 }
             }
         }
     }
+}
+
+/// See [`Forwarder::schedule`]: the first lane's batches in a row after
+/// which the next lane, if it has work, sends one.
+pub const TELEMETRY_EVERY: u32 = 10;
+
+/// One lane of a forwarder: its cursor's state machine and what the driver
+/// holds for it.
+struct LaneState<E> {
+    lane: Option<Class>,
+    key: String,
+    core: Core,
+    ahead: Option<Ahead<E>>,
+    encoded: Option<Encoded<E>>,
+    /// Lingering until this instant, or until the committed seq reaches
+    /// the second value.
+    linger: Option<(tokio::time::Instant, u64)>,
+    /// Nothing to send until the next commit.
+    idle: bool,
+    /// The committed seq when it last read.
+    seen: u64,
+    /// Shutdown came while it lingered: one send is allowed.
+    flush: bool,
+}
+
+impl<E> LaneState<E> {
+    fn new(lane: Option<Class>, key: String, settings: &ForwarderSettings, cursor: u64) -> Self {
+        LaneState {
+            lane,
+            key,
+            core: Core::new(settings.clone(), cursor, Instant::now()),
+            ahead: None,
+            encoded: None,
+            linger: None,
+            idle: false,
+            seen: 0,
+            flush: false,
+        }
+    }
+}
+
+enum LaneRun {
+    Progress,
+    Idle,
+    Rewound,
+    Stop,
+}
+
+/// The forwarder's handles on the journal's signals and the shutdown.
+struct Io<'a> {
+    reader: &'a Arc<Mutex<Reader>>,
+    committed: &'a mut tokio::sync::watch::Receiver<u64>,
+    rewinds: &'a mut tokio::sync::watch::Receiver<u64>,
+    rewinds_seen: &'a mut u64,
+    shutdown: &'a CancellationToken,
+    stopping: bool,
 }
 
 fn now_us() -> i64 {
@@ -522,41 +702,6 @@ fn now_us() -> i64 {
 async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> Wait {
     tokio::select! {
         _ = tokio::time::sleep(d) => Wait::Work,
-        _ = shutdown.cancelled() => Wait::Shutdown,
-    }
-}
-
-/// Waits up to `wait`, or until the committed seq reaches `fill_at`, or a
-/// replay moves the cursor (`Work`: read again), or shutdown.
-async fn linger_wait(
-    committed: &mut tokio::sync::watch::Receiver<u64>,
-    rewinds: &mut tokio::sync::watch::Receiver<u64>,
-    fill_at: u64,
-    wait: Duration,
-    shutdown: &CancellationToken,
-) -> Wait {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if *committed.borrow_and_update() >= fill_at {
-            return Wait::Work;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return Wait::Work,
-            r = committed.changed() => if r.is_err() { return Wait::Shutdown },
-            r = rewinds.changed() => return if r.is_ok() { Wait::Work } else { Wait::Shutdown },
-            _ = shutdown.cancelled() => return Wait::Shutdown,
-        }
-    }
-}
-
-async fn wait_for_work(
-    committed: &mut tokio::sync::watch::Receiver<u64>,
-    rewinds: &mut tokio::sync::watch::Receiver<u64>,
-    shutdown: &CancellationToken,
-) -> Wait {
-    tokio::select! {
-        r = committed.changed() => if r.is_ok() { Wait::Work } else { Wait::Shutdown },
-        r = rewinds.changed() => if r.is_ok() { Wait::Work } else { Wait::Shutdown },
         _ = shutdown.cancelled() => Wait::Shutdown,
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use plantrelay::event::StoredEvent;
+use plantrelay::event::{Class, StoredEvent};
 use plantrelay::sinks::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
 
 use crate::rig::{Reply, Rig, Upstream, check_complete};
@@ -100,6 +100,7 @@ impl Upstream for FakeUpstream {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
             },
+            lanes: vec![None],
         }
     }
 
@@ -307,5 +308,108 @@ async fn parts_of_a_batch_are_encoded_anew_and_off_the_async_thread() {
     );
     assert_eq!(rig.dead_letters().len(), 0);
     assert_eq!(check_complete(&up.received(), 64, &[]), 0);
+    rig.stop().await;
+}
+
+fn lanes(up: &FakeUpstream, batch: usize) -> ForwarderSettings {
+    ForwarderSettings {
+        lanes: vec![Some(Class::Critical), Some(Class::Telemetry)],
+        ..up.settings(batch)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn critical_first_sends_critical_ahead_of_a_telemetry_backlog_without_starving_it() {
+    let up = FakeUpstream::new();
+    // 2,000 telemetry events first, then 2,000 critical ones.
+    let classes: Vec<Class> = (0..4000)
+        .map(|i| {
+            if i < 2000 {
+                Class::Telemetry
+            } else {
+                Class::Critical
+            }
+        })
+        .collect();
+    let mut rig = Rig::with_classes(&classes).await;
+    rig.start_with(&up, lanes(&up, 100));
+    rig.until_drained().await;
+    let got = up.received();
+    assert_eq!(got.len(), 4000, "nothing lost, nothing twice");
+    let critical = |s: &u64| *s > 2000;
+    // Ten critical batches, then one telemetry batch (the rule that keeps
+    // telemetry moving under a steady critical flow), then the rest of the
+    // critical events, then the telemetry backlog.
+    let shape: Vec<(bool, usize)> = got
+        .chunk_by(|a, b| critical(a) == critical(b))
+        .map(|run| (critical(&run[0]), run.len()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![(true, 1000), (false, 100), (true, 1000), (false, 1900)],
+        "runs of (critical, length)"
+    );
+    // Within each class, journal order.
+    for class in [true, false] {
+        let seqs: Vec<u64> = got
+            .iter()
+            .copied()
+            .filter(|s| critical(s) == class)
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "class order");
+    }
+    let c = rig.journal.reader().unwrap();
+    assert_eq!(c.lane_cursor("up/critical").unwrap(), 4000);
+    assert_eq!(c.lane_cursor("up/telemetry").unwrap(), 2000);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn journal_order_sends_everything_in_seq_order() {
+    let up = FakeUpstream::new();
+    let classes: Vec<Class> = (0..1000)
+        .map(|i| {
+            if i % 3 == 0 {
+                Class::Critical
+            } else {
+                Class::Telemetry
+            }
+        })
+        .collect();
+    let mut rig = Rig::with_classes(&classes).await;
+    rig.start(&up, 100);
+    rig.until_drained().await;
+    assert_eq!(check_complete(&up.received(), 1000, &[]), 0);
+    assert_eq!(rig.cursor(), 1000);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_taking_one_class_gets_exactly_that_class() {
+    let up = FakeUpstream::new();
+    let classes: Vec<Class> = (0..600)
+        .map(|i| {
+            if i % 2 == 0 {
+                Class::Critical
+            } else {
+                Class::Telemetry
+            }
+        })
+        .collect();
+    let mut rig = Rig::with_classes(&classes).await;
+    rig.start_with(
+        &up,
+        ForwarderSettings {
+            lanes: vec![Some(Class::Telemetry)],
+            ..up.settings(100)
+        },
+    );
+    rig.until_drained().await;
+    let expected: Vec<u64> = (1..=600).filter(|s| s % 2 == 0).collect();
+    assert_eq!(
+        up.received(),
+        expected,
+        "only telemetry (the even seqs), in order"
+    );
     rig.stop().await;
 }

@@ -59,11 +59,20 @@ pub struct Rig {
     stop: CancellationToken,
     task: Option<Supervised>,
     pub head: u64,
+    /// The lanes of the forwarder last started.
+    lanes: Vec<Option<Class>>,
 }
 
 impl Rig {
     /// A journal holding `n` critical events over 4 streams, ids `e-<i>`.
     pub async fn new(n: usize) -> Rig {
+        Rig::with_classes(&vec![Class::Critical; n]).await
+    }
+
+    /// A journal holding one event per entry of `classes`, in that order,
+    /// ids `e-<seq>`, streams `<class>/<seq mod 4>` (a stream has one class).
+    pub async fn with_classes(classes: &[Class]) -> Rig {
+        let n = classes.len();
         plantrelay::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let mut opts = JournalOptions::new(dir.path().join("journal.db"));
@@ -75,8 +84,11 @@ impl Rig {
             .map(|i| NewEvent {
                 source: "mes".into(),
                 id: format!("e-{i}"),
-                stream: format!("line/{}", i % 4),
-                class: Class::Critical,
+                stream: match classes[i - 1] {
+                    Class::Critical => format!("line/{}", i % 4),
+                    Class::Telemetry => format!("machine/{}", i % 4),
+                },
+                class: classes[i - 1],
                 event_type: "com.example.mes.confirmation".into(),
                 source_time: None,
                 data: format!("{{\"n\":{i}}}").into_bytes(),
@@ -94,14 +106,21 @@ impl Rig {
             stop: CancellationToken::new(),
             task: None,
             head: n as u64,
+            lanes: vec![None],
         }
     }
 
     /// Starts a forwarder with a new sink of `up`.
     pub fn start<U: Upstream>(&mut self, up: &U, batch_max_events: usize) {
+        self.start_with(up, up.settings(batch_max_events));
+    }
+
+    /// Starts a forwarder with a new sink of `up` and these settings.
+    pub fn start_with<U: Upstream>(&mut self, up: &U, settings: ForwarderSettings) {
         self.stop = CancellationToken::new();
+        self.lanes = settings.lanes.clone();
         let fwd = Forwarder::new(
-            up.settings(batch_max_events),
+            settings,
             up.sink(),
             self.journal.clone(),
             self.status.clone(),
@@ -128,12 +147,14 @@ impl Rig {
         }
     }
 
-    /// The cursor as stored in the journal.
+    /// Where the sink stands in the journal: every event at or before it
+    /// is delivered (over its lanes, as the status reports it).
     pub fn cursor(&self) -> u64 {
         Reader::open(self.journal.path())
             .unwrap()
-            .cursor(SINK)
+            .position(SINK, &self.lanes, self.head)
             .unwrap()
+            .cursor
     }
 
     pub fn dead_letters(&self) -> Vec<(u64, String)> {
@@ -160,10 +181,14 @@ impl Rig {
         }
     }
 
-    /// Waits until the forwarder's cursor is at the head.
+    /// Waits until the sink's cursor in the journal is at the head, and
+    /// the forwarder has counted it in its status (which it does after the
+    /// journal answered).
     pub async fn until_drained(&self) {
         let head = self.head;
-        self.until("the cursor at the head", |r| {
+        self.until("the cursor at the head", |r| r.cursor() >= head)
+            .await;
+        self.until("the status to show it", |r| {
             r.status.progress().cursor >= head
         })
         .await;

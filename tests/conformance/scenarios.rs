@@ -120,10 +120,8 @@ pub async fn stop_and_resume<U: Upstream>(up: &U) {
     let mut rig = Rig::new(1000).await;
     up.script(vec![Reply::Slow(Duration::from_millis(200)); 10]);
     rig.start(up, 100);
-    rig.until("some batches delivered", |r| {
-        r.status.progress().cursor >= 200
-    })
-    .await;
+    rig.until("some batches delivered", |r| r.cursor() >= 200)
+        .await;
     rig.stop().await;
     let at_stop = rig.cursor();
     assert!(

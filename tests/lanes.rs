@@ -1,0 +1,302 @@
+//! Priority lanes and routing end to end: a real journal filled as an
+//! outage leaves it, the agent started on it, real HTTPS receivers.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use plantrelay::agent;
+use plantrelay::config::Config;
+use plantrelay::demo::receiver::{ReceivedEvent, Receiver, ReceiverOptions};
+use plantrelay::event::{Class, NewEvent};
+use plantrelay::journal::{Journal, JournalOptions};
+use support::agent::Harness;
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// `telemetry` events over 10 machine streams with `critical` MES events
+/// spread evenly among them, as an outage leaves the journal.
+fn backlog(telemetry: usize, critical: usize) -> Vec<NewEvent> {
+    let every = (telemetry / critical.max(1)).max(1);
+    let mut out = Vec::with_capacity(telemetry + critical);
+    let mut c = 0;
+    for t in 0..telemetry {
+        out.push(event(
+            Class::Telemetry,
+            format!("machines/m{}", t % 10),
+            format!("t-{t}"),
+        ));
+        if (t + 1) % every == every / 2 && c < critical {
+            out.push(event(
+                Class::Critical,
+                format!("mes/line{}", c % 3),
+                format!("c-{c}"),
+            ));
+            c += 1;
+        }
+    }
+    while c < critical {
+        out.push(event(
+            Class::Critical,
+            format!("mes/line{}", c % 3),
+            format!("c-{c}"),
+        ));
+        c += 1;
+    }
+    out
+}
+
+fn event(class: Class, stream: String, id: String) -> NewEvent {
+    NewEvent {
+        source: "gw".into(),
+        id,
+        stream,
+        class,
+        event_type: match class {
+            Class::Critical => "com.example.mes.confirmation".into(),
+            Class::Telemetry => "plantrelay.mqtt.message".into(),
+        },
+        source_time: None,
+        data: br#"{"v":1}"#.to_vec(),
+        attrs: None,
+    }
+}
+
+async fn fill(state_dir: &Path, events: Vec<NewEvent>) {
+    std::fs::create_dir_all(state_dir).unwrap();
+    let mut o = JournalOptions::new(state_dir.join("journal.db"));
+    o.commit_window = Duration::ZERO;
+    let j = Journal::open(o).unwrap();
+    for chunk in events.chunks(5000) {
+        j.append(chunk.to_vec()).await.unwrap();
+    }
+    j.close().await;
+}
+
+fn config(h: &Harness, sinks: &str) -> Config {
+    let text = format!(
+        r#"
+[agent]
+id = "gw-lanes"
+state_dir = "{state}"
+shutdown_timeout = "5s"
+
+[journal]
+sync = "normal"
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+{sinks}
+"#,
+        state = h.state_dir().display(),
+    );
+    Config::load(&h.write_config(&text)).unwrap()
+}
+
+fn sink(h: &Harness, name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[sinks.https]]
+name = "{name}"
+url = "{url}"
+ca_file = "{ca}"
+ca_only = true
+retry_initial = "50ms"
+retry_max = "500ms"
+batch_linger = "0s"
+{extra}
+"#,
+        ca = h.paths.ca.display()
+    )
+}
+
+/// Per stream, stream sequences rise by one; returns events per stream.
+fn assert_per_stream_order(events: &[ReceivedEvent]) -> HashMap<String, u64> {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for e in events.iter().filter(|e| !e.duplicate) {
+        let stream = e.subject.clone().unwrap();
+        let s = e.streamsequence.unwrap();
+        let prev = last.get(&stream).copied().unwrap_or(0);
+        assert_eq!(s, prev + 1, "stream {stream}: {s} after {prev}");
+        last.insert(stream, s);
+    }
+    last
+}
+
+fn is_critical(e: &ReceivedEvent) -> bool {
+    e.subject.as_deref().is_some_and(|s| s.starts_with("mes/"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_critical_events_overtake_a_100k_telemetry_backlog() {
+    let h = Harness::new().await;
+    fill(&h.state_dir(), backlog(100_000, 200)).await;
+    let cfg = config(&h, &sink(&h, "central", &h.receiver.url(), ""));
+    let a = agent::start(&cfg).await.unwrap();
+    assert!(
+        h.receiver.wait_for(100_200, WAIT).await,
+        "{:?}",
+        h.receiver.stats()
+    );
+    let events = h.receiver.events();
+    assert_eq!(events.iter().filter(|e| e.duplicate).count(), 0);
+    let last_critical = events.iter().rposition(is_critical).unwrap();
+    let telemetry_before = events[..last_critical]
+        .iter()
+        .filter(|e| !is_critical(e))
+        .count();
+    assert!(
+        telemetry_before < 20_000,
+        "all 200 critical events arrive before the 20,000th telemetry event ({telemetry_before} came first)"
+    );
+    let per_stream = assert_per_stream_order(&events);
+    assert_eq!(per_stream.len(), 13, "10 machine streams and 3 MES streams");
+    assert_eq!(events.iter().filter(|e| is_critical(e)).count(), 200);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_order_sends_the_same_backlog_in_seq_order() {
+    let h = Harness::new().await;
+    fill(&h.state_dir(), backlog(20_000, 100)).await;
+    let cfg = config(
+        &h,
+        &sink(
+            &h,
+            "central",
+            &h.receiver.url(),
+            r#"priority = "journal_order""#,
+        ),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    assert!(h.receiver.wait_for(20_100, WAIT).await);
+    let seqs: Vec<u64> = h
+        .receiver
+        .events()
+        .iter()
+        .map(|e| e.sequence.unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=20_100).collect::<Vec<_>>());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sink_gets_exactly_the_classes_it_takes_one_of_them_down_for_a_while() {
+    let h = Harness::new().await;
+    let erp = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
+    let datahub = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
+    datahub.stop().await;
+    fill(&h.state_dir(), backlog(5_000, 100)).await;
+    let sinks = [
+        sink(&h, "erp", &erp.url(), r#"classes = ["critical"]"#),
+        sink(&h, "datahub", &datahub.url(), r#"classes = ["telemetry"]"#),
+        sink(
+            &h,
+            "archive",
+            &h.receiver.url(),
+            r#"priority = "journal_order""#,
+        ),
+    ]
+    .concat();
+    let a = agent::start(&config(&h, &sinks)).await.unwrap();
+    assert!(erp.wait_for(100, WAIT).await);
+    assert!(h.receiver.wait_for(5_100, WAIT).await);
+    datahub.restart().await.unwrap();
+    assert!(datahub.wait_for(5_000, WAIT).await);
+
+    let erp_events = erp.events();
+    assert_eq!(erp_events.len(), 100);
+    assert!(
+        erp_events.iter().all(is_critical),
+        "ERP gets only critical events"
+    );
+    let hub_events = datahub.events();
+    assert_eq!(hub_events.iter().filter(|e| !e.duplicate).count(), 5_000);
+    assert!(
+        hub_events.iter().all(|e| !is_critical(e)),
+        "the data hub gets only telemetry"
+    );
+    assert_per_stream_order(&erp_events);
+    assert_per_stream_order(&hub_events);
+    let archive: Vec<u64> = h
+        .receiver
+        .events()
+        .iter()
+        .map(|e| e.sequence.unwrap())
+        .collect();
+    assert_eq!(
+        archive,
+        (1..=5_100).collect::<Vec<_>>(),
+        "the archive gets all, in order"
+    );
+
+    // The status shows each sink per class.
+    let status = tokio::task::spawn_blocking({
+        let view = a.view.clone();
+        move || view.status()
+    })
+    .await
+    .unwrap();
+    let by_name = |n: &str| status.sinks.iter().find(|s| s.name == n).unwrap().clone();
+    let erp_s = by_name("erp");
+    assert_eq!(erp_s.classes.len(), 1);
+    assert_eq!(erp_s.classes[0].class, Class::Critical);
+    assert_eq!(erp_s.backlog_events, 0);
+    assert_eq!(
+        by_name("archive").classes.len(),
+        0,
+        "journal order: one cursor"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_of_the_previous_schema_with_one_cursor_resends_nothing_delivered() {
+    let h = Harness::new().await;
+    let state = h.state_dir();
+    fill(&state, backlog(900, 100)).await;
+    // What the previous release left: schema 2 (no lane index) and one
+    // cursor row for the sink, at 600.
+    {
+        let conn = rusqlite::Connection::open(state.join("journal.db")).unwrap();
+        conn.execute_batch(
+            "DROP INDEX events_critical;
+             INSERT INTO cursors(sink, seq, updated_us) VALUES ('central', 600, 0);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let cfg = config(&h, &sink(&h, "central", &h.receiver.url(), ""));
+    let a = agent::start(&cfg).await.unwrap();
+    assert!(h.receiver.wait_for(400, WAIT).await);
+    let r = a.journal.reader().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while r.cursor("central").unwrap() < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cursor never reached the head"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seqs: Vec<u64> = h
+        .receiver
+        .events()
+        .iter()
+        .map(|e| e.sequence.unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (601..=1000).collect::<Vec<_>>(),
+        "only what followed the old cursor"
+    );
+    a.shutdown().await;
+    let stats = plantrelay::journal::Reader::open(&state.join("journal.db"))
+        .unwrap()
+        .stats()
+        .unwrap();
+    assert_eq!(stats.schema_version, 3);
+}
