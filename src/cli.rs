@@ -342,6 +342,7 @@ pub fn parse_since(s: &str) -> Result<SystemTime, CliError> {
 pub async fn replay(
     config: &Config,
     sink: &str,
+    class: Option<crate::event::Class>,
     to: RewindTo,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
@@ -350,6 +351,14 @@ pub async fn replay(
             "--sink {sink:?}: no such sink in the config (sinks: {})",
             config.sink_names().join(", ")
         )));
+    }
+    if let Some(class) = class {
+        let lane = crate::journal::cursor_key(sink, Some(class));
+        if !config.cursor_keys().contains(&lane) {
+            return Err(CliError::usage(format!(
+                "--class {class}: sink {sink} has no {class} lane to replay alone (it sends in journal order, or does not take {class}); replay without --class"
+            )));
+        }
     }
     let opts = crate::agent::journal_options(config);
     if crate::journal::is_locked(&opts.path) {
@@ -361,7 +370,10 @@ pub async fn replay(
     let journal = tokio::task::spawn_blocking(move || Journal::open(opts))
         .await
         .map_err(|e| CliError::runtime(e.to_string()))??;
-    let result = journal.rewind(sink, to).await;
+    let result = match class {
+        Some(c) => journal.rewind_class(sink, c, to).await,
+        None => journal.rewind(sink, to).await,
+    };
     journal.close().await;
     let cursor = result?;
     let _ = writeln!(

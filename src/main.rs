@@ -86,6 +86,10 @@ enum Command {
         /// Deliver again everything received since then: RFC 3339 time or an age ("2h").
         #[arg(long)]
         since: Option<String>,
+        /// Replay only this class (critical or telemetry), for a sink that
+        /// sends critical events first.
+        #[arg(long, value_parser = ["critical", "telemetry"])]
+        class: Option<String>,
     },
     /// OPC UA server certificates of a source.
     Opcua {
@@ -336,15 +340,27 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             sink,
             from_seq,
             since,
+            class,
         } => {
+            let class = match class.as_deref() {
+                Some("critical") => Some(plantrelay::event::Class::Critical),
+                Some("telemetry") => Some(plantrelay::event::Class::Telemetry),
+                _ => None,
+            };
             let to = match (from_seq, since) {
                 (Some(s), _) => RewindTo::Seq(s),
                 (None, Some(t)) => RewindTo::Since(cli::parse_since(&t)?),
                 (None, None) => return Err(CliError::usage("give --from-seq or --since")),
             };
-            cli::replay(&cli::load_config(&config.config)?, &sink, to, &mut out)
-                .await
-                .map(|_| 0)
+            cli::replay(
+                &cli::load_config(&config.config)?,
+                &sink,
+                class,
+                to,
+                &mut out,
+            )
+            .await
+            .map(|_| 0)
         }
         Command::Man => plantrelay::manpage::render(Cli::command(), &mut out)
             .map(|_| 0)

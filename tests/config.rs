@@ -918,3 +918,70 @@ fn several_issues_in_one_file_are_all_reported_in_file_order() {
         "{display}"
     );
 }
+
+fn stream_class_config(mqtt_class: &str, topics: &str, stream: &str) -> String {
+    format!(
+        r#"
+[agent]
+id = "gw"
+state_dir = "/tmp/plantrelay-test"
+
+[[sources.opcua]]
+name = "press-line-3"
+endpoint = "opc.tcp://10.0.3.10:4840"
+class = "telemetry"
+
+[[sources.opcua.nodes]]
+node_id = "ns=2;s=Press07.State"
+stream = "line3/press07"
+
+[[sources.mqtt]]
+name = "mes"
+url = "mqtt://broker.plant.local:1883"
+topics = {topics}
+stream = "{stream}"
+class = "{mqtt_class}"
+
+[[sinks.https]]
+name = "central"
+url = "https://ingest.example.com/v1/events"
+"#
+    )
+}
+
+#[test]
+fn sources_of_different_classes_that_can_produce_the_same_stream_are_refused() {
+    for (topics, stream) in [
+        (r#"["line3/+"]"#, "{topic}"),
+        (r#"["plant/line3/+/events"]"#, "line3/{3}"),
+        (r##"["#"]"##, "{topic}"),
+        (r#"["mes/x"]"#, "line3/press07"),
+    ] {
+        let text = stream_class_config("critical", topics, stream);
+        let found = issues(&text);
+        let issue = found
+            .iter()
+            .find(|i| i.key_path == "sources.mqtt[0].stream")
+            .unwrap_or_else(|| panic!("{topics} {stream}: {found:#?}"));
+        assert!(
+            issue.message.contains("sources.opcua[0]") && issue.message.contains("one class"),
+            "{}",
+            issue.message
+        );
+    }
+}
+
+#[test]
+fn streams_that_cannot_meet_or_share_a_class_are_accepted() {
+    for (class, topics, stream) in [
+        ("critical", r#"["machines/+/state"]"#, "{topic}"),
+        ("critical", r#"["line3/+"]"#, "mes/{2}"),
+        ("critical", r#"["line3/press07/x"]"#, "{topic}"),
+        ("telemetry", r#"["line3/+"]"#, "{topic}"),
+    ] {
+        let text = stream_class_config(class, topics, stream);
+        if let Err(e) = parse(&text) {
+            panic!("{class} {topics} {stream}: {:#?}", e.issues);
+        }
+    }
+}

@@ -939,6 +939,43 @@ async fn without_an_admin_token_the_admin_endpoints_are_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_over_the_api_may_name_one_class() {
+    let h = Harness::new().await;
+    let setup = Setup {
+        admin: true,
+        ..TOKEN_ONLY
+    };
+    let a = agent::start(&config_with(&h, setup, "")).await.unwrap();
+    let api = Api::new(&h, &a, false);
+    assert_eq!(
+        post(&http_client(), &ingest_url(&a), &mes_events("cl", 40, 2))
+            .await
+            .0,
+        202
+    );
+    assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 40).await);
+    api.status_until(Some(ADMIN), |s| sink(s)["cursor"] == 40)
+        .await;
+    let replay = |body: &'static str| api.post("/api/v1/sinks/central/replay", Some(ADMIN), body);
+    // The MES events are critical: replaying telemetry moves nothing.
+    let (code, body) = replay(r#"{"from_seq": 1, "class": "telemetry"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["cursor"], 40);
+    let (code, body) = replay(r#"{"from_seq": 31, "class": "critical"}"#).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["cursor"], 30);
+    assert!(
+        h.receiver.wait_until(WAIT, |s| s.duplicates >= 10).await,
+        "{:?}",
+        h.receiver.stats()
+    );
+    let (code, body) = replay(r#"{"from_seq": 1, "class": "urgent"}"#).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("urgent"), "{body}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_over_the_api_redelivers_the_range_in_order_with_the_same_ids() {
     let logs = captured_logs();
     let h = Harness::new().await;

@@ -300,3 +300,115 @@ async fn a_journal_of_the_previous_schema_with_one_cursor_resends_nothing_delive
         .unwrap();
     assert_eq!(stats.schema_version, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_name_shared_by_sources_of_both_classes_is_two_streams_each_in_order() {
+    // What check-config cannot see: HTTP ingest takes the stream from the
+    // data, so two sources of different classes may use the same name.
+    let h = Harness::new().await;
+    let mut events = Vec::new();
+    for i in 0..3000 {
+        let mut e = event(Class::Telemetry, "line3/press07".into(), format!("t-{i}"));
+        e.source = "scada".into();
+        events.push(e);
+        if i % 100 == 50 {
+            let mut c = event(Class::Critical, "line3/press07".into(), format!("c-{i}"));
+            c.source = "mes".into();
+            events.push(c);
+        }
+    }
+    fill(&h.state_dir(), events).await;
+    let a = agent::start(&config(&h, &sink(&h, "central", &h.receiver.url(), "")))
+        .await
+        .unwrap();
+    assert!(h.receiver.wait_for(3030, WAIT).await);
+    let got = h.receiver.events();
+    // Order holds per CloudEvents source and subject, as streamsequence counts.
+    let mut last: HashMap<(String, String), u64> = HashMap::new();
+    for e in &got {
+        let key = (e.source.clone(), e.subject.clone().unwrap());
+        let prev = last
+            .insert(key.clone(), e.streamsequence.unwrap())
+            .unwrap_or(0);
+        assert_eq!(e.streamsequence.unwrap(), prev + 1, "{key:?}");
+    }
+    assert_eq!(last.len(), 2);
+    // The critical one overtook the other.
+    let first_critical_done = got
+        .iter()
+        .rposition(|e| e.source.ends_with("/mes"))
+        .unwrap();
+    assert!(
+        first_critical_done < 1100,
+        "critical events came after {first_critical_done}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_one_class_moves_only_that_lane() {
+    use plantrelay::journal::{Reader, RewindTo};
+    let h = Harness::new().await;
+    let state = h.state_dir();
+    fill(&state, backlog(900, 100)).await;
+    {
+        let conn = rusqlite::Connection::open(state.join("journal.db")).unwrap();
+        conn.execute_batch(
+            "INSERT INTO cursors(sink, seq, updated_us) VALUES ('central/critical', 1000, 0);
+             INSERT INTO cursors(sink, seq, updated_us) VALUES ('central/telemetry', 1000, 0);",
+        )
+        .unwrap();
+    }
+    let cfg = config(&h, &sink(&h, "central", &h.receiver.url(), ""));
+    let mut out = Vec::new();
+    plantrelay::cli::replay(
+        &cfg,
+        "central",
+        Some(Class::Critical),
+        RewindTo::Seq(1),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let r = Reader::open(&state.join("journal.db")).unwrap();
+    assert_eq!(r.lane_cursor("central/critical").unwrap(), 0);
+    assert_eq!(r.lane_cursor("central/telemetry").unwrap(), 1000);
+    drop(r);
+    // Started, the agent sends the critical events again, and only them.
+    let a = agent::start(&cfg).await.unwrap();
+    assert!(h.receiver.wait_for(100, WAIT).await);
+    let r = a.journal.reader().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    // The lane's own cursor stops at the last critical event; the sink
+    // counts as at the head once nothing of either class is left.
+    while r.cursor("central").unwrap() < 1000 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+    let got = h.receiver.events();
+    assert_eq!(got.len(), 100);
+    assert!(got.iter().all(is_critical));
+
+    // A sink in journal order has one cursor: no class to replay alone.
+    let cfg = config(
+        &h,
+        &sink(
+            &h,
+            "central",
+            &h.receiver.url(),
+            r#"priority = "journal_order""#,
+        ),
+    );
+    let err = plantrelay::cli::replay(
+        &cfg,
+        "central",
+        Some(Class::Telemetry),
+        RewindTo::Seq(1),
+        &mut out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, 2);
+    assert!(err.message.contains("--class telemetry"), "{}", err.message);
+}

@@ -102,25 +102,33 @@ fn audit(caller: Option<&Caller>, action: &str, object: &str, outcome: &str) {
 struct ReplayBody {
     from_seq: Option<u64>,
     since: Option<String>,
+    class: Option<crate::event::Class>,
 }
 
-const REPLAY_USAGE: &str =
-    r#"expected a JSON body {"from_seq": N} or {"since": "2h" | "2026-11-29T08:00:00Z"}"#;
+const REPLAY_USAGE: &str = r#"expected a JSON body {"from_seq": N} or {"since": "2h" | "2026-11-29T08:00:00Z"}, optionally with "class": "critical" | "telemetry""#;
 
 /// Parses a replay body into the journal's rewind point, or a reason.
 pub(crate) fn parse_replay(body: &[u8]) -> Result<RewindTo, String> {
+    parse_replay_class(body).map(|(to, _)| to)
+}
+
+/// [`parse_replay`] and the class to replay, if the body names one.
+pub(crate) fn parse_replay_class(
+    body: &[u8],
+) -> Result<(RewindTo, Option<crate::event::Class>), String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("empty body: {REPLAY_USAGE}"));
     }
     let b: ReplayBody =
         serde_json::from_slice(body).map_err(|e| format!("invalid body: {e}; {REPLAY_USAGE}"))?;
-    match (b.from_seq, b.since) {
+    let to = match (b.from_seq, b.since) {
         (Some(_), Some(_)) => Err(format!("give from_seq or since, not both; {REPLAY_USAGE}")),
         (None, None) => Err(format!("give from_seq or since; {REPLAY_USAGE}")),
         (Some(0), None) => Err("from_seq must be at least 1".to_string()),
         (Some(seq), None) => Ok(RewindTo::Seq(seq)),
         (None, Some(since)) => parse_since(&since).map(RewindTo::Since),
-    }
+    }?;
+    Ok((to, b.class))
 }
 
 /// An RFC 3339 time (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), in
@@ -153,13 +161,27 @@ pub(crate) async fn replay(
             format!("no sink named '{sink}' (sinks: {})", names.join(", ")),
         ));
     }
-    let to =
-        parse_replay(&body).map_err(|reason| ApiError::new(StatusCode::BAD_REQUEST, reason))?;
-    let object = format!("sink {sink} {}", describe(to));
-    let cursor = view
-        .journal
-        .rewind(&sink, to)
-        .await
+    let (to, class) = parse_replay_class(&body)
+        .map_err(|reason| ApiError::new(StatusCode::BAD_REQUEST, reason))?;
+    if let Some(class) = class
+        && !view.sink_lanes(&sink).contains(&Some(class))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "sink '{sink}' has no {class} lane to replay alone (it sends in journal order, or does not take {class}); replay without \"class\""
+            ),
+        ));
+    }
+    let object = match class {
+        Some(c) => format!("sink {sink} class {c} {}", describe(to)),
+        None => format!("sink {sink} {}", describe(to)),
+    };
+    let rewound = match class {
+        Some(c) => view.journal.rewind_class(&sink, c, to).await,
+        None => view.journal.rewind(&sink, to).await,
+    };
+    let cursor = rewound
         .inspect_err(|e| audit(caller.as_ref(), "replay", &object, &format!("refused: {e}")))?;
     audit(
         caller.as_ref(),

@@ -252,6 +252,16 @@ impl AgentView {
         certs.splice(0..0, now);
     }
 
+    /// The lanes of the sink `name` (see [`crate::config::lanes`]); empty
+    /// for an unknown sink.
+    pub fn sink_lanes(&self, name: &str) -> Vec<Option<crate::event::Class>> {
+        self.sink_lanes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether a sink of this name is configured.
     pub fn has_sink(&self, name: &str) -> bool {
         self.sinks.iter().any(|s| s.name == name)

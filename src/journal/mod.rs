@@ -309,6 +309,7 @@ pub(crate) enum Request {
     },
     Rewind {
         sink: String,
+        class: Option<crate::event::Class>,
         to: RewindTo,
         reply: oneshot::Sender<Result<u64, JournalError>>,
     },
@@ -555,8 +556,32 @@ impl Journal {
     /// Moves `sink`'s cursor back for a replay; returns the new cursor.
     pub async fn rewind(&self, sink: &str, to: RewindTo) -> Result<u64, JournalError> {
         let sink = sink.to_string();
-        self.request(|reply| Request::Rewind { sink, to, reply })
-            .await
+        self.request(|reply| Request::Rewind {
+            sink,
+            class: None,
+            to,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves back only the cursor of `sink`'s lane of `class` (a sink that
+    /// sends critical events first, or takes only that class); returns
+    /// where the sink now stands.
+    pub async fn rewind_class(
+        &self,
+        sink: &str,
+        class: crate::event::Class,
+        to: RewindTo,
+    ) -> Result<u64, JournalError> {
+        let sink = sink.to_string();
+        self.request(|reply| Request::Rewind {
+            sink,
+            class: Some(class),
+            to,
+            reply,
+        })
+        .await
     }
 
     /// Records that `sink`'s upstream rejected `event` for good; returns the

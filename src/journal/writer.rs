@@ -707,7 +707,12 @@ impl WriterState {
                         replies.push(Reply::Advance(reply, Ok(None)));
                     }
                 },
-                Request::Rewind { sink, to, reply } => match self.rewind(&sink, to, &mut undo) {
+                Request::Rewind {
+                    sink,
+                    class,
+                    to,
+                    reply,
+                } => match self.rewind(&sink, class, to, &mut undo) {
                     Ok(r) => {
                         rewound |= r.is_ok();
                         replies.push(Reply::Seq(reply, r));
@@ -1167,6 +1172,7 @@ impl WriterState {
     fn rewind(
         &mut self,
         sink: &str,
+        class: Option<Class>,
         to: RewindTo,
         undo: &mut Undo,
     ) -> Result<Result<u64, JournalError>, Fatal> {
@@ -1195,6 +1201,13 @@ impl WriterState {
             let of_sink = k == sink || super::lane_of_key(k).is_some_and(|(s, _)| s == sink);
             if of_sink && !keys.contains(k) {
                 keys.push(k.clone());
+            }
+        }
+        if let Some(class) = class {
+            let lane = super::cursor_key(sink, Some(class));
+            keys.retain(|k| *k == lane);
+            if keys.is_empty() {
+                keys.push(lane);
             }
         }
         if keys.is_empty() {
