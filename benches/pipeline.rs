@@ -13,8 +13,14 @@
 //! - (c) the same drain with the real `plantrelay run` binary as a separate
 //!   process, from a 100k and a 2M backlog: events/s and its peak RSS
 //!   (VmHWM).
+//! - (d) lanes, in process: a 2M telemetry backlog holding 200 critical
+//!   events, drained with `priority = "critical_first"` and with
+//!   `"journal_order"` (events/s, and the time until the 200 critical
+//!   events are upstream); and a sink with `classes = ["critical"]` that
+//!   wants 20k events of a 2M backlog (time until it has them).
 //!
 //! `PLANTRELAY_BENCH_SCALE=0.05` shrinks every count (for a quick look);
+//! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone;
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
 
 use std::io::Write;
@@ -132,6 +138,17 @@ impl Env {
 
     /// Writes `<name>/plantrelay.toml` (state in `<name>/state`) and loads it.
     fn config(&self, name: &str, url: &str, sync: &str) -> (PathBuf, Config) {
+        self.config_with(name, url, sync, "")
+    }
+
+    /// [`Env::config`] with `sink_extra` lines in the sink's table.
+    fn config_with(
+        &self,
+        name: &str,
+        url: &str,
+        sync: &str,
+        sink_extra: &str,
+    ) -> (PathBuf, Config) {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).expect("dir");
         let text = format!(
@@ -155,6 +172,7 @@ ca_file = "{ca}"
 ca_only = true
 compression = "gzip"
 batch_max_events = 1000
+{sink_extra}
 "#,
             state = dir.join("state").display(),
             ca = self.paths.ca.display(),
@@ -415,6 +433,95 @@ async fn drain_in_process(env: &Env, count: u64, tck: f64) -> Drain {
 }
 
 // ---------------------------------------------------------------------------
+// (d) lanes
+
+/// Fills the journal of `config` with `count` telemetry events over
+/// `STREAMS` machine streams, every `every`-th one a critical MES event.
+async fn fill_lanes(config: &Config, count: u64, every: u64) {
+    let mut opts = agent::journal_options(config);
+    opts.sync = SyncMode::Normal;
+    let j = tokio::task::spawn_blocking(move || Journal::open(opts))
+        .await
+        .expect("open task")
+        .expect("open journal");
+    let mut i = 0;
+    while i < count {
+        let k = FILL_BATCH.min(count - i);
+        let evs: Vec<_> = (i..i + k)
+            .map(|x| {
+                let mut e = new_event("lane", x);
+                if x % every == every / 2 {
+                    e.stream = format!("mes/line{}", x % 3);
+                } else {
+                    e.class = Class::Telemetry;
+                    e.stream = format!("machines/m{}", x % STREAMS);
+                }
+                e
+            })
+            .collect();
+        j.append(evs).await.expect("append");
+        i += k;
+    }
+    j.close().await;
+}
+
+struct LaneDrain {
+    events: u64,
+    /// Seconds from `agent::start` until every critical event was upstream.
+    critical_s: Option<f64>,
+    rate: f64,
+    complete: bool,
+    ordered: bool,
+}
+
+/// Critical events the receiver has.
+fn critical_received(r: &Receiver) -> usize {
+    r.count_events(|e| e.subject.as_deref().is_some_and(|s| s.starts_with("mes/")))
+}
+
+async fn drain_lanes(env: &Env, name: &str, count: u64, every: u64, extra: &str) -> LaneDrain {
+    let receiver = env.receiver().await;
+    let (_, config) = env.config_with(name, &receiver.url(), "full", extra);
+    fill_lanes(&config, count, every).await;
+    let critical = (count / every) as usize;
+    let wants_all = !extra.contains("classes");
+    let want = if wants_all { count } else { critical as u64 };
+    let start = Instant::now();
+    let a = agent::start(&config).await.expect("agent start");
+    let mut critical_s = None;
+    let deadline = start + wait_limit(count);
+    while Instant::now() < deadline {
+        if critical_received(&receiver) >= critical {
+            critical_s = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        // Counting walks what arrived: often at first, rarely once much has.
+        let pause = if receiver.stats().unique_ids < 50_000 {
+            2
+        } else {
+            100
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let ok = receiver
+        .wait_until(deadline.saturating_duration_since(Instant::now()), |s| {
+            s.unique_ids >= want
+        })
+        .await;
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let s = receiver.stats();
+    a.shutdown().await;
+    let v = receiver.verdict();
+    LaneDrain {
+        events: want,
+        critical_s,
+        rate: s.unique_ids as f64 / elapsed_s,
+        complete: ok,
+        ordered: v.out_of_order == 0 && v.missing == 0,
+    }
+}
+
+// ---------------------------------------------------------------------------
 // (c) drain by the binary, peak RSS
 
 /// The child is killed if the bench panics with it still running.
@@ -662,6 +769,86 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+struct Lanes {
+    first: LaneDrain,
+    order: LaneDrain,
+    subset: LaneDrain,
+}
+
+async fn run_lanes(env: &Env) -> Lanes {
+    let every = n(10_000).max(1);
+    Lanes {
+        first: drain_lanes(env, "lanes-first", n(2_000_000), every, "").await,
+        order: drain_lanes(
+            env,
+            "lanes-order",
+            n(2_000_000),
+            every,
+            r#"priority = "journal_order""#,
+        )
+        .await,
+        subset: drain_lanes(
+            env,
+            "lanes-subset",
+            n(2_000_000),
+            100,
+            r#"classes = ["critical"]"#,
+        )
+        .await,
+    }
+}
+
+/// The table rows of (d).
+fn print_lanes(lanes: &Lanes) {
+    let (lanes_first, lanes_order, lanes_subset) = (&lanes.first, &lanes.order, &lanes.subset);
+    for (label, d) in [
+        ("critical_first", lanes_first),
+        ("journal_order", lanes_order),
+    ] {
+        println!(
+            "| drain with priority = \"{label}\", in process, 1 critical in 10k | {} | {} | ≥ 100k events/s | {} |",
+            count_label(d.events),
+            drain_rate(d.rate, d.complete, d.events, d.events as f64 / d.rate),
+            at_least(d.rate, DRAIN_TARGET)
+        );
+        println!(
+            "| time until the critical events of that backlog are upstream ({label}) | {} | {} | {} | {} |",
+            d.events / n(10_000).max(1),
+            d.critical_s.map_or("never".into(), |s| format!("{s:.2} s")),
+            if label == "critical_first" {
+                "≤ 1 s"
+            } else {
+                "(for comparison)"
+            },
+            match (label, d.critical_s) {
+                ("critical_first", Some(s)) => at_most(s, 1.0),
+                ("critical_first", None) => "**miss**".to_string(),
+                _ => String::new(),
+            }
+        );
+    }
+    println!(
+        "| a sink with classes = [\"critical\"] wanting 1 % of a {} backlog | {} | {} | ≤ 2 s | {} |",
+        count_label(n(2_000_000)),
+        count_label(lanes_subset.events),
+        lanes_subset
+            .critical_s
+            .map_or("never".into(), |s| format!("{s:.2} s")),
+        lanes_subset
+            .critical_s
+            .map_or("**miss**".into(), |s| at_most(s, 2.0))
+    );
+    for (label, d) in [
+        ("critical_first", lanes_first),
+        ("journal_order", lanes_order),
+        ("classes = [critical]", lanes_subset),
+    ] {
+        if !d.ordered {
+            println!("lanes, {label}: NOT in order per stream or with holes");
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let tck = clk_tck();
@@ -676,6 +863,15 @@ async fn main() {
     let _ = std::io::stdout().flush();
 
     let env = Env::new();
+    if std::env::var("PLANTRELAY_BENCH_ONLY").as_deref() == Ok("lanes") {
+        // (d) alone.
+        let lanes = run_lanes(&env).await;
+        println!();
+        println!("| measure | events | figure | target | result |");
+        println!("|---|---:|---:|---|---|");
+        print_lanes(&lanes);
+        return;
+    }
     let bin = agent_binary();
     let run_start = Instant::now();
 
@@ -684,7 +880,7 @@ async fn main() {
     let drain = drain_in_process(&env, n(1_000_000), tck).await;
     let small = drain_binary(&env, &bin, n(100_000), "small", tck).await;
     let large = drain_binary(&env, &bin, n(2_000_000), "large", tck).await;
-
+    let lanes = run_lanes(&env).await;
     println!();
     println!("| measure | events | figure | target | result |");
     println!("|---|---:|---:|---|---|");
@@ -723,6 +919,7 @@ async fn main() {
             at_most(mib(d.hwm_kib), RSS_TARGET_MIB)
         );
     }
+    print_lanes(&lanes);
     let spread = mib(large.hwm_kib) / mib(small.hwm_kib).max(f64::MIN_POSITIVE) - 1.0;
     println!(
         "| peak RSS, {} vs {} backlog | | {:+.0}% | within ±10% | {} |",

@@ -186,3 +186,89 @@ async fn sigkill_during_ingest_and_forwarding_loses_nothing_acknowledged() {
         v.duplicates
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_lane_drain_loses_nothing_and_keeps_every_stream_in_order() {
+    use plantrelay::event::{Class, NewEvent};
+    let h = Harness::new().await;
+    h.receiver.set_latency(Duration::from_millis(5));
+    // An outage's backlog: telemetry over 10 machine streams, critical MES
+    // events among it.
+    let state = h.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    {
+        let mut o = plantrelay::journal::JournalOptions::new(state.join("journal.db"));
+        o.commit_window = Duration::ZERO;
+        let j = plantrelay::journal::Journal::open(o).unwrap();
+        let events: Vec<NewEvent> = (0..30_000)
+            .map(|i| {
+                let critical = i % 100 == 50;
+                NewEvent {
+                    source: "gw".into(),
+                    id: format!("b-{i}"),
+                    stream: if critical {
+                        format!("mes/line{}", i % 3)
+                    } else {
+                        format!("machines/m{}", i % 10)
+                    },
+                    class: if critical {
+                        Class::Critical
+                    } else {
+                        Class::Telemetry
+                    },
+                    event_type: "t".into(),
+                    source_time: None,
+                    data: b"{}".to_vec(),
+                    attrs: None,
+                }
+            })
+            .collect();
+        for chunk in events.chunks(5000) {
+            j.append(chunk.to_vec()).await.unwrap();
+        }
+        j.close().await;
+    }
+    let port = free_port();
+    let text = h
+        .config_text(
+            &format!("127.0.0.1:{port}"),
+            &h.receiver.url(),
+            "batch_max_events = 250\nbatch_linger = \"0s\"",
+            "",
+        )
+        .replace("sync = \"normal\"", "sync = \"full\"");
+    let config = h.write_config(&text);
+    let mut rng = rand::rng();
+    for _ in 0..8 {
+        let mut child = spawn(&config);
+        wait_listening(port).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut child = spawn(&config);
+    let delivered = h
+        .receiver
+        .wait_until(Duration::from_secs(120), |s| s.unique_ids >= 30_000)
+        .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(delivered, "{:?}", h.receiver.stats());
+    let v = h.receiver.verdict();
+    assert_eq!(
+        v.out_of_order, 0,
+        "per stream, in order across kills: {v:?}"
+    );
+    assert_eq!(v.missing, 0, "{v:?}");
+    // The critical events went first: all of them before most telemetry.
+    let events = h.receiver.events();
+    let last_critical = events
+        .iter()
+        .rposition(|e| e.subject.as_deref().is_some_and(|s| s.starts_with("mes/")))
+        .unwrap();
+    assert!(
+        last_critical < events.len() / 2,
+        "critical events at the end of the drain: {last_critical} of {}",
+        events.len()
+    );
+}

@@ -412,3 +412,156 @@ async fn a_replay_of_one_class_moves_only_that_lane() {
     assert_eq!(err.code, 2);
     assert!(err.message.contains("--class telemetry"), "{}", err.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_reach_each_sink_as_gap_events_of_its_own_classes_only() {
+    let h = Harness::new().await;
+    let erp = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
+    let sinks = [
+        sink(&h, "erp", &erp.url(), r#"classes = ["critical"]"#),
+        sink(&h, "hub", &h.receiver.url(), r#"classes = ["telemetry"]"#),
+    ]
+    .concat();
+    let cfg = config(&h, &sinks);
+    let mut opts = agent::journal_options(&cfg);
+    opts.max_size = 16 << 20;
+    opts.when_full = plantrelay::journal::WhenFull::DropOldest;
+    opts.commit_window = Duration::ZERO;
+    std::fs::create_dir_all(h.state_dir()).unwrap();
+    let j = Journal::open(opts).unwrap();
+    let payload = format!("\"{}\"", "x".repeat(900)).into_bytes();
+    let (mut telemetry, mut critical) = (0u64, 0u64);
+    for round in 0..50 {
+        let mut batch = Vec::new();
+        for i in 0..500 {
+            let class = if i % 10 == 0 {
+                Class::Critical
+            } else {
+                Class::Telemetry
+            };
+            let (stream, n) = match class {
+                Class::Critical => (format!("mes/line{}", i % 3), &mut critical),
+                Class::Telemetry => (format!("machines/m{}", i % 4), &mut telemetry),
+            };
+            *n += 1;
+            let mut e = event(class, stream, format!("{round}-{i}"));
+            e.data = payload.clone();
+            batch.push(e);
+        }
+        j.append(batch).await.unwrap();
+    }
+    let evicted_t = j
+        .stats()
+        .evicted_telemetry
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let evicted_c = j
+        .stats()
+        .evicted_critical
+        .load(std::sync::atomic::Ordering::Relaxed);
+    j.close().await;
+    drop(j);
+    assert!(evicted_t > 0, "the journal had to evict");
+    assert_eq!(evicted_c, 0, "telemetry goes first");
+
+    let a = agent::start(&cfg).await.unwrap();
+    assert!(erp.wait_for(critical as usize, WAIT).await);
+    let r = a.journal.reader().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while r.cursor("hub").unwrap()
+        < a.journal
+            .stats()
+            .head_seq
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hub's backlog drains"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+
+    let erp_events = erp.events();
+    assert_eq!(
+        erp_events.len() as u64,
+        critical,
+        "every critical event, once"
+    );
+    assert!(
+        erp_events.iter().all(|e| e.event_type != "plantrelay.gap"),
+        "no gap for events ERP never takes"
+    );
+    let v = h.receiver.verdict();
+    assert!(v.gaps > 0);
+    assert_eq!(v.out_of_order, 0, "{v:?}");
+    assert_eq!(
+        v.missing, 0,
+        "every hole is announced by a gap event: {v:?}"
+    );
+    let hub = h.receiver.events();
+    assert!(
+        hub.iter().all(|e| !is_critical(e)),
+        "the hub gets only telemetry"
+    );
+    let announced: u64 = hub
+        .iter()
+        .filter(|e| e.event_type == "plantrelay.gap" && !e.duplicate)
+        .map(|e| e.data["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(announced, evicted_t, "every eviction is announced once");
+    let delivered = hub
+        .iter()
+        .filter(|e| e.event_type != "plantrelay.gap" && !e.duplicate)
+        .count() as u64;
+    assert_eq!(delivered + evicted_t, telemetry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_with_stream_filters_gets_exactly_its_streams_in_order() {
+    let h = Harness::new().await;
+    let other = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
+    fill(&h.state_dir(), backlog(20_000, 100)).await;
+    let sinks = [
+        sink(
+            &h,
+            "m3",
+            &h.receiver.url(),
+            r#"streams = ["machines/m3", "mes/line1"]"#,
+        ),
+        sink(&h, "all", &other.url(), ""),
+    ]
+    .concat();
+    let a = agent::start(&config(&h, &sinks)).await.unwrap();
+    assert!(other.wait_for(20_100, WAIT).await);
+    let r = a.journal.reader().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while r.cursor("m3").unwrap() < 20_100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filtered sink's cursor reaches the head"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+    let got = h.receiver.events();
+    let streams: std::collections::BTreeSet<String> =
+        got.iter().map(|e| e.subject.clone().unwrap()).collect();
+    assert_eq!(
+        streams.into_iter().collect::<Vec<_>>(),
+        vec!["machines/m3".to_string(), "mes/line1".to_string()]
+    );
+    assert_eq!(
+        got.iter()
+            .filter(|e| e.subject.as_deref() == Some("machines/m3"))
+            .count(),
+        2000
+    );
+    assert_eq!(
+        got.iter()
+            .filter(|e| e.subject.as_deref() == Some("mes/line1"))
+            .count(),
+        33
+    );
+    assert_eq!(got.iter().filter(|e| e.duplicate).count(), 0);
+    assert_per_stream_order(&got);
+}

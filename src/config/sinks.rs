@@ -96,6 +96,12 @@ pub struct HttpsSinkConfig {
     /// it takes. Default: both.
     #[serde(default = "all_classes")]
     pub classes: Vec<Class>,
+    /// Streams this sink takes: MQTT-style filters over the stream name
+    /// (`+` one level, `#` the rest), e.g. `["mes/#", "line3/+"]`; with
+    /// `classes`, a sink takes the events that match both. Default: every
+    /// stream.
+    #[serde(default)]
+    pub streams: Vec<String>,
     /// `"critical_first"`: critical events go ahead of any telemetry
     /// backlog (one cursor per class; per stream, order always holds);
     /// `"journal_order"`: everything in arrival order. Default:
@@ -182,6 +188,12 @@ pub struct MqttSinkConfig {
     /// it takes. Default: both.
     #[serde(default = "all_classes")]
     pub classes: Vec<Class>,
+    /// Streams this sink takes: MQTT-style filters over the stream name
+    /// (`+` one level, `#` the rest), e.g. `["mes/#", "line3/+"]`; with
+    /// `classes`, a sink takes the events that match both. Default: every
+    /// stream.
+    #[serde(default)]
+    pub streams: Vec<String>,
     /// `"critical_first"`: critical events go ahead of any telemetry
     /// backlog (one cursor per class; per stream, order always holds);
     /// `"journal_order"`: everything in arrival order. Default:
@@ -245,6 +257,12 @@ pub struct JetStreamSinkConfig {
     /// it takes. Default: both.
     #[serde(default = "all_classes")]
     pub classes: Vec<Class>,
+    /// Streams this sink takes: MQTT-style filters over the stream name
+    /// (`+` one level, `#` the rest), e.g. `["mes/#", "line3/+"]`; with
+    /// `classes`, a sink takes the events that match both. Default: every
+    /// stream.
+    #[serde(default)]
+    pub streams: Vec<String>,
     /// `"critical_first"`: critical events go ahead of any telemetry
     /// backlog (one cursor per class; per stream, order always holds);
     /// `"journal_order"`: everything in arrival order. Default:

@@ -623,6 +623,15 @@ fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
     }
 }
 
+/// `streams` holds valid MQTT-style filters.
+fn stream_filters(issues: &mut Issues<'_>, p: &str, streams: &[String]) {
+    for f in streams {
+        if let Err(e) = crate::route::check_filter(f) {
+            issues.push(format!("{p}.streams"), e);
+        }
+    }
+}
+
 /// `classes` names each class at most once, and at least one.
 fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
     if classes.is_empty() {
@@ -640,6 +649,7 @@ fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
 
 fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
     classes(issues, p, &s.classes);
+    stream_filters(issues, p, &s.streams);
     let schemes: &[&str] = if s.allow_plain_http {
         &["https", "http"]
     } else {
@@ -677,6 +687,7 @@ fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
 
 fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
     classes(issues, p, &s.classes);
+    stream_filters(issues, p, &s.streams);
     issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
     mqtt_tls_needs_mqtts(
         issues,
@@ -724,6 +735,7 @@ fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
 
 fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
     classes(issues, p, &s.classes);
+    stream_filters(issues, p, &s.streams);
     issues.url(&format!("{p}.url"), &s.url, &["nats", "tls"], "");
     let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
     let allowed = "`{agent}`, `{source}` or `{stream}`";
@@ -1464,6 +1476,54 @@ pub fn risky_settings(config: &Config) -> Vec<RiskWarning> {
             );
         }
     }
+    // Stream filters that match nothing the sources can produce, when
+    // every source's streams can be foreseen (HTTP ingest and Sparkplug B
+    // take them from the data).
+    let foreseeable = config.sources.http.is_empty()
+        && config
+            .sources
+            .mqtt
+            .iter()
+            .all(|s| s.format != super::sources::MqttFormat::SparkplugB);
+    if foreseeable {
+        let streams = foreseeable_streams(&config.sources);
+        let sinks = &config.sinks;
+        let routes = (sinks.https.iter().enumerate())
+            .map(|(i, s)| (format!("sinks.https[{i}].streams"), &s.streams))
+            .chain(
+                (sinks.mqtt.iter().enumerate())
+                    .map(|(i, s)| (format!("sinks.mqtt[{i}].streams"), &s.streams)),
+            )
+            .chain(
+                (sinks.jetstream.iter().enumerate())
+                    .map(|(i, s)| (format!("sinks.jetstream[{i}].streams"), &s.streams)),
+            );
+        for (path, filters) in routes {
+            for f in filters {
+                let levels: Vec<Level> = f
+                    .split('/')
+                    .map(|l| match l {
+                        "+" => Level::Any,
+                        "#" => Level::Rest,
+                        l => Level::Exact(l.to_string()),
+                    })
+                    .collect();
+                if !streams.iter().any(|(_, _, s)| overlap(s, &levels)) {
+                    warn(
+                        path.clone(),
+                        format!(
+                            "\"{f}\" matches none of the streams the sources can produce ({}): nothing reaches this sink through it",
+                            streams
+                                .iter()
+                                .map(|(_, _, s)| show(s))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
     out
 }
 
@@ -1508,5 +1568,24 @@ url = "https://ingest.example.com/v1/events"
             "[[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:8081\"\n[health]\nlisten = \"127.0.0.1:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"\nallow_unauthenticated = true\nadmin_token_file = \"a\"\n",
         );
         assert_eq!(keys(&c), ["health.allow_unauthenticated"]);
+    }
+
+    #[test]
+    fn a_stream_filter_matching_no_foreseeable_stream_is_named() {
+        let opcua = "[[sources.opcua]]\nname = \"p\"\nendpoint = \"opc.tcp://h:4840\"\n[[sources.opcua.nodes]]\nnode_id = \"ns=2;i=1\"\nstream = \"line3/press07\"\n";
+        let c = config(&format!("streams = [\"line9/#\", \"line3/+\"]\n{opcua}"));
+        let w = risky_settings(&c);
+        assert_eq!(keys(&c), ["sinks.https[0].streams"]);
+        assert!(
+            w[0].message.contains("\"line9/#\" matches none"),
+            "{}",
+            w[0].message
+        );
+        assert!(w[0].message.contains("line3/press07"), "{}", w[0].message);
+        // With HTTP ingest, streams come from the data: nothing to say.
+        let c = config(&format!(
+            "streams = [\"line9/#\"]\n{opcua}[[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:8081\"\n"
+        ));
+        assert!(keys(&c).is_empty());
     }
 }

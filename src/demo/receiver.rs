@@ -1057,6 +1057,15 @@ impl Receiver {
         lock(&self.shared.recording).events.clone()
     }
 
+    /// How many accepted events match `f`, without copying them.
+    pub fn count_events(&self, f: impl Fn(&ReceivedEvent) -> bool) -> usize {
+        lock(&self.shared.recording)
+            .events
+            .iter()
+            .filter(|e| f(e))
+            .count()
+    }
+
     /// `(source, id)` of every accepted event, in arrival order.
     pub fn ids(&self) -> Vec<(String, String)> {
         lock(&self.shared.recording)

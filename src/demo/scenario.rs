@@ -343,8 +343,12 @@ retry_max = "2s"
     super::machines::wait_until_stored(&agent.view.sources, &fleet_counters).await;
     // Drain: wait until the agent has delivered everything it acknowledged.
     let drain_deadline = Instant::now() + Duration::from_secs(60);
+    // The press keeps sending data changes until the end: what it sent
+    // after the head the drain reached is not yet due upstream.
+    let mut drained_head;
     loop {
         let head = agent.journal.stats().head_seq.load(Ordering::Relaxed);
+        drained_head = head;
         let cursor = agent
             .view
             .sinks
@@ -370,7 +374,7 @@ retry_max = "2s"
     let mes_acked = acked.len();
     acked.extend(fleet_counters.acked_ids());
     // Every OPC UA data change the agent journaled must be delivered too.
-    let press_ids = journaled_ids(&agent.journal, "press");
+    let press_ids = journaled_ids(&agent.journal, "press", drained_head);
     let press_changes = press_ids.len();
     acked.extend(press_ids);
     let lost = acked.iter().filter(|id| !received.contains(*id)).count() as u64;
@@ -518,7 +522,8 @@ fn opcua_events(sources: &[Arc<crate::status::SourceStatus>]) -> u64 {
 }
 
 /// The ids of every event `source` stored in the journal.
-fn journaled_ids(journal: &crate::journal::Journal, source: &str) -> Vec<String> {
+/// Ids of `source`'s events journaled at or before seq `through`.
+fn journaled_ids(journal: &crate::journal::Journal, source: &str, through: u64) -> Vec<String> {
     let Ok(reader) = journal.reader() else {
         return Vec::new();
     };
@@ -526,7 +531,7 @@ fn journaled_ids(journal: &crate::journal::Journal, source: &str) -> Vec<String>
         .events_from(0, 10_000_000)
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| e.source == source)
+        .filter(|e| e.source == source && e.seq <= through)
         .map(|e| e.id)
         .collect()
 }

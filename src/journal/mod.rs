@@ -111,7 +111,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-pub use reader::{ClassPosition, DeadLetter, GapRecord, JournalStats, Reader, SinkPosition};
+pub use reader::{
+    ClassPosition, DeadLetter, GapRecord, JournalStats, Reader, Routed, SinkPosition,
+};
 pub use schema::SCHEMA_VERSION;
 
 use crate::event::{NewEvent, StoredEvent};

@@ -76,6 +76,14 @@ pub struct SinkPosition {
     pub classes: Vec<ClassPosition>,
 }
 
+/// What [`Reader::read_routed`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Routed {
+    pub events: Vec<StoredEvent>,
+    pub through: u64,
+    pub more: bool,
+}
+
 /// A sink's position in one class.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClassPosition {
@@ -215,6 +223,80 @@ impl Reader {
             out.push(ev);
         }
         Ok(out)
+    }
+
+    /// [`Reader::read_after`] for a sink with stream filters: the events
+    /// after `after` that `filter` takes, looking at no more than
+    /// `scan_limit` rows (a sink that wants 1 % of a backlog must not be
+    /// held up for the other 99 % in one read). `through` is the last seq
+    /// looked at: every row in `(after, through]` not returned is one the
+    /// sink does not take. `more`: the scan stopped at its limit, not at
+    /// the end of the journal.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_routed(
+        &self,
+        after: u64,
+        sink: &str,
+        lane: Option<Class>,
+        filter: &crate::route::StreamFilter,
+        max_events: usize,
+        max_bytes: usize,
+        scan_limit: usize,
+    ) -> Result<Routed, JournalError> {
+        if filter.is_all() {
+            let events = self.read_after(after, sink, lane, max_events, max_bytes)?;
+            let through = events.last().map_or(after, |e| e.seq);
+            return Ok(Routed {
+                events,
+                through,
+                more: false,
+            });
+        }
+        let class = match lane {
+            None => "",
+            Some(Class::Critical) => "class = 0 AND",
+            Some(Class::Telemetry) => "class = 1 AND",
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE {class} seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
+             ORDER BY seq LIMIT ?3"
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut rows = st
+            .query(params![after as i64, sink, scan_limit.max(1) as i64])
+            .map_err(|e| self.err(e))?;
+        let (mut events, mut bytes, mut through, mut scanned) = (Vec::new(), 0usize, after, 0usize);
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            scanned += 1;
+            let seq = row.get::<_, i64>(0).map_err(|e| self.err(e))?.max(0) as u64;
+            let stream: String = row.get(3).map_err(|e| self.err(e))?;
+            if filter.matches(&stream) {
+                let ev = event_from_row(row).map_err(|e| self.err(e))?;
+                bytes += ev.size();
+                if bytes > max_bytes && !events.is_empty() {
+                    return Ok(Routed {
+                        events,
+                        through,
+                        more: true,
+                    });
+                }
+                events.push(ev);
+            }
+            through = seq;
+            if events.len() >= max_events {
+                return Ok(Routed {
+                    events,
+                    through,
+                    more: true,
+                });
+            }
+        }
+        Ok(Routed {
+            events,
+            through,
+            more: scanned >= scan_limit.max(1),
+        })
     }
 
     fn cursor_rows(&self, sink: &str) -> Result<Vec<(String, u64)>, JournalError> {

@@ -198,6 +198,11 @@ impl Plan {
         self.pending.pop_front();
     }
 
+    /// Steps left, the front one included.
+    pub fn remaining(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Keeps only the first `n` events (the rate limiter let no more go).
     /// Before anything of the plan was sent.
     pub fn truncate(&mut self, n: usize) {
@@ -300,6 +305,8 @@ pub struct ForwarderSettings {
     /// One cursor each, in priority order: `[None]` for one lane over every
     /// class in journal order (see [`crate::config::lanes`]).
     pub lanes: Vec<Option<crate::event::Class>>,
+    /// The streams it takes (`streams`).
+    pub streams: crate::route::StreamFilter,
 }
 
 /// What the driver sees when it asks [`Core::next`].
@@ -379,6 +386,14 @@ pub enum Advanced {
     Failed,
 }
 
+/// Rows passed over (not for this sink) after which the cursor moves over
+/// them on its own, without a delivery.
+pub const SKIP_ADVANCE_ROWS: u64 = 10_000;
+
+/// How often at most the cursor moves over passed-over rows on its own
+/// when fewer than [`SKIP_ADVANCE_ROWS`] have gathered.
+pub const SKIP_ADVANCE_EVERY: Duration = Duration::from_secs(5);
+
 /// Pause after the journal refused a cursor move or a dead letter, so that
 /// a journal in trouble (disk full) is not hammered, nor the upstream with
 /// the batch sent again.
@@ -388,6 +403,8 @@ pub const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 struct Batch {
     plan: Plan,
     evictions_at_read: u64,
+    /// The last seq the read looked at (see [`crate::journal::Reader::read_routed`]).
+    through: u64,
     /// The linger rule was applied (or waived at shutdown).
     judged: bool,
     /// The rate limiter let it go.
@@ -428,6 +445,11 @@ pub struct Core {
     pause: Option<Duration>,
     /// The upstream's last refusal, the reason a dead letter records.
     reason: String,
+    /// Where the next read starts when it is past the cursor: the rows up
+    /// to here were read and none is for this sink (stream filters).
+    read_from: u64,
+    /// When the cursor last moved over rows the sink does not take.
+    last_skip: Option<Instant>,
 }
 
 impl Core {
@@ -442,6 +464,22 @@ impl Core {
             asked: None,
             pause: None,
             reason: String::new(),
+            read_from: cursor,
+            last_skip: None,
+        }
+    }
+
+    /// The seq the next read starts after.
+    fn read_pos(&self) -> u64 {
+        self.cursor.max(self.read_from)
+    }
+
+    /// Where the read after the batch in hand starts once it is all
+    /// delivered (for reading ahead), if there is a batch in hand.
+    pub fn after_batch(&self) -> Option<u64> {
+        match &self.hand {
+            Hand::Batch(b) => b.plan.events().last().map(|e| e.seq.max(b.through)),
+            _ => None,
         }
     }
 
@@ -479,12 +517,18 @@ impl Core {
             return Action::Sleep(d);
         }
         let batch = match &mut self.hand {
-            Hand::Nothing => return Action::Read { after: self.cursor },
+            Hand::Nothing => {
+                return Action::Read {
+                    after: self.read_pos(),
+                };
+            }
             Hand::Empty { from_ahead: true } => {
                 // Read before commits the driver has since seen: read
                 // again rather than wait for the next one.
                 self.hand = Hand::Nothing;
-                return Action::Read { after: self.cursor };
+                return Action::Read {
+                    after: self.read_pos(),
+                };
             }
             Hand::Empty { from_ahead: false } => return Action::WaitForCommit,
             Hand::Batch(b) => b,
@@ -508,7 +552,12 @@ impl Core {
             match self.limiter.take(batch.plan.events().len(), now.at) {
                 Ok(n) => {
                     batch.admitted = true;
-                    batch.plan.truncate(n);
+                    if n < batch.plan.events().len() {
+                        batch.plan.truncate(n);
+                        // What was cut off is this sink's: the cursor must
+                        // not pass it with this batch.
+                        batch.through = batch.plan.events().last().map_or(self.cursor, |e| e.seq);
+                    }
                 }
                 Err(wait) => return Action::Sleep(wait),
             }
@@ -516,7 +565,9 @@ impl Core {
         match batch.plan.next() {
             Step::Done => {
                 self.hand = Hand::Nothing;
-                Action::Read { after: self.cursor }
+                Action::Read {
+                    after: self.read_pos(),
+                }
             }
             Step::DeadLetter(index) => Action::DeadLetter {
                 index,
@@ -531,7 +582,9 @@ impl Core {
                     // Read again so the gap events go out in place of what
                     // was evicted meanwhile.
                     self.hand = Hand::Nothing;
-                    return Action::Read { after: self.cursor };
+                    return Action::Read {
+                        after: self.read_pos(),
+                    };
                 }
                 Action::Send { range: a..b }
             }
@@ -542,16 +595,64 @@ impl Core {
     /// read-ahead batch), read when the eviction counter was
     /// `evictions_at_read`.
     pub fn on_read(&mut self, events: Vec<StoredEvent>, evictions_at_read: u64, from_ahead: bool) {
-        self.hand = if events.is_empty() {
-            Hand::Empty { from_ahead }
-        } else {
-            Hand::Batch(Batch {
+        let through = events.last().map_or(self.read_pos(), |e| e.seq);
+        self.on_read_routed(
+            events,
+            through,
+            false,
+            evictions_at_read,
+            from_ahead,
+            Instant::now(),
+        );
+    }
+
+    /// [`Core::on_read`] for a read through stream filters: it looked at
+    /// the rows up to `through` (those not in `events` are not for this
+    /// sink), and `more` rows may follow at once. Rows passed over move the
+    /// cursor with the next delivery, or on their own once
+    /// [`SKIP_ADVANCE_ROWS`] have gathered or [`SKIP_ADVANCE_EVERY`] has
+    /// passed (a cursor write is flash wear: not one per read).
+    pub fn on_read_routed(
+        &mut self,
+        events: Vec<StoredEvent>,
+        through: u64,
+        more: bool,
+        evictions_at_read: u64,
+        from_ahead: bool,
+        now: Instant,
+    ) {
+        let through = through.max(self.read_pos());
+        if !events.is_empty() {
+            self.hand = Hand::Batch(Batch {
                 plan: Plan::new(events),
                 evictions_at_read,
+                through,
                 judged: false,
                 admitted: false,
-            })
+            });
+            return;
+        }
+        self.read_from = through;
+        self.hand = if more {
+            Hand::Nothing
+        } else {
+            Hand::Empty { from_ahead }
         };
+        let behind = self.read_from.saturating_sub(self.cursor);
+        let due = self
+            .last_skip
+            .is_none_or(|t| now.saturating_duration_since(t) >= SKIP_ADVANCE_EVERY);
+        if behind > 0 && (behind >= SKIP_ADVANCE_ROWS || due) {
+            self.last_skip = Some(now);
+            self.pending = Some(Pending {
+                to: self.read_from,
+                events: 0,
+                pop: false,
+                dead_letter: false,
+                success: false,
+                then_pause: None,
+            });
+        }
     }
 
     /// The read failed: try again after a backoff.
@@ -578,6 +679,7 @@ impl Core {
     /// A replay moved the cursor: drop what is in hand and read from there.
     pub fn on_rewind(&mut self, cursor: u64) {
         self.cursor = cursor;
+        self.read_from = cursor;
         self.hand = Hand::Nothing;
         self.pending = None;
         self.asked = None;
@@ -607,8 +709,16 @@ impl Core {
             } => (acked.min(len), Some((None, index, reason))),
         };
         let Some((retry, index, reason)) = failure.filter(|_| acked < len) else {
+            // The last part of the batch: the rows the read passed over
+            // after it are not this sink's, and the cursor moves past them.
+            let last_part = batch.plan.remaining() == 1 && b == batch.plan.events().len();
+            let to = if last_part {
+                seq_at(b - 1).max(batch.through)
+            } else {
+                seq_at(b - 1)
+            };
             self.pending = Some(Pending {
-                to: seq_at(b - 1),
+                to,
                 events: len,
                 pop: true,
                 dead_letter: false,
@@ -868,6 +978,7 @@ mod tests {
                 max: Duration::from_secs(1),
             },
             lanes: vec![None],
+            streams: crate::route::StreamFilter::all(),
         }
     }
 
@@ -1249,5 +1360,59 @@ mod tests {
         assert_eq!(core.next(&now), Action::Read { after: 10 });
         core.on_read((11..=100).map(ev).collect(), 0, false);
         assert!(matches!(core.next(&now), Action::Sleep(_)), "bucket empty");
+    }
+
+    #[test]
+    fn rows_passed_over_move_the_cursor_only_in_bulk_or_now_and_then() {
+        let t0 = Instant::now();
+        let mut core = Core::new(settings(100), 0, t0);
+        let now = Now {
+            at: t0,
+            unix_us: 0,
+            evictions: 0,
+        };
+        assert_eq!(core.next(&now), Action::Read { after: 0 });
+        // A read that passed over 20,000 rows of other streams.
+        core.on_read_routed(Vec::new(), 20_000, true, 0, false, t0);
+        assert_eq!(
+            core.next(&now),
+            Action::Advance {
+                from: 0,
+                to: 20_000,
+                evictions_at_read: 0
+            }
+        );
+        core.on_advanced(Ok(Some(20_000)));
+        assert_eq!(core.next(&now), Action::Read { after: 20_000 });
+        // A few more, just after: no cursor write, but the next read starts
+        // after them.
+        core.on_read_routed(Vec::new(), 20_100, false, 0, false, t0);
+        assert_eq!(core.next(&now), Action::WaitForCommit);
+        core.on_woken();
+        assert_eq!(core.next(&now), Action::Read { after: 20_100 });
+        // Later, the few move it too.
+        let later = t0 + SKIP_ADVANCE_EVERY;
+        core.on_read_routed(Vec::new(), 20_200, false, 0, false, later);
+        assert!(matches!(
+            core.next(&now),
+            Action::Advance { to: 20_200, .. }
+        ));
+    }
+
+    #[test]
+    fn a_delivered_batch_moves_the_cursor_over_the_rows_its_read_passed_over() {
+        let t0 = Instant::now();
+        let mut core = Core::new(settings(100), 0, t0);
+        let now = Now {
+            at: t0,
+            unix_us: 0,
+            evictions: 0,
+        };
+        core.next(&now);
+        core.on_read_routed(vec![ev(7), ev(9)], 500, false, 0, false, t0);
+        assert_eq!(core.after_batch(), Some(500));
+        assert_eq!(core.next(&now), Action::Send { range: 0..2 });
+        core.on_sent(SendOutcome::Ack, 0.5);
+        assert!(matches!(core.next(&now), Action::Advance { to: 500, .. }));
     }
 }

@@ -102,6 +102,7 @@ impl HttpsSink {
                 max: cfg.retry_max,
             },
             lanes: crate::config::lanes(&cfg.classes, cfg.priority),
+            streams: crate::route::StreamFilter::new(&cfg.streams),
         }
     }
 

@@ -98,6 +98,9 @@ enum Wait {
 struct Prepared<E> {
     events: Vec<StoredEvent>,
     encoded: Option<E>,
+    /// See [`crate::journal::Routed`].
+    through: u64,
+    more: bool,
 }
 
 type ReadTask<E> = tokio::task::JoinHandle<Result<Prepared<E>, JournalError>>;
@@ -157,14 +160,26 @@ impl<S: Sink> Forwarder<S> {
             self.settings.batch_max_events,
             self.settings.batch_max_bytes,
         );
+        let filter = self.settings.streams.clone();
+        // Enough rows for a full batch of a sink that takes 1 % of them,
+        // within a read that stays short.
+        let scan_limit = max_events.saturating_mul(100).clamp(10_000, 200_000);
         let poisoned = self.lock_failed();
         tokio::task::spawn_blocking(move || {
-            let events = {
+            let routed = {
                 let reader = reader.lock().map_err(|_| poisoned)?;
-                reader.read_after(cursor, &name, lane, max_events, max_bytes)?
+                reader.read_routed(
+                    cursor, &name, lane, &filter, max_events, max_bytes, scan_limit,
+                )?
             };
+            let events = routed.events;
             let encoded = (!events.is_empty()).then(|| sink.encode(&events));
-            Ok(Prepared { events, encoded })
+            Ok(Prepared {
+                events,
+                encoded,
+                through: routed.through,
+                more: routed.more,
+            })
         })
     }
 
@@ -469,7 +484,12 @@ impl<S: Sink> Forwarder<S> {
                         }
                     };
                     match read {
-                        Ok(Prepared { events, encoded: e }) => {
+                        Ok(Prepared {
+                            events,
+                            encoded: e,
+                            through,
+                            more,
+                        }) => {
                             lane.encoded = match (events.first(), events.last(), e) {
                                 (Some(f), Some(l), Some(body)) => Some(Encoded {
                                     first: f.seq,
@@ -479,7 +499,14 @@ impl<S: Sink> Forwarder<S> {
                                 }),
                                 _ => None,
                             };
-                            lane.core.on_read(events, evictions_at_read, from_ahead);
+                            lane.core.on_read_routed(
+                                events,
+                                through,
+                                more,
+                                evictions_at_read,
+                                from_ahead,
+                                Instant::now(),
+                            );
                         }
                         Err(e) => {
                             let delay = lane.core.on_read_failed(rand::rng().random());
@@ -514,10 +541,11 @@ impl<S: Sink> Forwarder<S> {
                                 // one is upstream; it is used once the
                                 // cursor is at `last`, that is after an
                                 // acknowledgement.
+                                let after = lane.core.after_batch().unwrap_or(last);
                                 lane.ahead = Some(Ahead {
-                                    after: last,
+                                    after,
                                     evictions_at_read: self.journal.evictions(),
-                                    task: self.spawn_read(io.reader, last, lane.lane),
+                                    task: self.spawn_read(io.reader, after, lane.lane),
                                 });
                                 Some(e.body)
                             }
@@ -617,7 +645,7 @@ impl<S: Sink> Forwarder<S> {
                             self.status.update(|p| {
                                 if dead_letter {
                                     p.dead_letters += 1;
-                                } else {
+                                } else if delivered > 0 {
                                     p.delivered += delivered;
                                     p.batches += 1;
                                     if failures == 0 {

@@ -101,6 +101,7 @@ impl Upstream for FakeUpstream {
                 max: Duration::from_secs(5),
             },
             lanes: vec![None],
+            streams: plantrelay::route::StreamFilter::all(),
         }
     }
 
@@ -410,6 +411,29 @@ async fn a_sink_taking_one_class_gets_exactly_that_class() {
         up.received(),
         expected,
         "only telemetry (the even seqs), in order"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_with_stream_filters_gets_exactly_those_streams_and_its_cursor_reaches_the_head() {
+    let up = FakeUpstream::new();
+    // Streams line/0 .. line/3 (seq mod 4).
+    let mut rig = Rig::new(2000).await;
+    rig.start_with(
+        &up,
+        ForwarderSettings {
+            streams: plantrelay::route::StreamFilter::new(&["line/1", "nothing/#"]),
+            ..up.settings(100)
+        },
+    );
+    rig.until_drained().await;
+    let expected: Vec<u64> = (1..=2000).filter(|s| s % 4 == 1).collect();
+    assert_eq!(up.received(), expected);
+    assert_eq!(
+        rig.journal.reader().unwrap().lane_cursor("up").unwrap(),
+        2000,
+        "the cursor moved over what the sink does not take"
     );
     rig.stop().await;
 }
