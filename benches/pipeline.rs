@@ -484,7 +484,7 @@ async fn drain_lanes(env: &Env, name: &str, count: u64, every: u64, extra: &str)
     let (_, config) = env.config_with(name, &receiver.url(), "full", extra);
     fill_lanes(&config, count, every).await;
     let critical = (count / every) as usize;
-    let wants_all = !extra.contains("classes");
+    let wants_all = !(extra.contains("classes") || extra.contains("streams"));
     let want = if wants_all { count } else { critical as u64 };
     let start = Instant::now();
     let a = agent::start(&config).await.expect("agent start");
@@ -773,6 +773,7 @@ struct Lanes {
     first: LaneDrain,
     order: LaneDrain,
     subset: LaneDrain,
+    streams: LaneDrain,
 }
 
 async fn run_lanes(env: &Env) -> Lanes {
@@ -795,18 +796,28 @@ async fn run_lanes(env: &Env) -> Lanes {
             r#"classes = ["critical"]"#,
         )
         .await,
+        streams: drain_lanes(
+            env,
+            "lanes-streams",
+            n(2_000_000),
+            100,
+            r#"streams = ["mes/#"]"#,
+        )
+        .await,
     }
 }
 
 /// The table rows of (d).
 fn print_lanes(lanes: &Lanes) {
     let (lanes_first, lanes_order, lanes_subset) = (&lanes.first, &lanes.order, &lanes.subset);
+    let lanes_streams = &lanes.streams;
     for (label, d) in [
         ("critical_first", lanes_first),
         ("journal_order", lanes_order),
     ] {
         println!(
-            "| drain with priority = \"{label}\", in process, 1 critical in 10k | {} | {} | ≥ 100k events/s | {} |",
+            "| drain with priority = \"{label}\", in process, 1 critical in {} | {} | {} | ≥ 100k events/s | {} |",
+            count_label(n(10_000).max(1)),
             count_label(d.events),
             drain_rate(d.rate, d.complete, d.events, d.events as f64 / d.rate),
             at_least(d.rate, DRAIN_TARGET)
@@ -838,10 +849,22 @@ fn print_lanes(lanes: &Lanes) {
             .critical_s
             .map_or("**miss**".into(), |s| at_most(s, 2.0))
     );
+    println!(
+        "| a sink with streams = [\"mes/#\"] wanting 1 % of a {} backlog (read once, in passing) | {} | {} | ≤ 2 s | {} |",
+        count_label(n(2_000_000)),
+        count_label(lanes_streams.events),
+        lanes_streams
+            .critical_s
+            .map_or("never".into(), |s| format!("{s:.2} s")),
+        lanes_streams
+            .critical_s
+            .map_or("**miss**".into(), |s| at_most(s, 2.0))
+    );
     for (label, d) in [
         ("critical_first", lanes_first),
         ("journal_order", lanes_order),
         ("classes = [critical]", lanes_subset),
+        ("streams = [mes/#]", lanes_streams),
     ] {
         if !d.ordered {
             println!("lanes, {label}: NOT in order per stream or with holes");
