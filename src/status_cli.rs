@@ -299,13 +299,37 @@ pub fn render(s: &Value) -> String {
             format!("dead letters {}", text(&k["dead_letters"])),
             format!("last success {}", ago(&k["last_success_time"], now)),
         ]);
-        errors.push(k["last_error"].as_str().map(|e| {
-            format!(
+        let classes: Vec<String> = k["classes"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| {
+                        let oldest = c["oldest_undelivered_age_seconds"]
+                            .as_f64()
+                            .map_or("-".into(), |a| {
+                                short_duration(Duration::from_secs_f64(a.max(0.0)))
+                            });
+                        format!(
+                            "{} backlog {} oldest {oldest}",
+                            text(&c["class"]),
+                            text(&c["backlog_events"])
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut extra = String::new();
+        if !classes.is_empty() {
+            extra.push_str(&format!("      {}\n", classes.join("; ")));
+        }
+        if let Some(e) = k["last_error"].as_str() {
+            extra.push_str(&format!(
                 "      last error {}: {}\n",
                 ago(&k["last_error_time"], now),
                 crate::text::escape_control(e, crate::text::MAX_ERROR_LEN)
-            )
-        }));
+            ));
+        }
+        errors.push((!extra.is_empty()).then_some(extra));
     }
     for (line, error) in rows(&sink_rows).into_iter().zip(errors) {
         out.push_str(&line);
@@ -347,6 +371,10 @@ mod tests {
                          "last_event_time": "2026-11-29T09:59:58Z"}],
             "sinks": [{"name": "central", "kind": "https", "state": "stalled", "backlog_events": 50,
                        "oldest_undelivered_age_seconds": 75.2, "dead_letters": 0,
+                       "classes": [{"class": "critical", "cursor": 10, "backlog_events": 2,
+                                    "oldest_undelivered_age_seconds": 75.2},
+                                   {"class": "telemetry", "cursor": 3, "backlog_events": 48,
+                                    "oldest_undelivered_age_seconds": 80.0}],
                        "last_success_time": null, "last_error": "connection refused",
                        "last_error_time": "2026-11-29T09:59:55Z"}],
             "warnings": [{"kind": "sink_stalled",
@@ -369,7 +397,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("last success never\n      last error 5.0s ago: connection refused\n"),
+            text.contains("last success never\n      critical backlog 2 oldest 1m15s; telemetry backlog 48 oldest 1m20s\n      last error 5.0s ago: connection refused\n"),
             "{text}"
         );
         assert!(

@@ -153,6 +153,17 @@ pub struct Reader {
 const EVENT_COLUMNS: &str =
     "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs";
 
+/// The condition on `class` that starts a `WHERE` for a lane: a literal,
+/// which is what lets SQLite read the critical lane through its partial
+/// index `events_critical`.
+fn class_clause(lane: Option<Class>) -> &'static str {
+    match lane {
+        None => "",
+        Some(Class::Critical) => "class = 0 AND",
+        Some(Class::Telemetry) => "class = 1 AND",
+    }
+}
+
 fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
@@ -198,11 +209,7 @@ impl Reader {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>, JournalError> {
-        let class = match lane {
-            None => "",
-            Some(Class::Critical) => "class = 0 AND",
-            Some(Class::Telemetry) => "class = 1 AND",
-        };
+        let class = class_clause(lane);
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events
              WHERE {class} seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
@@ -252,11 +259,7 @@ impl Reader {
                 more: false,
             });
         }
-        let class = match lane {
-            None => "",
-            Some(Class::Critical) => "class = 0 AND",
-            Some(Class::Telemetry) => "class = 1 AND",
-        };
+        let class = class_clause(lane);
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events
              WHERE {class} seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
@@ -465,11 +468,7 @@ impl Reader {
         after: u64,
         class: Option<Class>,
     ) -> Result<Option<i64>, JournalError> {
-        let class = match class {
-            None => "",
-            Some(Class::Critical) => "class = 0 AND",
-            Some(Class::Telemetry) => "class = 1 AND",
-        };
+        let class = class_clause(class);
         let sql = format!(
             "SELECT recv_time FROM events WHERE {class} seq > ?1
              AND (only_sink IS NULL OR only_sink = ?2) ORDER BY seq LIMIT 1"

@@ -524,6 +524,17 @@ impl WriterState {
         })
     }
 
+    /// Writes the cursor row of `key` (in the open transaction).
+    fn store_cursor(&self, key: &str, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
+            )?
+            .execute(params![key, seq as i64, unix_micros(SystemTime::now())])
+            .map(|_| ())
+    }
+
     /// Where `key` stands for retention: a lane has delivered everything
     /// before the first event of its class after its cursor (a critical
     /// lane of a journal that holds only telemetry is at the head, though
@@ -1109,12 +1120,7 @@ impl WriterState {
         if to <= current.unwrap_or(0) && current.is_some() {
             return Ok(None);
         }
-        self.conn
-            .prepare_cached(
-                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
-            )
-            .and_then(|mut st| st.execute(params![sink, to as i64, unix_micros(SystemTime::now())]))
+        self.store_cursor(sink, to)
             .map_err(|e| Fatal(self.err(e)))?;
         undo.cursors.push((sink.to_string(), current));
         self.cursors.insert(sink.to_string(), to);
@@ -1222,12 +1228,7 @@ impl WriterState {
                 // do. A replay never moves a cursor forward.
                 continue;
             }
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
-                )
-                .and_then(|mut st| st.execute(params![key, target as i64, unix_micros(SystemTime::now())]))
+            self.store_cursor(key, target)
                 .map_err(|e| Fatal(self.err(e)))?;
             undo.cursors
                 .push((key.clone(), self.cursors.get(key).copied()));
