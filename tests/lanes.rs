@@ -184,15 +184,23 @@ async fn journal_order_sends_the_same_backlog_in_seq_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_sink_gets_exactly_the_classes_it_takes_one_of_them_down_for_a_while() {
+async fn each_sink_gets_exactly_its_classes_and_streams_two_of_them_down_for_a_while() {
     let h = Harness::new().await;
     let erp = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
     let datahub = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
+    let line = Receiver::start(ReceiverOptions::new(&h.pki)).await.unwrap();
     datahub.stop().await;
+    line.stop().await;
     fill(&h.state_dir(), backlog(5_000, 100)).await;
     let sinks = [
         sink(&h, "erp", &erp.url(), r#"classes = ["critical"]"#),
         sink(&h, "datahub", &datahub.url(), r#"classes = ["telemetry"]"#),
+        sink(
+            &h,
+            "line",
+            &line.url(),
+            r#"streams = ["machines/m3", "mes/+"]"#,
+        ),
         sink(
             &h,
             "archive",
@@ -205,7 +213,18 @@ async fn each_sink_gets_exactly_the_classes_it_takes_one_of_them_down_for_a_whil
     assert!(erp.wait_for(100, WAIT).await);
     assert!(h.receiver.wait_for(5_100, WAIT).await);
     datahub.restart().await.unwrap();
+    line.restart().await.unwrap();
     assert!(datahub.wait_for(5_000, WAIT).await);
+    assert!(line.wait_for(600, WAIT).await);
+    let line_events = line.events();
+    assert_eq!(line_events.iter().filter(|e| !e.duplicate).count(), 600);
+    assert!(
+        line_events
+            .iter()
+            .all(|e| matches!(e.subject.as_deref(), Some(s) if s == "machines/m3" || s.starts_with("mes/"))),
+        "the line sink gets only its streams"
+    );
+    assert_per_stream_order(&line_events);
 
     let erp_events = erp.events();
     assert_eq!(erp_events.len(), 100);
