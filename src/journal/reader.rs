@@ -61,6 +61,28 @@ pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::R
     Ok(at(lo)?.filter(|&(_, t)| t >= t_us).map(|(s, _)| s as u64))
 }
 
+/// The first seq of `class` after `after`: where a lane of that class
+/// stands for retention and status. Literal classes, so that the critical
+/// probe uses the partial index `events_critical`.
+pub(crate) fn first_of_class_after(
+    conn: &Connection,
+    class: Class,
+    after: u64,
+) -> rusqlite::Result<Option<u64>> {
+    let sql = match class {
+        Class::Critical => {
+            "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
+        }
+        Class::Telemetry => {
+            "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
+        }
+    };
+    conn.prepare_cached(sql)?
+        .query_row([after as i64], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|s| s.map(|s| s.max(0) as u64))
+}
+
 /// A sink's position in the journal.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SinkPosition {
@@ -350,23 +372,7 @@ impl Reader {
 
     /// The first seq of `class` after `after`.
     fn first_of_class_after(&self, class: Class, after: u64) -> Result<Option<u64>, JournalError> {
-        // Literal classes, so that the critical probe uses the partial index.
-        let sql = match class {
-            Class::Critical => {
-                "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
-            }
-            Class::Telemetry => {
-                "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
-            }
-        };
-        self.conn
-            .prepare_cached(sql)
-            .and_then(|mut st| {
-                st.query_row([after as i64], |r| r.get::<_, i64>(0))
-                    .optional()
-            })
-            .map(|s| s.map(|s| s.max(0) as u64))
-            .map_err(|e| self.err(e))
+        first_of_class_after(&self.conn, class, after).map_err(|e| self.err(e))
     }
 
     /// The durable cursor under `key` (see [`super::cursor_key`]); a lane

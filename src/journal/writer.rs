@@ -544,22 +544,9 @@ impl WriterState {
         let Some((_, class)) = super::lane_of_key(key) else {
             return cursor;
         };
-        // Literal classes, so that the critical lane's probe uses the
-        // partial index `events_critical`.
-        let sql = match class {
-            Class::Critical => {
-                "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
-            }
-            Class::Telemetry => {
-                "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
-            }
-        };
-        let first = self.conn.prepare_cached(sql).and_then(|mut st| {
-            st.query_row([cursor as i64], |r| r.get::<_, i64>(0))
-                .optional()
-        });
+        let first = super::reader::first_of_class_after(&self.conn, class, cursor);
         match first {
-            Ok(Some(f)) => (f.max(1) as u64 - 1).max(cursor),
+            Ok(Some(f)) => f.saturating_sub(1).max(cursor),
             Ok(None) => self.next_seq.saturating_sub(1).max(cursor),
             Err(_) => cursor,
         }
