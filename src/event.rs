@@ -128,6 +128,63 @@ impl StoredEvent {
             + self.attrs.as_ref().map_or(0, String::len)
     }
 
+    /// This event in a CloudEvents binary-mode binding (MQTT 5 user
+    /// properties, NATS headers): the attributes as `(name, value)` text
+    /// pairs (the context attributes, then the extensions of `attrs`, whose
+    /// strings lose their quotes and other values keep their JSON text),
+    /// and the payload (`data`, or the bytes of `data_base64`).
+    pub fn binary_mode(&self, agent_id: &str) -> (Vec<(String, String)>, Vec<u8>) {
+        let mut out = vec![
+            ("specversion".to_owned(), "1.0".to_owned()),
+            ("id".to_owned(), self.id.clone()),
+            (
+                "source".to_owned(),
+                format!("plantrelay://{agent_id}/{}", self.source),
+            ),
+            ("type".to_owned(), self.event_type.clone()),
+            ("subject".to_owned(), self.stream.clone()),
+        ];
+        if let Some(t) = &self.source_time {
+            out.push(("time".to_owned(), t.clone()));
+        }
+        out.push(("sequence".to_owned(), self.seq.to_string()));
+        out.push(("streamsequence".to_owned(), self.stream_seq.to_string()));
+        out.push(("deliveryclass".to_owned(), self.class.as_str().to_owned()));
+        let mut payload = None;
+        let extra: BTreeMap<String, serde_json::Value> = self
+            .attrs
+            .as_deref()
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default();
+        let fixed = [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "data",
+        ];
+        for (name, value) in extra {
+            if name == "data_base64" {
+                use base64::Engine;
+                payload = value
+                    .as_str()
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+                continue;
+            }
+            if RESERVED_ATTRIBUTES.contains(&name.as_str()) || fixed.contains(&name.as_str()) {
+                continue;
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            out.push((name, text));
+        }
+        (out, payload.unwrap_or_else(|| self.data.clone()))
+    }
+
     /// Writes this event as one CloudEvents 1.0 JSON object.
     ///
     /// `data` and `attrs` were validated as JSON when the event was

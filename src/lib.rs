@@ -33,6 +33,7 @@ pub mod health;
 pub mod journal;
 pub mod logging;
 pub mod manpage;
+mod mqtt;
 pub mod route;
 pub mod serve;
 pub mod service;

@@ -37,7 +37,8 @@ use toml::de::DeTable;
 pub use error::{ConfigError, ConfigIssue};
 pub use files::read_secret;
 pub use sinks::{
-    Compression, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, Priority, lanes,
+    Compression, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, MqttSinkFormat, Priority,
+    lanes,
 };
 pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,

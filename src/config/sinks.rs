@@ -177,12 +177,29 @@ pub struct MqttSinkConfig {
     /// Protocol version: `"v311"` or `"v5"`. Default: `"v311"`.
     #[serde(default)]
     pub protocol: MqttProtocol,
+    /// Payload of each publish: `"cloudevents_json"` (a structured
+    /// CloudEvent: attributes and `data` in one JSON object) or `"data"`
+    /// (the event's `data` alone; with `protocol = "v5"` the CloudEvents
+    /// attributes travel as user properties). Default: `"cloudevents_json"`.
+    #[serde(default)]
+    pub format: MqttSinkFormat,
+    /// Publish with the retain flag. Default: `false`.
+    #[serde(default)]
+    pub retain: bool,
     /// Most publishes in flight (unacknowledged) at once, 1 to 65535. Default: `100`.
     #[serde(default = "default_100")]
     pub batch_max_events: usize,
     /// Cap on events sent per second; `0` = unlimited. Default: `0`.
     #[serde(default)]
     pub max_events_per_sec: u32,
+    /// How long a batch smaller than `batch_max_events` waits for more
+    /// events (see `[[sinks.https]]`), 0 to 10s. Default: `"100ms"`.
+    #[serde(default = "default_100ms", deserialize_with = "units::duration")]
+    pub batch_linger: Duration,
+    /// Timeout for connecting and for the acknowledgements of a batch.
+    /// Default: `"10s"`.
+    #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
+    pub timeout: Duration,
     /// Classes of events this sink takes: `["critical"]`, `["telemetry"]`
     /// or both. It also receives the `plantrelay.gap` events of the classes
     /// it takes. Default: both.
@@ -211,6 +228,17 @@ pub struct MqttSinkConfig {
     pub retry_max: Duration,
 }
 
+/// Payload of an MQTT sink's publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttSinkFormat {
+    /// A structured CloudEvent in JSON (`"cloudevents_json"`).
+    #[default]
+    CloudeventsJson,
+    /// The event's `data` alone (`"data"`).
+    Data,
+}
+
 /// `[[sinks.jetstream]]`: publish each event to NATS JetStream with
 /// `Nats-Msg-Id` set to the event id (server-side dedup).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -218,17 +246,27 @@ pub struct MqttSinkConfig {
 pub struct JetStreamSinkConfig {
     /// Unique sink name. Required.
     pub name: String,
-    /// Server URL: `nats://host[:port]` or `tls://host[:port]`. Required.
-    #[serde(deserialize_with = "units::url")]
-    pub url: Url,
+    /// Server URL, `nats://host[:port]` or `tls://host[:port]`, or a list
+    /// of them (the servers of one cluster, tried in turn). Required.
+    #[serde(deserialize_with = "units::urls")]
+    pub url: Vec<Url>,
     /// Subject template; placeholders `{agent}`, `{source}` and `{stream}`; no
     /// wildcards or spaces. Default: `"plantrelay.{agent}.{stream}"`.
     #[serde(default = "default_subject")]
     pub subject: String,
     /// JetStream stream that must exist and capture the subjects; checked at
-    /// start. Default: none (not checked).
+    /// start. Default: none (any stream that captures them).
     #[serde(default)]
     pub stream: Option<String>,
+    /// Create `stream` (file storage, capturing the subjects of this
+    /// agent) when it does not exist; requires `stream`. Default: `false`.
+    #[serde(default)]
+    pub create_stream: bool,
+    /// The server's deduplication window for a stream this sink creates;
+    /// at least `retry_max` + `timeout`, so that a batch resent after a
+    /// failure or a restart is recognised. Default: `"10m"`.
+    #[serde(default = "default_10m", deserialize_with = "units::duration_nonzero")]
+    pub duplicate_window: Duration,
     /// File holding a NATS token; excludes `credentials_file`. Default: none.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
@@ -252,6 +290,10 @@ pub struct JetStreamSinkConfig {
     /// Cap on events sent per second; `0` = unlimited. Default: `0`.
     #[serde(default)]
     pub max_events_per_sec: u32,
+    /// How long a batch smaller than `batch_max_events` waits for more
+    /// events (see `[[sinks.https]]`), 0 to 10s. Default: `"100ms"`.
+    #[serde(default = "default_100ms", deserialize_with = "units::duration")]
+    pub batch_linger: Duration,
     /// Classes of events this sink takes: `["critical"]`, `["telemetry"]`
     /// or both. It also receives the `plantrelay.gap` events of the classes
     /// it takes. Default: both.
@@ -291,6 +333,12 @@ fn default_30s() -> Duration {
 }
 fn default_10s() -> Duration {
     Duration::from_secs(10)
+}
+fn default_10m() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_100ms() -> Duration {
+    Duration::from_millis(100)
 }
 fn default_60s() -> Duration {
     Duration::from_secs(60)

@@ -102,6 +102,36 @@ pub fn url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
     })
 }
 
+/// `deserialize_with` helper: one URL, or a non-empty list of them.
+pub fn urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Url>, D::Error> {
+    d.deserialize_any(UrlsVisitor)
+}
+
+struct UrlsVisitor;
+
+impl<'de> Visitor<'de> for UrlsVisitor {
+    type Value = Vec<Url>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a URL such as "nats://nats.example.com:4222", or a list of them"#)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<Url>, E> {
+        parse_url(v).map(|u| vec![u]).map_err(E::custom)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Url>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(text) = seq.next_element::<String>()? {
+            out.push(parse_url(&text).map_err(de::Error::custom)?);
+        }
+        if out.is_empty() {
+            return Err(de::Error::custom("the list of URLs is empty"));
+        }
+        Ok(out)
+    }
+}
+
 struct DurationVisitor {
     nonzero: bool,
 }

@@ -730,13 +730,22 @@ fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
         s.batch_max_events,
         MAX_MQTT_INFLIGHT,
     );
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        s.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
     issues.retry(p, s.retry_initial, s.retry_max);
 }
 
 fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
     classes(issues, p, &s.classes);
     stream_filters(issues, p, &s.streams);
-    issues.url(&format!("{p}.url"), &s.url, &["nats", "tls"], "");
+    for url in &s.url {
+        issues.url(&format!("{p}.url"), url, &["nats", "tls"], "");
+    }
     let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
     let allowed = "`{agent}`, `{source}` or `{stream}`";
     match check_template(&s.subject, &placeholder, allowed) {
@@ -758,6 +767,28 @@ fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
             ),
         );
     }
+    issues.requires(
+        p,
+        ("create_stream", s.create_stream),
+        ("stream", s.stream.is_some()),
+    );
+    let horizon = s.retry_max + s.timeout;
+    if s.duplicate_window < horizon {
+        issues.push(
+            format!("{p}.duplicate_window"),
+            format!(
+                "must be at least retry_max + timeout ({}), so that a batch resent after a failure is recognised as a duplicate",
+                humantime::format_duration(horizon)
+            ),
+        );
+    }
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        s.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
     if s.token_file.is_some() && s.credentials_file.is_some() {
         issues.push(
             format!("{p}.credentials_file"),
@@ -1438,6 +1469,14 @@ pub fn risky_settings(config: &Config) -> Vec<RiskWarning> {
                 ),
             ),
             (true, true) => {}
+        }
+    }
+    for (i, s) in config.sinks.mqtt.iter().enumerate() {
+        if s.format == super::MqttSinkFormat::Data && s.protocol == super::MqttProtocol::V311 {
+            warn(
+                format!("sinks.mqtt[{i}].format"),
+                "format = \"data\" over MQTT 3.1.1 publishes the payload alone: the event id does not travel, so receivers cannot drop the re-sends that follow a reconnect or a restart; use protocol = \"v5\" (the attributes travel as user properties) or format = \"cloudevents_json\"".into(),
+            );
         }
     }
     if let Some(h) = &config.health {

@@ -28,9 +28,14 @@
 //! event named, timeouts, slowness and a panicking sink.
 //!
 //! - [`https`]: CloudEvents batches over HTTPS.
+//! - [`mqtt`]: one publish per event into an upstream MQTT broker.
+//! - [`jetstream`]: one publish per event into NATS JetStream, deduplicated
+//!   by the server on the event id.
 
 pub mod core;
 pub mod https;
+pub mod jetstream;
+pub mod mqtt;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -79,6 +84,71 @@ pub trait Sink: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+}
+
+/// A sink built from its config, not yet running: what `agent::start`
+/// holds for every configured sink, whatever its kind.
+pub struct Component {
+    pub settings: ForwarderSettings,
+    /// `"https"`, `"mqtt"` or `"jetstream"` (status and metrics).
+    pub kind: &'static str,
+    start: Box<dyn FnOnce(Journal, Arc<SinkStatus>) -> Forwarding + Send>,
+}
+
+/// A forwarder waiting to be run until its shutdown token is cancelled.
+type Forwarding =
+    Box<dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+impl Component {
+    pub fn new<S: Sink>(kind: &'static str, settings: ForwarderSettings, sink: S) -> Component {
+        let s = settings.clone();
+        Component {
+            settings,
+            kind,
+            start: Box::new(move |journal, status| {
+                let fwd = Forwarder::new(s, sink, journal, status);
+                Box::new(move |stop| Box::pin(fwd.run(stop)))
+            }),
+        }
+    }
+
+    /// The forwarder of this sink, to be run until `stop` is cancelled.
+    pub fn run(
+        self,
+        journal: Journal,
+        status: Arc<SinkStatus>,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send {
+        (self.start)(journal, status)(stop)
+    }
+}
+
+/// Builds every configured sink, in the order of `Config::sink_names`
+/// (HTTPS, then MQTT, then JetStream sinks). An error names the sink.
+pub fn build(config: &crate::config::Config) -> Result<Vec<Component>, String> {
+    let agent = &config.agent.id;
+    let mut out = Vec::new();
+    for cfg in &config.sinks.https {
+        let sink = https::HttpsSink::new(cfg, agent).map_err(|e| e.to_string())?;
+        out.push(Component::new(
+            "https",
+            https::HttpsSink::settings(cfg),
+            sink,
+        ));
+    }
+    for cfg in &config.sinks.mqtt {
+        let sink = mqtt::MqttSink::new(cfg, agent).map_err(|e| e.to_string())?;
+        out.push(Component::new("mqtt", mqtt::MqttSink::settings(cfg), sink));
+    }
+    for cfg in &config.sinks.jetstream {
+        let sink = jetstream::JetStreamSink::new(cfg, agent).map_err(|e| e.to_string())?;
+        out.push(Component::new(
+            "jetstream",
+            jetstream::JetStreamSink::settings(cfg),
+            sink,
+        ));
+    }
+    Ok(out)
 }
 
 /// Drives one sink: the thin I/O loop around [`Core`].

@@ -6,4 +6,5 @@
 
 pub mod agent;
 pub mod fault_proxy;
+pub mod mosquitto;
 pub mod opcua_server;

@@ -76,7 +76,6 @@
 //! - `mqtts://`: rustls with ring; trust is `ca_file` alone when given (the
 //!   system store otherwise); `client_cert`/`client_key` for mutual TLS.
 
-mod link;
 pub(crate) mod mapping;
 
 use std::collections::HashMap;
@@ -94,10 +93,10 @@ pub use mapping::{
     MAX_ID_LEN, Properties, REJECT_KEEP_BYTES, REJECTED_EVENT_TYPE, StreamTemplate, content_id,
 };
 
-use self::link::{Conn, Incoming, IncomingPublish, LinkError, LinkSettings};
 use self::mapping::{Mapped, Mapper, Message};
 use crate::config::{MqttSourceConfig, read_secret};
 use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::mqtt::link::{Conn, Incoming, IncomingPublish, LinkError, LinkSettings};
 use crate::status::SourceStatus;
 use crate::tls::{self, ClientTls, TlsError};
 
@@ -578,6 +577,8 @@ impl Connection {
                 "the broker ended the connection: {reason}"
             ))),
             Incoming::ConnAck { .. } => Err(LinkError("unexpected CONNACK from the broker".into())),
+            // The source publishes nothing: acks of publishes are noise.
+            Incoming::PubAck { .. } | Incoming::PubRec { .. } | Incoming::PubComp(_) => Ok(false),
             Incoming::Other => Ok(false),
         }
     }

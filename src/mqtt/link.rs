@@ -1,6 +1,7 @@
-//! One MQTT connection of the source, MQTT 3.1.1 or 5, on rumqttc's packet
-//! codec (`rumqttc::mqttbytes`): connect (TCP, TLS, CONNECT/CONNACK), read
-//! packets, write acks, PUBCOMP, SUBSCRIBE, PINGREQ and DISCONNECT.
+//! One MQTT connection, MQTT 3.1.1 or 5, on rumqttc's packet codec
+//! (`rumqttc::mqttbytes`): connect (TCP, TLS, CONNECT/CONNACK), read
+//! packets, write acks, PUBCOMP, SUBSCRIBE, PINGREQ and DISCONNECT for the
+//! source; PUBLISH and PUBREL for the sink.
 //!
 //! Why not rumqttc's `EventLoop`: it writes at most one queued request (an
 //! ack) per turn while it reads up to ten packets per turn, so under a
@@ -14,8 +15,9 @@
 //! reading pauses while acks and pings continue, and a PUBREL is always
 //! answered.
 //!
-//! This file knows the wire; it never decides when to ack, reconnect or
-//! subscribe (that is the loop in `mod.rs`). No state survives a
+//! This file knows the wire; it never decides when to ack, publish,
+//! reconnect or subscribe (that is the source's loop and the sink's
+//! connection task). No state survives a
 //! connection: a reconnect starts from a fresh `Conn` (the broker keeps the
 //! session), so no client-side protocol state can wedge.
 
@@ -29,8 +31,8 @@ use rumqttc::v5::mqttbytes::v5 as p5;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::mapping::Properties;
 use crate::config::MqttProtocol;
+use crate::sources::mqtt::Properties;
 
 /// The largest MQTT packet (256 MiB): the source accepts everything the
 /// protocol allows so that an over-`max_payload` message can still be
@@ -85,9 +87,44 @@ pub(crate) enum Incoming {
         session_present: bool,
         refused: Option<String>,
         server_keep_alive: Option<u16>,
+        /// MQTT 5: most unacknowledged QoS 1/2 publishes the broker takes.
+        receive_maximum: Option<u16>,
+        /// MQTT 5: the largest packet the broker takes.
+        max_packet_size: Option<u32>,
     },
+    /// QoS 1 publish acknowledged; `refused`: an MQTT 5 reason code of
+    /// 0x80 or more, with its text.
+    PubAck {
+        pkid: u16,
+        refused: Option<Refusal>,
+    },
+    /// QoS 2, first half of our publish; `refused` as for PUBACK.
+    PubRec {
+        pkid: u16,
+        refused: Option<Refusal>,
+    },
+    /// QoS 2, our publish completed.
+    PubComp(u16),
     /// PINGRESP and anything else: proof of life only.
     Other,
+}
+
+/// An MQTT 5 broker's refusal of one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: u8,
+    pub reason: String,
+}
+
+/// A publish of the sink, protocol-independent.
+#[derive(Debug, Clone)]
+pub(crate) struct OutgoingPublish {
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5 only: the Content Type property.
+    pub content_type: Option<String>,
+    /// MQTT 5 only: user properties.
+    pub user_properties: Vec<(String, String)>,
 }
 
 /// Why a connection failed or ended.
@@ -118,6 +155,10 @@ pub(crate) struct Connected {
     pub session_present: bool,
     /// The keep-alive in force (MQTT 5 brokers may impose their own).
     pub keep_alive: Duration,
+    /// MQTT 5: most unacknowledged QoS 1/2 publishes the broker takes.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5: the largest packet the broker takes.
+    pub max_packet_size: Option<u32>,
 }
 
 fn qos4(q: u8) -> rumqttc::mqttbytes::QoS {
@@ -188,12 +229,16 @@ impl Conn {
                 session_present,
                 refused: None,
                 server_keep_alive,
+                receive_maximum,
+                max_packet_size,
             } => Ok(Connected {
                 conn,
                 session_present,
                 keep_alive: server_keep_alive
                     .filter(|k| *k > 0)
                     .map_or(s.keep_alive, |k| Duration::from_secs(u64::from(k))),
+                receive_maximum,
+                max_packet_size,
             }),
             other => Err(LinkError(format!(
                 "expected CONNACK from the broker, got {other:?}"
@@ -356,6 +401,59 @@ impl Conn {
         }
     }
 
+    /// Queues a PUBLISH (QoS 1 or 2) of the sink. `Err` when the packet
+    /// cannot be encoded (larger than MQTT allows): nothing is queued then.
+    pub fn publish(
+        &mut self,
+        pkid: u16,
+        qos: u8,
+        retain: bool,
+        p: &OutgoingPublish,
+    ) -> Result<(), String> {
+        let written = match self.protocol {
+            MqttProtocol::V311 => {
+                let mut publish = p4::Publish::new(p.topic.as_str(), qos4(qos), p.payload.clone());
+                publish.pkid = pkid;
+                publish.retain = retain;
+                p4::Packet::Publish(publish)
+                    .write(&mut self.wbuf, MAX_PACKET)
+                    .map_err(|e| e.to_string())
+            }
+            MqttProtocol::V5 => {
+                let properties =
+                    (p.content_type.is_some() || !p.user_properties.is_empty()).then(|| {
+                        p5::PublishProperties {
+                            content_type: p.content_type.clone(),
+                            user_properties: p.user_properties.clone(),
+                            ..Default::default()
+                        }
+                    });
+                let mut publish =
+                    p5::Publish::new(p.topic.as_str(), qos5(qos), p.payload.clone(), properties);
+                publish.pkid = pkid;
+                publish.retain = retain;
+                p5::Packet::Publish(publish)
+                    .write(&mut self.wbuf, Some(MAX_PACKET as u32))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        written.map(|_| ())
+    }
+
+    /// Queues the PUBREL that answers the broker's PUBREC of our QoS 2
+    /// publish.
+    pub fn pubrel(&mut self, pkid: u16) {
+        match self.protocol {
+            MqttProtocol::V311 => self.encode4(p4::Packet::PubRel(p4::PubRel { pkid })),
+            MqttProtocol::V5 => self.encode5(p5::Packet::PubRel(p5::PubRel::new(pkid, None))),
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.wbuf.len()
+    }
+
     pub fn ping(&mut self) {
         match self.protocol {
             MqttProtocol::V311 => self.encode4(p4::Packet::PingReq),
@@ -407,6 +505,15 @@ fn incoming_v4(p: p4::Packet) -> Incoming {
             properties: None,
         }),
         p4::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
+        p4::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: None,
+        },
+        p4::Packet::PubRec(r) => Incoming::PubRec {
+            pkid: r.pkid,
+            refused: None,
+        },
+        p4::Packet::PubComp(c) => Incoming::PubComp(c.pkid),
         p4::Packet::SubAck(s) => Incoming::SubAck(
             s.return_codes
                 .iter()
@@ -420,6 +527,8 @@ fn incoming_v4(p: p4::Packet) -> Incoming {
             session_present: c.session_present,
             refused: (c.code != p4::ConnectReturnCode::Success).then(|| format!("{:?}", c.code)),
             server_keep_alive: None,
+            receive_maximum: None,
+            max_packet_size: None,
         },
         _ => Incoming::Other,
     }
@@ -453,6 +562,23 @@ fn incoming_v5(p: p5::Packet) -> Result<Incoming, LinkError> {
             })
         }
         p5::Packet::PubRel(r) => Incoming::PubRel(r.pkid),
+        p5::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            refused: refusal(
+                a.reason as u8,
+                format!("{:?}", a.reason),
+                a.properties.and_then(|p| p.reason_string),
+            ),
+        },
+        p5::Packet::PubRec(r) => Incoming::PubRec {
+            pkid: r.pkid,
+            refused: refusal(
+                r.reason as u8,
+                format!("{:?}", r.reason),
+                r.properties.and_then(|p| p.reason_string),
+            ),
+        },
+        p5::Packet::PubComp(c) => Incoming::PubComp(c.pkid),
         p5::Packet::SubAck(s) => Incoming::SubAck(
             s.return_codes
                 .iter()
@@ -465,7 +591,9 @@ fn incoming_v5(p: p5::Packet) -> Result<Incoming, LinkError> {
         p5::Packet::ConnAck(c) => Incoming::ConnAck {
             session_present: c.session_present,
             refused: (c.code != p5::ConnectReturnCode::Success).then(|| format!("{:?}", c.code)),
-            server_keep_alive: c.properties.and_then(|p| p.server_keep_alive),
+            server_keep_alive: c.properties.as_ref().and_then(|p| p.server_keep_alive),
+            receive_maximum: c.properties.as_ref().and_then(|p| p.receive_max),
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
         },
         p5::Packet::Disconnect(d) => {
             Incoming::Disconnect(match d.properties.and_then(|p| p.reason_string) {
@@ -474,5 +602,16 @@ fn incoming_v5(p: p5::Packet) -> Result<Incoming, LinkError> {
             })
         }
         _ => Incoming::Other,
+    })
+}
+
+/// A reason code of 0x80 or more is a refusal (MQTT 5, 3.4.2.1).
+fn refusal(code: u8, name: String, text: Option<String>) -> Option<Refusal> {
+    (code >= 0x80).then(|| Refusal {
+        code,
+        reason: match text {
+            Some(t) => format!("{name} (0x{code:02x}): {t}"),
+            None => format!("{name} (0x{code:02x})"),
+        },
     })
 }

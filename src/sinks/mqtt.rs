@@ -1,0 +1,856 @@
+//! The MQTT sink: one PUBLISH (QoS 1 or 2) per event into an upstream
+//! broker, in journal order, on the project's own MQTT link
+//! ([`crate::mqtt::link`], as the MQTT source has it).
+//!
+//! A batch is handed to the connection's task, which writes its publishes
+//! (within the broker's Receive Maximum), answers PUBRECs with PUBRELs,
+//! pings when the link is quiet and reports, per batch, the acknowledged
+//! prefix, the publish the broker refused (MQTT 5 reason codes) or why the
+//! connection ended. It maps that to a [`SendOutcome`]; it must never decide
+//! about cursors or dead letters.
+//!
+//! Sessions are clean: after a reconnect nothing of the old connection is
+//! resumed, the forwarder republishes from the first unacknowledged event,
+//! and receivers drop what they already have by the CloudEvents id (in the
+//! payload with `format = "cloudevents_json"`, in the `id` user property
+//! with `format = "data"` over MQTT 5).
+//!
+//! - PUBACK / PUBCOMP: delivered.
+//! - Connection lost, no acknowledgement within `timeout`, and the MQTT 5
+//!   refusals that speak of the broker or of our rights (0x80 unspecified,
+//!   0x87 not authorized, 0x91 packet id in use, 0x97 quota exceeded):
+//!   retry. A broker's ACL is fixed by people; dead-lettering everything
+//!   until then would be worse than waiting.
+//! - The refusals that speak of the event (0x83 implementation specific,
+//!   0x90 topic name invalid, 0x95 packet too large, 0x99 payload format
+//!   invalid), and an event larger than the broker's Maximum Packet Size:
+//!   rejected, naming the event.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
+use crate::config::{MqttProtocol, MqttSinkConfig, MqttSinkFormat, read_secret};
+use crate::event::StoredEvent;
+use crate::mqtt::link::{Conn, Incoming, LinkSettings, OutgoingPublish, Refusal};
+use crate::tls::{self, ClientTls};
+
+/// Errors building the sink from its config; they name the sink.
+#[derive(Debug, thiserror::Error)]
+#[error("sinks.mqtt '{sink}': {detail}")]
+pub struct MqttSinkError {
+    pub sink: String,
+    pub detail: String,
+}
+
+/// Most bytes of events read for one batch of a per-event sink.
+pub const BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+pub struct MqttSink {
+    name: String,
+    /// `mqtt(s)://host:port`, for logs and errors.
+    broker: String,
+    link: LinkSettings,
+    qos: u8,
+    retain: bool,
+    format: MqttSinkFormat,
+    topic: Template,
+    agent_id: String,
+    timeout: Duration,
+    session: Mutex<Option<Session>>,
+}
+
+/// A live connection: its task and the way to hand it batches.
+struct Session {
+    jobs: mpsc::Sender<Job>,
+    task: JoinHandle<()>,
+}
+
+/// One batch for the connection task.
+struct Job {
+    publishes: Vec<OutgoingPublish>,
+    /// The acknowledged prefix so far, readable after a timeout.
+    acked: Arc<AtomicUsize>,
+    reply: oneshot::Sender<JobEnd>,
+}
+
+/// How a batch ended on the connection.
+#[derive(Debug)]
+enum JobEnd {
+    Delivered,
+    /// The broker refused the publish at `index` (the events before it are
+    /// delivered).
+    Refused {
+        index: usize,
+        refusal: Refusal,
+    },
+    /// The event at `index` cannot be published at all (too large).
+    Unpublishable {
+        index: usize,
+        reason: String,
+    },
+    /// The connection ended; the acknowledged prefix is in `Job::acked`.
+    Lost(String),
+}
+
+impl MqttSink {
+    pub fn new(cfg: &MqttSinkConfig, agent_id: &str) -> Result<MqttSink, MqttSinkError> {
+        let err = |detail: String| MqttSinkError {
+            sink: cfg.name.clone(),
+            detail,
+        };
+        let tls_wanted = cfg.url.scheme() == "mqtts";
+        let host = cfg
+            .url
+            .host_str()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| err(format!("url {} has no host", cfg.url)))?;
+        let port = cfg
+            .url
+            .port()
+            .unwrap_or(if tls_wanted { 8883 } else { 1883 });
+        let credentials = match (&cfg.username, &cfg.password_file) {
+            (Some(user), Some(path)) => {
+                let password = read_secret(path).map_err(|e| err(e.to_string()))?;
+                Some((user.clone(), password))
+            }
+            (Some(user), None) => Some((user.clone(), String::new())),
+            (None, _) => None,
+        };
+        let tls = if tls_wanted {
+            let client = ClientTls {
+                ca_only: cfg.ca_file.is_some(),
+                ca_file: cfg.ca_file.clone(),
+                client_cert: cfg.client_cert.clone(),
+                client_key: cfg.client_key.clone(),
+            };
+            Some(Arc::new(
+                tls::client_config(&client).map_err(|e| err(e.to_string()))?,
+            ))
+        } else {
+            None
+        };
+        let client_id = cfg
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("plantrelay-{agent_id}-{}", cfg.name));
+        let link = LinkSettings {
+            protocol: cfg.protocol,
+            host: host.clone(),
+            port,
+            client_id,
+            keep_alive: cfg.keep_alive,
+            clean_session: true,
+            credentials,
+            tls,
+            // What the broker may send us unacknowledged: nothing is
+            // subscribed, so this only bounds a misbehaving broker.
+            max_inflight: 16,
+            io_timeout: cfg.timeout,
+            topics: Vec::new(),
+        };
+        Ok(MqttSink {
+            name: cfg.name.clone(),
+            broker: format!("{}://{host}:{port}", cfg.url.scheme()),
+            link,
+            qos: cfg.qos,
+            retain: cfg.retain,
+            format: cfg.format,
+            topic: Template::parse(&cfg.topic),
+            agent_id: agent_id.to_owned(),
+            timeout: cfg.timeout,
+            session: Mutex::new(None),
+        })
+    }
+
+    /// The forwarder settings of this sink's config.
+    pub fn settings(cfg: &MqttSinkConfig) -> ForwarderSettings {
+        ForwarderSettings {
+            name: cfg.name.clone(),
+            batch_max_events: cfg.batch_max_events,
+            batch_max_bytes: BATCH_MAX_BYTES,
+            max_events_per_sec: cfg.max_events_per_sec,
+            batch_linger: cfg.batch_linger,
+            retry: RetryPolicy {
+                initial: cfg.retry_initial,
+                max: cfg.retry_max,
+            },
+            lanes: crate::config::lanes(&cfg.classes, cfg.priority),
+            streams: crate::route::StreamFilter::new(&cfg.streams),
+        }
+    }
+
+    /// One event as a publish.
+    fn publish_of(&self, e: &StoredEvent) -> OutgoingPublish {
+        let topic = self.topic.render(&self.agent_id, e);
+        let v5 = self.link.protocol == MqttProtocol::V5;
+        match self.format {
+            MqttSinkFormat::CloudeventsJson => {
+                let mut json = Vec::with_capacity(e.size() + 200);
+                e.write_cloudevent(&self.agent_id, &mut json);
+                OutgoingPublish {
+                    topic,
+                    payload: Bytes::from(json),
+                    content_type: v5.then(|| "application/cloudevents+json".to_owned()),
+                    user_properties: Vec::new(),
+                }
+            }
+            MqttSinkFormat::Data => {
+                let (mut attributes, payload) = e.binary_mode(&self.agent_id);
+                // The MQTT binding carries `datacontenttype` as the Content
+                // Type property, not as a user property.
+                let content_type = match attributes.iter().position(|(n, _)| n == "datacontenttype")
+                {
+                    Some(i) => Some(attributes.remove(i).1),
+                    None => Some("application/json".to_owned()),
+                };
+                OutgoingPublish {
+                    topic,
+                    payload: Bytes::from(payload),
+                    content_type: content_type.filter(|_| v5),
+                    user_properties: if v5 { attributes } else { Vec::new() },
+                }
+            }
+        }
+    }
+
+    /// Connects and starts the connection task.
+    async fn open(&self) -> Result<Session, String> {
+        let connected = Conn::connect(&self.link)
+            .await
+            .map_err(|e| format!("broker {}: {e}", self.broker))?;
+        info!(sink = %self.name, broker = %self.broker, client_id = %self.link.client_id, "connected to the upstream broker");
+        let window = connected
+            .receive_maximum
+            .map_or(usize::from(u16::MAX), usize::from)
+            .max(1);
+        let link = Link {
+            conn: connected.conn,
+            keep_alive: connected.keep_alive,
+            qos: self.qos,
+            retain: self.retain,
+            window,
+            max_packet: connected.max_packet_size.map(|m| m as usize),
+            next_pkid: 1,
+        };
+        let (jobs, rx) = mpsc::channel(1);
+        let (sink, broker) = (self.name.clone(), self.broker.clone());
+        let task = tokio::spawn(async move {
+            let reason = link.run(rx).await;
+            debug!(sink = %sink, broker = %broker, reason = %reason, "upstream connection ended");
+        });
+        Ok(Session { jobs, task })
+    }
+}
+
+/// A refusal that speaks of the event rather than of the broker or of our
+/// rights (see the module doc).
+fn refuses_the_event(code: u8) -> bool {
+    matches!(code, 0x83 | 0x90 | 0x95 | 0x99)
+}
+
+/// A batch as publishes (topics rendered, payloads encoded).
+pub struct Publishes(Vec<OutgoingPublish>);
+
+impl Sink for MqttSink {
+    type Encoded = Publishes;
+
+    fn encode(&self, batch: &[StoredEvent]) -> Publishes {
+        Publishes(batch.iter().map(|e| self.publish_of(e)).collect())
+    }
+
+    async fn send(&self, batch: &[StoredEvent], Publishes(publishes): Publishes) -> SendOutcome {
+        if batch.is_empty() {
+            return SendOutcome::Ack;
+        }
+        let mut session = self.session.lock().await;
+        if session.as_ref().is_none_or(|s| s.jobs.is_closed()) {
+            *session = None;
+            match self.open().await {
+                Ok(s) => *session = Some(s),
+                Err(reason) => return SendOutcome::retry(None, reason),
+            }
+        }
+        let Some(live) = session.as_ref() else {
+            return SendOutcome::retry(None, "not connected");
+        };
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            publishes,
+            acked: acked.clone(),
+            reply,
+        };
+        if live.jobs.send(job).await.is_err() {
+            *session = None;
+            return SendOutcome::retry(None, format!("broker {}: connection lost", self.broker));
+        }
+        let end = tokio::time::timeout(self.timeout, answer).await;
+        let prefix = acked.load(Ordering::Acquire).min(batch.len());
+        match end {
+            Ok(Ok(JobEnd::Delivered)) => SendOutcome::Ack,
+            Ok(Ok(JobEnd::Refused { index, refusal })) => {
+                let reason = format!(
+                    "broker {} refused the publish: {}",
+                    self.broker, refusal.reason
+                );
+                if refuses_the_event(refusal.code) {
+                    SendOutcome::Reject {
+                        acked: index,
+                        index: Some(index),
+                        reason,
+                    }
+                } else {
+                    SendOutcome::Retry {
+                        acked: index,
+                        after: None,
+                        reason,
+                    }
+                }
+            }
+            Ok(Ok(JobEnd::Unpublishable { index, reason })) => SendOutcome::Reject {
+                acked: index,
+                index: Some(index),
+                reason,
+            },
+            Ok(Ok(JobEnd::Lost(reason))) => {
+                *session = None;
+                SendOutcome::Retry {
+                    acked: prefix,
+                    after: None,
+                    reason: format!("broker {}: {reason}", self.broker),
+                }
+            }
+            Ok(Err(_)) => {
+                *session = None;
+                SendOutcome::Retry {
+                    acked: prefix,
+                    after: None,
+                    reason: format!("broker {}: connection task ended", self.broker),
+                }
+            }
+            Err(_) => {
+                // What is in flight on this connection is abandoned with it:
+                // a fresh connection resends from the first unacknowledged
+                // event, and a late PUBACK cannot be mistaken for it.
+                if let Some(s) = session.take() {
+                    s.task.abort();
+                }
+                SendOutcome::Retry {
+                    acked: prefix,
+                    after: None,
+                    reason: format!(
+                        "broker {}: {} of {} publishes acknowledged within {}",
+                        self.broker,
+                        prefix,
+                        batch.len(),
+                        humantime::format_duration(self.timeout)
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(), String> {
+        let mut session = self.session.lock().await;
+        if session.as_ref().is_some_and(|s| !s.jobs.is_closed()) {
+            return Ok(());
+        }
+        *session = Some(self.open().await?);
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let Some(s) = self.session.lock().await.take() else {
+            return;
+        };
+        // Dropping the sender tells the task to DISCONNECT and end.
+        drop(s.jobs);
+        let mut task = s.task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// The connection task's side: the socket and the protocol state of the
+/// batch in hand.
+struct Link {
+    conn: Conn,
+    keep_alive: Duration,
+    qos: u8,
+    retain: bool,
+    /// Most publishes unacknowledged at once (the broker's Receive Maximum).
+    window: usize,
+    /// The broker's Maximum Packet Size, if it announced one.
+    max_packet: Option<usize>,
+    next_pkid: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Unsent,
+    Sent,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    Released,
+    Acked,
+    Refused,
+}
+
+/// The batch in hand.
+struct Running {
+    job: Job,
+    first_pkid: u16,
+    states: Vec<State>,
+    sent: usize,
+    inflight: usize,
+    prefix: usize,
+    /// Set once something was refused or is unpublishable: nothing more of
+    /// this batch is sent.
+    stopped: Option<JobEnd>,
+}
+
+impl Running {
+    fn index(&self, pkid: u16) -> Option<usize> {
+        let i = (usize::from(pkid) + 65_535 - usize::from(self.first_pkid)) % 65_535;
+        (i < self.sent).then_some(i)
+    }
+
+    fn done(&self) -> bool {
+        self.inflight == 0 && (self.sent == self.states.len() || self.stopped.is_some())
+    }
+
+    fn advance(&mut self) {
+        while self.prefix < self.states.len() && self.states[self.prefix] == State::Acked {
+            self.prefix += 1;
+        }
+        self.job.acked.store(self.prefix, Ordering::Release);
+    }
+}
+
+/// Packet ids run 1..=65535.
+fn pkid_after(pkid: u16, n: usize) -> u16 {
+    ((usize::from(pkid) - 1 + n) % 65_535 + 1) as u16
+}
+
+impl Link {
+    /// Serves batches until the sink drops the sender (then DISCONNECT) or
+    /// the connection fails; returns why it ended.
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>) -> String {
+        let mut running: Option<Running> = None;
+        let mut last_tx = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let tick = (self.keep_alive / 2).max(Duration::from_millis(500));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(r) = running.as_mut() {
+                self.fill(r);
+                if self.conn.queued() > 0 {
+                    if let Err(e) = self.conn.flush().await {
+                        return fail(running, e.to_string());
+                    }
+                    last_tx = Instant::now();
+                }
+                if r.done() {
+                    if let Some(r) = running.take() {
+                        finish(r);
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                job = jobs.recv(), if running.is_none() => match job {
+                    Some(job) => {
+                        let n = job.publishes.len();
+                        running = Some(Running {
+                            job,
+                            first_pkid: self.next_pkid,
+                            states: vec![State::Unsent; n],
+                            sent: 0,
+                            inflight: 0,
+                            prefix: 0,
+                            stopped: None,
+                        });
+                        self.next_pkid = pkid_after(self.next_pkid, n);
+                    }
+                    None => {
+                        self.conn.disconnect();
+                        let _ = self.conn.flush().await;
+                        return "closed by the sink".into();
+                    }
+                },
+                incoming = self.conn.read() => {
+                    ping_sent = None;
+                    match incoming {
+                        Ok(p) => {
+                            if let Err(reason) = self.on_incoming(p, running.as_mut()) {
+                                return fail(running, reason);
+                            }
+                            if self.conn.queued() > 0 {
+                                if let Err(e) = self.conn.flush().await {
+                                    return fail(running, e.to_string());
+                                }
+                                last_tx = Instant::now();
+                            }
+                        }
+                        Err(e) => return fail(running, e.to_string()),
+                    }
+                }
+                _ = ticker.tick() => {
+                    if ping_sent.is_some_and(|at| at.elapsed() > self.keep_alive) {
+                        return fail(running, format!(
+                            "no answer from the broker within the keep-alive ({})",
+                            humantime::format_duration(self.keep_alive)
+                        ));
+                    }
+                    if ping_sent.is_none() && last_tx.elapsed() >= tick {
+                        self.conn.ping();
+                        if let Err(e) = self.conn.flush().await {
+                            return fail(running, e.to_string());
+                        }
+                        last_tx = Instant::now();
+                        ping_sent = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues the publishes the window allows.
+    fn fill(&mut self, r: &mut Running) {
+        while r.stopped.is_none() && r.sent < r.states.len() && r.inflight < self.window {
+            let i = r.sent;
+            let p = &r.job.publishes[i];
+            // Fixed header (5) + topic length (2) + topic + packet id (2) +
+            // properties (their lengths, with room for the headers) + payload.
+            let size = 9
+                + p.topic.len()
+                + p.payload.len()
+                + p.content_type.as_ref().map_or(0, |c| c.len() + 3)
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 5)
+                    .sum::<usize>()
+                + 5;
+            if let Some(max) = self.max_packet
+                && size > max
+            {
+                r.stopped = Some(JobEnd::Unpublishable {
+                    index: i,
+                    reason: format!(
+                        "the event is {size} bytes as an MQTT packet; the broker takes at most {max} (its Maximum Packet Size)"
+                    ),
+                });
+                break;
+            }
+            let pkid = pkid_after(r.first_pkid, i);
+            if let Err(e) = self.conn.publish(pkid, self.qos, self.retain, p) {
+                r.stopped = Some(JobEnd::Unpublishable {
+                    index: i,
+                    reason: format!("the event cannot be published over MQTT: {e}"),
+                });
+                break;
+            }
+            r.states[i] = State::Sent;
+            r.sent += 1;
+            r.inflight += 1;
+        }
+    }
+
+    fn on_incoming(&mut self, p: Incoming, running: Option<&mut Running>) -> Result<(), String> {
+        match p {
+            Incoming::PubAck { pkid, refused } => {
+                if let Some(r) = running {
+                    settle(r, pkid, refused, State::Sent);
+                }
+            }
+            Incoming::PubRec { pkid, refused } => {
+                if let Some(r) = running {
+                    match refused {
+                        Some(_) => settle(r, pkid, refused, State::Sent),
+                        None => {
+                            if let Some(i) = r.index(pkid)
+                                && r.states[i] == State::Sent
+                            {
+                                r.states[i] = State::Released;
+                            }
+                            self.conn.pubrel(pkid);
+                        }
+                    }
+                }
+            }
+            Incoming::PubComp(pkid) => {
+                if let Some(r) = running {
+                    settle(r, pkid, None, State::Released);
+                }
+            }
+            // Nothing is subscribed; a broker that sends anyway is
+            // answered so that it does not resend forever.
+            Incoming::Publish(p) => self.conn.ack(p.pkid, p.qos),
+            Incoming::PubRel(pkid) => self.conn.pubcomp(pkid),
+            Incoming::Disconnect(reason) => {
+                return Err(format!("the broker ended the connection: {reason}"));
+            }
+            Incoming::ConnAck { .. } => return Err("unexpected CONNACK from the broker".into()),
+            Incoming::SubAck(_) | Incoming::Other => {}
+        }
+        Ok(())
+    }
+}
+
+/// Records the final answer to the publish `pkid` if it was in state
+/// `from`.
+fn settle(r: &mut Running, pkid: u16, refused: Option<Refusal>, from: State) {
+    let Some(i) = r.index(pkid) else {
+        return;
+    };
+    if r.states[i] != from {
+        return;
+    }
+    r.inflight = r.inflight.saturating_sub(1);
+    match refused {
+        None => {
+            r.states[i] = State::Acked;
+            r.advance();
+        }
+        Some(refusal) => {
+            r.states[i] = State::Refused;
+            // The first refusal in batch order is the one reported.
+            let earlier = match &r.stopped {
+                Some(JobEnd::Refused { index, .. }) | Some(JobEnd::Unpublishable { index, .. }) => {
+                    *index < i
+                }
+                _ => false,
+            };
+            if !earlier {
+                r.stopped = Some(JobEnd::Refused { index: i, refusal });
+            }
+        }
+    }
+}
+
+/// Answers the sink about a batch whose every publish was answered.
+fn finish(r: Running) {
+    let end = if r.prefix == r.states.len() {
+        JobEnd::Delivered
+    } else {
+        match r.stopped {
+            Some(end @ (JobEnd::Refused { .. } | JobEnd::Unpublishable { .. })) => end,
+            _ => JobEnd::Lost("the batch ended unacknowledged".into()),
+        }
+    };
+    let _ = r.job.reply.send(end);
+}
+
+/// Answers the sink that the connection ended; returns the reason.
+fn fail(running: Option<Running>, reason: String) -> String {
+    if let Some(r) = running {
+        warn!(acked = r.prefix, of = r.states.len(), reason = %reason, "upstream broker connection lost with publishes in flight");
+        let _ = r.job.reply.send(JobEnd::Lost(reason.clone()));
+    }
+    reason
+}
+
+/// A topic template: `{agent}`, `{source}` and `{stream}` (validated by
+/// check-config).
+#[derive(Debug, Clone)]
+struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(String),
+    Agent,
+    Source,
+    Stream,
+}
+
+impl Template {
+    fn parse(template: &str) -> Template {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            let next = ["{agent}", "{source}", "{stream}"]
+                .iter()
+                .filter_map(|p| rest.find(p).map(|at| (at, *p)))
+                .min();
+            match next {
+                Some((at, placeholder)) => {
+                    if at > 0 {
+                        parts.push(Part::Text(rest[..at].to_owned()));
+                    }
+                    parts.push(match placeholder {
+                        "{agent}" => Part::Agent,
+                        "{source}" => Part::Source,
+                        _ => Part::Stream,
+                    });
+                    rest = &rest[at + placeholder.len()..];
+                }
+                None => {
+                    parts.push(Part::Text(rest.to_owned()));
+                    rest = "";
+                }
+            }
+        }
+        Template { parts }
+    }
+
+    /// The topic of one event. Values lose what a publish topic must not
+    /// hold (the wildcards `+` and `#`, NUL), so that no event can make its
+    /// own topic invalid.
+    fn render(&self, agent: &str, e: &StoredEvent) -> String {
+        let mut out = String::with_capacity(64);
+        for part in &self.parts {
+            let value = match part {
+                Part::Text(t) => {
+                    out.push_str(t);
+                    continue;
+                }
+                Part::Agent => agent,
+                Part::Source => e.source.as_str(),
+                Part::Stream => e.stream.as_str(),
+            };
+            out.extend(value.chars().map(|c| match c {
+                '+' | '#' | '\0' => '_',
+                c => c,
+            }));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Class;
+
+    fn event(stream: &str) -> StoredEvent {
+        StoredEvent {
+            seq: 7,
+            source: "mes".into(),
+            id: "order-1".into(),
+            stream: stream.into(),
+            stream_seq: 3,
+            class: Class::Critical,
+            event_type: "com.example.order".into(),
+            source_time: Some("2026-12-05T10:00:00Z".into()),
+            recv_time_us: 1,
+            data: br#"{"qty":5}"#.to_vec(),
+            attrs: Some(r#"{"datacontenttype":"application/json","line":"3"}"#.into()),
+        }
+    }
+
+    #[test]
+    fn topics_render_placeholders_and_lose_wildcards() {
+        let t = Template::parse("plants/{agent}/{source}/{stream}/events");
+        assert_eq!(
+            t.render("gw-1", &event("line3/press")),
+            "plants/gw-1/mes/line3/press/events"
+        );
+        assert_eq!(
+            t.render("gw-1", &event("a+b/#")),
+            "plants/gw-1/mes/a_b/_/events"
+        );
+        assert_eq!(Template::parse("fixed").render("gw", &event("x")), "fixed");
+    }
+
+    #[test]
+    fn packet_ids_wrap_past_65535_and_skip_zero() {
+        assert_eq!(pkid_after(1, 0), 1);
+        assert_eq!(pkid_after(65_535, 1), 1);
+        assert_eq!(pkid_after(65_000, 1_000), 465);
+        let r = Running {
+            job: Job {
+                publishes: Vec::new(),
+                acked: Arc::new(AtomicUsize::new(0)),
+                reply: oneshot::channel().0,
+            },
+            first_pkid: 65_534,
+            states: vec![State::Sent; 4],
+            sent: 4,
+            inflight: 4,
+            prefix: 0,
+            stopped: None,
+        };
+        assert_eq!(r.index(65_534), Some(0));
+        assert_eq!(r.index(1), Some(2));
+        assert_eq!(r.index(2), Some(3));
+        assert_eq!(r.index(3), None, "not sent in this batch");
+    }
+
+    #[test]
+    fn the_first_refusal_in_batch_order_is_reported_and_the_prefix_stops_there() {
+        let (reply, mut answer) = oneshot::channel();
+        let mut r = Running {
+            job: Job {
+                publishes: Vec::new(),
+                acked: Arc::new(AtomicUsize::new(0)),
+                reply,
+            },
+            first_pkid: 10,
+            states: vec![State::Sent; 4],
+            sent: 4,
+            inflight: 4,
+            prefix: 0,
+            stopped: None,
+        };
+        let refusal = |code| {
+            Some(Refusal {
+                code,
+                reason: format!("{code:#x}"),
+            })
+        };
+        settle(&mut r, 10, None, State::Sent);
+        settle(&mut r, 13, refusal(0x97), State::Sent);
+        settle(&mut r, 12, refusal(0x99), State::Sent);
+        settle(&mut r, 11, None, State::Sent);
+        settle(&mut r, 11, None, State::Sent);
+        assert!(r.done());
+        assert_eq!(r.prefix, 2);
+        assert_eq!(r.job.acked.load(Ordering::Acquire), 2);
+        finish(r);
+        match answer.try_recv() {
+            Ok(JobEnd::Refused { index, refusal }) => {
+                assert_eq!(index, 2);
+                assert_eq!(refusal.code, 0x99);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_of_the_event_reject_and_the_others_retry() {
+        for code in [0x83, 0x90, 0x95, 0x99] {
+            assert!(refuses_the_event(code), "{code:#x}");
+        }
+        for code in [0x80, 0x87, 0x91, 0x97] {
+            assert!(!refuses_the_event(code), "{code:#x}");
+        }
+    }
+
+    #[test]
+    fn data_format_over_v5_carries_the_attributes_as_user_properties() {
+        let (attrs, payload) = event("line3").binary_mode("gw-1");
+        assert_eq!(payload, br#"{"qty":5}"#);
+        let get = |n: &str| attrs.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("id"), Some("order-1"));
+        assert_eq!(get("source"), Some("plantrelay://gw-1/mes"));
+        assert_eq!(get("sequence"), Some("7"));
+        assert_eq!(get("streamsequence"), Some("3"));
+        assert_eq!(get("deliveryclass"), Some("critical"));
+        assert_eq!(get("line"), Some("3"));
+        assert_eq!(get("datacontenttype"), Some("application/json"));
+    }
+}

@@ -1,0 +1,486 @@
+//! The MQTT sink against a real broker in process (rumqttd on loopback):
+//! a subscriber that stays connected checks order and completeness; the
+//! connection is cut mid-run through the fault proxy; the real binary is
+//! killed with SIGKILL mid-batch and restarted. The system Mosquitto runs
+//! the same checks in `tests/interop_mqtt_sink.rs`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plantrelay::agent;
+use plantrelay::config::Config;
+use plantrelay::demo::machines::EmbeddedBroker;
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use support::agent::{http_client, post};
+use support::fault_proxy::FaultProxy;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What a subscriber received: topic, payload and (MQTT 5) user properties.
+#[derive(Debug, Clone)]
+struct Received {
+    topic: String,
+    payload: Vec<u8>,
+    user_properties: Vec<(String, String)>,
+    content_type: Option<String>,
+}
+
+type Inbox = Arc<Mutex<Vec<Received>>>;
+
+/// A QoS 1 subscriber to `filter`, connected until the test ends.
+async fn subscribe_v4(addr: std::net::SocketAddr, filter: &str) -> Inbox {
+    let inbox: Inbox = Arc::default();
+    let mut opts = MqttOptions::new(
+        format!("check-{}", rand::rng().random::<u32>()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let sink = inbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push(Received {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    user_properties: Vec::new(),
+                    content_type: None,
+                }),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(WAIT, subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    // Keep the client alive with the event loop.
+    std::mem::forget(client);
+    inbox
+}
+
+/// An MQTT 5 subscriber (user properties and content type kept).
+async fn subscribe_v5(addr: std::net::SocketAddr, filter: &str) -> Inbox {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{
+        AsyncClient as C5, Event as E5, MqttOptions as O5, mqttbytes::v5::Packet as P5,
+    };
+    let inbox: Inbox = Arc::default();
+    let mut opts = O5::new(
+        format!("check5-{}", rand::rng().random::<u32>()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = C5::new(opts, 1000);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let sink = inbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(E5::Incoming(P5::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(E5::Incoming(P5::Publish(p))) => {
+                    let props = p.properties.clone().unwrap_or_default();
+                    sink.lock().unwrap().push(Received {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        user_properties: props.user_properties,
+                        content_type: props.content_type,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    client.subscribe(filter, Q5::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(WAIT, subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    std::mem::forget(client);
+    inbox
+}
+
+fn config(state: &std::path::Path, listen: &str, sink: &str) -> String {
+    format!(
+        r#"
+[agent]
+id = "gw-mqtt"
+state_dir = "{state}"
+
+[[sources.http]]
+name = "mes"
+listen = "{listen}"
+
+[[sinks.mqtt]]
+name = "uns"
+retry_initial = "50ms"
+retry_max = "500ms"
+timeout = "2s"
+{sink}
+"#,
+        state = state.display()
+    )
+}
+
+fn load(dir: &std::path::Path, text: &str) -> Config {
+    let path = dir.join("plantrelay.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+/// `n` MES events over `streams` streams, ids `<prefix>-<i>`.
+fn events(prefix: &str, range: std::ops::Range<usize>, streams: usize) -> Vec<Value> {
+    range
+        .map(|i| {
+            json!({
+                "specversion": "1.0",
+                "id": format!("{prefix}-{i}"),
+                "source": "mes",
+                "type": "com.example.order",
+                "subject": format!("line{}/orders", i % streams),
+                "data": {"n": i},
+            })
+        })
+        .collect()
+}
+
+/// Checks a subscriber's CloudEvents: every id of `expected` there; per
+/// stream, `streamsequence` rises over first occurrences; the only
+/// duplicates are whole re-sends of the same id. Returns the duplicates.
+fn check(received: &[Value], expected: &HashSet<String>) -> usize {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut dups = 0;
+    for ce in received {
+        let id = ce["id"].as_str().expect("an id").to_owned();
+        if !seen.insert(id.clone()) {
+            dups += 1;
+            continue;
+        }
+        let stream = ce["subject"].as_str().unwrap().to_owned();
+        let seq = ce["streamsequence"].as_u64().unwrap();
+        let prev = last.insert(stream.clone(), seq).unwrap_or(0);
+        assert!(
+            seq > prev,
+            "stream {stream}: {id} (streamsequence {seq}) after {prev}: out of order"
+        );
+    }
+    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} ids missing, e.g. {missing:?}",
+        expected.difference(&seen).count(),
+        expected.len()
+    );
+    dups
+}
+
+fn cloudevents(inbox: &Inbox) -> Vec<Value> {
+    inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("a CloudEvent in JSON"))
+        .collect()
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_reaches_the_upstream_broker_once_and_in_order() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let inbox = subscribe_v4(broker.addr(), "plants/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &config(
+            dir.path(),
+            "127.0.0.1:0",
+            &format!(
+                "url = \"{}\"\ntopic = \"plants/{{agent}}/{{stream}}\"\nbatch_max_events = 64",
+                broker.url()
+            ),
+        ),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let client = http_client();
+    let all = events("ord", 0..3000, 3);
+    for chunk in all.chunks(250) {
+        let (status, body) = post(&client, &url, chunk).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    until("3000 events upstream", || {
+        inbox.lock().unwrap().len() >= 3000
+    })
+    .await;
+    let received = cloudevents(&inbox);
+    let expected: HashSet<String> = (0..3000).map(|i| format!("ord-{i}")).collect();
+    assert_eq!(check(&received, &expected), 0, "no faults, no re-sends");
+    assert_eq!(received.len(), 3000);
+    // The topic template, and the CloudEvent in the payload.
+    let first = &inbox.lock().unwrap()[0];
+    assert_eq!(first.topic, "plants/gw-mqtt/line0/orders");
+    assert_eq!(received[0]["id"], "ord-0");
+    assert_eq!(received[0]["source"], "plantrelay://gw-mqtt/mes");
+    assert_eq!(received[0]["deliveryclass"], "critical");
+    assert_eq!(received[0]["data"], json!({"n": 0}));
+    // The subscriber may see the last publishes before their PUBACKs reach
+    // the sink.
+    until("3000 delivered", || {
+        a.view.sinks[0].progress().delivered >= 3000
+    })
+    .await;
+    assert_eq!(a.view.sinks[0].progress().delivered, 3000);
+    assert_eq!(a.view.sinks[0].kind, "mqtt");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_format_over_mqtt5_carries_the_attributes_as_user_properties() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let inbox = subscribe_v5(broker.v5_addr(), "raw/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &config(
+            dir.path(),
+            "127.0.0.1:0",
+            &format!(
+                "url = \"mqtt://{}\"\nprotocol = \"v5\"\nformat = \"data\"\nqos = 2\ntopic = \"raw/{{source}}/{{stream}}\"",
+                broker.v5_addr()
+            ),
+        ),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let (status, body) = post(&http_client(), &url, &events("raw", 0..200, 2)).await;
+    assert_eq!(status, 202, "{body}");
+    until("200 events upstream", || inbox.lock().unwrap().len() >= 200).await;
+    let got = inbox.lock().unwrap().clone();
+    assert_eq!(got.len(), 200, "QoS 2, no faults: exactly once");
+    for (i, r) in got.iter().enumerate() {
+        let prop = |name: &str| {
+            r.user_properties
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(prop("id"), Some(format!("raw-{i}")), "in journal order");
+        assert_eq!(prop("specversion").as_deref(), Some("1.0"));
+        assert_eq!(prop("type").as_deref(), Some("com.example.order"));
+        assert_eq!(prop("source").as_deref(), Some("plantrelay://gw-mqtt/mes"));
+        assert_eq!(prop("subject"), Some(format!("line{}/orders", i % 2)));
+        assert!(prop("sequence").is_some() && prop("deliveryclass").is_some());
+        assert_eq!(r.topic, format!("raw/mes/line{}/orders", i % 2));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&r.payload).unwrap(),
+            json!({"n": i}),
+            "the payload is the data alone"
+        );
+        assert_eq!(r.content_type.as_deref(), Some("application/json"));
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_run_resumes_in_order_and_loses_nothing() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let inbox = subscribe_v4(broker.addr(), "cut/#").await;
+    let proxy = FaultProxy::start(broker.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load(
+        dir.path(),
+        &config(
+            dir.path(),
+            "127.0.0.1:0",
+            &format!(
+                "url = \"mqtt://{}\"\ntopic = \"cut/{{stream}}\"\nbatch_max_events = 50\nmax_events_per_sec = 2000",
+                proxy.addr()
+            ),
+        ),
+    );
+    let a = agent::start(&cfg).await.unwrap();
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let client = http_client();
+    let all = events("cut", 0..4000, 4);
+    let mut cuts = 0;
+    for (i, chunk) in all.chunks(200).enumerate() {
+        let (status, body) = post(&client, &url, chunk).await;
+        assert_eq!(status, 202, "{body}");
+        if i % 5 == 2 {
+            // Cut while publishes are in flight, then let it reconnect.
+            let before = inbox.lock().unwrap().len();
+            until("some publishes after the last cut", || {
+                inbox.lock().unwrap().len() > before
+            })
+            .await;
+            proxy.cut();
+            cuts += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            proxy.pass();
+        }
+    }
+    let expected: HashSet<String> = (0..4000).map(|i| format!("cut-{i}")).collect();
+    until("every id upstream", || {
+        let ids: HashSet<String> = cloudevents(&inbox)
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .collect();
+        expected.is_subset(&ids)
+    })
+    .await;
+    let dups = check(&cloudevents(&inbox), &expected);
+    assert!(cuts >= 4);
+    assert!(
+        proxy.connections_accepted() > 1,
+        "the sink reconnected after the cuts"
+    );
+    until("4000 delivered", || {
+        a.view.sinks[0].progress().delivered >= 4000
+    })
+    .await;
+    assert_eq!(a.view.sinks[0].progress().delivered, 4000);
+    eprintln!("{cuts} cuts: {dups} re-sends");
+    a.shutdown().await;
+}
+
+fn spawn(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
+        .args(["run", "-c"])
+        .arg(config)
+        .env("PLANTRELAY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_resends_only_the_same_ids_and_loses_nothing() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let inbox = subscribe_v4(broker.addr(), "kill/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("plantrelay.toml");
+    std::fs::write(
+        &path,
+        config(
+            dir.path(),
+            &format!("127.0.0.1:{port}"),
+            &format!(
+                "url = \"{}\"\ntopic = \"kill/{{stream}}\"\nbatch_max_events = 100\nmax_events_per_sec = 3000",
+                broker.url()
+            ),
+        ),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    let client = http_client();
+    let mut accepted = HashSet::new();
+    let mut next = 0usize;
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    while kills < 4 {
+        let mut child = spawn(&path);
+        // Post until the agent dies or a random moment after some publishes.
+        let kill_after = inbox.lock().unwrap().len() + rng.random_range(100..600);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no progress upstream");
+            let batch = events("kill", next..next + 50, 3);
+            match client
+                .post(&url)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(Value::Array(batch).to_string())
+                .send()
+                .await
+            {
+                Ok(r) if r.status().as_u16() == 202 => {
+                    accepted.extend((next..next + 50).map(|i| format!("kill-{i}")));
+                    next += 50;
+                }
+                // Not listening yet (starting up).
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            if inbox.lock().unwrap().len() >= kill_after {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    // A last run drains what is left.
+    let mut child = spawn(&path);
+    until("every accepted id upstream", || {
+        let ids: HashSet<String> = cloudevents(&inbox)
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .collect();
+        accepted.is_subset(&ids)
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let received = cloudevents(&inbox);
+    let dups = check(&received, &accepted);
+    // Re-sends are whole copies of events already upstream.
+    let mut by_id: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for ce in &received {
+        by_id
+            .entry(ce["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(ce);
+    }
+    for (id, copies) in &by_id {
+        assert!(
+            copies.iter().all(|c| *c == copies[0]),
+            "{id}: copies differ"
+        );
+        assert!(accepted.contains(id), "{id} was never accepted");
+    }
+    eprintln!(
+        "{kills} SIGKILLs: {} ids accepted, {} publishes, {dups} re-sends",
+        accepted.len(),
+        received.len()
+    );
+}
