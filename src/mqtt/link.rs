@@ -565,7 +565,7 @@ fn incoming_v5(p: p5::Packet) -> Result<Incoming, LinkError> {
         p5::Packet::PubAck(a) => Incoming::PubAck {
             pkid: a.pkid,
             refused: refusal(
-                a.reason as u8,
+                puback_code(a.reason),
                 format!("{:?}", a.reason),
                 a.properties.and_then(|p| p.reason_string),
             ),
@@ -573,7 +573,7 @@ fn incoming_v5(p: p5::Packet) -> Result<Incoming, LinkError> {
         p5::Packet::PubRec(r) => Incoming::PubRec {
             pkid: r.pkid,
             refused: refusal(
-                r.reason as u8,
+                pubrec_code(r.reason),
                 format!("{:?}", r.reason),
                 r.properties.and_then(|p| p.reason_string),
             ),
@@ -614,4 +614,63 @@ fn refusal(code: u8, name: String, text: Option<String>) -> Option<Refusal> {
             None => format!("{name} (0x{code:02x})"),
         },
     })
+}
+
+/// The wire value of a PUBACK reason (rumqttc's enum has no discriminants;
+/// MQTT 5, 3.4.2.1). rumqttc refuses to parse a code outside this list.
+fn puback_code(r: p5::PubAckReason) -> u8 {
+    use p5::PubAckReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+/// The wire value of a PUBREC reason (MQTT 5, 3.5.2.1).
+fn pubrec_code(r: p5::PubRecReason) -> u8 {
+    use p5::PubRecReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt5_refusals_carry_their_wire_codes() {
+        let mut buf = BytesMut::new();
+        let mut ack = p5::PubAck::new(9, None);
+        ack.reason = p5::PubAckReason::PayloadFormatInvalid;
+        p5::Packet::PubAck(ack).write(&mut buf, None).unwrap();
+        let Ok(Incoming::PubAck { pkid, refused }) =
+            incoming_v5(p5::Packet::read(&mut buf, None).unwrap())
+        else {
+            panic!("not a PUBACK");
+        };
+        assert_eq!(pkid, 9);
+        assert_eq!(refused.map(|r| r.code), Some(0x99));
+        let mut ack = p5::PubAck::new(10, None);
+        ack.reason = p5::PubAckReason::NoMatchingSubscribers;
+        assert!(matches!(
+            incoming_v5(p5::Packet::PubAck(ack)),
+            Ok(Incoming::PubAck { refused: None, .. })
+        ));
+    }
 }

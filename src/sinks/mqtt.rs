@@ -22,9 +22,9 @@
 //!   retry. A broker's ACL is fixed by people; dead-lettering everything
 //!   until then would be worse than waiting.
 //! - The refusals that speak of the event (0x83 implementation specific,
-//!   0x90 topic name invalid, 0x95 packet too large, 0x99 payload format
-//!   invalid), and an event larger than the broker's Maximum Packet Size:
-//!   rejected, naming the event.
+//!   0x90 topic name invalid, 0x99 payload format invalid), and an event
+//!   larger than the broker's Maximum Packet Size: rejected, naming the
+//!   event.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -253,7 +253,7 @@ impl MqttSink {
 /// A refusal that speaks of the event rather than of the broker or of our
 /// rights (see the module doc).
 fn refuses_the_event(code: u8) -> bool {
-    matches!(code, 0x83 | 0x90 | 0x95 | 0x99)
+    matches!(code, 0x83 | 0x90 | 0x99)
 }
 
 /// A batch as publishes (topics rendered, payloads encoded).
@@ -832,7 +832,7 @@ mod tests {
 
     #[test]
     fn refusals_of_the_event_reject_and_the_others_retry() {
-        for code in [0x83, 0x90, 0x95, 0x99] {
+        for code in [0x83, 0x90, 0x99] {
             assert!(refuses_the_event(code), "{code:#x}");
         }
         for code in [0x80, 0x87, 0x91, 0x97] {

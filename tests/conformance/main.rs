@@ -12,12 +12,15 @@
 //!   acknowledgements) and what no real sink should do (panic).
 //! - [`https`]: the HTTPS sink against the project's HTTPS receiver, in
 //!   real time.
+//! - [`mqtt`]: the MQTT sink against a scripted MQTT 5 broker, in real
+//!   time.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod fake;
 mod https;
+mod mqtt;
 mod rig;
 mod scenarios;
 
@@ -70,6 +73,52 @@ macro_rules! conformance {
     };
 }
 
+/// Generates one test per scenario that an upstream acknowledging each
+/// message (MQTT, JetStream) can play: it cannot name no event (bisection)
+/// nor ask for a delay (`Retry-After`), and it acknowledges prefixes.
+macro_rules! per_event_conformance {
+    ($kind:ident, $make:expr, $($flavor:tt)*) => {
+        mod $kind {
+            use crate::scenarios;
+
+            #[tokio::test($($flavor)*)]
+            async fn acks_deliver_everything_in_order_and_move_the_cursor() {
+                scenarios::ack(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_lost_connection_resends_the_same_events() {
+                scenarios::retry(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_partial_ack_moves_the_cursor_over_the_prefix() {
+                scenarios::partial_ack(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_refused_event_is_dead_lettered_after_the_acknowledged_prefix() {
+                scenarios::partial_then_reject(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_timeout_resends_and_loses_nothing() {
+                scenarios::timeout(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_slow_upstream_loses_nothing_and_keeps_order() {
+                scenarios::slow(&$make).await
+            }
+
+            #[tokio::test($($flavor)*)]
+            async fn a_stop_mid_backlog_resumes_at_the_cursor_without_resending() {
+                scenarios::stop_and_resume(&$make).await
+            }
+        }
+    };
+}
+
 conformance!(
     fake_sink,
     crate::fake::FakeUpstream::new(),
@@ -78,6 +127,12 @@ conformance!(
 conformance!(
     https_sink,
     crate::https::HttpsUpstream::new().await,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+per_event_conformance!(
+    mqtt_sink,
+    crate::mqtt::MqttUpstream::new().await,
     flavor = "multi_thread",
     worker_threads = 2
 );

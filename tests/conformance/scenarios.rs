@@ -144,3 +144,49 @@ pub async fn stop_and_resume<U: Upstream>(up: &U) {
     rig.stop().await;
     assert!(rig.supervisor.failures().is_empty());
 }
+
+/// Message-by-message upstreams: a partial acknowledgement moves the
+/// cursor over the prefix; only the rest is sent again.
+pub async fn partial_ack<U: Upstream>(up: &U) {
+    let mut rig = Rig::new(100).await;
+    up.script(vec![
+        Reply::Partial(30),
+        Reply::Partial(0),
+        Reply::Partial(25),
+    ]);
+    rig.start(up, 100);
+    rig.until_drained().await;
+    assert_eq!(
+        check_complete(&up.received(), 100, &[]),
+        0,
+        "what was acknowledged is not sent again"
+    );
+    let p = rig.status.progress();
+    assert_eq!(p.delivered, 100);
+    assert_eq!(p.attempts, 4, "100, then 70 twice, then 45");
+    assert!(rig.dead_letters().is_empty());
+    rig.stop().await;
+}
+
+/// Message-by-message upstreams: the events before a refused one are
+/// delivered, the refused one is dead-lettered, the rest follows.
+pub async fn partial_then_reject<U: Upstream>(up: &U) {
+    let mut rig = Rig::new(50).await;
+    up.script(vec![Reply::RejectAfter {
+        acked: 20,
+        index: Some(20),
+    }]);
+    rig.start(up, 50);
+    rig.until_drained().await;
+    assert_eq!(check_complete(&up.received(), 50, &[21]), 0);
+    let dead = rig.dead_letters();
+    assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![21]);
+    assert!(!dead[0].1.is_empty(), "a dead letter keeps the reason");
+    let p = rig.status.progress();
+    assert_eq!((p.delivered, p.dead_letters), (49, 1));
+    assert_eq!(
+        p.attempts, 2,
+        "the batch, then what follows the refused event"
+    );
+    rig.stop().await;
+}
