@@ -249,8 +249,8 @@ async fn every_event_reaches_the_upstream_broker_once_and_in_order() {
     assert_eq!(check(&received, &expected), 0, "no faults, no re-sends");
     assert_eq!(received.len(), 3000);
     // The topic template, and the CloudEvent in the payload.
-    let first = &inbox.lock().unwrap()[0];
-    assert_eq!(first.topic, "plants/gw-mqtt/line0/orders");
+    let first_topic = inbox.lock().unwrap()[0].topic.clone();
+    assert_eq!(first_topic, "plants/gw-mqtt/line0/orders");
     assert_eq!(received[0]["id"], "ord-0");
     assert_eq!(received[0]["source"], "plantrelay://gw-mqtt/mes");
     assert_eq!(received[0]["deliveryclass"], "critical");

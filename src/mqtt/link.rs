@@ -59,6 +59,13 @@ pub(crate) struct LinkSettings {
     pub max_inflight: u16,
     /// Bound on TCP + TLS + CONNECT/CONNACK, and on every write.
     pub io_timeout: Duration,
+    /// Acknowledge every TCP segment from the broker at once (Linux
+    /// `TCP_QUICKACK`, set again after each read). For the sink: it waits
+    /// for a batch's PUBACKs without sending anything, and a broker that
+    /// leaves Nagle's algorithm on (Mosquitto's default) holds all PUBACKs
+    /// after the first until our delayed ACK comes, 40 ms later: 2,200
+    /// events/s instead of tens of thousands.
+    pub quickack: bool,
     pub topics: Vec<(String, u8)>,
 }
 
@@ -143,6 +150,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// An established connection.
 pub(crate) struct Conn {
     io: Box<dyn Io>,
+    /// The TCP socket again (a duplicate descriptor), to set
+    /// `TCP_QUICKACK` on; see [`LinkSettings::quickack`].
+    quickack: Option<socket2::Socket>,
     protocol: MqttProtocol,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -197,6 +207,15 @@ impl Conn {
             .await
             .map_err(|e| LinkError(format!("TCP connect to {}:{}: {e}", s.host, s.port)))?;
         let _ = tcp.set_nodelay(true);
+        let quickack = if s.quickack {
+            use std::os::fd::AsFd;
+            tcp.as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(socket2::Socket::from)
+        } else {
+            None
+        };
         let io: Box<dyn Io> = match &s.tls {
             Some(cfg) => {
                 let name = rustls::pki_types::ServerName::try_from(s.host.clone())
@@ -211,6 +230,7 @@ impl Conn {
         };
         let mut conn = Conn {
             io,
+            quickack,
             protocol: s.protocol,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(16 * 1024),
@@ -311,6 +331,10 @@ impl Conn {
                 .map_err(|e| LinkError(format!("read: {e}")))?;
             if n == 0 {
                 return Err(LinkError("the broker closed the connection".into()));
+            }
+            if let Some(sock) = &self.quickack {
+                // Linux clears the flag as it sees fit: set it every time.
+                let _ = sock.set_tcp_quickack(true);
             }
         }
     }

@@ -154,6 +154,7 @@ impl MqttSink {
             // subscribed, so this only bounds a misbehaving broker.
             max_inflight: 16,
             io_timeout: cfg.timeout,
+            quickack: true,
             topics: Vec::new(),
         };
         Ok(MqttSink {

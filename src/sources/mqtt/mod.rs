@@ -214,6 +214,8 @@ impl MqttSource {
             tls,
             max_inflight: cfg.max_inflight.max(1),
             io_timeout: (cfg.keep_alive * 2).clamp(Duration::from_secs(3), Duration::from_secs(10)),
+            // Our acks carry the TCP ACKs back to the broker.
+            quickack: false,
             topics: cfg
                 .topics
                 .iter()
