@@ -21,9 +21,6 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigIssue};
 use crate::health::{AgentView, HealthServer, TlsReloader};
 use crate::journal::{Journal, JournalOptions, SyncMode, WhenFull};
-use crate::sources::http::HttpSource;
-use crate::sources::mqtt::MqttSource;
-use crate::sources::opcua::OpcuaSource;
 use crate::status::{SinkStatus, SourceStatus};
 use crate::supervise::Supervised;
 
@@ -139,43 +136,14 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     crate::serve::check_open_file_limit(listener_caps);
 
     // Bind every listener before serving anything.
-    let mut bound = Vec::new();
-    for cfg in &config.sources.http {
-        let source = HttpSource::bind(cfg)
-            .await
-            .map_err(|e| AgentError::Startup(e.to_string()))?;
-        bound.push((cfg.name.clone(), source));
-    }
-    let mut mqtt_sources = Vec::new();
-    for cfg in &config.sources.mqtt {
-        let source = MqttSource::new(cfg, &config.agent.id)
-            .map_err(|e| AgentError::Startup(e.to_string()))?;
-        mqtt_sources.push((cfg.name.clone(), source));
-    }
-    let mut opcua_sources = Vec::new();
-    for cfg in &config.sources.opcua {
-        let source = OpcuaSource::new(cfg, &config.agent.id, &config.agent.state_dir)
-            .map_err(|e| AgentError::Startup(e.to_string()))?;
-        opcua_sources.push((cfg.name.clone(), source));
-    }
+    let sources = crate::sources::build(config)
+        .await
+        .map_err(AgentError::Startup)?;
     let sinks = crate::sinks::build(config).map_err(AgentError::Startup)?;
 
-    let source_status: Vec<Arc<SourceStatus>> = bound
+    let source_status: Vec<Arc<SourceStatus>> = sources
         .iter()
-        .map(|(name, _)| Arc::new(SourceStatus::new(name, "http")))
-        .collect();
-    let mqtt_status: Vec<Arc<SourceStatus>> = mqtt_sources
-        .iter()
-        .map(|(name, _)| Arc::new(SourceStatus::new(name, "mqtt")))
-        .collect();
-    let opcua_status: Vec<Arc<SourceStatus>> = opcua_sources
-        .iter()
-        .map(|(name, _)| Arc::new(SourceStatus::new(name, "opcua")))
-        .collect();
-    let source_status: Vec<Arc<SourceStatus>> = source_status
-        .into_iter()
-        .chain(mqtt_status.clone())
-        .chain(opcua_status.clone())
+        .map(|c| Arc::new(SourceStatus::new(&c.name, c.kind)))
         .collect();
     let sink_status: Vec<Arc<SinkStatus>> = sinks
         .iter()
@@ -202,36 +170,17 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     let supervisor = view.supervisor.clone();
     let mut http_addrs = Vec::new();
     let mut source_tasks = Vec::new();
-    for ((name, source), status) in bound.into_iter().zip(&source_status) {
-        http_addrs.push((name.clone(), source.local_addr()));
-        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        let task = format!("HTTP source '{name}'");
-        source_tasks.push(supervisor.spawn(task, async move {
-            if let Err(e) = source.serve(journal, status.clone(), stop).await {
-                error!(source = %name, error = %e, "HTTP source stopped with an error");
-                status.record_error(e.to_string());
-            }
-        }));
-    }
-    for ((name, source), status) in mqtt_sources.into_iter().zip(&mqtt_status) {
-        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        let task = format!("MQTT source '{name}'");
-        source_tasks.push(supervisor.spawn(task, async move {
-            if let Err(e) = source.run(journal, status.clone(), stop).await {
-                error!(source = %name, error = %e, "MQTT source stopped with an error");
-                status.record_error(e.to_string());
-            }
-        }));
-    }
-    for ((name, source), status) in opcua_sources.into_iter().zip(&opcua_status) {
-        let (journal, status, stop) = (journal.clone(), status.clone(), sources_stop.clone());
-        let task = format!("OPC UA source '{name}'");
-        source_tasks.push(supervisor.spawn(task, async move {
-            if let Err(e) = source.run(journal, status.clone(), stop).await {
-                error!(source = %name, error = %e, "OPC UA source stopped with an error");
-                status.record_error(e.to_string());
-            }
-        }));
+    for (component, status) in sources.into_iter().zip(&source_status) {
+        if let Some(addr) = component.local_addr {
+            http_addrs.push((component.name.clone(), addr));
+        }
+        let task = match component.kind {
+            "http" => format!("HTTP source '{}'", component.name),
+            "mqtt" => format!("MQTT source '{}'", component.name),
+            _ => format!("OPC UA source '{}'", component.name),
+        };
+        let run = component.run(journal.clone(), status.clone(), sources_stop.clone());
+        source_tasks.push(supervisor.spawn(task, run));
     }
     let mut forwarder_tasks = Vec::new();
     for (component, status) in sinks.into_iter().zip(&sink_status) {

@@ -37,8 +37,8 @@ use toml::de::DeTable;
 pub use error::{ConfigError, ConfigIssue};
 pub use files::read_secret;
 pub use sinks::{
-    Compression, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, MqttSinkFormat, Priority,
-    lanes,
+    ClientTlsKeys, Compression, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig,
+    MqttSinkFormat, Priority, SinkKeys, lanes,
 };
 pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,

@@ -39,6 +39,91 @@ pub fn lanes(classes: &[Class], priority: Priority) -> Vec<Option<Class>> {
     }
 }
 
+/// The keys every sink kind shares: what it takes (routing, lanes) and
+/// how it forwards (batching, pacing, retries). They are written out in
+/// each kind's table rather than `#[serde(flatten)]`ed in, because a
+/// flattened table loses the line of a wrong value and the "did you mean"
+/// of a mistyped key; they are read through this one view instead, for one
+/// validation and one conversion into forwarder settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    pub name: &'a str,
+    pub batch_max_events: usize,
+    /// The kind's largest `batch_max_events`.
+    pub batch_max_events_limit: usize,
+    /// `batch_max_bytes`, for the kinds that have it.
+    pub batch_max_bytes: Option<u64>,
+    pub max_events_per_sec: u32,
+    pub batch_linger: Duration,
+    pub classes: &'a [Class],
+    pub streams: &'a [String],
+    pub priority: Priority,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// The client TLS keys of a sink kind.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTlsKeys<'a> {
+    pub ca_file: Option<&'a PathBuf>,
+    pub client_cert: Option<&'a PathBuf>,
+    pub client_key: Option<&'a PathBuf>,
+}
+
+/// What every sink config offers, whatever its kind.
+pub trait SinkKeys {
+    /// `"https"`, `"mqtt"` or `"jetstream"`.
+    const KIND: &'static str;
+    fn forwarding(&self) -> Forwarding<'_>;
+    fn tls(&self) -> ClientTlsKeys<'_>;
+}
+
+/// Largest batch of an HTTPS or JetStream sink.
+pub const MAX_BATCH_EVENTS: usize = 100_000;
+/// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
+pub const MAX_MQTT_INFLIGHT: usize = 65_535;
+
+macro_rules! sink_keys {
+    ($ty:ty, $kind:literal, $limit:expr, |$s:ident| $bytes:expr) => {
+        impl SinkKeys for $ty {
+            const KIND: &'static str = $kind;
+
+            fn forwarding(&self) -> Forwarding<'_> {
+                let $s = self;
+                Forwarding {
+                    name: &self.name,
+                    batch_max_events: self.batch_max_events,
+                    batch_max_events_limit: $limit,
+                    batch_max_bytes: $bytes,
+                    max_events_per_sec: self.max_events_per_sec,
+                    batch_linger: self.batch_linger,
+                    classes: &self.classes,
+                    streams: &self.streams,
+                    priority: self.priority,
+                    retry_initial: self.retry_initial,
+                    retry_max: self.retry_max,
+                }
+            }
+
+            fn tls(&self) -> ClientTlsKeys<'_> {
+                ClientTlsKeys {
+                    ca_file: self.ca_file.as_ref(),
+                    client_cert: self.client_cert.as_ref(),
+                    client_key: self.client_key.as_ref(),
+                }
+            }
+        }
+    };
+}
+
+sink_keys!(HttpsSinkConfig, "https", MAX_BATCH_EVENTS, |s| Some(
+    s.batch_max_bytes
+));
+sink_keys!(MqttSinkConfig, "mqtt", MAX_MQTT_INFLIGHT, |_s| None);
+sink_keys!(JetStreamSinkConfig, "jetstream", MAX_BATCH_EVENTS, |_s| {
+    None
+});
+
 /// `[[sinks.https]]`: POST CloudEvents batches
 /// (`application/cloudevents-batch+json`) to an HTTPS ingest API.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -12,7 +12,9 @@ use url::Url;
 use crate::event::Class;
 
 use super::locate::RawIssue;
-use super::sinks::{HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig};
+use super::sinks::{
+    ClientTlsKeys, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, SinkKeys,
+};
 use super::sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttSourceConfig, OpcuaNodeConfig, OpcuaSourceConfig,
     SecurityMode, SecurityPolicy,
@@ -26,10 +28,6 @@ const MIN_DEDUP_IDS: usize = 1000;
 /// Largest accepted `journal.dedup_max_ids`: its index (12 bytes an id) is
 /// allocated at start, and a stray digit should not ask for gigabytes.
 const MAX_DEDUP_IDS: usize = 100_000_000;
-/// Largest batch of an HTTPS or JetStream sink.
-const MAX_BATCH_EVENTS: usize = 100_000;
-/// Largest in-flight window of an MQTT sink (packet ids are 16 bits).
-const MAX_MQTT_INFLIGHT: usize = 65_535;
 /// Largest `max_connections` of a listener.
 const MAX_LISTENER_CONNECTIONS: usize = 65_536;
 /// Bounds of `sources.http.max_events_per_request`: the upper one keeps one
@@ -647,9 +645,40 @@ fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
     }
 }
 
+/// The keys every sink kind shares (see [`Forwarding`]).
+fn forwarding(issues: &mut Issues<'_>, p: &str, f: &Forwarding<'_>) {
+    classes(issues, p, f.classes);
+    stream_filters(issues, p, f.streams);
+    issues.batch(
+        format!("{p}.batch_max_events"),
+        f.batch_max_events,
+        f.batch_max_events_limit,
+    );
+    if f.batch_max_bytes == Some(0) {
+        issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
+    }
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        f.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
+    issues.retry(p, f.retry_initial, f.retry_max);
+}
+
+/// A client certificate needs its key, and the other way round.
+fn client_tls(issues: &mut Issues<'_>, p: &str, t: &ClientTlsKeys<'_>) {
+    issues.pair(
+        p,
+        ("client_cert", t.client_cert.is_some()),
+        ("client_key", t.client_key.is_some()),
+    );
+}
+
 fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
-    classes(issues, p, &s.classes);
-    stream_filters(issues, p, &s.streams);
+    forwarding(issues, p, &s.forwarding());
+    client_tls(issues, p, &s.tls());
     let schemes: &[&str] = if s.allow_plain_http {
         &["https", "http"]
     } else {
@@ -662,32 +691,11 @@ fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
     };
     issues.url(&format!("{p}.url"), &s.url, schemes, note);
     issues.requires(p, ("ca_only", s.ca_only), ("ca_file", s.ca_file.is_some()));
-    issues.pair(
-        p,
-        ("client_cert", s.client_cert.is_some()),
-        ("client_key", s.client_key.is_some()),
-    );
-    issues.batch(
-        format!("{p}.batch_max_events"),
-        s.batch_max_events,
-        MAX_BATCH_EVENTS,
-    );
-    if s.batch_max_bytes == 0 {
-        issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
-    }
-    at_most(
-        issues,
-        format!("{p}.batch_linger"),
-        s.batch_linger,
-        MAX_BATCH_LINGER,
-        "delivery may wait this long",
-    );
-    issues.retry(p, s.retry_initial, s.retry_max);
 }
 
 fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
-    classes(issues, p, &s.classes);
-    stream_filters(issues, p, &s.streams);
+    forwarding(issues, p, &s.forwarding());
+    client_tls(issues, p, &s.tls());
     issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
     mqtt_tls_needs_mqtts(
         issues,
@@ -720,29 +728,11 @@ fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
         ("password_file", s.password_file.is_some()),
         ("username", s.username.is_some()),
     );
-    issues.pair(
-        p,
-        ("client_cert", s.client_cert.is_some()),
-        ("client_key", s.client_key.is_some()),
-    );
-    issues.batch(
-        format!("{p}.batch_max_events"),
-        s.batch_max_events,
-        MAX_MQTT_INFLIGHT,
-    );
-    at_most(
-        issues,
-        format!("{p}.batch_linger"),
-        s.batch_linger,
-        MAX_BATCH_LINGER,
-        "delivery may wait this long",
-    );
-    issues.retry(p, s.retry_initial, s.retry_max);
 }
 
 fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
-    classes(issues, p, &s.classes);
-    stream_filters(issues, p, &s.streams);
+    forwarding(issues, p, &s.forwarding());
+    client_tls(issues, p, &s.tls());
     for url in &s.url {
         issues.url(&format!("{p}.url"), url, &["nats", "tls"], "");
     }
@@ -782,30 +772,12 @@ fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
             ),
         );
     }
-    at_most(
-        issues,
-        format!("{p}.batch_linger"),
-        s.batch_linger,
-        MAX_BATCH_LINGER,
-        "delivery may wait this long",
-    );
     if s.token_file.is_some() && s.credentials_file.is_some() {
         issues.push(
             format!("{p}.credentials_file"),
             "set either token_file or credentials_file, not both",
         );
     }
-    issues.pair(
-        p,
-        ("client_cert", s.client_cert.is_some()),
-        ("client_key", s.client_key.is_some()),
-    );
-    issues.batch(
-        format!("{p}.batch_max_events"),
-        s.batch_max_events,
-        MAX_BATCH_EVENTS,
-    );
-    issues.retry(p, s.retry_initial, s.retry_max);
 }
 
 /// TLS settings on a plain `mqtt://` URL would silently not be used.

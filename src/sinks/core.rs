@@ -309,6 +309,32 @@ pub struct ForwarderSettings {
     pub streams: crate::route::StreamFilter,
 }
 
+/// Most bytes of events read for one batch of a sink without
+/// `batch_max_bytes` (one publish per event: MQTT, JetStream).
+pub const PER_EVENT_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+impl ForwarderSettings {
+    /// The settings of any sink's config (see [`crate::config::Forwarding`]).
+    pub fn of(cfg: &impl crate::config::SinkKeys) -> ForwarderSettings {
+        let f = cfg.forwarding();
+        ForwarderSettings {
+            name: f.name.to_owned(),
+            batch_max_events: f.batch_max_events,
+            batch_max_bytes: f.batch_max_bytes.map_or(PER_EVENT_BATCH_MAX_BYTES, |b| {
+                usize::try_from(b).unwrap_or(usize::MAX)
+            }),
+            max_events_per_sec: f.max_events_per_sec,
+            batch_linger: f.batch_linger,
+            retry: RetryPolicy {
+                initial: f.retry_initial,
+                max: f.retry_max,
+            },
+            lanes: crate::config::lanes(f.classes, f.priority),
+            streams: crate::route::StreamFilter::new(f.streams),
+        }
+    }
+}
+
 /// What the driver sees when it asks [`Core::next`].
 #[derive(Debug, Clone, Copy)]
 pub struct Now {

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
-use super::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
+use super::{ForwarderSettings, SendOutcome, Sink};
 use crate::config::{Compression, HttpsSinkConfig, read_secret};
 use crate::event::StoredEvent;
 use crate::tls::{ClientTls, client_config, reqwest_client_builder};
@@ -91,19 +91,7 @@ impl HttpsSink {
 
     /// The forwarder settings of this sink's config.
     pub fn settings(cfg: &HttpsSinkConfig) -> ForwarderSettings {
-        ForwarderSettings {
-            name: cfg.name.clone(),
-            batch_max_events: cfg.batch_max_events,
-            batch_max_bytes: usize::try_from(cfg.batch_max_bytes).unwrap_or(usize::MAX),
-            max_events_per_sec: cfg.max_events_per_sec,
-            batch_linger: cfg.batch_linger,
-            retry: RetryPolicy {
-                initial: cfg.retry_initial,
-                max: cfg.retry_max,
-            },
-            lanes: crate::config::lanes(&cfg.classes, cfg.priority),
-            streams: crate::route::StreamFilter::new(&cfg.streams),
-        }
+        ForwarderSettings::of(cfg)
     }
 
     /// The request body: the batch as CloudEvents JSON, compressed as

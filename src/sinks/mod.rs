@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use self::core::{
-    Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now, Plan,
-    RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
+    Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now,
+    PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
 };
 use crate::event::{Class, StoredEvent};
 use crate::journal::{Journal, JournalError, Reader, unix_micros};

@@ -35,7 +35,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
+use super::{ForwarderSettings, SendOutcome, Sink};
 use crate::config::{MqttProtocol, MqttSinkConfig, MqttSinkFormat, read_secret};
 use crate::event::StoredEvent;
 use crate::mqtt::link::{Conn, Incoming, LinkSettings, OutgoingPublish, Refusal};
@@ -48,9 +48,6 @@ pub struct MqttSinkError {
     pub sink: String,
     pub detail: String,
 }
-
-/// Most bytes of events read for one batch of a per-event sink.
-pub const BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct MqttSink {
     name: String,
@@ -173,19 +170,7 @@ impl MqttSink {
 
     /// The forwarder settings of this sink's config.
     pub fn settings(cfg: &MqttSinkConfig) -> ForwarderSettings {
-        ForwarderSettings {
-            name: cfg.name.clone(),
-            batch_max_events: cfg.batch_max_events,
-            batch_max_bytes: BATCH_MAX_BYTES,
-            max_events_per_sec: cfg.max_events_per_sec,
-            batch_linger: cfg.batch_linger,
-            retry: RetryPolicy {
-                initial: cfg.retry_initial,
-                max: cfg.retry_max,
-            },
-            lanes: crate::config::lanes(&cfg.classes, cfg.priority),
-            streams: crate::route::StreamFilter::new(&cfg.streams),
-        }
+        ForwarderSettings::of(cfg)
     }
 
     /// One event as a publish.
