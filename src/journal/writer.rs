@@ -3,6 +3,7 @@
 //! Between batches it does retention and WAL upkeep. It must never block on
 //! anything but SQLite and its own queue.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -93,6 +94,21 @@ pub(crate) struct WriterState {
     /// The current transaction writes the `streams` table: `dirty_streams`
     /// is cleared once it commits.
     flushing_streams: bool,
+    /// The last answer of [`WriterState::effective_cursor`]'s probe per
+    /// lane key. Retention asks after every cursor move; a lane whose class
+    /// has no event after its cursor (the telemetry lane of an all-critical
+    /// backlog) would otherwise scan the whole table each time, telemetry
+    /// having no index.
+    probes: RefCell<HashMap<String, Probe>>,
+}
+
+/// What the probe found for a lane at `cursor`: the first event of its
+/// class after it (`first`), looking at the rows up to `through`.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    cursor: u64,
+    through: u64,
+    first: Option<u64>,
 }
 
 /// One committed eviction round: the eviction count before and after it,
@@ -485,6 +501,7 @@ impl WriterState {
             full_logged: false,
             capped_warned_us: None,
             recent_evictions: VecDeque::new(),
+            probes: RefCell::new(HashMap::new()),
             relaxed_sync: false,
             unsynced_cursors: false,
             dirty_streams,
@@ -544,7 +561,29 @@ impl WriterState {
         let Some((_, class)) = super::lane_of_key(key) else {
             return cursor;
         };
-        let first = super::reader::first_of_class_after(&self.conn, class, cursor);
+        let head = self.next_seq.saturating_sub(1);
+        let cached = self.probes.borrow().get(key).copied();
+        // Rows are only appended after `through` (a rollback, an eviction
+        // or a rewind clears the cache): an earlier answer still holds for a
+        // cursor that did not move past it, and a search that found nothing
+        // goes on from where it stopped.
+        let first = match cached {
+            Some(p) if cursor >= p.cursor && p.first.is_some_and(|f| cursor < f) => Ok(p.first),
+            Some(p) if cursor >= p.cursor && p.first.is_none() => {
+                super::reader::first_of_class_after(&self.conn, class, cursor.max(p.through))
+            }
+            _ => super::reader::first_of_class_after(&self.conn, class, cursor),
+        };
+        if let Ok(found) = first {
+            self.probes.borrow_mut().insert(
+                key.to_owned(),
+                Probe {
+                    cursor,
+                    through: head,
+                    first: found,
+                },
+            );
+        }
         match first {
             Ok(Some(f)) => f.saturating_sub(1).max(cursor),
             Ok(None) => self.next_seq.saturating_sub(1).max(cursor),
@@ -822,6 +861,7 @@ impl WriterState {
     }
 
     fn rollback(&mut self, undo: Undo) {
+        self.probes.borrow_mut().clear();
         self.next_seq = undo.next_seq;
         self.last_recv_us = undo.last_recv_us;
         for (source, touched) in undo.streams {
@@ -1169,6 +1209,7 @@ impl WriterState {
         to: RewindTo,
         undo: &mut Undo,
     ) -> Result<Result<u64, JournalError>, Fatal> {
+        self.probes.borrow_mut().clear();
         let from_seq = match to {
             RewindTo::Seq(s) => s.max(1),
             RewindTo::Since(t) => {
@@ -1593,6 +1634,7 @@ impl WriterState {
                 if self.recent_evictions.len() == RECENT_EVICTION_ROUNDS {
                     self.recent_evictions.pop_front();
                 }
+                self.probes.borrow_mut().clear();
                 self.recent_evictions.push_back(EvictionRound {
                     before,
                     after: before + n,
