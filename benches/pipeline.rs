@@ -19,8 +19,15 @@
 //!   events are upstream); and a sink with `classes = ["critical"]` that
 //!   wants 20k events of a 2M backlog (time until it has them).
 //!
+//! - (e) JetStream: a journal pre-filled with 500k events (~200 B of
+//!   data), drained in process by a JetStream sink into a nats-server
+//!   (`-js`, file storage, started by the bench), against a plain
+//!   async-nats publisher of the same messages in the same run (pipelined,
+//!   acks awaited per window of 256) as the ceiling: events/s, and CPU µs
+//!   per event of this process (the server is another process).
+//!
 //! `PLANTRELAY_BENCH_SCALE=0.05` shrinks every count (for a quick look);
-//! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone;
+//! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone, `=jetstream` (e) alone;
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
 
 use std::io::Write;
@@ -36,8 +43,11 @@ use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptio
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{Journal, SyncMode};
 
+#[path = "../tests/support/nats_server.rs"]
+mod nats_server;
 #[path = "support/mod.rs"]
 mod support;
+use nats_server::NatsServer;
 use support::{clk_tck, scale, stat_ticks, status_kib};
 
 /// Events per ingest request.
@@ -895,6 +905,17 @@ async fn main() {
         print_lanes(&lanes);
         return;
     }
+    if std::env::var("PLANTRELAY_BENCH_ONLY").as_deref() == Ok("jetstream") {
+        // (e) alone.
+        let js = run_jetstream(&env, tck).await;
+        println!();
+        println!("| measure | events | figure | target | result |");
+        println!("|---|---:|---:|---|---|");
+        print_jetstream(&js);
+        println!();
+        print_jetstream_notes(&js);
+        return;
+    }
     let bin = agent_binary();
     let run_start = Instant::now();
 
@@ -904,6 +925,7 @@ async fn main() {
     let small = drain_binary(&env, &bin, n(100_000), "small", tck).await;
     let large = drain_binary(&env, &bin, n(2_000_000), "large", tck).await;
     let lanes = run_lanes(&env).await;
+    let js = run_jetstream(&env, tck).await;
     println!();
     println!("| measure | events | figure | target | result |");
     println!("|---|---:|---:|---|---|");
@@ -943,6 +965,7 @@ async fn main() {
         );
     }
     print_lanes(&lanes);
+    print_jetstream(&js);
     let spread = mib(large.hwm_kib) / mib(small.hwm_kib).max(f64::MIN_POSITIVE) - 1.0;
     println!(
         "| peak RSS, {} vs {} backlog | | {:+.0}% | within ±10% | {} |",
@@ -1008,6 +1031,7 @@ async fn main() {
             if d.ordered { "ok" } else { "NOT ok" },
         );
     }
+    print_jetstream_notes(&js);
     println!(
         "total bench time {:.0} s; load average at the end: {}",
         run_start.elapsed().as_secs_f64(),
@@ -1015,4 +1039,267 @@ async fn main() {
     );
     // Dropping env deletes every temp file.
     drop(env);
+}
+
+// ---------------------------------------------------------------------------
+// (e) JetStream
+
+/// Events per window of the plain publisher (acks awaited per window), and
+/// the sink's `batch_max_events`.
+const JS_WINDOW: usize = 256;
+const JS_TARGET: f64 = 50_000.0;
+/// The sink against the plain publisher of the same events.
+const JS_SHARE_TARGET: f64 = 0.70;
+const JS_AGENT: &str = "gw-bench";
+
+struct JsRun {
+    events: u64,
+    rate: f64,
+    elapsed_s: f64,
+    complete: bool,
+    cpu_s: f64,
+}
+
+struct JetStreamBench {
+    fill_rate: f64,
+    /// `priority = "journal_order"`: one cursor.
+    sink: JsRun,
+    stored: u64,
+    /// `priority = "critical_first"` (the default): a cursor per class.
+    lanes: JsRun,
+    lanes_stored: u64,
+    plain: JsRun,
+}
+
+/// The event `i` as the journal hands it back after the fill (seq `i + 1`).
+fn stored_event(prefix: &str, i: u64) -> plantrelay::event::StoredEvent {
+    let e = new_event(prefix, i);
+    plantrelay::event::StoredEvent {
+        seq: i + 1,
+        source: e.source,
+        id: e.id,
+        stream: e.stream,
+        stream_seq: i / STREAMS + 1,
+        class: e.class,
+        event_type: e.event_type,
+        source_time: e.source_time,
+        recv_time_us: 0,
+        data: e.data,
+        attrs: e.attrs,
+    }
+}
+
+/// A plain async-nats JetStream publisher of the same messages (built by
+/// the sink's own encoding on a blocking thread, ahead, as the forwarder
+/// does): windows of [`JS_WINDOW`] publishes, pipelined, then their acks.
+async fn plain_publisher(server: &NatsServer, count: u64, tck: f64) -> JsRun {
+    use async_nats::jetstream::message::PublishMessage;
+    use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+    use plantrelay::sinks::jetstream::{SubjectTemplate, outgoing};
+
+    let js = server.jetstream().await;
+    js.create_stream(StreamConfig {
+        name: "CEILING".into(),
+        subjects: vec!["ceiling.>".into()],
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream CEILING");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let me = std::process::id().to_string();
+    let (cpu0, _) = cpu_seconds(&me, tck);
+    let start = Instant::now();
+    let producer = tokio::task::spawn_blocking(move || {
+        let template = SubjectTemplate::new("ceiling.{agent}.{stream}", JS_AGENT);
+        let mut i = 0;
+        while i < count {
+            let k = (JS_WINDOW as u64).min(count - i);
+            let window: Vec<_> = (i..i + k)
+                .map(|x| outgoing(&template, JS_AGENT, &stored_event("plain", x)).into_parts())
+                .collect();
+            if tx.blocking_send(window).is_err() {
+                return;
+            }
+            i += k;
+        }
+    });
+    let mut acked = 0u64;
+    while let Some(window) = rx.recv().await {
+        let mut acks = Vec::with_capacity(window.len());
+        for (subject, headers, payload) in window {
+            let p = PublishMessage::build().payload(payload).headers(headers);
+            acks.push(js.send_publish(subject, p).await.expect("publish"));
+        }
+        for a in acks {
+            a.await.expect("ack");
+            acked += 1;
+        }
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let (cpu1, _) = cpu_seconds(&me, tck);
+    producer.await.expect("producer");
+    JsRun {
+        events: count,
+        rate: acked as f64 / elapsed_s,
+        elapsed_s,
+        complete: acked == count,
+        cpu_s: cpu1 - cpu0,
+    }
+}
+
+/// A journal pre-filled with `count` events, drained by `agent::start`
+/// with one JetStream sink (file-stored stream, batches of
+/// [`JS_WINDOW`]): events/s and the agent's CPU from start until the
+/// status counts every event delivered.
+async fn drain_jetstream(
+    env: &Env,
+    server: &NatsServer,
+    count: u64,
+    priority: &str,
+    tck: f64,
+) -> (f64, JsRun, u64) {
+    let stream = format!("BENCH_{}", priority.to_uppercase());
+    let dir = env.dir.path().join(format!("jetstream-{priority}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = format!(
+        r#"
+[agent]
+id = "{JS_AGENT}"
+state_dir = "{state}"
+shutdown_timeout = "10s"
+
+[journal]
+sync = "full"
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+
+[[sinks.jetstream]]
+name = "central"
+url = "{url}"
+stream = "{stream}"
+subject = "{priority}.{{agent}}.{{stream}}"
+create_stream = true
+batch_max_events = {JS_WINDOW}
+priority = "{priority}"
+"#,
+        state = dir.join("state").display(),
+        url = server.url(),
+    );
+    let path = dir.join("plantrelay.toml");
+    std::fs::write(&path, text).expect("write config");
+    let config = Config::load(&path).expect("config");
+    let fill_rate = fill(&config, count, "drain").await;
+    let me = std::process::id().to_string();
+    let (cpu0, _) = cpu_seconds(&me, tck);
+    let start = Instant::now();
+    let a = agent::start(&config).await.expect("agent start");
+    let sink = a.view.sinks[0].clone();
+    let deadline = start + wait_limit(count);
+    while sink.progress().delivered < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let (cpu1, _) = cpu_seconds(&me, tck);
+    let delivered = sink.progress().delivered;
+    a.shutdown().await;
+    let stored = server.count(&stream).await;
+    (
+        fill_rate,
+        JsRun {
+            events: count,
+            rate: delivered as f64 / elapsed_s,
+            elapsed_s,
+            complete: delivered >= count,
+            cpu_s: cpu1 - cpu0,
+        },
+        stored,
+    )
+}
+
+async fn run_jetstream(env: &Env, tck: f64) -> JetStreamBench {
+    let count = n(500_000);
+    let server = NatsServer::start().await;
+    let plain = plain_publisher(&server, count, tck).await;
+    let (fill_rate, sink, stored) =
+        drain_jetstream(env, &server, count, "journal_order", tck).await;
+    let (_, lanes, lanes_stored) =
+        drain_jetstream(env, &server, count, "critical_first", tck).await;
+    JetStreamBench {
+        fill_rate,
+        sink,
+        stored,
+        lanes,
+        lanes_stored,
+        plain,
+    }
+}
+
+fn print_jetstream(b: &JetStreamBench) {
+    let share = b.sink.rate / b.plain.rate.max(f64::MIN_POSITIVE);
+    println!(
+        "| JetStream sink drain, in process (agent + nats-server -js, file storage), journal_order | {} | {} | ≥ 50k events/s | {} |",
+        count_label(b.sink.events),
+        drain_rate(b.sink.rate, b.sink.complete, b.stored, b.sink.elapsed_s),
+        at_least(b.sink.rate, JS_TARGET)
+    );
+    println!(
+        "| the same, critical_first (default; two lanes, no telemetry in the journal) | {} | {} | ≥ 50k events/s | {} |",
+        count_label(b.lanes.events),
+        drain_rate(
+            b.lanes.rate,
+            b.lanes.complete,
+            b.lanes_stored,
+            b.lanes.elapsed_s
+        ),
+        at_least(b.lanes.rate, JS_TARGET)
+    );
+    println!(
+        "| plain async-nats publisher, same events (windows of {JS_WINDOW}) | {} | {} | ceiling | |",
+        count_label(b.plain.events),
+        drain_rate(
+            b.plain.rate,
+            b.plain.complete,
+            b.plain.events,
+            b.plain.elapsed_s
+        ),
+    );
+    println!(
+        "| JetStream sink / plain publisher | | {:.0}% | ≥ 70% | {} |",
+        100.0 * share,
+        if share >= JS_SHARE_TARGET {
+            "ok".to_string()
+        } else {
+            format!(
+                "**miss** ({:.0} points under)",
+                100.0 * (JS_SHARE_TARGET - share)
+            )
+        }
+    );
+    println!(
+        "| CPU per event, agent (journal_order drain, critical_first drain) vs plain publisher | | {:.1} µs, {:.1} µs vs {:.1} µs | | |",
+        1e6 * b.sink.cpu_s / b.sink.events as f64,
+        1e6 * b.lanes.cpu_s / b.lanes.events as f64,
+        1e6 * b.plain.cpu_s / b.plain.events as f64,
+    );
+}
+
+fn print_jetstream_notes(b: &JetStreamBench) {
+    println!(
+        "jetstream: fill {:.0} events/s; sink drain (journal_order) {:.1} s wall, agent CPU {:.1} s, stream holds {} of {}; (critical_first) {:.1} s wall, agent CPU {:.1} s, stream holds {} of {}; plain publisher {:.1} s wall, CPU {:.1} s",
+        b.fill_rate,
+        b.sink.elapsed_s,
+        b.sink.cpu_s,
+        b.stored,
+        b.sink.events,
+        b.lanes.elapsed_s,
+        b.lanes.cpu_s,
+        b.lanes_stored,
+        b.lanes.events,
+        b.plain.elapsed_s,
+        b.plain.cpu_s,
+    );
 }

@@ -163,6 +163,8 @@ pub struct SinkProgress {
     pub attempts: u64,
     pub consecutive_failures: u64,
     pub dead_letters: u64,
+    /// See [`crate::sinks::Sink::upstream_duplicates`].
+    pub upstream_duplicates: u64,
     pub last_success_us: Option<i64>,
     pub last_error: Option<(i64, String)>,
     pub running: bool,

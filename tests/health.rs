@@ -561,6 +561,7 @@ async fn metrics_parse_as_prometheus_text_and_agree_with_the_status_json() {
         "plantrelay_evicted_events_total",
         "plantrelay_sink_delivered_events_total",
         "plantrelay_sink_attempts_total",
+        "plantrelay_sink_upstream_duplicate_events_total",
     ] {
         assert!(is_counter(&scrape, counter), "{counter} is not a counter");
     }

@@ -32,7 +32,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use support::agent::Harness;
 use support::fault_proxy::FaultProxy;
-use support::mosquitto::{Mosquitto, free_port};
+use support::mosquitto::Mosquitto;
 
 const WAIT: Duration = Duration::from_secs(90);
 

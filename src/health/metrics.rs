@@ -283,6 +283,14 @@ pub fn render(r: &StatusReport) -> String {
     );
     counters(
         &mut reg,
+        "plantrelay_sink_upstream_duplicate_events",
+        "Events the upstream acknowledged as already held since start (JetStream deduplication of re-sends)",
+        r.sinks
+            .iter()
+            .map(|s| (sink(&s.name), s.upstream_duplicates)),
+    );
+    counters(
+        &mut reg,
         "plantrelay_sink_attempts",
         "Batches sent upstream since start, successful or not",
         r.sinks.iter().map(|s| (sink(&s.name), s.attempts)),

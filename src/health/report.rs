@@ -101,6 +101,8 @@ pub struct SinkReport {
     pub backlog_events: u64,
     pub oldest_undelivered_age_seconds: Option<f64>,
     pub delivered: u64,
+    /// Of those, re-sends the upstream said it already held (JetStream).
+    pub upstream_duplicates: u64,
     pub attempts: u64,
     pub dead_letters: u64,
     pub running: bool,
@@ -397,6 +399,7 @@ impl AgentView {
                     backlog_events: backlog,
                     oldest_undelivered_age_seconds: oldest_age.map(|d| d.as_secs_f64()),
                     delivered: p.delivered,
+                    upstream_duplicates: p.upstream_duplicates,
                     attempts: p.attempts,
                     dead_letters,
                     running: p.running,

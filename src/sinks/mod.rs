@@ -84,6 +84,14 @@ pub trait Sink: Send + Sync + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Events the upstream acknowledged as already held since start
+    /// (JetStream's `duplicate: true`): re-sends after a retry or a
+    /// restart that the server's deduplication dropped. Upstreams that do
+    /// not say keep the default.
+    fn upstream_duplicates(&self) -> u64 {
+        0
+    }
 }
 
 /// A sink built from its config, not yet running: what `agent::start`
@@ -631,6 +639,10 @@ impl<S: Sink> Forwarder<S> {
                         };
                         self.status.update(|p| p.attempts += 1);
                         let outcome = self.sink.send(slice, body).await;
+                        let duplicates = self.sink.upstream_duplicates();
+                        if duplicates > 0 {
+                            self.status.update(|p| p.upstream_duplicates = duplicates);
+                        }
                         match &outcome {
                             SendOutcome::Ack => {
                                 debug!(sink = %name, first, last, events = slice.len(), "batch delivered")

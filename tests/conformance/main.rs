@@ -20,6 +20,8 @@ mod support;
 
 mod fake;
 mod https;
+#[cfg(feature = "interop")]
+mod jetstream;
 mod mqtt;
 mod rig;
 mod scenarios;

@@ -7,4 +7,5 @@
 pub mod agent;
 pub mod fault_proxy;
 pub mod mosquitto;
+pub mod nats_server;
 pub mod opcua_server;
