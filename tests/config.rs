@@ -985,3 +985,78 @@ fn streams_that_cannot_meet_or_share_a_class_are_accepted() {
         }
     }
 }
+
+/// Every sink the annotated example configures is built (TLS material,
+/// secrets and credentials loaded, nothing connected): copying the example
+/// gives an agent whose every sink kind starts.
+#[test]
+fn every_sink_of_the_example_config_is_built() {
+    use plantrelay::demo::receiver::EphemeralPki;
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    fs::create_dir_all(etc.join("tls")).unwrap();
+    let pki = EphemeralPki::generate().unwrap();
+    fs::create_dir_all(dir.path().join("pki")).unwrap();
+    let paths = pki.write_to(&dir.path().join("pki")).unwrap();
+    let text = fs::read_to_string(config_dir().join("plantrelay.example.toml"))
+        .unwrap()
+        .replace("/etc/plantrelay/", &format!("{}/", etc.display()))
+        .replace(
+            "/var/lib/plantrelay",
+            &dir.path().join("state").display().to_string(),
+        );
+    for line in text.lines() {
+        let Some((_, value)) = line.split_once(" = \"") else {
+            continue;
+        };
+        let Some(path) = value.strip_suffix('"') else {
+            continue;
+        };
+        let Ok(rel) = Path::new(path).strip_prefix(&etc) else {
+            continue;
+        };
+        let name = rel.to_string_lossy();
+        let source = if name.ends_with("ca.crt") {
+            Some(&paths.ca)
+        } else if name.ends_with(".crt") {
+            Some(&paths.client_cert)
+        } else if name.ends_with(".key") {
+            Some(&paths.client_key)
+        } else {
+            None
+        };
+        match source {
+            Some(src) => {
+                fs::copy(src, etc.join(rel)).unwrap();
+            }
+            None if name.ends_with(".creds") => {
+                let seed = nkeys::KeyPair::new_user().seed().unwrap();
+                fs::write(
+                    etc.join(rel),
+                    format!(
+                        "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.sig\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+                    ),
+                )
+                .unwrap();
+            }
+            None => fs::write(etc.join(rel), "s3cret-from-a-file\n").unwrap(),
+        }
+    }
+    let path = dir.path().join("plantrelay.toml");
+    fs::write(&path, &text).unwrap();
+    let config = Config::load(&path).unwrap();
+    plantrelay::tls::install_crypto_provider();
+    let sinks = plantrelay::sinks::build(&config).unwrap();
+    let kinds: Vec<&str> = sinks.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds.len(),
+        config.sink_names().len(),
+        "every sink of the example is built"
+    );
+    for kind in ["https", "mqtt", "jetstream"] {
+        assert!(
+            kinds.contains(&kind),
+            "the example has a {kind} sink: {kinds:?}"
+        );
+    }
+}

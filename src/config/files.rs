@@ -36,6 +36,36 @@ pub fn read_secret(path: &Path) -> io::Result<String> {
     Ok(secret.to_owned())
 }
 
+/// Reads a credentials file of several lines (a NATS `.creds` file: a JWT
+/// and an NKey seed in armored blocks), at most 64 KiB. Errors name the
+/// path; the content never appears in them.
+pub fn read_credentials(path: &Path) -> io::Result<String> {
+    const MAX: u64 = 64 * 1024;
+    let too_big = fs::metadata(path).is_ok_and(|m| m.len() > MAX);
+    if too_big {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "credentials file {} is larger than 64 KiB: not a credentials file",
+                path.display()
+            ),
+        ));
+    }
+    let text = fs::read_to_string(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot read credentials file {}: {e}", path.display()),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("credentials file {} is empty", path.display()),
+        ));
+    }
+    Ok(text)
+}
+
 /// How a path is checked when the config is loaded.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PathKind {

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use toml::de::DeTable;
 
 pub use error::{ConfigError, ConfigIssue};
-pub use files::read_secret;
+pub use files::{read_credentials, read_secret};
 pub use sinks::{
     ClientTlsKeys, Compression, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig,
     MqttSinkFormat, Priority, SinkKeys, lanes,

@@ -57,7 +57,7 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::{ForwarderSettings, RetryPolicy, SendOutcome, Sink};
-use crate::config::{JetStreamSinkConfig, read_secret};
+use crate::config::{JetStreamSinkConfig, read_credentials, read_secret};
 use crate::event::StoredEvent;
 use crate::tls::{ClientTls, client_config};
 
@@ -502,7 +502,7 @@ impl JetStreamSink {
         let auth = match (&cfg.token_file, &cfg.credentials_file) {
             (Some(path), _) => Auth::Token(read_secret(path).map_err(|e| err(e.to_string()))?),
             (None, Some(path)) => {
-                let text = read_secret(path).map_err(|e| err(e.to_string()))?;
+                let text = read_credentials(path).map_err(|e| err(e.to_string()))?;
                 // Parsed now so that a damaged file is a config error, not
                 // a connection failure retried forever.
                 let (jwt, seed) = parse_creds(&text).map_err(|e| {
