@@ -1,6 +1,6 @@
 //! `[[sinks.https]]`, `[[sinks.mqtt]]` and `[[sinks.jetstream]]`: where the
-//! journal is forwarded to. Plain data; the field docs are the user
-//! documentation.
+//! journal is forwarded to, and the checks of their keys that the types
+//! alone cannot make. The field docs are the user documentation. No I/O.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +10,10 @@ use url::Url;
 
 use super::sources::MqttProtocol;
 use super::units;
+use super::validate::{
+    Issues, MAX_BATCH_LINGER, SINK_PLACEHOLDERS, at_most, check_subject_literal, check_template,
+    classes, mqtt_tls_needs_mqtts, stream_filters,
+};
 use crate::event::Class;
 
 /// The order a sink delivers in (`priority`).
@@ -408,6 +412,143 @@ pub struct JetStreamSinkConfig {
     /// Timeout for connecting and for each publish acknowledgement. Default: `"10s"`.
     #[serde(default = "default_10s", deserialize_with = "units::duration_nonzero")]
     pub timeout: Duration,
+}
+
+// Validation: what the types alone cannot say about a sink's keys.
+
+/// The keys every sink kind shares (see [`Forwarding`]).
+fn check_forwarding(issues: &mut Issues<'_>, p: &str, f: &Forwarding<'_>) {
+    classes(issues, p, f.classes);
+    stream_filters(issues, p, f.streams);
+    issues.batch(
+        format!("{p}.batch_max_events"),
+        f.batch_max_events,
+        f.batch_max_events_limit,
+    );
+    if f.batch_max_bytes == Some(0) {
+        issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
+    }
+    at_most(
+        issues,
+        format!("{p}.batch_linger"),
+        f.batch_linger,
+        MAX_BATCH_LINGER,
+        "delivery may wait this long",
+    );
+    issues.retry(p, f.retry_initial, f.retry_max);
+}
+
+/// A client certificate needs its key, and the other way round.
+fn check_client_tls(issues: &mut Issues<'_>, p: &str, t: &ClientTlsKeys<'_>) {
+    issues.pair(
+        p,
+        ("client_cert", t.client_cert.is_some()),
+        ("client_key", t.client_key.is_some()),
+    );
+}
+
+pub(super) fn check_https(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
+    check_forwarding(issues, p, &s.forwarding());
+    check_client_tls(issues, p, &s.tls());
+    let schemes: &[&str] = if s.allow_plain_http {
+        &["https", "http"]
+    } else {
+        &["https"]
+    };
+    let note = if s.allow_plain_http || s.url.scheme() != "http" {
+        ""
+    } else {
+        " (plain `http://` needs allow_plain_http = true)"
+    };
+    issues.url(&format!("{p}.url"), &s.url, schemes, note);
+    issues.requires(p, ("ca_only", s.ca_only), ("ca_file", s.ca_file.is_some()));
+}
+
+pub(super) fn check_mqtt(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
+    check_forwarding(issues, p, &s.forwarding());
+    check_client_tls(issues, p, &s.tls());
+    issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
+    mqtt_tls_needs_mqtts(
+        issues,
+        p,
+        &s.url,
+        &[
+            ("ca_file", s.ca_file.is_some()),
+            ("client_cert", s.client_cert.is_some()),
+        ],
+    );
+    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
+    let allowed = "`{agent}`, `{source}` or `{stream}`";
+    match check_template(&s.topic, &placeholder, allowed) {
+        Err(message) => issues.push(format!("{p}.topic"), message),
+        Ok(()) if s.topic.contains(['+', '#']) => issues.push(
+            format!("{p}.topic"),
+            "a publish topic must not contain the wildcards `+` or `#`",
+        ),
+        Ok(()) => {}
+    }
+    if !(1..=2).contains(&s.qos) {
+        issues.push(format!("{p}.qos"), format!("must be 1 or 2, got {}", s.qos));
+    }
+    if let Some(id) = &s.client_id {
+        issues.non_empty(format!("{p}.client_id"), id);
+    }
+    issues.mqtt_keep_alive(format!("{p}.keep_alive"), s.keep_alive);
+    issues.requires(
+        p,
+        ("password_file", s.password_file.is_some()),
+        ("username", s.username.is_some()),
+    );
+}
+
+pub(super) fn check_jetstream(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
+    check_forwarding(issues, p, &s.forwarding());
+    check_client_tls(issues, p, &s.tls());
+    for url in &s.url {
+        issues.url(&format!("{p}.url"), url, &["nats", "tls"], "");
+    }
+    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
+    let allowed = "`{agent}`, `{source}` or `{stream}`";
+    match check_template(&s.subject, &placeholder, allowed) {
+        Err(message) => issues.push(format!("{p}.subject"), message),
+        Ok(()) => {
+            if let Err(message) = check_subject_literal(&s.subject) {
+                issues.push(format!("{p}.subject"), message);
+            }
+        }
+    }
+    if let Some(stream) = &s.stream
+        && (stream.is_empty()
+            || stream.contains(|c: char| c.is_whitespace() || ".*>/\\".contains(c)))
+    {
+        issues.push(
+            format!("{p}.stream"),
+            format!(
+                "invalid JetStream stream name `{stream}`: must be non-empty without spaces, `.`, `*`, `>`, `/` or `\\`"
+            ),
+        );
+    }
+    issues.requires(
+        p,
+        ("create_stream", s.create_stream),
+        ("stream", s.stream.is_some()),
+    );
+    let horizon = s.retry_max + s.timeout;
+    if s.duplicate_window < horizon {
+        issues.push(
+            format!("{p}.duplicate_window"),
+            format!(
+                "must be at least retry_max + timeout ({}), so that a batch resent after a failure is recognised as a duplicate",
+                humantime::format_duration(horizon)
+            ),
+        );
+    }
+    if s.token_file.is_some() && s.credentials_file.is_some() {
+        issues.push(
+            format!("{p}.credentials_file"),
+            "set either token_file or credentials_file, not both",
+        );
+    }
 }
 
 fn all_classes() -> Vec<Class> {

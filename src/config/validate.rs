@@ -12,9 +12,6 @@ use url::Url;
 use crate::event::Class;
 
 use super::locate::RawIssue;
-use super::sinks::{
-    ClientTlsKeys, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig, SinkKeys,
-};
 use super::sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttSourceConfig, OpcuaNodeConfig, OpcuaSourceConfig,
     SecurityMode, SecurityPolicy,
@@ -44,22 +41,22 @@ const HTTP_MAX_ATTRIBUTES: (usize, usize) = (16, 1024);
 /// Upper bound of `journal.commit_window`: every ack may wait this long.
 const MAX_COMMIT_WINDOW: Duration = Duration::from_millis(100);
 /// Upper bound of a sink's `batch_linger`: delivery may wait this long.
-const MAX_BATCH_LINGER: Duration = Duration::from_secs(10);
+pub(super) const MAX_BATCH_LINGER: Duration = Duration::from_secs(10);
 /// Placeholders a sink topic or subject template may use.
-const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
+pub(super) const SINK_PLACEHOLDERS: &[&str] = &["agent", "source", "stream"];
 
 /// Collects issues, each for a key path.
-struct Issues<'a> {
+pub(super) struct Issues<'a> {
     out: &'a mut Vec<RawIssue>,
 }
 
 impl Issues<'_> {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.out.push(RawIssue::new(path, message));
     }
 
     /// Reports on whichever of two keys that must come together is set alone.
-    fn pair(&mut self, prefix: &str, a: (&str, bool), b: (&str, bool)) {
+    pub(super) fn pair(&mut self, prefix: &str, a: (&str, bool), b: (&str, bool)) {
         let (set, unset) = match (a.1, b.1) {
             (true, false) => (a.0, b.0),
             (false, true) => (b.0, a.0),
@@ -72,7 +69,7 @@ impl Issues<'_> {
     }
 
     /// Reports a key that is set although the key it depends on is not.
-    fn requires(&mut self, prefix: &str, key: (&str, bool), needed: (&str, bool)) {
+    pub(super) fn requires(&mut self, prefix: &str, key: (&str, bool), needed: (&str, bool)) {
         if key.1 && !needed.1 {
             self.push(
                 format!("{prefix}.{}", key.0),
@@ -82,7 +79,7 @@ impl Issues<'_> {
     }
 
     /// Checks a URL's scheme, host and that it carries no credentials.
-    fn url(&mut self, path: &str, url: &Url, schemes: &[&str], note: &str) {
+    pub(super) fn url(&mut self, path: &str, url: &Url, schemes: &[&str], note: &str) {
         if !schemes.contains(&url.scheme()) {
             let expected: Vec<String> = schemes.iter().map(|s| format!("`{s}://`")).collect();
             self.push(
@@ -106,13 +103,13 @@ impl Issues<'_> {
         }
     }
 
-    fn batch(&mut self, path: String, value: usize, max: usize) {
+    pub(super) fn batch(&mut self, path: String, value: usize, max: usize) {
         if !(1..=max).contains(&value) {
             self.push(path, format!("must be between 1 and {max}, got {value}"));
         }
     }
 
-    fn retry(&mut self, prefix: &str, initial: Duration, max: Duration) {
+    pub(super) fn retry(&mut self, prefix: &str, initial: Duration, max: Duration) {
         if max < initial {
             self.push(
                 format!("{prefix}.retry_max"),
@@ -125,7 +122,7 @@ impl Issues<'_> {
         }
     }
 
-    fn mqtt_keep_alive(&mut self, path: String, keep_alive: Duration) {
+    pub(super) fn mqtt_keep_alive(&mut self, path: String, keep_alive: Duration) {
         if keep_alive < Duration::from_secs(1) || keep_alive > Duration::from_secs(65_535) {
             self.push(path, "must be between 1s and 65535s");
         }
@@ -170,7 +167,7 @@ impl Issues<'_> {
         }
     }
 
-    fn non_empty(&mut self, path: String, value: &str) {
+    pub(super) fn non_empty(&mut self, path: String, value: &str) {
         if value.trim().is_empty() {
             self.push(path, "must not be empty");
         }
@@ -198,13 +195,13 @@ pub(crate) fn validate(config: &Config, out: &mut Vec<RawIssue>) {
     }
     let sinks = &config.sinks;
     for (i, s) in sinks.https.iter().enumerate() {
-        https_sink(&mut issues, &format!("sinks.https[{i}]"), s);
+        super::sinks::check_https(&mut issues, &format!("sinks.https[{i}]"), s);
     }
     for (i, s) in sinks.mqtt.iter().enumerate() {
-        mqtt_sink(&mut issues, &format!("sinks.mqtt[{i}]"), s);
+        super::sinks::check_mqtt(&mut issues, &format!("sinks.mqtt[{i}]"), s);
     }
     for (i, s) in sinks.jetstream.iter().enumerate() {
-        jetstream_sink(&mut issues, &format!("sinks.jetstream[{i}]"), s);
+        super::sinks::check_jetstream(&mut issues, &format!("sinks.jetstream[{i}]"), s);
     }
 
     let source_names: Vec<(String, &str)> = (sources.http.iter().enumerate())
@@ -308,7 +305,13 @@ fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
 }
 
 /// A duration key that must not pass `max` (the message names both).
-fn at_most(issues: &mut Issues<'_>, path: String, value: Duration, max: Duration, why: &str) {
+pub(super) fn at_most(
+    issues: &mut Issues<'_>,
+    path: String,
+    value: Duration,
+    max: Duration,
+    why: &str,
+) {
     if value > max {
         issues.push(
             path,
@@ -622,7 +625,7 @@ fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
 }
 
 /// `streams` holds valid MQTT-style filters.
-fn stream_filters(issues: &mut Issues<'_>, p: &str, streams: &[String]) {
+pub(super) fn stream_filters(issues: &mut Issues<'_>, p: &str, streams: &[String]) {
     for f in streams {
         if let Err(e) = crate::route::check_filter(f) {
             issues.push(format!("{p}.streams"), e);
@@ -631,7 +634,7 @@ fn stream_filters(issues: &mut Issues<'_>, p: &str, streams: &[String]) {
 }
 
 /// `classes` names each class at most once, and at least one.
-fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
+pub(super) fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
     if classes.is_empty() {
         issues.push(
             format!("{p}.classes"),
@@ -645,143 +648,13 @@ fn classes(issues: &mut Issues<'_>, p: &str, classes: &[crate::event::Class]) {
     }
 }
 
-/// The keys every sink kind shares (see [`Forwarding`]).
-fn forwarding(issues: &mut Issues<'_>, p: &str, f: &Forwarding<'_>) {
-    classes(issues, p, f.classes);
-    stream_filters(issues, p, f.streams);
-    issues.batch(
-        format!("{p}.batch_max_events"),
-        f.batch_max_events,
-        f.batch_max_events_limit,
-    );
-    if f.batch_max_bytes == Some(0) {
-        issues.push(format!("{p}.batch_max_bytes"), "must be greater than zero");
-    }
-    at_most(
-        issues,
-        format!("{p}.batch_linger"),
-        f.batch_linger,
-        MAX_BATCH_LINGER,
-        "delivery may wait this long",
-    );
-    issues.retry(p, f.retry_initial, f.retry_max);
-}
-
-/// A client certificate needs its key, and the other way round.
-fn client_tls(issues: &mut Issues<'_>, p: &str, t: &ClientTlsKeys<'_>) {
-    issues.pair(
-        p,
-        ("client_cert", t.client_cert.is_some()),
-        ("client_key", t.client_key.is_some()),
-    );
-}
-
-fn https_sink(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig) {
-    forwarding(issues, p, &s.forwarding());
-    client_tls(issues, p, &s.tls());
-    let schemes: &[&str] = if s.allow_plain_http {
-        &["https", "http"]
-    } else {
-        &["https"]
-    };
-    let note = if s.allow_plain_http || s.url.scheme() != "http" {
-        ""
-    } else {
-        " (plain `http://` needs allow_plain_http = true)"
-    };
-    issues.url(&format!("{p}.url"), &s.url, schemes, note);
-    issues.requires(p, ("ca_only", s.ca_only), ("ca_file", s.ca_file.is_some()));
-}
-
-fn mqtt_sink(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {
-    forwarding(issues, p, &s.forwarding());
-    client_tls(issues, p, &s.tls());
-    issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
-    mqtt_tls_needs_mqtts(
-        issues,
-        p,
-        &s.url,
-        &[
-            ("ca_file", s.ca_file.is_some()),
-            ("client_cert", s.client_cert.is_some()),
-        ],
-    );
-    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
-    let allowed = "`{agent}`, `{source}` or `{stream}`";
-    match check_template(&s.topic, &placeholder, allowed) {
-        Err(message) => issues.push(format!("{p}.topic"), message),
-        Ok(()) if s.topic.contains(['+', '#']) => issues.push(
-            format!("{p}.topic"),
-            "a publish topic must not contain the wildcards `+` or `#`",
-        ),
-        Ok(()) => {}
-    }
-    if !(1..=2).contains(&s.qos) {
-        issues.push(format!("{p}.qos"), format!("must be 1 or 2, got {}", s.qos));
-    }
-    if let Some(id) = &s.client_id {
-        issues.non_empty(format!("{p}.client_id"), id);
-    }
-    issues.mqtt_keep_alive(format!("{p}.keep_alive"), s.keep_alive);
-    issues.requires(
-        p,
-        ("password_file", s.password_file.is_some()),
-        ("username", s.username.is_some()),
-    );
-}
-
-fn jetstream_sink(issues: &mut Issues<'_>, p: &str, s: &JetStreamSinkConfig) {
-    forwarding(issues, p, &s.forwarding());
-    client_tls(issues, p, &s.tls());
-    for url in &s.url {
-        issues.url(&format!("{p}.url"), url, &["nats", "tls"], "");
-    }
-    let placeholder = |name: &str| SINK_PLACEHOLDERS.contains(&name);
-    let allowed = "`{agent}`, `{source}` or `{stream}`";
-    match check_template(&s.subject, &placeholder, allowed) {
-        Err(message) => issues.push(format!("{p}.subject"), message),
-        Ok(()) => {
-            if let Err(message) = check_subject_literal(&s.subject) {
-                issues.push(format!("{p}.subject"), message);
-            }
-        }
-    }
-    if let Some(stream) = &s.stream
-        && (stream.is_empty()
-            || stream.contains(|c: char| c.is_whitespace() || ".*>/\\".contains(c)))
-    {
-        issues.push(
-            format!("{p}.stream"),
-            format!(
-                "invalid JetStream stream name `{stream}`: must be non-empty without spaces, `.`, `*`, `>`, `/` or `\\`"
-            ),
-        );
-    }
-    issues.requires(
-        p,
-        ("create_stream", s.create_stream),
-        ("stream", s.stream.is_some()),
-    );
-    let horizon = s.retry_max + s.timeout;
-    if s.duplicate_window < horizon {
-        issues.push(
-            format!("{p}.duplicate_window"),
-            format!(
-                "must be at least retry_max + timeout ({}), so that a batch resent after a failure is recognised as a duplicate",
-                humantime::format_duration(horizon)
-            ),
-        );
-    }
-    if s.token_file.is_some() && s.credentials_file.is_some() {
-        issues.push(
-            format!("{p}.credentials_file"),
-            "set either token_file or credentials_file, not both",
-        );
-    }
-}
-
 /// TLS settings on a plain `mqtt://` URL would silently not be used.
-fn mqtt_tls_needs_mqtts(issues: &mut Issues<'_>, p: &str, url: &Url, keys: &[(&str, bool)]) {
+pub(super) fn mqtt_tls_needs_mqtts(
+    issues: &mut Issues<'_>,
+    p: &str,
+    url: &Url,
+    keys: &[(&str, bool)],
+) {
     if url.scheme() != "mqtt" {
         return;
     }
@@ -954,7 +827,7 @@ pub(crate) fn check_template(
 
 /// The literal parts of a NATS subject template: no spaces or wildcards, no
 /// empty tokens.
-fn check_subject_literal(subject: &str) -> Result<(), String> {
+pub(super) fn check_subject_literal(subject: &str) -> Result<(), String> {
     if subject.contains(|c: char| c.is_whitespace() || c == '*' || c == '>') {
         return Err(format!(
             "invalid subject `{subject}`: must not contain spaces or the wildcards `*` and `>`"
