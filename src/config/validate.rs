@@ -2,6 +2,10 @@
 //! alone cannot say (names, URL schemes, paired keys, ranges, node ids, topic
 //! filters, templates, listener clashes). Every issue is collected, none stops
 //! the others; positions are added later by the locator. No I/O here.
+//!
+//! This module holds the whole-config checks (agent, journal, health, names,
+//! listeners, stream classes) and the helpers; each source and sink kind's
+//! own checks live beside its config type (`sources.rs`, `sinks.rs`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,10 +16,7 @@ use url::Url;
 use crate::event::Class;
 
 use super::locate::RawIssue;
-use super::sources::{
-    Deadband, HttpSourceConfig, MqttFormat, MqttSourceConfig, OpcuaNodeConfig, OpcuaSourceConfig,
-    SecurityMode, SecurityPolicy,
-};
+use super::sources::SecurityMode;
 use super::{AgentConfig, Config, HealthConfig, JournalConfig};
 
 /// Smallest accepted `journal.max_size`.
@@ -27,17 +28,6 @@ const MIN_DEDUP_IDS: usize = 1000;
 const MAX_DEDUP_IDS: usize = 100_000_000;
 /// Largest `max_connections` of a listener.
 const MAX_LISTENER_CONNECTIONS: usize = 65_536;
-/// Bounds of `sources.http.max_events_per_request`: the upper one keeps one
-/// request's parsed events within tens of megabytes.
-const HTTP_MAX_EVENTS_PER_REQUEST: (usize, usize) = (1, 100_000);
-/// Bounds of `sources.http.max_concurrent_requests`: each request in flight
-/// may hold up to about `max_body` times a small factor in memory.
-const HTTP_MAX_CONCURRENT_REQUESTS: (usize, usize) = (1, 64);
-/// Bounds of `sources.http.max_depth`: see [`crate::event::MAX_DEPTH_LIMIT`].
-const HTTP_MAX_DEPTH: (usize, usize) = (1, crate::event::MAX_DEPTH_LIMIT);
-/// Bounds of `sources.http.max_attributes`: the CloudEvents core attributes
-/// alone are ten.
-const HTTP_MAX_ATTRIBUTES: (usize, usize) = (16, 1024);
 /// Upper bound of `journal.commit_window`: every ack may wait this long.
 const MAX_COMMIT_WINDOW: Duration = Duration::from_millis(100);
 /// Upper bound of a sink's `batch_linger`: delivery may wait this long.
@@ -129,7 +119,7 @@ impl Issues<'_> {
     }
 
     /// The connection caps and timeouts every listener has (`crate::serve`).
-    fn listener_limits(
+    pub(super) fn listener_limits(
         &mut self,
         p: &str,
         max_connections: usize,
@@ -185,13 +175,13 @@ pub(crate) fn validate(config: &Config, out: &mut Vec<RawIssue>) {
 
     let sources = &config.sources;
     for (i, s) in sources.http.iter().enumerate() {
-        http_source(&mut issues, &format!("sources.http[{i}]"), s);
+        super::sources::check_http(&mut issues, &format!("sources.http[{i}]"), s);
     }
     for (i, s) in sources.mqtt.iter().enumerate() {
-        mqtt_source(&mut issues, &format!("sources.mqtt[{i}]"), s);
+        super::sources::check_mqtt(&mut issues, &format!("sources.mqtt[{i}]"), s);
     }
     for (i, s) in sources.opcua.iter().enumerate() {
-        opcua_source(&mut issues, &format!("sources.opcua[{i}]"), s);
+        super::sources::check_opcua(&mut issues, &format!("sources.opcua[{i}]"), s);
     }
     let sinks = &config.sinks;
     for (i, s) in sinks.https.iter().enumerate() {
@@ -338,290 +328,6 @@ fn health(issues: &mut Issues<'_>, health: &HealthConfig) {
         health.header_timeout,
         health.request_timeout,
     );
-}
-
-fn http_source(issues: &mut Issues<'_>, p: &str, s: &HttpSourceConfig) {
-    issues.pair(
-        p,
-        ("tls_cert", s.tls_cert.is_some()),
-        ("tls_key", s.tls_key.is_some()),
-    );
-    if s.max_body == 0 {
-        issues.push(format!("{p}.max_body"), "must be greater than zero");
-    }
-    issues.listener_limits(
-        p,
-        s.max_connections,
-        s.max_connections_per_ip,
-        s.header_timeout,
-        s.request_timeout,
-    );
-    for (key, value, (min, max)) in [
-        (
-            "max_events_per_request",
-            s.max_events_per_request,
-            HTTP_MAX_EVENTS_PER_REQUEST,
-        ),
-        (
-            "max_concurrent_requests",
-            s.max_concurrent_requests,
-            HTTP_MAX_CONCURRENT_REQUESTS,
-        ),
-        ("max_depth", s.max_depth, HTTP_MAX_DEPTH),
-        ("max_attributes", s.max_attributes, HTTP_MAX_ATTRIBUTES),
-    ] {
-        if !(min..=max).contains(&value) {
-            issues.push(
-                format!("{p}.{key}"),
-                format!("must be between {min} and {max}; got {value}"),
-            );
-        }
-    }
-}
-
-fn mqtt_source(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
-    issues.url(&format!("{p}.url"), &s.url, &["mqtt", "mqtts"], "");
-    mqtt_tls_needs_mqtts(
-        issues,
-        p,
-        &s.url,
-        &[
-            ("ca_file", s.ca_file.is_some()),
-            ("client_cert", s.client_cert.is_some()),
-        ],
-    );
-    if let Some(id) = &s.client_id {
-        issues.non_empty(format!("{p}.client_id"), id);
-    }
-    issues.mqtt_keep_alive(format!("{p}.keep_alive"), s.keep_alive);
-    issues.requires(
-        p,
-        ("password_file", s.password_file.is_some()),
-        ("username", s.username.is_some()),
-    );
-    issues.pair(
-        p,
-        ("client_cert", s.client_cert.is_some()),
-        ("client_key", s.client_key.is_some()),
-    );
-
-    if s.topics.is_empty() {
-        issues.push(
-            format!("{p}.topics"),
-            "at least one topic filter is required",
-        );
-    }
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, topic) in s.topics.iter().enumerate() {
-        let path = format!("{p}.topics[{i}]");
-        if let Err(message) = check_topic_filter(&topic.filter) {
-            issues.push(path, message);
-        } else if let Some(first) = seen.insert(topic.filter.as_str(), i) {
-            issues.push(
-                path,
-                format!(
-                    "topic filter `{}` is already subscribed by topics[{first}]",
-                    topic.filter
-                ),
-            );
-        }
-    }
-
-    for (key, pointer) in [
-        ("id_pointer", &s.id_pointer),
-        ("time_pointer", &s.time_pointer),
-    ] {
-        let Some(pointer) = pointer else { continue };
-        if let Err(message) = check_json_pointer(pointer) {
-            issues.push(format!("{p}.{key}"), message);
-        } else if s.format != MqttFormat::Json {
-            issues.push(
-                format!("{p}.{key}"),
-                format!("`{key}` only applies to format = \"json\""),
-            );
-        }
-    }
-    let stream_placeholder =
-        |name: &str| name == "topic" || name.parse::<usize>().is_ok_and(|n| n >= 1);
-    if let Err(message) =
-        check_template(&s.stream, &stream_placeholder, "`{topic}` or `{N}` (N ≥ 1)")
-    {
-        issues.push(format!("{p}.stream"), message);
-    }
-    issues.non_empty(format!("{p}.type"), &s.event_type);
-    if s.max_inflight == 0 {
-        issues.push(
-            format!("{p}.max_inflight"),
-            "must be between 1 and 65535, got 0",
-        );
-    }
-    if s.max_payload == 0 {
-        issues.push(format!("{p}.max_payload"), "must be greater than zero");
-    }
-    sparkplug_limits(issues, p, s);
-}
-
-fn sparkplug_limits(issues: &mut Issues<'_>, p: &str, s: &MqttSourceConfig) {
-    const KIB: u64 = 1024;
-    const MIB: u64 = 1024 * KIB;
-    for (key, value, min, max, bounds) in [
-        (
-            "sparkplug_max_metrics",
-            s.sparkplug_max_metrics,
-            1,
-            1_000_000,
-            "between 1 and 1000000",
-        ),
-        (
-            "sparkplug_max_event_size",
-            s.sparkplug_max_event_size,
-            KIB,
-            256 * MIB,
-            "between 1KiB and 256MiB",
-        ),
-        (
-            "sparkplug_max_nodes",
-            s.sparkplug_max_nodes,
-            1,
-            1_000_000,
-            "between 1 and 1000000",
-        ),
-        (
-            "sparkplug_max_aliases",
-            s.sparkplug_max_aliases,
-            1,
-            10_000_000,
-            "between 1 and 10000000",
-        ),
-        (
-            "sparkplug_alias_memory",
-            s.sparkplug_alias_memory,
-            MIB,
-            16 * 1024 * MIB,
-            "between 1MiB and 16GiB",
-        ),
-    ] {
-        let Some(value) = value else { continue };
-        if s.format != MqttFormat::SparkplugB {
-            issues.push(
-                format!("{p}.{key}"),
-                format!("`{key}` only applies to format = \"sparkplug_b\""),
-            );
-        } else if !(min..=max).contains(&value) {
-            issues.push(
-                format!("{p}.{key}"),
-                format!("must be {bounds}, got {value}"),
-            );
-        }
-    }
-}
-
-fn opcua_source(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfig) {
-    issues.url(&format!("{p}.endpoint"), &s.endpoint, &["opc.tcp"], "");
-    let policy_none = s.security_policy == SecurityPolicy::None;
-    let mode_none = s.security_mode == SecurityMode::None;
-    if policy_none != mode_none {
-        issues.push(
-            format!("{p}.security_mode"),
-            format!(
-                "security_mode \"{}\" does not fit security_policy \"{}\": \
-                 use \"None\" for both, or a signing mode with a real policy",
-                s.security_mode, s.security_policy
-            ),
-        );
-    }
-    issues.requires(
-        p,
-        ("password_file", s.password_file.is_some()),
-        ("username", s.username.is_some()),
-    );
-    issues.pair(
-        p,
-        ("user_cert", s.user_cert.is_some()),
-        ("user_key", s.user_key.is_some()),
-    );
-    if s.username.is_some() && s.user_cert.is_some() {
-        issues.push(
-            format!("{p}.user_cert"),
-            "set either username or user_cert (one user identity), not both",
-        );
-    }
-    if let Some(fingerprint) = &s.server_cert_sha256
-        && let Err(message) = check_sha256_fingerprint(fingerprint)
-    {
-        issues.push(format!("{p}.server_cert_sha256"), message);
-    }
-    if s.keep_alive_count == 0 {
-        issues.push(format!("{p}.keep_alive_count"), "must be at least 1");
-    }
-    if !(100..=10_000_000).contains(&s.max_queued_changes) {
-        issues.push(
-            format!("{p}.max_queued_changes"),
-            format!(
-                "must be between 100 and 10000000, got {}",
-                s.max_queued_changes
-            ),
-        );
-    }
-    if u64::from(s.lifetime_count) < 3 * u64::from(s.keep_alive_count) {
-        issues.push(
-            format!("{p}.lifetime_count"),
-            format!(
-                "must be at least 3 × keep_alive_count ({}), got {}",
-                3 * u64::from(s.keep_alive_count),
-                s.lifetime_count
-            ),
-        );
-    }
-    if s.nodes.is_empty() {
-        issues.push(
-            format!("{p}.nodes"),
-            "at least one node is required ([[sources.opcua.nodes]])",
-        );
-    }
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, node) in s.nodes.iter().enumerate() {
-        let np = format!("{p}.nodes[{i}]");
-        opcua_node(issues, &np, node);
-        if let Some(first) = seen.insert(node.node_id.as_str(), i) {
-            issues.push(
-                format!("{np}.node_id"),
-                format!(
-                    "node `{}` is already monitored by nodes[{first}]",
-                    node.node_id
-                ),
-            );
-        }
-    }
-}
-
-fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
-    // The syntax check, then the parser the source itself uses: what passes
-    // here is what the source can subscribe to.
-    if let Err(message) = check_node_id(&node.node_id)
-        .and_then(|()| crate::sources::opcua::parse_node_id(&node.node_id).map(|_| ()))
-    {
-        issues.push(format!("{p}.node_id"), message);
-    }
-    issues.non_empty(format!("{p}.stream"), &node.stream);
-    if node.queue_size == 0 {
-        issues.push(format!("{p}.queue_size"), "must be at least 1");
-    }
-    match node.deadband {
-        Some(Deadband::Absolute(v)) if !(v.is_finite() && v >= 0.0) => {
-            issues.push(
-                format!("{p}.deadband.absolute"),
-                format!("must be a finite number ≥ 0, got {v}"),
-            );
-        }
-        Some(Deadband::Percent(v)) if !(0.0..=100.0).contains(&v) => {
-            issues.push(
-                format!("{p}.deadband.percent"),
-                format!("must be between 0 and 100, got {v}"),
-            );
-        }
-        _ => {}
-    }
 }
 
 /// `streams` holds valid MQTT-style filters.
