@@ -370,9 +370,26 @@ impl Reader {
         Ok(lowest)
     }
 
-    /// The first seq of `class` after `after`.
+    /// The first seq of `class` after `after`. Telemetry has no index: when
+    /// every row after `after` is critical (counted through the critical
+    /// index), the answer is known without reading the table, which a
+    /// telemetry lane over an all-critical backlog would otherwise do on
+    /// every status answer.
     fn first_of_class_after(&self, class: Class, after: u64) -> Result<Option<u64>, JournalError> {
+        if class == Class::Telemetry && self.telemetry_after_at_most(after)? == 0 {
+            return Ok(None);
+        }
         first_of_class_after(&self.conn, class, after).map_err(|e| self.err(e))
+    }
+
+    /// At most this many telemetry rows after `after`: the seqs after it
+    /// less the critical rows (counted through their index). Exact but for
+    /// the holes evictions leave; zero means none.
+    fn telemetry_after_at_most(&self, after: u64) -> Result<u64, JournalError> {
+        Ok(self
+            .head_seq()?
+            .saturating_sub(after)
+            .saturating_sub(self.critical_after(after)?))
     }
 
     /// The durable cursor under `key` (see [`super::cursor_key`]); a lane
@@ -429,11 +446,22 @@ impl Reader {
                     .saturating_sub(cursor)
                     .saturating_sub(critical_after),
             };
+            // Nothing of the class waiting: no need to look for its oldest
+            // event (for telemetry, a read of every row after the cursor).
+            let waiting = match class {
+                Class::Critical => critical_after > 0,
+                Class::Telemetry => backlog > 0,
+            };
+            let oldest_undelivered_us = if waiting {
+                self.oldest_after(sink, cursor, Some(*class))?
+            } else {
+                None
+            };
             classes.push(ClassPosition {
                 class: *class,
                 cursor,
                 backlog,
-                oldest_undelivered_us: self.oldest_after(sink, cursor, Some(*class))?,
+                oldest_undelivered_us,
             });
         }
         // Every event at or before the lowest of these is delivered; a lane
