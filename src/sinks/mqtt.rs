@@ -218,6 +218,7 @@ impl MqttSink {
             .map_or(usize::from(u16::MAX), usize::from)
             .max(1);
         let link = Link {
+            sink: self.name.clone(),
             conn: connected.conn,
             keep_alive: connected.keep_alive,
             qos: self.qos,
@@ -372,6 +373,8 @@ impl Sink for MqttSink {
 /// The connection task's side: the socket and the protocol state of the
 /// batch in hand.
 struct Link {
+    /// The sink's name, for logs.
+    sink: String,
     conn: Conn,
     keep_alive: Duration,
     qos: u8,
@@ -444,7 +447,7 @@ impl Link {
                 self.fill(r);
                 if self.conn.queued() > 0 {
                     if let Err(e) = self.conn.flush().await {
-                        return fail(running, e.to_string());
+                        return fail(&self.sink, running, e.to_string());
                     }
                     last_tx = Instant::now();
                 }
@@ -481,21 +484,21 @@ impl Link {
                     match incoming {
                         Ok(p) => {
                             if let Err(reason) = self.on_incoming(p, running.as_mut()) {
-                                return fail(running, reason);
+                                return fail(&self.sink, running, reason);
                             }
                             if self.conn.queued() > 0 {
                                 if let Err(e) = self.conn.flush().await {
-                                    return fail(running, e.to_string());
+                                    return fail(&self.sink, running, e.to_string());
                                 }
                                 last_tx = Instant::now();
                             }
                         }
-                        Err(e) => return fail(running, e.to_string()),
+                        Err(e) => return fail(&self.sink, running, e.to_string()),
                     }
                 }
                 _ = ticker.tick() => {
                     if ping_sent.is_some_and(|at| at.elapsed() > self.keep_alive) {
-                        return fail(running, format!(
+                        return fail(&self.sink, running, format!(
                             "no answer from the broker within the keep-alive ({})",
                             humantime::format_duration(self.keep_alive)
                         ));
@@ -503,7 +506,7 @@ impl Link {
                     if ping_sent.is_none() && last_tx.elapsed() >= tick {
                         self.conn.ping();
                         if let Err(e) = self.conn.flush().await {
-                            return fail(running, e.to_string());
+                            return fail(&self.sink, running, e.to_string());
                         }
                         last_tx = Instant::now();
                         ping_sent = Some(Instant::now());
@@ -640,9 +643,9 @@ fn finish(r: Running) {
 }
 
 /// Answers the sink that the connection ended; returns the reason.
-fn fail(running: Option<Running>, reason: String) -> String {
+fn fail(sink: &str, running: Option<Running>, reason: String) -> String {
     if let Some(r) = running {
-        warn!(acked = r.prefix, of = r.states.len(), reason = %reason, "upstream broker connection lost with publishes in flight");
+        warn!(sink = %sink, acked = r.prefix, of = r.states.len(), reason = %reason, "upstream broker connection lost with publishes in flight");
         let _ = r.job.reply.send(JobEnd::Lost(reason.clone()));
     }
     reason
