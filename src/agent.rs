@@ -182,6 +182,16 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         let run = component.run(journal.clone(), status.clone(), sources_stop.clone());
         source_tasks.push(supervisor.spawn(task, run));
     }
+    // Outage reports append like a source: they stop with the sources.
+    if !config.agent.outage_report_after.is_zero() {
+        let run = crate::outage::watch(
+            journal.clone(),
+            sink_status.clone(),
+            config.agent.outage_report_after,
+            sources_stop.clone(),
+        );
+        source_tasks.push(supervisor.spawn("outage reports".to_string(), run));
+    }
     let mut forwarder_tasks = Vec::new();
     for (component, status) in sinks.into_iter().zip(&sink_status) {
         let task = format!("forwarder of sink '{}'", component.settings.name);

@@ -34,6 +34,7 @@ pub mod journal;
 pub mod logging;
 pub mod manpage;
 mod mqtt;
+pub mod outage;
 pub mod route;
 pub mod serve;
 pub mod service;

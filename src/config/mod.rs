@@ -86,6 +86,16 @@ pub struct AgentConfig {
         deserialize_with = "units::duration_nonzero"
     )]
     pub shutdown_timeout: Duration,
+    /// A sink's upstream failing at least this long is an outage: when it
+    /// delivers again, the agent journals a `plantrelay.outage` event (and a
+    /// `plantrelay.outage.drained` one once the backlog is gone), so the
+    /// data itself tells the central platform. `"0s"` turns the reports off.
+    /// Default: `"30s"`.
+    #[serde(
+        default = "default_outage_report_after",
+        deserialize_with = "units::duration"
+    )]
+    pub outage_report_after: Duration,
 }
 
 /// `[journal]`.
@@ -267,6 +277,9 @@ pub struct SinksConfig {
     pub jetstream: Vec<JetStreamSinkConfig>,
 }
 
+fn default_outage_report_after() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
