@@ -9,8 +9,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,10 @@ use plantrelay::agent;
 use plantrelay::config::Config;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::agent::{http_client, post};
 use support::mosquitto::{Mosquitto, free_port};
+use support::upstream::{check, events, spawn};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -87,43 +87,6 @@ timeout = "2s"
 "#,
         state = state.display()
     )
-}
-
-fn events(prefix: &str, range: std::ops::Range<usize>, streams: usize) -> Vec<Value> {
-    range
-        .map(|i| {
-            json!({
-                "specversion": "1.0",
-                "id": format!("{prefix}-{i}"),
-                "source": "mes",
-                "type": "com.example.order",
-                "subject": format!("line{}/orders", i % streams),
-                "data": {"n": i},
-            })
-        })
-        .collect()
-}
-
-/// Every id of `expected` there, per stream in order over first
-/// occurrences; returns the re-sends.
-fn check(received: &[Value], expected: &HashSet<String>) -> usize {
-    let mut seen = HashSet::new();
-    let mut last: HashMap<String, u64> = HashMap::new();
-    let mut dups = 0;
-    for ce in received {
-        let id = ce["id"].as_str().unwrap().to_owned();
-        if !seen.insert(id.clone()) {
-            dups += 1;
-            continue;
-        }
-        let stream = ce["subject"].as_str().unwrap().to_owned();
-        let seq = ce["streamsequence"].as_u64().unwrap();
-        let prev = last.insert(stream.clone(), seq).unwrap_or(0);
-        assert!(seq > prev, "stream {stream}: {id} ({seq}) after {prev}");
-    }
-    let missing = expected.difference(&seen).count();
-    assert_eq!(missing, 0, "{missing} of {} ids missing", expected.len());
-    dups
 }
 
 async fn until_all(inbox: &Inbox, expected: &HashSet<String>, m: &Mosquitto) {
@@ -197,17 +160,6 @@ async fn a_broker_restart_mid_run_resumes_in_order_without_loss() {
     assert_eq!(a.view.sinks[0].progress().delivered, 6000);
     eprintln!("broker restart: 6000 ids, {dups} re-sends");
     a.shutdown().await;
-}
-
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use support::agent::{http_client, post};
 use support::fault_proxy::FaultProxy;
+use support::mosquitto::free_port;
+use support::upstream::{check, events, spawn};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -150,53 +151,6 @@ fn load(dir: &std::path::Path, text: &str) -> Config {
     let path = dir.join("plantrelay.toml");
     std::fs::write(&path, text).unwrap();
     Config::load(&path).unwrap()
-}
-
-/// `n` MES events over `streams` streams, ids `<prefix>-<i>`.
-fn events(prefix: &str, range: std::ops::Range<usize>, streams: usize) -> Vec<Value> {
-    range
-        .map(|i| {
-            json!({
-                "specversion": "1.0",
-                "id": format!("{prefix}-{i}"),
-                "source": "mes",
-                "type": "com.example.order",
-                "subject": format!("line{}/orders", i % streams),
-                "data": {"n": i},
-            })
-        })
-        .collect()
-}
-
-/// Checks a subscriber's CloudEvents: every id of `expected` there; per
-/// stream, `streamsequence` rises over first occurrences; the only
-/// duplicates are whole re-sends of the same id. Returns the duplicates.
-fn check(received: &[Value], expected: &HashSet<String>) -> usize {
-    let mut seen = HashSet::new();
-    let mut last: HashMap<String, u64> = HashMap::new();
-    let mut dups = 0;
-    for ce in received {
-        let id = ce["id"].as_str().expect("an id").to_owned();
-        if !seen.insert(id.clone()) {
-            dups += 1;
-            continue;
-        }
-        let stream = ce["subject"].as_str().unwrap().to_owned();
-        let seq = ce["streamsequence"].as_u64().unwrap();
-        let prev = last.insert(stream.clone(), seq).unwrap_or(0);
-        assert!(
-            seq > prev,
-            "stream {stream}: {id} (streamsequence {seq}) after {prev}: out of order"
-        );
-    }
-    let missing: Vec<_> = expected.difference(&seen).take(5).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} ids missing, e.g. {missing:?}",
-        expected.difference(&seen).count(),
-        expected.len()
-    );
-    dups
 }
 
 fn cloudevents(inbox: &Inbox) -> Vec<Value> {
@@ -373,25 +327,6 @@ async fn a_connection_cut_mid_run_resumes_in_order_and_loses_nothing() {
     assert_eq!(a.view.sinks[0].progress().delivered, 4000);
     eprintln!("{cuts} cuts: {dups} re-sends");
     a.shutdown().await;
-}
-
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

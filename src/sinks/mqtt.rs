@@ -36,10 +36,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{ForwarderSettings, SendOutcome, Sink};
-use crate::config::{MqttProtocol, MqttSinkConfig, MqttSinkFormat, read_secret};
+use crate::config::{MqttProtocol, MqttSinkConfig, MqttSinkFormat};
 use crate::event::StoredEvent;
 use crate::mqtt::link::{Conn, Incoming, LinkSettings, OutgoingPublish, Refusal};
-use crate::tls::{self, ClientTls};
 
 /// Errors building the sink from its config; they name the sink.
 #[derive(Debug, thiserror::Error)]
@@ -102,35 +101,19 @@ impl MqttSink {
             sink: cfg.name.clone(),
             detail,
         };
-        let tls_wanted = cfg.url.scheme() == "mqtts";
-        let host = cfg
-            .url
-            .host_str()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-            .filter(|h| !h.is_empty())
+        let (host, port, tls_wanted) = crate::mqtt::endpoint(&cfg.url)
             .ok_or_else(|| err(format!("url {} has no host", cfg.url)))?;
-        let port = cfg
-            .url
-            .port()
-            .unwrap_or(if tls_wanted { 8883 } else { 1883 });
-        let credentials = match (&cfg.username, &cfg.password_file) {
-            (Some(user), Some(path)) => {
-                let password = read_secret(path).map_err(|e| err(e.to_string()))?;
-                Some((user.clone(), password))
-            }
-            (Some(user), None) => Some((user.clone(), String::new())),
-            (None, _) => None,
-        };
+        let credentials = crate::mqtt::login(cfg.username.as_ref(), cfg.password_file.as_ref())
+            .map_err(|e| err(e.to_string()))?;
         let tls = if tls_wanted {
-            let client = ClientTls {
-                ca_only: cfg.ca_file.is_some(),
-                ca_file: cfg.ca_file.clone(),
-                client_cert: cfg.client_cert.clone(),
-                client_key: cfg.client_key.clone(),
-            };
-            Some(Arc::new(
-                tls::client_config(&client).map_err(|e| err(e.to_string()))?,
-            ))
+            Some(
+                crate::mqtt::client_tls(
+                    cfg.ca_file.as_deref(),
+                    cfg.client_cert.as_deref(),
+                    cfg.client_key.as_deref(),
+                )
+                .map_err(|e| err(e.to_string()))?,
+            )
         } else {
             None
         };

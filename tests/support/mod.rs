@@ -9,3 +9,4 @@ pub mod fault_proxy;
 pub mod mosquitto;
 pub mod nats_server;
 pub mod opcua_server;
+pub mod upstream;

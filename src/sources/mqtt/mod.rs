@@ -94,11 +94,11 @@ pub use mapping::{
 };
 
 use self::mapping::{Mapped, Mapper, Message};
-use crate::config::{MqttSourceConfig, read_secret};
+use crate::config::MqttSourceConfig;
 use crate::journal::{AppendOutcome, Journal, JournalError};
 use crate::mqtt::link::{Conn, Incoming, IncomingPublish, LinkError, LinkSettings};
 use crate::status::SourceStatus;
-use crate::tls::{self, ClientTls, TlsError};
+use crate::tls::TlsError;
 
 /// Most messages in one journal append.
 pub const BATCH_MAX: usize = 1000;
@@ -159,43 +159,27 @@ impl MqttSource {
     #[allow(clippy::result_large_err)]
     pub fn new(cfg: &MqttSourceConfig, agent_id: &str) -> Result<MqttSource, SourceError> {
         let name = cfg.name.clone();
-        let tls_wanted = cfg.url.scheme() == "mqtts";
-        let host = cfg
-            .url
-            .host_str()
-            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| SourceError::Url {
+        let (host, port, tls_wanted) =
+            crate::mqtt::endpoint(&cfg.url).ok_or_else(|| SourceError::Url {
                 name: name.clone(),
                 url: cfg.url.to_string(),
             })?;
-        let port = cfg
-            .url
-            .port()
-            .unwrap_or(if tls_wanted { 8883 } else { 1883 });
-        let credentials = match (&cfg.username, &cfg.password_file) {
-            (Some(user), Some(path)) => {
-                let password = read_secret(path).map_err(|source| SourceError::Password {
-                    name: name.clone(),
-                    source,
-                })?;
-                Some((user.clone(), password))
-            }
-            (Some(user), None) => Some((user.clone(), String::new())),
-            (None, _) => None,
-        };
-        let tls = if tls_wanted {
-            let client = ClientTls {
-                ca_only: cfg.ca_file.is_some(),
-                ca_file: cfg.ca_file.clone(),
-                client_cert: cfg.client_cert.clone(),
-                client_key: cfg.client_key.clone(),
-            };
-            let config = tls::client_config(&client).map_err(|source| SourceError::Tls {
+        let credentials = crate::mqtt::login(cfg.username.as_ref(), cfg.password_file.as_ref())
+            .map_err(|source| SourceError::Password {
                 name: name.clone(),
                 source,
             })?;
-            Some(Arc::new(config))
+        let tls = if tls_wanted {
+            let config = crate::mqtt::client_tls(
+                cfg.ca_file.as_deref(),
+                cfg.client_cert.as_deref(),
+                cfg.client_key.as_deref(),
+            )
+            .map_err(|source| SourceError::Tls {
+                name: name.clone(),
+                source,
+            })?;
+            Some(config)
         } else {
             None
         };
