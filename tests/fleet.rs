@@ -444,9 +444,61 @@ fn rule_metric_names() -> BTreeSet<String> {
     names
 }
 
+/// Every `plantrelay_*` metric name in the queries of the shipped Grafana
+/// dashboard (panel targets and template variables).
+fn dashboard_metric_names() -> BTreeSet<String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/grafana/plantrelay-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", serde_json::Value::String(q)) => {
+                            out.push(q.clone())
+                        }
+                        _ => walk(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut queries = Vec::new();
+    walk(&dashboard, &mut queries);
+    assert!(queries.len() >= 15, "too few queries in {path:?}");
+    // Every panel but the rows has a query.
+    for p in dashboard["panels"].as_array().unwrap() {
+        if p["type"] != "row" {
+            assert!(
+                p["targets"].as_array().is_some_and(|t| !t.is_empty()),
+                "panel {} has no query",
+                p["title"]
+            );
+        }
+    }
+    let mut names = BTreeSet::new();
+    for q in queries {
+        let mut rest = q.as_str();
+        while let Some(at) = rest.find("plantrelay_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_alert_rules_use_is_exported_by_a_live_agent() {
-    let names = rule_metric_names();
+async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_a_live_agent() {
+    let mut names = rule_metric_names();
+    names.extend(dashboard_metric_names());
     let h = Harness::new().await;
     let a = start_agent(&h).await;
     plantrelay::tls::install_crypto_provider();
@@ -475,7 +527,7 @@ async fn every_metric_the_alert_rules_use_is_exported_by_a_live_agent() {
         .collect();
     assert!(
         missing.is_empty(),
-        "the rules use metrics the agent does not export: {missing:?}\nexported: {exported:?}"
+        "the rules or the dashboard use metrics the agent does not export: {missing:?}\nexported: {exported:?}"
     );
     // The certificates the agent loaded are there with their expiry.
     let expiry = metrics
