@@ -134,29 +134,23 @@ impl Component {
 /// Builds every configured sink, in the order of `Config::sink_names`
 /// (HTTPS, then MQTT, then JetStream sinks). An error names the sink.
 pub fn build(config: &crate::config::Config) -> Result<Vec<Component>, String> {
+    use crate::config::SinkKeys;
+    fn component<C: SinkKeys, S: Sink, E: std::fmt::Display>(
+        cfg: &C,
+        sink: Result<S, E>,
+    ) -> Result<Component, String> {
+        let sink = sink.map_err(|e| e.to_string())?;
+        Ok(Component::new(C::KIND, ForwarderSettings::of(cfg), sink))
+    }
     let agent = &config.agent.id;
-    let mut out = Vec::new();
-    for cfg in &config.sinks.https {
-        let sink = https::HttpsSink::new(cfg, agent).map_err(|e| e.to_string())?;
-        out.push(Component::new(
-            "https",
-            https::HttpsSink::settings(cfg),
-            sink,
-        ));
-    }
-    for cfg in &config.sinks.mqtt {
-        let sink = mqtt::MqttSink::new(cfg, agent).map_err(|e| e.to_string())?;
-        out.push(Component::new("mqtt", mqtt::MqttSink::settings(cfg), sink));
-    }
-    for cfg in &config.sinks.jetstream {
-        let sink = jetstream::JetStreamSink::new(cfg, agent).map_err(|e| e.to_string())?;
-        out.push(Component::new(
-            "jetstream",
-            jetstream::JetStreamSink::settings(cfg),
-            sink,
-        ));
-    }
-    Ok(out)
+    let sinks = &config.sinks;
+    (sinks.https.iter())
+        .map(|c| component(c, https::HttpsSink::new(c, agent)))
+        .chain((sinks.mqtt.iter()).map(|c| component(c, mqtt::MqttSink::new(c, agent))))
+        .chain(
+            (sinks.jetstream.iter()).map(|c| component(c, jetstream::JetStreamSink::new(c, agent))),
+        )
+        .collect()
 }
 
 /// Drives one sink: the thin I/O loop around [`Core`].
