@@ -1635,3 +1635,48 @@ async fn plantrelay_status_presents_the_client_certificate_it_is_given() {
     assert_eq!(code, 2, "{err}");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_is_one_authenticated_html_page_of_the_status() {
+    let h = Harness::new().await;
+    let a = agent::start(&config_with(&h, TOKEN_ONLY, ""))
+        .await
+        .unwrap();
+    let api = Api::new(&h, &a, false);
+    assert_eq!(
+        api.code("/", None).await,
+        401,
+        "the status API's authentication"
+    );
+    // An upstream error that holds markup is shown as text.
+    h.receiver
+        .script([plantrelay::demo::receiver::Scripted::Status {
+            status: 503,
+            retry_after: None,
+        }]);
+    let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
+    let (code, _) = post(&http_client(), &url, &mes_events("page", 5, 1)).await;
+    assert_eq!(code, 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.receiver.stats().unique_ids < 5 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, page) = api.get("/", Some(TOKEN)).await.unwrap();
+    assert_eq!(code, 200);
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    for text in [
+        "plantrelay gw-test",
+        "<td>mes</td>",
+        "<td>central</td>",
+        "critical",
+        "503",
+        "/api/v1/status",
+        "name=viewport",
+    ] {
+        assert!(page.contains(text), "{text} not on the page:\n{page}");
+    }
+    assert!(!page.contains("<script"), "no scripts");
+    assert!(!page.contains(TOKEN), "no secrets");
+    a.shutdown().await;
+}

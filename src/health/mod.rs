@@ -22,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod certs;
 pub mod metrics;
+pub mod page;
 pub mod report;
 pub mod tls;
 
@@ -138,6 +139,7 @@ impl HealthServer {
         Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
+            .route("/", get(page))
             .route("/api/v1/status", get(status))
             .route("/metrics", get(metrics))
             .merge(admin)
@@ -154,6 +156,20 @@ impl HealthServer {
     /// extension of its connection (address, client certificate subject).
     pub async fn serve(self, stop: CancellationToken) -> Result<(), HealthError> {
         let app = Self::router(self.state.clone());
+        // The status page's backlog history: a report every 30 s, scraped
+        // or not.
+        let sampler = {
+            let (state, stop) = (self.state.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { let _ = snapshot(&state).await; }
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            })
+        };
         let listener = serve::Listener {
             label: "health".to_owned(),
             socket: self.listener,
@@ -164,6 +180,7 @@ impl HealthServer {
         let tag: Arc<serve::Tagger<Peer>> =
             Arc::new(|addr, certs| Peer::from_certs(Some(addr), certs));
         serve::serve(listener, app, tag, stop).await;
+        sampler.abort();
         Ok(())
     }
 }
@@ -208,6 +225,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 async fn status(State(state): State<Arc<AppState>>) -> Response {
     match snapshot(&state).await {
         Some(report) => axum::Json(report).into_response(),
+        None => report_failed(),
+    }
+}
+
+async fn page(State(state): State<Arc<AppState>>) -> Response {
+    match snapshot(&state).await {
+        Some(report) => {
+            axum::response::Html(page::render(&report, &state.view.history)).into_response()
+        }
         None => report_failed(),
     }
 }

@@ -43,6 +43,8 @@ pub struct AgentView {
     certificates: Mutex<Vec<super::certs::CertificateExpiry>>,
     /// One read connection, reopened after an error.
     reader: Mutex<Option<Reader>>,
+    /// Backlogs of the last hour, for the status page.
+    pub history: super::page::History,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -244,6 +246,7 @@ impl AgentView {
             },
             certificates: Mutex::new(super::certs::expiries(config)),
             reader: Mutex::new(None),
+            history: super::page::History::default(),
         }
     }
 
@@ -455,7 +458,7 @@ impl AgentView {
             });
         }
 
-        StatusReport {
+        let report = StatusReport {
             agent_id: self.agent_id.clone(),
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: uptime.as_secs(),
@@ -490,7 +493,9 @@ impl AgentView {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-        }
+        };
+        self.history.record(&report, now_us);
+        report
     }
 }
 
