@@ -111,7 +111,7 @@ fn mib(bytes: u64) -> String {
 /// An inline SVG polyline of `points` (oldest first), 120 × 24.
 fn sparkline(points: &[u64]) -> String {
     if points.len() < 2 {
-        return "<span class=muted>(history builds up over the hour)</span>".to_owned();
+        return "<span class=muted title=\"sampled every 30 s\">–</span>".to_owned();
     }
     let max = points.iter().copied().max().unwrap_or(0).max(1) as f64;
     let step = 120.0 / (points.len() - 1) as f64;
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_sparkline_needs_two_points_and_scales_to_the_peak() {
-        assert!(sparkline(&[5]).contains("builds up"));
+        assert!(sparkline(&[5]).contains("sampled every 30 s"));
         let svg = sparkline(&[0, 10, 5]);
         assert!(
             svg.contains("points=\"0.0,23.0 60.0,1.0 120.0,12.0 \""),
