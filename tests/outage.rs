@@ -60,14 +60,16 @@ async fn an_outage_longer_than_the_threshold_is_reported_once_with_its_figures()
     .await;
 
     proxy.cut();
-    let cut_at = Instant::now();
     let (status, _) = post(&client, &url, &mes_events("during", 300, 3)).await;
     assert_eq!(status, 202);
     until("the sink to fail", || {
         a.view.sinks[0].progress().consecutive_failures > 0
     })
     .await;
-    while cut_at.elapsed() < Duration::from_millis(2500) {
+    // Failing for 2 s at least, twice the threshold, however slow the
+    // machine was to notice the first failure.
+    let failing_seen = Instant::now();
+    while failing_seen.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     proxy.pass();
@@ -94,8 +96,8 @@ async fn an_outage_longer_than_the_threshold_is_reported_once_with_its_figures()
     assert_eq!(d["sink"], "central");
     let lasted = d["duration_seconds"].as_f64().unwrap();
     assert!(
-        (1.0..30.0).contains(&lasted),
-        "the outage lasted about 2.5 s: {d}"
+        (2.0..30.0).contains(&lasted),
+        "the outage lasted 2 s or a little more: {d}"
     );
     assert_eq!(d["buffered_events"], 300, "{d}");
     assert!(d["peak_backlog"].as_u64().unwrap() >= 300, "{d}");
