@@ -10,59 +10,17 @@
 mod support;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plantrelay::agent;
 use plantrelay::config::Config;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use support::agent::{http_client, post};
 use support::mosquitto::{Mosquitto, free_port};
-use support::upstream::{check, events, spawn};
+use support::upstream::{Inbox, check, cloudevents, events, spawn, subscribe};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-type Inbox = Arc<Mutex<Vec<Value>>>;
-
-/// A subscriber with a persistent session: Mosquitto keeps what arrives
-/// while it is away (or while the broker restarts) and delivers it after.
-async fn subscriber(m: &Mosquitto, filter: &str) -> Inbox {
-    let inbox: Inbox = Arc::default();
-    let mut o = MqttOptions::new("checker", "127.0.0.1", m.port);
-    o.set_clean_session(false);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(o, 1000);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let mut subscribed_tx = Some(subscribed_tx);
-    let sink = inbox.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let ce: Value = serde_json::from_slice(&p.payload).expect("a CloudEvent");
-                    sink.lock().unwrap().push(ce);
-                }
-                Ok(_) => {}
-                // The broker restarts: reconnect (the session is kept).
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(WAIT, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    std::mem::forget(client);
-    inbox
-}
 
 fn config_text(state: &std::path::Path, listen: &str, url: &str) -> String {
     format!(
@@ -92,9 +50,7 @@ timeout = "2s"
 async fn until_all(inbox: &Inbox, expected: &HashSet<String>, m: &Mosquitto) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let have: HashSet<String> = inbox
-            .lock()
-            .unwrap()
+        let have: HashSet<String> = cloudevents(inbox)
             .iter()
             .filter_map(|c| c["id"].as_str().map(str::to_owned))
             .collect();
@@ -115,7 +71,7 @@ async fn until_all(inbox: &Inbox, expected: &HashSet<String>, m: &Mosquitto) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_run_resumes_in_order_without_loss() {
     let mut m = Mosquitto::start(true, "").await;
-    let inbox = subscriber(&m, "uns/#").await;
+    let inbox = subscribe(m.addr(), "checker", true, "uns/#").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plantrelay.toml");
     std::fs::write(
@@ -145,7 +101,7 @@ async fn a_broker_restart_mid_run_resumes_in_order_without_loss() {
     }
     let expected: HashSet<String> = (0..6000).map(|i| format!("rst-{i}")).collect();
     until_all(&inbox, &expected, &m).await;
-    let dups = check(&inbox.lock().unwrap(), &expected);
+    let dups = check(&cloudevents(&inbox), &expected);
     // The subscriber may see the last publishes before their PUBACKs reach
     // the sink.
     let deadline = Instant::now() + WAIT;
@@ -165,7 +121,7 @@ async fn a_broker_restart_mid_run_resumes_in_order_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_of_the_agent_mid_batch_lose_nothing() {
     let m = Mosquitto::start(false, "").await;
-    let inbox = subscriber(&m, "uns/#").await;
+    let inbox = subscribe(m.addr(), "checker", true, "uns/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let path = dir.path().join("plantrelay.toml");
@@ -208,7 +164,7 @@ async fn sigkills_of_the_agent_mid_batch_lose_nothing() {
     until_all(&inbox, &accepted, &m).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let received = inbox.lock().unwrap().clone();
+    let received = cloudevents(&inbox);
     let dups = check(&received, &accepted);
     for ce in &received {
         assert!(accepted.contains(ce["id"].as_str().unwrap()));

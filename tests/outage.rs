@@ -14,16 +14,7 @@ use plantrelay::demo::receiver::ReceivedEvent;
 use serde_json::Value;
 use support::agent::{Harness, http_client, mes_events, post};
 use support::fault_proxy::FaultProxy;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use support::upstream::until;
 
 async fn start(h: &Harness, proxy: &FaultProxy, after: &str) -> RunningAgent {
     let url = format!("https://localhost:{}/v1/events", proxy.addr().port());

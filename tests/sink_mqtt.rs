@@ -7,75 +7,20 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plantrelay::agent;
 use plantrelay::config::Config;
 use plantrelay::demo::machines::EmbeddedBroker;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use support::agent::{http_client, post};
 use support::fault_proxy::FaultProxy;
 use support::mosquitto::free_port;
-use support::upstream::{check, events, spawn};
+use support::upstream::{Inbox, Received, check, cloudevents, events, spawn, subscribe, until};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// What a subscriber received: topic, payload and (MQTT 5) user properties.
-#[derive(Debug, Clone)]
-struct Received {
-    topic: String,
-    payload: Vec<u8>,
-    user_properties: Vec<(String, String)>,
-    content_type: Option<String>,
-}
-
-type Inbox = Arc<Mutex<Vec<Received>>>;
-
-/// A QoS 1 subscriber to `filter`, connected until the test ends.
-async fn subscribe_v4(addr: std::net::SocketAddr, filter: &str) -> Inbox {
-    let inbox: Inbox = Arc::default();
-    let mut opts = MqttOptions::new(
-        format!("check-{}", rand::rng().random::<u32>()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let mut subscribed_tx = Some(subscribed_tx);
-    let sink = inbox.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push(Received {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                    user_properties: Vec::new(),
-                    content_type: None,
-                }),
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(WAIT, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    // Keep the client alive with the event loop.
-    std::mem::forget(client);
-    inbox
-}
 
 /// An MQTT 5 subscriber (user properties and content type kept).
 async fn subscribe_v5(addr: std::net::SocketAddr, filter: &str) -> Inbox {
@@ -153,27 +98,10 @@ fn load(dir: &std::path::Path, text: &str) -> Config {
     Config::load(&path).unwrap()
 }
 
-fn cloudevents(inbox: &Inbox) -> Vec<Value> {
-    inbox
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| serde_json::from_slice(&r.payload).expect("a CloudEvent in JSON"))
-        .collect()
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_the_upstream_broker_once_and_in_order() {
     let broker = EmbeddedBroker::start().await.unwrap();
-    let inbox = subscribe_v4(broker.addr(), "plants/#").await;
+    let inbox = subscribe(broker.addr(), "check-plants", false, "plants/#").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(
         dir.path(),
@@ -270,7 +198,7 @@ async fn data_format_over_mqtt5_carries_the_attributes_as_user_properties() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_mid_run_resumes_in_order_and_loses_nothing() {
     let broker = EmbeddedBroker::start().await.unwrap();
-    let inbox = subscribe_v4(broker.addr(), "cut/#").await;
+    let inbox = subscribe(broker.addr(), "check-cut", false, "cut/#").await;
     let proxy = FaultProxy::start(broker.addr()).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(
@@ -332,7 +260,7 @@ async fn a_connection_cut_mid_run_resumes_in_order_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_resends_only_the_same_ids_and_loses_nothing() {
     let broker = EmbeddedBroker::start().await.unwrap();
-    let inbox = subscribe_v4(broker.addr(), "kill/#").await;
+    let inbox = subscribe(broker.addr(), "check-kill", false, "kill/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let path = dir.path().join("plantrelay.toml");

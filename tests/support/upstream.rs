@@ -3,9 +3,88 @@
 //! binary to kill.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
+
+/// What an MQTT subscriber received: topic, payload and (MQTT 5) user
+/// properties and content type.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+}
+
+pub type Inbox = Arc<Mutex<Vec<Received>>>;
+
+/// A QoS 1 MQTT 3.1.1 subscriber to `filter` on `addr`, subscribed when
+/// this returns and connected until the test ends (it reconnects after a
+/// broker restart). With `persistent`, its session is kept by the broker:
+/// what arrives while it is away is delivered after.
+pub async fn subscribe(addr: SocketAddr, client_id: &str, persistent: bool, filter: &str) -> Inbox {
+    let inbox: Inbox = Arc::default();
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    opts.set_clean_session(!persistent);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let sink = inbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push(Received {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    user_properties: Vec::new(),
+                    content_type: None,
+                }),
+                Ok(_) => {}
+                // The broker restarts: poll again, which reconnects.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    // The client lives as long as its event loop.
+    std::mem::forget(client);
+    inbox
+}
+
+/// The payloads received, as CloudEvents.
+pub fn cloudevents(inbox: &Inbox) -> Vec<Value> {
+    inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("a CloudEvent in JSON"))
+        .collect()
+}
+
+/// Waits until `cond` holds, at most a minute.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// `n` MES events over `streams` streams, ids `<prefix>-<i>`.
 pub fn events(prefix: &str, range: std::ops::Range<usize>, streams: usize) -> Vec<Value> {
