@@ -45,7 +45,7 @@ pub fn http_body(content_type: &[u8], body: &[u8]) -> Option<Vec<NewEvent>> {
         headers.insert(CONTENT_TYPE, value);
     }
     let format = http::body_format(&headers).ok()?;
-    http::parse_events(body, format, "mes", Class::Critical, limits).ok()
+    http::parse_events(body, format, "mes", Class::Critical, limits, None).ok()
 }
 
 /// A replay body (`POST /api/v1/sinks/{name}/replay`) as the audit line

@@ -36,6 +36,7 @@ pub mod manpage;
 mod mqtt;
 pub mod outage;
 pub mod route;
+pub mod schema;
 pub mod serve;
 pub mod service;
 pub mod sinks;

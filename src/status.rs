@@ -7,6 +7,7 @@
 //! a client or an upstream sent: it is stored escaped and bounded
 //! ([`crate::text::bounded_error`], 512 bytes), never as given.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -36,7 +37,14 @@ pub struct SourceStatus {
     /// OPC UA: nodes the server refused or that could not be resolved
     /// (node id, status name), retried by the source.
     pub bad_nodes: Mutex<Vec<(String, String)>>,
+    /// Events refused because their data failed their type's schema (or
+    /// their type has none under `require_schema`), by type. Keys are the
+    /// configured schema types and [`NO_SCHEMA`]: a sender cannot grow it.
+    pub schema_rejects: Mutex<BTreeMap<String, u64>>,
 }
+
+/// The `type` label of events refused for having no schema.
+pub const NO_SCHEMA: &str = "(no schema)";
 
 impl SourceStatus {
     pub fn new(name: &str, kind: &'static str) -> SourceStatus {
@@ -52,6 +60,14 @@ impl SourceStatus {
             last_event_us: AtomicI64::new(0),
             last_error: Mutex::new(None),
             bad_nodes: Mutex::new(Vec::new()),
+            schema_rejects: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts `n` events of `event_type` refused by schema (also in `rejects`).
+    pub fn record_schema_rejects(&self, event_type: &str, n: u64) {
+        if let Ok(mut m) = self.schema_rejects.lock() {
+            *m.entry(event_type.to_owned()).or_default() += n;
         }
     }
 
@@ -92,6 +108,18 @@ impl SourceStatus {
             events: self.events.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             rejects: self.rejects.load(Ordering::Relaxed),
+            schema_rejects: self
+                .schema_rejects
+                .lock()
+                .map(|m| {
+                    m.iter()
+                        .map(|(t, n)| SchemaRejects {
+                            event_type: t.clone(),
+                            events: *n,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             dropped: self.dropped.load(Ordering::Relaxed),
             last_event_time: (last_event > 0).then(|| rfc3339_us(last_event)),
             last_event_us: (last_event > 0).then_some(last_event),
@@ -122,6 +150,9 @@ pub struct SourceSnapshot {
     pub events: u64,
     pub duplicates: u64,
     pub rejects: u64,
+    /// Of `rejects`, those refused by a schema, by type; omitted when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_rejects: Vec<SchemaRejects>,
     /// See [`SourceStatus::dropped`].
     pub dropped: u64,
     pub last_event_time: Option<String>,
@@ -133,6 +164,14 @@ pub struct SourceSnapshot {
     /// OPC UA nodes not monitored right now, and why; omitted when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bad_nodes: Vec<BadNodeSnapshot>,
+}
+
+/// Events of one type a source refused by schema.
+#[derive(Debug, Clone, Serialize)]
+pub struct SchemaRejects {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub events: u64,
 }
 
 /// A node an OPC UA source cannot monitor right now (retried).

@@ -137,6 +137,7 @@ fn the_example_config_shows_and_comments_every_key_of_every_table() {
         "[[sinks.https]]",
         "[[sinks.mqtt]]",
         "[[sinks.jetstream]]",
+        "[[schemas]]",
     ];
     for header in headers {
         let at = text.find(&format!("\n{header}\n")).expect(header) + 1;
@@ -156,7 +157,7 @@ fn the_example_config_shows_and_comments_every_key_of_every_table() {
             .skip(1)
             .step_by(2)
             .collect();
-        assert!(keys.len() >= 3, "{header}: {message}");
+        assert!(keys.len() >= 2, "{header}: {message}");
 
         let body_end = text[at + header.len()..]
             .find("\n[")
@@ -1002,6 +1003,10 @@ fn every_sink_of_the_example_config_is_built() {
         .unwrap()
         .replace("/etc/plantrelay/", &format!("{}/", etc.display()))
         .replace(
+            "/usr/share/plantrelay/schemas/",
+            &format!("{}/", config_dir().join("schemas").display()),
+        )
+        .replace(
             "/var/lib/plantrelay",
             &dir.path().join("state").display().to_string(),
         );
@@ -1059,4 +1064,65 @@ fn every_sink_of_the_example_config_is_built() {
             "the example has a {kind} sink: {kinds:?}"
         );
     }
+}
+
+#[test]
+fn a_broken_schema_is_reported_at_load_with_its_file_and_pointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("confirmation.v1.json");
+    fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"qty":{"type":"numbr"}}}"#,
+    )
+    .unwrap();
+    let text = format!(
+        "{BASE}\n[[schemas]]\ntype = \"com.acme.mes.confirmation.v1\"\nfile = \"confirmation.v1.json\"\n"
+    );
+    let file = dir.path().join("plantrelay.toml");
+    fs::write(&file, &text).unwrap();
+    let err = Config::load(&file).unwrap_err();
+    let issue = assert_issue(
+        &err.issues,
+        "schemas[0].file",
+        Some(line_of(&text, "[[schemas]]", "file")),
+        &schema.display().to_string(),
+    );
+    assert!(
+        issue.message.contains("at /properties/qty/type"),
+        "{}",
+        issue.message
+    );
+
+    // Fixed, it loads; the same type twice is refused.
+    fs::write(&schema, r#"{"type":"object"}"#).unwrap();
+    Config::load(&file).unwrap();
+    let twice = format!(
+        "{text}\n[[schemas]]\ntype = \"com.acme.mes.confirmation.v1\"\nfile = \"confirmation.v1.json\"\n"
+    );
+    fs::write(&file, &twice).unwrap();
+    let err = Config::load(&file).unwrap_err();
+    let line = twice[..twice.rfind("type =").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    assert_issue(
+        &err.issues,
+        "schemas[1].type",
+        Some(line),
+        "already has a schema (schemas[0])",
+    );
+}
+
+#[test]
+fn require_schema_without_any_schema_is_refused() {
+    let text = BASE.replace(
+        "listen = \"127.0.0.1:8081\"",
+        "listen = \"127.0.0.1:8081\"\nrequire_schema = true",
+    );
+    assert_issue(
+        &issues(&text),
+        "sources.http[0].require_schema",
+        Some(line_of(&text, "", "require_schema")),
+        "no [[schemas]] entry",
+    );
 }

@@ -10,9 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use plantrelay::config::HttpSourceConfig;
+use plantrelay::config::SchemaConfig;
 use plantrelay::demo::receiver::EphemeralPki;
 use plantrelay::event::{Class, NewEvent, StoredEvent};
 use plantrelay::journal::{Journal, JournalError, JournalOptions, SyncMode};
+use plantrelay::schema::{Schema, Schemas};
 use plantrelay::sources::http::{HttpSource, SourceError};
 use plantrelay::status::SourceStatus;
 use plantrelay::tls;
@@ -43,6 +45,7 @@ fn source_config() -> HttpSourceConfig {
         max_concurrent_requests: 4,
         max_depth: 32,
         max_attributes: 64,
+        require_schema: false,
     }
 }
 
@@ -62,6 +65,7 @@ struct Setup {
     dir: tempfile::TempDir,
     cfg: HttpSourceConfig,
     journal: JournalOptions,
+    schemas: Arc<Schemas>,
 }
 
 fn setup() -> Setup {
@@ -72,6 +76,7 @@ fn setup() -> Setup {
         dir,
         cfg: source_config(),
         journal,
+        schemas: Arc::new(Schemas::default()),
     }
 }
 
@@ -97,7 +102,10 @@ impl Setup {
 
     async fn start_with_client(self, client: reqwest::Client, scheme: &str) -> Ingest {
         let journal = Journal::open(self.journal).unwrap();
-        let source = HttpSource::bind(&self.cfg).await.unwrap();
+        let source = HttpSource::bind(&self.cfg)
+            .await
+            .unwrap()
+            .with_schemas(self.schemas);
         let addr = source.local_addr();
         assert_ne!(addr.port(), 0);
         let status = Arc::new(SourceStatus::new(&self.cfg.name, "http"));
@@ -918,4 +926,338 @@ async fn graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting()
     assert_eq!(events[0].id, "in-flight");
     ingest.finish().await;
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Schemas and trace context
+
+const CONFIRMATION: &str = "plantrelay.mes.production-confirmation.v1";
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The shipped schemas with their valid and invalid examples: every valid
+/// one passes, every invalid one fails, and at the pointer it was written
+/// to break (each breaks exactly one rule).
+#[test]
+fn canonical_schemas_take_their_valid_examples_and_refuse_each_invalid_one_at_its_pointer() {
+    let mut checked = 0;
+    for name in [
+        "production-confirmation",
+        "goods-movement",
+        "quality-result",
+        "machine-downtime",
+        "order-status",
+    ] {
+        let schema = Schema::load(&repo_file(&format!("config/schemas/{name}.v1.json")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read_to_string(repo_file(&format!(
+            "tests/data/schemas/{name}.v1.examples.json"
+        )))
+        .unwrap();
+        let examples: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(examples["type"], format!("plantrelay.mes.{name}.v1"));
+        let valid = examples["valid"].as_array().unwrap();
+        let invalid = examples["invalid"].as_array().unwrap();
+        assert!(
+            valid.len() >= 3 && invalid.len() >= 8,
+            "{name}: too few examples"
+        );
+        for (i, v) in valid.iter().enumerate() {
+            let r = schema.check(v.to_string().as_bytes());
+            assert_eq!(r, Ok(()), "{name} valid[{i}]");
+        }
+        for x in invalid {
+            let why = x["why"].as_str().unwrap();
+            let violations = schema
+                .check(x["data"].to_string().as_bytes())
+                .expect_err(&format!("{name}: '{why}' passed"));
+            let pointer = x["pointer"].as_str().unwrap();
+            assert!(
+                violations.iter().any(|v| v.pointer == pointer),
+                "{name}: '{why}' expected at {pointer:?}, got {violations:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 100, "{checked}");
+}
+
+impl Setup {
+    fn with_schema(mut self, event_type: &str, file: &str) -> Setup {
+        let configs = [SchemaConfig {
+            event_type: event_type.into(),
+            file: repo_file(file),
+        }];
+        self.schemas = Arc::new(Schemas::load(&configs).unwrap());
+        self
+    }
+}
+
+fn confirmation(id: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "type": CONFIRMATION,
+        "subject": "line3/order-1000123",
+        "data": data,
+    })
+}
+
+fn good_confirmation() -> Value {
+    json!({
+        "order": "1000123",
+        "operation": "0010",
+        "work_center": "PRESS01",
+        "yield": {"value": 120, "unit": "C62"},
+        "end": "2026-12-05T10:32:00+01:00",
+        "final_confirmation": false
+    })
+}
+
+#[tokio::test]
+async fn an_event_failing_its_schema_refuses_the_whole_request_with_every_problem() {
+    let ingest = setup()
+        .with_schema(
+            CONFIRMATION,
+            "config/schemas/production-confirmation.v1.json",
+        )
+        .start()
+        .await;
+
+    // Valid: stored.
+    let a = ingest
+        .post_json(SINGLE, &confirmation("c-1", good_confirmation()))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+
+    // A batch with two bad events among good ones: 422, nothing stored.
+    let mut bad = good_confirmation();
+    bad["yield"]["value"] = json!(-5);
+    bad["operation"] = json!("10");
+    let mut missing = good_confirmation();
+    missing
+        .as_object_mut()
+        .unwrap()
+        .remove("final_confirmation");
+    let body = json!([
+        confirmation("c-2", good_confirmation()),
+        confirmation("c-3", bad),
+        confirmation("c-4", good_confirmation()),
+        confirmation("c-5", missing),
+    ]);
+    let a = ingest.post_json(BATCH, &body).await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    let errors = a.body["errors"].as_array().unwrap();
+    let mut got: Vec<(u64, &str, &str)> = errors
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["id"].as_str().unwrap(),
+                e["pointer"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (1, "c-3", "/operation"),
+            (1, "c-3", "/yield/value"),
+            (3, "c-5", "")
+        ]
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["message"].as_str().is_some_and(|m| !m.is_empty()))
+    );
+    assert!(
+        a.body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 of 4 events fail their schema"),
+        "{}",
+        a.body
+    );
+    let ids: Vec<String> = ingest.events().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["c-1"], "nothing of the refused request is stored");
+
+    // Bytes cannot be checked against a JSON schema.
+    let mut b64 = confirmation("c-6", Value::Null);
+    b64.as_object_mut().unwrap().remove("data");
+    b64["data_base64"] = json!("AAEC");
+    let a = ingest.post_json(SINGLE, &b64).await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert!(
+        a.body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("data_base64")
+    );
+
+    // A type without a schema passes (require_schema is off).
+    let a = ingest.post_json(SINGLE, &event("other-1")).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+
+    // Counted per type: 2 events of the batch and the base64 one.
+    let snap = ingest.status.snapshot();
+    assert_eq!(snap.schema_rejects.len(), 1);
+    assert_eq!(snap.schema_rejects[0].event_type, CONFIRMATION);
+    assert_eq!(snap.schema_rejects[0].events, 3);
+    assert_eq!(snap.rejects, 2, "two requests refused");
+    ingest.finish().await;
+}
+
+#[tokio::test]
+async fn require_schema_refuses_types_without_one() {
+    let mut s = setup().with_schema(
+        CONFIRMATION,
+        "config/schemas/production-confirmation.v1.json",
+    );
+    s.cfg.require_schema = true;
+    let ingest = s.start().await;
+    let a = ingest
+        .post_json(
+            BATCH,
+            &json!([confirmation("c-1", good_confirmation()), event("x-1")]),
+        )
+        .await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    let e = &a.body["errors"][0];
+    assert_eq!(
+        (e["index"].as_u64(), e["id"].as_str()),
+        (Some(1), Some("x-1"))
+    );
+    assert_eq!(e["pointer"], "");
+    assert!(
+        e["message"].as_str().unwrap().contains("require_schema"),
+        "{e}"
+    );
+    assert!(ingest.events().is_empty());
+    let a = ingest
+        .post_json(SINGLE, &confirmation("c-1", good_confirmation()))
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let snap = ingest.status.snapshot();
+    assert_eq!(snap.schema_rejects[0].event_type, "(no schema)");
+    ingest.finish().await;
+}
+
+#[tokio::test]
+async fn a_hostile_batch_gets_a_bounded_answer_that_does_not_echo_its_data() {
+    let ingest = setup()
+        .with_schema(
+            CONFIRMATION,
+            "config/schemas/production-confirmation.v1.json",
+        )
+        .start()
+        .await;
+    let mut bad = good_confirmation();
+    bad["confirmation_text"] = json!("SECRET-".repeat(100));
+    for k in 0..20 {
+        bad[format!("unknown_{k}")] = json!(k);
+    }
+    let body = Value::Array(
+        (0..500)
+            .map(|i| confirmation(&format!("h-{i}"), bad.clone()))
+            .collect(),
+    );
+    let a = ingest.post_json(BATCH, &body).await;
+    assert_eq!(a.status, 422);
+    let errors = a.body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 100, "the list is bounded");
+    let text = a.body.to_string();
+    assert!(!text.contains("SECRET"), "data values are not quoted");
+    assert!(text.len() < 64 * 1024, "{} bytes", text.len());
+    assert!(a.body["error"].as_str().unwrap().contains("500 of 500"));
+    ingest.finish().await;
+}
+
+#[tokio::test]
+async fn trace_context_headers_become_attributes_of_events_without_their_own() {
+    let ingest = setup().start().await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let mut with_own = event("t-2");
+    with_own["traceparent"] = json!(own);
+    let body = json!([event("t-1"), with_own]);
+    let a = ingest
+        .send(
+            ingest
+                .client
+                .post(ingest.url())
+                .header("content-type", BATCH)
+                .header("traceparent", parent)
+                .header("tracestate", "vendor=a1")
+                .header("tracestate", "other=b2")
+                .body(body.to_string()),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let events = ingest.events();
+    let attrs =
+        |e: &StoredEvent| -> Value { serde_json::from_str(e.attrs.as_deref().unwrap()).unwrap() };
+    let first = attrs(&events[0]);
+    assert_eq!(first["traceparent"], parent);
+    assert_eq!(first["tracestate"], "vendor=a1,other=b2");
+    let second = attrs(&events[1]);
+    assert_eq!(
+        second["traceparent"], own,
+        "an event's own trace context is kept"
+    );
+    assert!(second.get("tracestate").is_none(), "{second}");
+    // Forwarded as CloudEvents attributes.
+    let mut out = Vec::new();
+    events[0].write_cloudevent("gw", &mut out);
+    let ce: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(ce["traceparent"], parent);
+
+    for bad in [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    ] {
+        let a = ingest
+            .send(
+                ingest
+                    .client
+                    .post(ingest.url())
+                    .header("content-type", SINGLE)
+                    .header("traceparent", bad)
+                    .body(event("t-bad").to_string()),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{bad}: {}", a.body);
+        assert!(
+            a.body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("header traceparent:"),
+            "{}",
+            a.body
+        );
+    }
+    // A later version may carry more fields.
+    let a = ingest
+        .send(
+            ingest
+                .client
+                .post(ingest.url())
+                .header("content-type", SINGLE)
+                .header(
+                    "traceparent",
+                    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz",
+                )
+                .body(event("t-3").to_string()),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(ingest.events().len(), 3);
+    ingest.finish().await;
 }

@@ -552,6 +552,99 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
     a.shutdown().await;
 }
 
+/// A message whose data fails the schema of the source's type is invalid:
+/// `on_invalid = "journal"` keeps it as a rejected record in its place,
+/// `"drop"` counts it; both are counted per type, and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let h = Harness::new().await;
+    let schema = h.state_dir().parent().unwrap().join("state.v1.json");
+    std::fs::write(
+        &schema,
+        r#"{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object",
+            "required":["state"],"properties":{"state":{"enum":["running","stopped"]}}}"#,
+    )
+    .unwrap();
+    let sources = source_toml(
+        "line",
+        &broker.url(),
+        &["keep/+/state"],
+        "type = \"plant.state.v1\"",
+    ) + &source_toml(
+        "dropper",
+        &broker.url(),
+        &["drop/+/state"],
+        "type = \"plant.state.v1\"\non_invalid = \"drop\"",
+    ) + &format!(
+        "\n[[schemas]]\ntype = \"plant.state.v1\"\nfile = \"{}\"\n",
+        schema.display()
+    );
+    let a = agent::start(&config(&h, &sources)).await.unwrap();
+    assert!(wait_connected(&status(&a, "line"), Duration::from_secs(10)).await);
+    assert!(wait_connected(&status(&a, "dropper"), Duration::from_secs(10)).await);
+    // Subscribed once a probe arrives (the same payload is one event).
+    for (source, topic) in [
+        ("line", "keep/probe/state"),
+        ("dropper", "drop/probe/state"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let probe = vec![(topic.to_owned(), br#"{"state":"stopped"}"#.to_vec())];
+            publish_pipelined(broker.addr(), "pub-probe", probe, None).await;
+            let got = wait_journal(&h, source, Duration::from_millis(200), |e| !e.is_empty()).await;
+            if !got.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{source} never subscribed");
+        }
+    }
+
+    let mut messages = Vec::new();
+    for i in 0..40 {
+        let state = if i % 4 == 3 { "exploded" } else { "running" };
+        let payload = json!({"state": state, "i": i}).to_string().into_bytes();
+        messages.push((format!("keep/m{}/state", i % 2), payload.clone()));
+        messages.push((format!("drop/m{}/state", i % 2), payload));
+    }
+    let acked = publish_pipelined(broker.addr(), "pub-schema", messages, None).await;
+    assert_eq!(acked.len(), 80, "every message is acknowledged");
+
+    let kept = wait_journal(&h, "line", WAIT, |e| e.len() >= 41).await;
+    assert_eq!(kept.len(), 41);
+    let rejected: Vec<&StoredEvent> = kept
+        .iter()
+        .filter(|e| e.event_type == REJECTED_EVENT_TYPE)
+        .collect();
+    assert_eq!(rejected.len(), 10);
+    for r in &rejected {
+        let d: Value = serde_json::from_slice(&r.data).unwrap();
+        let reason = d["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("data fails the schema of type \"plant.state.v1\": /state:"),
+            "{reason}"
+        );
+    }
+    assert_stream_seqs_gap_free(&kept);
+    let dropped = wait_journal(&h, "dropper", WAIT, |e| e.len() >= 31).await;
+    assert_eq!(dropped.len(), 31, "30 valid and the probe");
+    assert!(dropped.iter().all(|e| e.event_type == "plant.state.v1"));
+    for (name, n) in [("line", 10), ("dropper", 10)] {
+        let s = status(&a, name).snapshot();
+        assert_eq!(s.rejects, n, "{name}");
+        assert_eq!(s.schema_rejects.len(), 1, "{name}");
+        assert_eq!(
+            (
+                s.schema_rejects[0].event_type.as_str(),
+                s.schema_rejects[0].events
+            ),
+            ("plant.state.v1", n),
+            "{name}"
+        );
+    }
+    a.shutdown().await;
+}
+
 fn spb_metric(name: Option<&str>, alias: u64, datatype: Option<u32>, v: MetricValue) -> Metric {
     Metric {
         name: name.map(str::to_owned),

@@ -73,6 +73,8 @@ enum PathKind {
     File,
     /// The state directory: if it exists it must be a directory.
     StateDir,
+    /// A JSON Schema: must open and compile.
+    Schema,
 }
 
 /// Calls `f` with the key path, kind and value of every path in the config.
@@ -95,6 +97,9 @@ fn for_each_path(config: &mut Config, f: &mut dyn FnMut(&str, PathKind, &mut Pat
         opt(f, "health.client_ca".into(), &mut h.client_ca);
         opt(f, "health.token_file".into(), &mut h.token_file);
         opt(f, "health.admin_token_file".into(), &mut h.admin_token_file);
+    }
+    for (i, s) in config.schemas.iter_mut().enumerate() {
+        f(&format!("schemas[{i}].file"), PathKind::Schema, &mut s.file);
     }
     for (i, s) in config.sources.http.iter_mut().enumerate() {
         let p = format!("sources.http[{i}]");
@@ -169,6 +174,11 @@ pub(crate) fn check_files(config: &mut Config, out: &mut Vec<RawIssue>) {
                 Ok(_) => None,
                 Err(e) => Some(format!("cannot open {}: {e}", path.display())),
             },
+            // Compiled here, so check-config reports a broken schema with
+            // its file and the pointer of the fault, not the agent's start.
+            PathKind::Schema => crate::schema::Schema::load(path)
+                .err()
+                .map(|e| e.to_string()),
             PathKind::StateDir => match fs::metadata(&*path) {
                 Ok(meta) if !meta.is_dir() => {
                     Some(format!("{} exists but is not a directory", path.display()))

@@ -67,6 +67,24 @@ pub struct Config {
     /// `[[sinks.*]]`: where the journal is forwarded to; at least one.
     #[serde(default)]
     pub sinks: SinksConfig,
+    /// `[[schemas]]`: JSON Schemas for the `data` of events of a CloudEvents
+    /// type, checked before the event is acknowledged. Default: none.
+    #[serde(default)]
+    pub schemas: Vec<SchemaConfig>,
+}
+
+/// `[[schemas]]`: the JSON Schema (draft 7, 2019-09 or 2020-12) that the
+/// `data` of every event of one CloudEvents type must match.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// The CloudEvents `type` it governs, matched exactly (TOML key `type`),
+    /// e.g. `"plantrelay.mes.production-confirmation.v1"`. Required.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The schema file (JSON). Its `$ref`s may name other local files,
+    /// relative to it; nothing is fetched over a network. Required.
+    pub file: PathBuf,
 }
 
 /// `[agent]`.

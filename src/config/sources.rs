@@ -84,6 +84,10 @@ pub struct HttpSourceConfig {
     /// have, 16 to 1024; more get `400`. Default: `64`.
     #[serde(default = "default_max_attributes")]
     pub max_attributes: usize,
+    /// Refuse (422) events whose CloudEvents `type` has no `[[schemas]]`
+    /// entry. Default: `false` (such events are taken unchecked).
+    #[serde(default)]
+    pub require_schema: bool,
 }
 
 /// `[[sources.mqtt]]`: subscribe to topics on a plant MQTT broker. Messages

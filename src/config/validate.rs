@@ -228,6 +228,7 @@ pub(crate) fn validate(config: &Config, out: &mut Vec<RawIssue>) {
             "at least one sink is required ([[sinks.https]], [[sinks.mqtt]] or [[sinks.jetstream]])",
         );
     }
+    schemas(&mut issues, config);
     names(&mut issues, "source", &source_names);
     names(&mut issues, "sink", &sink_names);
     stream_classes(&mut issues, sources);
@@ -248,6 +249,40 @@ pub(crate) fn validate(config: &Config, out: &mut Vec<RawIssue>) {
                 path.clone(),
                 format!("listen address {addr} clashes with {other} ({other_addr})"),
             );
+        }
+    }
+}
+
+/// `[[schemas]]`: one per type, and a `require_schema` source has some.
+fn schemas(issues: &mut Issues<'_>, config: &Config) {
+    for (i, s) in config.schemas.iter().enumerate() {
+        let p = format!("schemas[{i}].type");
+        if s.event_type.is_empty() {
+            issues.push(
+                p,
+                "must not be empty (the CloudEvents type the schema governs)",
+            );
+        } else if let Some(j) = config.schemas[..i]
+            .iter()
+            .position(|o| o.event_type == s.event_type)
+        {
+            issues.push(
+                p,
+                format!(
+                    "type \"{}\" already has a schema (schemas[{j}]); one schema per type",
+                    s.event_type
+                ),
+            );
+        }
+    }
+    if config.schemas.is_empty() {
+        for (i, s) in config.sources.http.iter().enumerate() {
+            if s.require_schema {
+                issues.push(
+                    format!("sources.http[{i}].require_schema"),
+                    "is true but there is no [[schemas]] entry: every event would be refused",
+                );
+            }
         }
     }
 }
@@ -1020,6 +1055,20 @@ pub fn risky_settings(config: &Config) -> Vec<RiskWarning> {
                 ),
             ),
             (true, true) => {}
+        }
+    }
+    for (i, s) in config.sources.mqtt.iter().enumerate() {
+        if s.format == super::MqttFormat::Raw
+            && config.schemas.iter().any(|c| c.event_type == s.event_type)
+        {
+            warn(
+                format!("sources.mqtt[{i}].type"),
+                format!(
+                    "type \"{}\" has a schema, but format = \"raw\" keeps payloads as bytes: \
+                     the schema is not applied to this source's events",
+                    s.event_type
+                ),
+            );
         }
     }
     for (i, s) in config.sinks.mqtt.iter().enumerate() {

@@ -204,6 +204,19 @@ pub fn render(r: &StatusReport) -> String {
     );
     counters(
         &mut reg,
+        "plantrelay_source_schema_rejected_events",
+        "Events a source refused because their data failed their type's schema (type \"(no schema)\": no schema under require_schema), by type",
+        r.sources.iter().flat_map(|s| {
+            s.schema_rejects.iter().map(|t| {
+                (
+                    vec![("source", s.name.clone()), ("type", t.event_type.clone())],
+                    t.events,
+                )
+            })
+        }),
+    );
+    counters(
+        &mut reg,
         "plantrelay_source_dropped_events",
         "Events a source dropped before the journal (OPC UA: data changes superseded by a newer value of the same node while its queue was full)",
         r.sources.iter().map(|s| (source(&s.name), s.dropped)),

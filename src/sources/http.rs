@@ -105,8 +105,9 @@ use tracing::{debug, info, warn};
 use crate::config::{HttpSourceConfig, read_secret};
 use crate::event::{Class, NewEvent, is_rfc3339, json_depth, json_lone_surrogate};
 use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::schema::{self, Schemas};
 use crate::serve;
-use crate::status::SourceStatus;
+use crate::status::{NO_SCHEMA, SourceStatus};
 use crate::text::{QUOTE_MAX, escape_control};
 use crate::tls::{self, TlsError};
 
@@ -150,6 +151,9 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest reason, in bytes, in a `4xx`/`503` answer, a log line or the
 /// source's `last_error`.
 const MAX_REASON: usize = 512;
+
+/// Most problems listed in one `422` answer.
+const MAX_SCHEMA_ERRORS: usize = 100;
 
 /// How often the same kind of rejection is logged at `warn`.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -199,6 +203,8 @@ pub struct HttpSource {
     tls: Option<Arc<rustls::ServerConfig>>,
     listener_limits: serve::Limits,
     limits: Limits,
+    schemas: Arc<Schemas>,
+    require_schema: bool,
 }
 
 impl fmt::Debug for HttpSource {
@@ -302,7 +308,15 @@ impl HttpSource {
                 request_timeout: cfg.request_timeout,
             },
             limits: Limits::new(cfg),
+            schemas: Arc::new(Schemas::default()),
+            require_schema: cfg.require_schema,
         })
+    }
+
+    /// The JSON Schemas the data of this source's events must match, by type.
+    pub fn with_schemas(mut self, schemas: Arc<Schemas>) -> HttpSource {
+        self.schemas = schemas;
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -329,6 +343,8 @@ impl HttpSource {
             tls,
             listener_limits,
             limits,
+            schemas,
+            require_schema,
         } = self;
         let ingest = Arc::new(Ingest {
             name: name.clone(),
@@ -340,6 +356,8 @@ impl HttpSource {
             warnings: WarnLimiter::default(),
             slots: tokio::sync::Semaphore::new(limits.max_concurrent_requests),
             limits,
+            schemas,
+            require_schema,
         });
         let app = Router::new()
             .route(INGEST_PATH, post(post_events))
@@ -400,6 +418,10 @@ struct Ingest {
     status: Arc<SourceStatus>,
     warnings: WarnLimiter,
     limits: Limits,
+    /// JSON Schemas by event type, checked before the commit.
+    schemas: Arc<Schemas>,
+    /// Refuse events whose type has no schema.
+    require_schema: bool,
     /// One permit per request being read, parsed or committed: bounds the
     /// memory all requests together hold to about `max_concurrent_requests`
     /// times that of one.
@@ -467,6 +489,8 @@ pub(crate) struct Reject {
     kind: &'static str,
     message: String,
     index: Option<usize>,
+    /// Every failing event of a `422` (`{"errors": [...]}` in the answer).
+    errors: Option<serde_json::Value>,
 }
 
 impl Reject {
@@ -476,6 +500,7 @@ impl Reject {
             kind: "invalid request",
             message: message.into(),
             index,
+            errors: None,
         }
     }
 
@@ -489,6 +514,7 @@ impl Reject {
                 SLOT_WAIT.as_secs()
             ),
             index: None,
+            errors: None,
         }
     }
 
@@ -501,6 +527,7 @@ impl Reject {
                 BODY_READ_TIMEOUT.as_secs()
             ),
             index: None,
+            errors: None,
         }
     }
 
@@ -513,6 +540,7 @@ impl Reject {
                  nothing was stored, send smaller batches"
             ),
             index: None,
+            errors: None,
         }
     }
 
@@ -524,6 +552,7 @@ impl Reject {
                 "request body exceeds the limit of {max_body} bytes (max_body); send smaller batches"
             ),
             index: None,
+            errors: None,
         }
     }
 }
@@ -552,10 +581,12 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
             kind: "unauthorized",
             message: "unauthorized".into(),
             index: None,
+            errors: None,
         });
     }
     // 2. What it is.
     let format = body_format(req.headers())?;
+    let trace = TraceContext::from_headers(req.headers())?;
     // 3. How big it claims to be (a streamed body is limited while read).
     if let Some(len) = content_length(req.headers())
         && len > ingest.max_body
@@ -586,11 +617,20 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
         }
     };
     // 5. Every event valid, or none stored.
-    let events = parse_events(&body, format, &ingest.name, ingest.class, &ingest.limits)?;
+    let events = parse_events(
+        &body,
+        format,
+        &ingest.name,
+        ingest.class,
+        &ingest.limits,
+        trace.as_ref(),
+    )?;
+    // 6. Every event's data matches its type's schema, or none stored.
+    ingest.check_schemas(&events)?;
     // The events own their bytes: the body need not live through the commit.
     drop(body);
     let count = events.len();
-    // 6. The commit: only its success is acknowledged.
+    // 7. The commit: only its success is acknowledged.
     match ingest.journal.append(events).await {
         Ok(outcomes) => Ok(ingest.committed(count, &outcomes)),
         Err(e) => Ok(ingest.commit_failed(count, &e)),
@@ -598,6 +638,83 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
 }
 
 impl Ingest {
+    /// Every event's `data` against its type's schema: `Err` is a `422`
+    /// listing every failing event (bounded), and nothing is stored.
+    fn check_schemas(&self, events: &[NewEvent]) -> Result<(), Reject> {
+        if self.schemas.is_empty() && !self.require_schema {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        let mut failing = 0usize;
+        let mut per_type: HashMap<&str, u64> = HashMap::new();
+        for (index, e) in events.iter().enumerate() {
+            let violations = match self.schemas.get(&e.event_type) {
+                Some(_) if e.data.as_slice() == b"null" && carries_data_base64(e) => {
+                    vec![schema::Violation {
+                        pointer: String::new(),
+                        message: "the event carries data_base64 (bytes); its type's schema \
+                                  applies to JSON data"
+                            .into(),
+                    }]
+                }
+                Some(schema) => match schema.check(&e.data) {
+                    Ok(()) => continue,
+                    Err(v) => v,
+                },
+                None if self.require_schema => vec![schema::Violation {
+                    pointer: String::new(),
+                    message: format!(
+                        "type \"{}\" has no schema, and this source requires one \
+                         (require_schema)",
+                        escape_control(&e.event_type, QUOTE_MAX)
+                    ),
+                }],
+                None => continue,
+            };
+            failing += 1;
+            let label = if self.schemas.get(&e.event_type).is_some() {
+                e.event_type.as_str()
+            } else {
+                NO_SCHEMA
+            };
+            *per_type.entry(label).or_default() += 1;
+            for v in violations {
+                if errors.len() == MAX_SCHEMA_ERRORS {
+                    break;
+                }
+                errors.push(serde_json::json!({
+                    "index": index,
+                    "id": escape_control(&e.id, QUOTE_MAX),
+                    "pointer": v.pointer,
+                    "message": v.message,
+                }));
+            }
+        }
+        if failing == 0 {
+            return Ok(());
+        }
+        for (event_type, n) in per_type {
+            self.status.record_schema_rejects(event_type, n);
+        }
+        let first = errors.first().and_then(|e| e["index"].as_u64());
+        let mut message = format!(
+            "{failing} of {} events fail their schema; nothing was stored",
+            events.len()
+        );
+        if errors.len() == MAX_SCHEMA_ERRORS {
+            message.push_str(&format!(
+                " (the first {MAX_SCHEMA_ERRORS} problems are listed)"
+            ));
+        }
+        Err(Reject {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            kind: "schema validation failed",
+            message,
+            index: first.and_then(|i| usize::try_from(i).ok()),
+            errors: Some(serde_json::Value::Array(errors)),
+        })
+    }
+
     fn committed(&self, count: usize, outcomes: &[AppendOutcome]) -> Response {
         let mut stored = 0u64;
         let mut duplicates = 0u64;
@@ -697,6 +814,9 @@ impl Ingest {
         if let Some(index) = reject.index {
             body.insert("index".into(), index.into());
         }
+        if let Some(errors) = reject.errors {
+            body.insert("errors".into(), errors);
+        }
         if reject.status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             body.insert("supported".into(), ACCEPTED_CONTENT_TYPES.to_vec().into());
         }
@@ -751,6 +871,7 @@ pub(crate) fn body_format(headers: &HeaderMap) -> Result<Format, Reject> {
             ACCEPTED_CONTENT_TYPES.join(", ")
         ),
         index: None,
+        errors: None,
     };
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Err(unsupported("(none)"));
@@ -834,6 +955,7 @@ enum Stop {
 /// What the parser of one body shares: the limits, and why it stopped.
 struct ParseState<'l> {
     limits: &'l Limits,
+    trace: Option<&'l TraceContext>,
     source: &'l str,
     class: Class,
     /// The element of a batch being parsed, so that an error can name it.
@@ -931,19 +1053,140 @@ impl<'de> Visitor<'de> for BatchSeed<'_, '_> {
                     state.stop.set(Some(Stop::Events));
                     return Err(serde::de::Error::custom("too many events"));
                 }
-                Some(raw) => match to_new_event(raw, state.source, state.class, state.limits) {
-                    Ok(event) => events.push(event),
-                    Err(message) => {
-                        state.stop.set(Some(Stop::Invalid(message)));
-                        return Err(serde::de::Error::custom("invalid event"));
+                Some(raw) => {
+                    match to_new_event(raw, state.source, state.class, state.limits, state.trace) {
+                        Ok(event) => events.push(event),
+                        Err(message) => {
+                            state.stop.set(Some(Stop::Invalid(message)));
+                            return Err(serde::de::Error::custom("invalid event"));
+                        }
                     }
-                },
+                }
                 None => break,
             }
         }
         state.at.set(None);
         Ok(events)
     }
+}
+
+/// Whether a parsed event carried `data_base64` (kept in its attributes).
+fn carries_data_base64(e: &NewEvent) -> bool {
+    e.attrs.as_deref().is_some_and(|a| {
+        serde_json::from_str::<HashMap<&str, &RawValue>>(a)
+            .is_ok_and(|m| m.contains_key("data_base64"))
+    })
+}
+
+/// W3C Trace Context of an ingest request (`traceparent`, `tracestate`),
+/// checked and kept as JSON strings ready to become event attributes.
+#[derive(Debug)]
+pub(crate) struct TraceContext {
+    traceparent: Box<RawValue>,
+    tracestate: Option<Box<RawValue>>,
+}
+
+/// Longest `tracestate` accepted (W3C: 32 members of up to 256 bytes can
+/// be cut to 512 by anyone passing them on).
+const MAX_TRACESTATE: usize = 512;
+
+impl TraceContext {
+    /// The request's trace context; a malformed header is a `400` naming it.
+    /// `tracestate` without `traceparent` means nothing and is ignored.
+    pub(crate) fn from_headers(headers: &HeaderMap) -> Result<Option<TraceContext>, Reject> {
+        let bad = |name: &str, why: String| {
+            Reject::bad_request(format!("header {name}: {why}; nothing was stored"), None)
+        };
+        let mut parents = headers.get_all("traceparent").iter();
+        let Some(parent) = parents.next() else {
+            return Ok(None);
+        };
+        if parents.next().is_some() {
+            return Err(bad("traceparent", "sent more than once".into()));
+        }
+        let parent = parent
+            .to_str()
+            .map_err(|_| bad("traceparent", "not ASCII".into()))?
+            .trim();
+        check_traceparent(parent).map_err(|why| bad("traceparent", why))?;
+        let mut state = String::new();
+        // Several tracestate headers are one list (W3C Trace Context §3.3).
+        for v in headers.get_all("tracestate") {
+            let v = v
+                .to_str()
+                .map_err(|_| bad("tracestate", "not ASCII".into()))?
+                .trim();
+            if v.is_empty() {
+                continue;
+            }
+            if !state.is_empty() {
+                state.push(',');
+            }
+            state.push_str(v);
+        }
+        if state.len() > MAX_TRACESTATE {
+            return Err(bad(
+                "tracestate",
+                format!(
+                    "{} bytes; at most {MAX_TRACESTATE} are accepted",
+                    state.len()
+                ),
+            ));
+        }
+        if state.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(bad("tracestate", "holds a control character".into()));
+        }
+        let json = |v: &str| {
+            // A string of visible ASCII always serialises, and is valid JSON.
+            serde_json::to_string(v)
+                .ok()
+                .and_then(|t| RawValue::from_string(t).ok())
+        };
+        let Some(traceparent) = json(parent) else {
+            return Err(bad("traceparent", "cannot be kept".into()));
+        };
+        Ok(Some(TraceContext {
+            traceparent,
+            tracestate: if state.is_empty() { None } else { json(&state) },
+        }))
+    }
+}
+
+/// W3C Trace Context `traceparent`: `version-traceid-parentid-flags`, lower-
+/// case hex; version `ff` and all-zero ids are invalid. A later version may
+/// append fields after the flags (§3.2.4).
+fn check_traceparent(v: &str) -> Result<(), String> {
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let expected = "expected version-traceid-parentid-flags \
+                    (e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01)";
+    let quoted = escape_control(v, 80);
+    let mut parts = v.splitn(5, '-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("\"{quoted}\" is malformed; {expected}"));
+    };
+    let rest = parts.next();
+    if !hex(version, 2) || version == "ff" {
+        return Err(format!("\"{quoted}\" has an invalid version; {expected}"));
+    }
+    if version == "00" && rest.is_some() {
+        return Err(format!(
+            "\"{quoted}\" has fields after the flags; {expected}"
+        ));
+    }
+    if !hex(trace, 32) || trace.bytes().all(|b| b == b'0') {
+        return Err(format!("\"{quoted}\" has an invalid trace id; {expected}"));
+    }
+    if !hex(parent, 16) || parent.bytes().all(|b| b == b'0') {
+        return Err(format!("\"{quoted}\" has an invalid parent id; {expected}"));
+    }
+    if !hex(flags, 2) {
+        return Err(format!("\"{quoted}\" has invalid flags; {expected}"));
+    }
+    Ok(())
 }
 
 fn no_events() -> Reject {
@@ -962,6 +1205,7 @@ pub(crate) fn parse_events(
     source: &str,
     class: Class,
     limits: &Limits,
+    trace: Option<&TraceContext>,
 ) -> Result<Vec<NewEvent>, Reject> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let trimmed = body.trim_ascii_start();
@@ -975,6 +1219,7 @@ pub(crate) fn parse_events(
     };
     let state = ParseState {
         limits,
+        trace,
         source,
         class,
         at: std::cell::Cell::new(None),
@@ -989,7 +1234,7 @@ pub(crate) fn parse_events(
                 .and_then(|raw| de.end().map(|()| raw))
                 .map_err(|e| state.reject(&e, "malformed JSON", Some(0)))?;
             events.push(
-                to_new_event(raw, source, class, limits)
+                to_new_event(raw, source, class, limits, trace)
                     .map_err(|m| Reject::bad_request(m, Some(0)))?,
             );
         }
@@ -1023,7 +1268,7 @@ pub(crate) fn parse_events(
                         state.reject(&e, &format!("malformed JSON on line {}", i + 1), Some(i))
                     })?;
                 events.push(
-                    to_new_event(raw, source, class, limits)
+                    to_new_event(raw, source, class, limits, trace)
                         .map_err(|m| Reject::bad_request(m, Some(i)))?,
                 );
             }
@@ -1098,6 +1343,7 @@ fn to_new_event(
     source: &str,
     class: Class,
     limits: &Limits,
+    trace: Option<&TraceContext>,
 ) -> Result<NewEvent, String> {
     if let Some(name) = repeated_name(&raw.0) {
         return Err(format!(
@@ -1114,6 +1360,7 @@ fn to_new_event(
     let mut data_base64 = false;
     let mut origin: Option<&RawValue> = None;
     let mut has_originsource = false;
+    let (mut has_traceparent, mut has_tracestate) = (false, false);
     let mut attrs: Vec<(Cow<'_, str>, &RawValue)> = Vec::new();
 
     for (name, value) in raw.0 {
@@ -1193,6 +1440,12 @@ fn to_new_event(
                 attrs.push((name, value));
             }
             n if RESERVED_ATTRIBUTES.contains(&n) => {}
+            "traceparent" | "tracestate" if value.get() != "null" => {
+                has_traceparent |= name == "traceparent";
+                has_tracestate |= name == "tracestate";
+                check_scalar(&name, value)?;
+                attrs.push((name, value));
+            }
             // An absent extension and a null one mean the same.
             _ if value.get() == "null" => {}
             _ => {
@@ -1215,6 +1468,17 @@ fn to_new_event(
             );
         }
         attrs.push(("originsource".into(), origin));
+    }
+    // The request's trace context goes to the events that carry none of
+    // their own; an event's own is kept whole (its tracestate belongs to its
+    // traceparent).
+    if let Some(t) = trace
+        && !has_traceparent
+    {
+        attrs.push(("traceparent".into(), &t.traceparent));
+        if let (Some(state), false) = (&t.tracestate, has_tracestate) {
+            attrs.push(("tracestate".into(), state));
+        }
     }
     let data = match data {
         Some(raw) => raw.get().as_bytes().to_vec(),
@@ -1308,8 +1572,15 @@ mod tests {
     };
 
     fn parse(body: &str, format: Format) -> Result<Vec<NewEvent>, (String, Option<usize>)> {
-        parse_events(body.as_bytes(), format, "mes", Class::Critical, &LIMITS)
-            .map_err(|r| (r.message, r.index))
+        parse_events(
+            body.as_bytes(),
+            format,
+            "mes",
+            Class::Critical,
+            &LIMITS,
+            None,
+        )
+        .map_err(|r| (r.message, r.index))
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tracing::error;
 
 use crate::config::Config;
 use crate::journal::{Journal, JournalError};
+use crate::schema::Schemas;
 use crate::status::SourceStatus;
 
 /// A source built from its config (an HTTP source already bound), not yet
@@ -58,10 +59,13 @@ impl Component {
 /// the source.
 pub async fn build(config: &Config) -> Result<Vec<Component>, String> {
     let mut out = Vec::new();
+    // Compiled once, shared by every source.
+    let schemas = Arc::new(Schemas::load(&config.schemas).map_err(|e| e.to_string())?);
     for cfg in &config.sources.http {
         let source = http::HttpSource::bind(cfg)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_schemas(schemas.clone());
         let name = cfg.name.clone();
         out.push(Component {
             name: name.clone(),
@@ -78,7 +82,9 @@ pub async fn build(config: &Config) -> Result<Vec<Component>, String> {
         });
     }
     for cfg in &config.sources.mqtt {
-        let source = mqtt::MqttSource::new(cfg, &config.agent.id).map_err(|e| e.to_string())?;
+        let source = mqtt::MqttSource::new(cfg, &config.agent.id)
+            .map_err(|e| e.to_string())?
+            .with_schemas(schemas.clone());
         let name = cfg.name.clone();
         out.push(Component {
             name: name.clone(),

@@ -38,6 +38,7 @@ fn source_config() -> HttpSourceConfig {
         max_concurrent_requests: 4,
         max_depth: 32,
         max_attributes: 64,
+        require_schema: false,
         max_connections: 256,
         max_connections_per_ip: 64,
         header_timeout: Duration::from_secs(10),

@@ -7,6 +7,7 @@
 //! written in the module docs of [`super`].
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -18,6 +19,7 @@ use crate::config::{MqttFormat, MqttSourceConfig, OnInvalid};
 use crate::event::{
     Class, DEFAULT_MAX_DEPTH, NewEvent, is_rfc3339, json_depth, json_lone_surrogate,
 };
+use crate::schema::{Schema, Schemas};
 use crate::sources::sparkplug;
 
 /// CloudEvents `type` of a message whose payload could not be used.
@@ -254,6 +256,10 @@ pub struct Mapper {
     max_payload: u64,
     on_invalid: OnInvalid,
     sparkplug: sparkplug::Decoder,
+    /// The schema of `event_type`, if it has one (JSON and Sparkplug data).
+    schema: Option<Arc<Schema>>,
+    /// Messages whose data failed `schema`, since start.
+    schema_refusals: u64,
 }
 
 impl Mapper {
@@ -269,7 +275,52 @@ impl Mapper {
             max_payload: cfg.max_payload,
             on_invalid: cfg.on_invalid,
             sparkplug: sparkplug::Decoder::with_limits(cfg.sparkplug_limits()),
+            schema: None,
+            schema_refusals: 0,
         }
+    }
+
+    /// Checks the data of this source's events against `schemas` (the one of
+    /// its type, if any); a failing message is invalid (`on_invalid`).
+    pub fn with_schemas(mut self, schemas: &Schemas) -> Mapper {
+        self.schema = schemas.get_shared(&self.event_type);
+        self
+    }
+
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// Messages refused by the schema since start (retried mappings of the
+    /// same batch count again: callers take differences around one pass).
+    pub fn schema_refusals(&self) -> u64 {
+        self.schema_refusals
+    }
+
+    /// The schema check of a mapped event's data.
+    fn check_schema(&mut self, data: &[u8]) -> Result<(), String> {
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
+        schema.check(data).map_err(|violations| {
+            self.schema_refusals += 1;
+            let listed: Vec<String> = violations
+                .iter()
+                .take(3)
+                .map(|v| {
+                    if v.pointer.is_empty() {
+                        v.message.clone()
+                    } else {
+                        format!("{}: {}", v.pointer, v.message)
+                    }
+                })
+                .collect();
+            format!(
+                "data fails the schema of type \"{}\": {}",
+                self.event_type,
+                listed.join("; ")
+            )
+        })
     }
 
     /// The state that mapping changes (the Sparkplug alias table), to be
@@ -296,6 +347,10 @@ impl Mapper {
             MqttFormat::Json => self.map_json(m),
             MqttFormat::Raw => Ok(self.map_raw(m)),
             MqttFormat::SparkplugB => self.map_sparkplug(m),
+        };
+        let result = match result {
+            Ok(e) if self.format != MqttFormat::Raw => self.check_schema(&e.data).map(|()| e),
+            other => other,
         };
         match result {
             Ok(e) => Mapped::Event(e),
@@ -601,6 +656,50 @@ mod tests {
             Mapped::Event(e) => e,
             other => panic!("not an event: {other:?}"),
         }
+    }
+
+    #[test]
+    fn data_failing_the_schema_of_the_type_is_invalid_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state.json");
+        std::fs::write(
+            &file,
+            r#"{"type":"object","required":["state"],
+                "properties":{"state":{"enum":["running","stopped"]}}}"#,
+        )
+        .unwrap();
+        let schemas = Schemas::load(&[crate::config::SchemaConfig {
+            event_type: "plantrelay.mqtt.message".into(),
+            file,
+        }])
+        .unwrap();
+        let mut mapper = Mapper::new(&cfg(MqttFormat::Json)).with_schemas(&schemas);
+        event(mapper.map(&msg("m/p/state", br#"{"state":"running"}"#)));
+        let Mapped::Rejected(e, reason) = mapper.map(&msg("m/p/state", br#"{"state":"exploded"}"#))
+        else {
+            panic!("not rejected")
+        };
+        assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
+        assert!(
+            reason
+                .starts_with("data fails the schema of type \"plantrelay.mqtt.message\": /state:"),
+            "{reason}"
+        );
+        assert_eq!(mapper.schema_refusals(), 1);
+
+        let mut c = cfg(MqttFormat::Json);
+        c.on_invalid = OnInvalid::Drop;
+        let mut mapper = Mapper::new(&c).with_schemas(&schemas);
+        assert!(
+            matches!(mapper.map(&msg("a", b"{}")), Mapped::Dropped(r) if r.contains("required"))
+        );
+        assert_eq!(mapper.schema_refusals(), 1);
+        // Another type: no schema applies.
+        let mut c = cfg(MqttFormat::Json);
+        c.event_type = "other".into();
+        let mut mapper = Mapper::new(&c).with_schemas(&schemas);
+        event(mapper.map(&msg("a", b"{}")));
+        assert_eq!(mapper.schema_refusals(), 0);
     }
 
     #[test]

@@ -97,6 +97,7 @@ use self::mapping::{Mapped, Mapper, Message};
 use crate::config::MqttSourceConfig;
 use crate::journal::{AppendOutcome, Journal, JournalError};
 use crate::mqtt::link::{Conn, Incoming, IncomingPublish, LinkError, LinkSettings};
+use crate::schema::Schemas;
 use crate::status::SourceStatus;
 use crate::tls::TlsError;
 
@@ -214,6 +215,12 @@ impl MqttSource {
             max_inflight: usize::from(cfg.max_inflight.max(1)),
             max_payload: cfg.max_payload,
         })
+    }
+
+    /// The JSON Schemas the data of this source's events must match.
+    pub fn with_schemas(mut self, schemas: Arc<Schemas>) -> MqttSource {
+        self.mapper = self.mapper.with_schemas(&schemas);
+        self
     }
 
     /// The client id the source connects with.
@@ -701,6 +708,7 @@ impl Appender {
         let checkpoint = self.mapper.checkpoint();
         let mut attempt = 0u32;
         loop {
+            let refusals_before = self.mapper.schema_refusals();
             let mut events = Vec::with_capacity(batch.len());
             let mut kinds = Vec::with_capacity(batch.len());
             let mut dropped = 0u64;
@@ -721,8 +729,10 @@ impl Appender {
                     }
                 }
             }
+            let by_schema = self.mapper.schema_refusals() - refusals_before;
             if events.is_empty() {
                 self.status.record_reject(dropped);
+                self.record_schema_refusals(by_schema);
                 return Ok(());
             }
             match self.journal.append(events).await {
@@ -739,6 +749,7 @@ impl Appender {
                     if rejected > 0 {
                         self.status.record_reject(rejected);
                     }
+                    self.record_schema_refusals(by_schema);
                     if attempt > 0 {
                         info!(source = %self.name, attempts = attempt + 1, "journal append succeeded; acknowledging to the broker again");
                     }
@@ -760,6 +771,13 @@ impl Appender {
                     tokio::time::sleep(super::append_retry_delay(&e, attempt)).await;
                 }
             }
+        }
+    }
+
+    fn record_schema_refusals(&self, n: u64) {
+        if n > 0 {
+            self.status
+                .record_schema_rejects(self.mapper.event_type(), n);
         }
     }
 
