@@ -204,6 +204,8 @@ pub struct SinkProgress {
     pub dead_letters: u64,
     /// See [`crate::sinks::Sink::upstream_duplicates`].
     pub upstream_duplicates: u64,
+    /// See [`crate::sinks::Sink::token_state`].
+    pub oauth2: Option<crate::sinks::oauth2::TokenState>,
     pub last_success_us: Option<i64>,
     pub last_error: Option<(i64, String)>,
     pub running: bool,

@@ -135,6 +135,7 @@ fn the_example_config_shows_and_comments_every_key_of_every_table() {
         "[[sources.opcua]]",
         "[[sources.opcua.nodes]]",
         "[[sinks.https]]",
+        "[sinks.https.oauth2]",
         "[[sinks.mqtt]]",
         "[[sinks.jetstream]]",
         "[[schemas]]",
@@ -165,8 +166,10 @@ fn the_example_config_shows_and_comments_every_key_of_every_table() {
         let lines: Vec<&str> = text[at..body_end].lines().collect();
         let table = header.trim_matches(['[', ']']);
         for key in keys {
-            if text.contains(&format!("\n[[{table}.{key}]]\n")) {
-                continue; // A nested array of tables, probed on its own.
+            if text.contains(&format!("\n[[{table}.{key}]]\n"))
+                || text.contains(&format!("\n[{table}.{key}]\n"))
+            {
+                continue; // A nested table, probed on its own.
             }
             let shown = lines.iter().position(|l| {
                 l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} = "))
@@ -1125,4 +1128,41 @@ fn require_schema_without_any_schema_is_refused() {
         Some(line_of(&text, "", "require_schema")),
         "no [[schemas]] entry",
     );
+}
+
+#[test]
+fn oauth2_excludes_token_file_and_checks_its_url_and_scopes() {
+    let text = format!(
+        "{BASE}token_file = \"/etc/plantrelay/central.token\"\n\n[sinks.https.oauth2]\n\
+         token_url = \"http://login.example.com/token\"\nclient_id = \"gw\"\n\
+         client_secret_file = \"/etc/plantrelay/oauth2.secret\"\nscopes = [\"events.write read\"]\n"
+    );
+    let found = issues(&text);
+    assert_issue(
+        &found,
+        "sinks.https[0].token_file",
+        Some(line_of(&text, "", "token_file")),
+        "exclude each other",
+    );
+    assert_issue(
+        &found,
+        "sinks.https[0].oauth2.token_url",
+        Some(line_of(&text, "", "token_url")),
+        "https",
+    );
+    assert_issue(
+        &found,
+        "sinks.https[0].oauth2.scopes[0]",
+        Some(line_of(&text, "", "scopes")),
+        "not a scope token",
+    );
+    let fine = format!(
+        "{BASE}\n[sinks.https.oauth2]\ntoken_url = \"https://login.example.com/token\"\n\
+         client_id = \"gw\"\nclient_secret_file = \"/etc/plantrelay/oauth2.secret\"\n\
+         auth_method = \"post\"\n"
+    );
+    let config = parse(&fine).unwrap();
+    let o = config.sinks.https[0].oauth2.as_ref().unwrap();
+    assert_eq!(o.auth_method, plantrelay::config::OAuth2AuthMethod::Post);
+    assert!(o.scopes.is_empty());
 }

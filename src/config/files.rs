@@ -126,6 +126,13 @@ fn for_each_path(config: &mut Config, f: &mut dyn FnMut(&str, PathKind, &mut Pat
         opt(f, format!("{p}.client_cert"), &mut s.client_cert);
         opt(f, format!("{p}.client_key"), &mut s.client_key);
         opt(f, format!("{p}.token_file"), &mut s.token_file);
+        if let Some(o) = &mut s.oauth2 {
+            f(
+                &format!("{p}.oauth2.client_secret_file"),
+                F,
+                &mut o.client_secret_file,
+            );
+        }
     }
     for (i, s) in config.sinks.mqtt.iter_mut().enumerate() {
         let p = format!("sinks.mqtt[{i}]");

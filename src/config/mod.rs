@@ -38,7 +38,7 @@ pub use error::{ConfigError, ConfigIssue};
 pub use files::{read_credentials, read_secret};
 pub use sinks::{
     ClientTlsKeys, Compression, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig,
-    MqttSinkFormat, Priority, SinkKeys, lanes,
+    MqttSinkFormat, OAuth2AuthMethod, OAuth2Config, Priority, SinkKeys, lanes,
 };
 pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,

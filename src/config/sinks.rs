@@ -210,6 +210,46 @@ pub struct HttpsSinkConfig {
     /// Allow a plain `http://` URL (tests and local relays only). Default: `false`.
     #[serde(default)]
     pub allow_plain_http: bool,
+    /// `[sinks.https.oauth2]`: fetch bearer tokens with the OAuth2 client
+    /// credentials grant instead of reading `token_file`. Default: none.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// `[sinks.https.oauth2]`: OAuth2 client credentials (RFC 6749 §4.4) for an
+/// upstream behind API management. The token is cached and renewed before
+/// it expires; the token endpoint is reached with the sink's TLS settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    /// The token endpoint, `https://...` (`http://` only with the sink's
+    /// `allow_plain_http`). Required.
+    #[serde(deserialize_with = "units::url")]
+    pub token_url: Url,
+    /// The client id. Required.
+    pub client_id: String,
+    /// File holding the client secret. Required.
+    pub client_secret_file: PathBuf,
+    /// Scopes to ask for (space-free tokens). Default: none (the server's
+    /// default scope).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// How the client authenticates: `"basic"` (HTTP Basic, RFC 6749
+    /// §2.3.1) or `"post"` (client id and secret in the form body).
+    /// Default: `"basic"`.
+    #[serde(default)]
+    pub auth_method: OAuth2AuthMethod,
+}
+
+/// How an OAuth2 client sends its credentials to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OAuth2AuthMethod {
+    /// `Authorization: Basic` (`"basic"`, `client_secret_basic`).
+    #[default]
+    Basic,
+    /// In the form body (`"post"`, `client_secret_post`).
+    Post,
 }
 
 /// Request body compression of an HTTPS sink.
@@ -462,6 +502,34 @@ pub(super) fn check_https(issues: &mut Issues<'_>, p: &str, s: &HttpsSinkConfig)
     };
     issues.url(&format!("{p}.url"), &s.url, schemes, note);
     issues.requires(p, ("ca_only", s.ca_only), ("ca_file", s.ca_file.is_some()));
+    if let Some(o) = &s.oauth2 {
+        let q = format!("{p}.oauth2");
+        if s.token_file.is_some() {
+            issues.push(
+                format!("{p}.token_file"),
+                "token_file and [sinks.https.oauth2] exclude each other: the bearer token \
+                 comes from one or the other",
+            );
+        }
+        issues.url(&format!("{q}.token_url"), &o.token_url, schemes, note);
+        issues.non_empty(format!("{q}.client_id"), &o.client_id);
+        for (i, scope) in o.scopes.iter().enumerate() {
+            // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+            let valid = !scope.is_empty()
+                && scope
+                    .bytes()
+                    .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+            if !valid {
+                issues.push(
+                    format!("{q}.scopes[{i}]"),
+                    format!(
+                        "{scope:?} is not a scope token (printable ASCII without spaces, \
+                         quotes or backslashes; list several scopes as separate strings)"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 pub(super) fn check_mqtt(issues: &mut Issues<'_>, p: &str, s: &MqttSinkConfig) {

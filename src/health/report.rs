@@ -117,6 +117,10 @@ pub struct SinkReport {
     /// Per class, for a sink that sends critical events first (one cursor
     /// each); empty for one in journal order over both classes.
     pub classes: Vec<ClassReport>,
+    /// The OAuth2 token of an HTTPS sink that uses one (never the token
+    /// itself); omitted otherwise, and until its first send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<crate::sinks::oauth2::TokenState>,
 }
 
 /// A sink's backlog in one class.
@@ -411,6 +415,7 @@ impl AgentView {
                     last_error_time: p.last_error.as_ref().map(|(t, _)| rfc3339_us(*t)),
                     last_success_us: p.last_success_us,
                     classes,
+                    oauth2: p.oauth2.clone(),
                 }
             })
             .collect();

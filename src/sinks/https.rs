@@ -7,6 +7,9 @@
 //! - 2xx: acknowledged.
 //! - 408, 425, 429, 5xx, timeouts, connection errors and resets: retry
 //!   (with the upstream's `Retry-After`, seconds or HTTP date).
+//! - With `[sinks.https.oauth2]`, the bearer token comes from the token
+//!   endpoint ([`super::oauth2`]); a `401` renews it once and the batch is
+//!   sent again at once, and no token to be had is a retry.
 //! - 401, 403, 404, 405, 407, 410, 421: retry as well. They speak of the
 //!   credentials or the endpoint, not of the events; rejecting would
 //!   dead-letter everything sent until someone fixes the token or the URL.
@@ -20,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
+use super::oauth2::{OAuth2, TokenState};
 use super::{ForwarderSettings, SendOutcome, Sink};
 use crate::config::{Compression, HttpsSinkConfig, read_secret};
 use crate::event::StoredEvent;
@@ -39,6 +43,7 @@ pub struct HttpsSink {
     agent_id: String,
     compression: Compression,
     auth: Option<HeaderValue>,
+    oauth2: Option<OAuth2>,
 }
 
 /// Most bytes of an error body kept for logs and dead-letter reasons.
@@ -57,6 +62,20 @@ impl HttpsSink {
             client_key: cfg.client_key.clone(),
         })
         .map_err(|e| err(e.to_string()))?;
+        let oauth2 = match &cfg.oauth2 {
+            Some(o) => {
+                // The token endpoint is reached with the sink's own trust
+                // (and client certificate, for mTLS-bound tokens).
+                let client = reqwest_client_builder(tls.clone())
+                    .timeout(cfg.timeout)
+                    .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+                    .user_agent(concat!("plantrelay/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| err(format!("cannot build the OAuth2 client: {e}")))?;
+                Some(OAuth2::new(o, client).map_err(err)?)
+            }
+            None => None,
+        };
         let client = reqwest_client_builder(tls)
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
@@ -86,6 +105,7 @@ impl HttpsSink {
             agent_id: agent_id.to_string(),
             compression: cfg.compression,
             auth,
+            oauth2,
         })
     }
 
@@ -170,7 +190,7 @@ fn is_retryable(status: StatusCode) -> bool {
     ) || status.is_server_error()
 }
 
-fn describe(e: &reqwest::Error) -> String {
+pub(super) fn describe(e: &reqwest::Error) -> String {
     // The chain holds the useful part (connection refused, certificate
     // unknown, …); reqwest's own text is generic.
     let mut msg = e.to_string();
@@ -183,8 +203,51 @@ fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+impl HttpsSink {
+    /// One POST of the batch, with the bearer token of the moment; `Err` is
+    /// the outcome when no answer came (or no token could be had). Returns
+    /// the generation of the OAuth2 token it used.
+    async fn post(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+    ) -> Result<(reqwest::Response, Option<u64>), SendOutcome> {
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/cloudevents-batch+json")
+            .header("Idempotency-Key", key)
+            .body(body);
+        if let Some(enc) = encoding_name(self.compression) {
+            req = req.header(CONTENT_ENCODING, enc);
+        }
+        let mut generation = None;
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        } else if let Some(oauth2) = &self.oauth2 {
+            let (header, g) = oauth2
+                .header()
+                .await
+                .map_err(|e| SendOutcome::retry(e.retry_after, e.message))?;
+            req = req.header(AUTHORIZATION, header);
+            generation = Some(g);
+        }
+        match req.send().await {
+            Ok(r) => Ok((r, generation)),
+            Err(e) => Err(SendOutcome::retry(
+                None,
+                format!("request failed: {}", describe(&e)),
+            )),
+        }
+    }
+}
+
 impl Sink for HttpsSink {
     type Encoded = Vec<u8>;
+
+    fn token_state(&self) -> Option<TokenState> {
+        self.oauth2.as_ref().map(OAuth2::state)
+    }
 
     fn encode(&self, batch: &[StoredEvent]) -> Vec<u8> {
         self.body(batch)
@@ -195,24 +258,23 @@ impl Sink for HttpsSink {
             return SendOutcome::Ack;
         };
         let key = format!("{}:{}-{}", self.agent_id, first.seq, last.seq);
-        let mut req = self
-            .client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/cloudevents-batch+json")
-            .header("Idempotency-Key", key)
-            .body(body);
-        if let Some(enc) = encoding_name(self.compression) {
-            req = req.header(CONTENT_ENCODING, enc);
-        }
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
-        }
-        let resp = match req.send().await {
+        let body = bytes::Bytes::from(body);
+        let mut resp = match self.post(&key, body.clone()).await {
             Ok(r) => r,
-            Err(e) => {
-                return SendOutcome::retry(None, format!("request failed: {}", describe(&e)));
-            }
+            Err(outcome) => return outcome,
         };
+        // A refused OAuth2 token (revoked, or expired early) is renewed
+        // once and the batch sent again with the new one.
+        if resp.0.status() == StatusCode::UNAUTHORIZED
+            && let (Some(oauth2), Some(generation)) = (&self.oauth2, resp.1)
+        {
+            oauth2.refused(generation).await;
+            resp = match self.post(&key, body).await {
+                Ok(r) => r,
+                Err(outcome) => return outcome,
+            };
+        }
+        let resp = resp.0;
         let status = resp.status();
         if status.is_success() {
             return SendOutcome::Ack;

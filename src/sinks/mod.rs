@@ -36,6 +36,7 @@ pub mod core;
 pub mod https;
 pub mod jetstream;
 pub mod mqtt;
+pub mod oauth2;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -91,6 +92,12 @@ pub trait Sink: Send + Sync + 'static {
     /// not say keep the default.
     fn upstream_duplicates(&self) -> u64 {
         0
+    }
+
+    /// The state of the sink's OAuth2 token, for the status; sinks without
+    /// one keep the default.
+    fn token_state(&self) -> Option<oauth2::TokenState> {
+        None
     }
 }
 
@@ -636,6 +643,9 @@ impl<S: Sink> Forwarder<S> {
                         let duplicates = self.sink.upstream_duplicates();
                         if duplicates > 0 {
                             self.status.update(|p| p.upstream_duplicates = duplicates);
+                        }
+                        if let Some(token) = self.sink.token_state() {
+                            self.status.update(|p| p.oauth2 = Some(token));
                         }
                         match &outcome {
                             SendOutcome::Ack => {
