@@ -5,7 +5,8 @@
 //! in order, with no dead letters and no token fetch per batch, through
 //! expiring tokens, a revoked token, a token endpoint refusing the client
 //! and one that is down, and neither the secret nor a token may appear in
-//! a log line, the status or the metrics.
+//! a log line, the status or the metrics. The ingest requests' trace
+//! context reaches the upstream on every event.
 
 mod support;
 
@@ -29,6 +30,7 @@ use support::agent::{Harness, http_client, mes_events};
 
 const CLIENT_ID: &str = "gw-test:01";
 const SECRET: &str = "s3cret-Value&with=odd chars";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// What the token endpoint answers.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -152,6 +154,13 @@ async fn events(State(idp): State<Arc<Idp>>, headers: HeaderMap, body: String) -
     idp.batches.fetch_add(1, Ordering::SeqCst);
     let mut received = idp.received.lock().unwrap();
     for e in batch {
+        // The trace context of the ingest request, forwarded unchanged.
+        if e["traceparent"] != TRACEPARENT || e["tracestate"] != "mes=1" {
+            idp.bad_requests
+                .lock()
+                .unwrap()
+                .push(format!("trace context lost: {e}"));
+        }
         received.push(e["id"].as_str().unwrap().to_owned());
     }
     StatusCode::OK.into_response()
@@ -248,8 +257,16 @@ async fn tokens_are_cached_renewed_and_refetched_after_a_401_and_a_failing_endpo
     let mut sent: Vec<String> = Vec::new();
     let post = async |sent: &mut Vec<String>, prefix: &str, n: usize| {
         for chunk in mes_events(prefix, n, 1).chunks(10) {
-            let (status, body) = support::agent::post(&client, &ingest, chunk).await;
-            assert_eq!(status, 202, "{body}");
+            let resp = client
+                .post(&ingest)
+                .header("content-type", "application/cloudevents-batch+json")
+                .header("traceparent", TRACEPARENT)
+                .header("tracestate", "mes=1")
+                .body(Value::Array(chunk.to_vec()).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 202);
             sent.extend(chunk.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
         }
     };

@@ -98,6 +98,8 @@ fn load(dir: &std::path::Path, text: &str) -> Config {
     Config::load(&path).unwrap()
 }
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_the_upstream_broker_once_and_in_order() {
     let broker = EmbeddedBroker::start().await.unwrap();
@@ -166,8 +168,17 @@ async fn data_format_over_mqtt5_carries_the_attributes_as_user_properties() {
     );
     let a = agent::start(&cfg).await.unwrap();
     let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
-    let (status, body) = post(&http_client(), &url, &events("raw", 0..200, 2)).await;
-    assert_eq!(status, 202, "{body}");
+    // The MES request's trace context travels with its events.
+    let resp = http_client()
+        .post(&url)
+        .header("content-type", "application/cloudevents-batch+json")
+        .header("traceparent", TRACEPARENT)
+        .header("tracestate", "mes=7")
+        .body(Value::Array(events("raw", 0..200, 2)).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
     until("200 events upstream", || inbox.lock().unwrap().len() >= 200).await;
     let got = inbox.lock().unwrap().clone();
     assert_eq!(got.len(), 200, "QoS 2, no faults: exactly once");
@@ -184,6 +195,8 @@ async fn data_format_over_mqtt5_carries_the_attributes_as_user_properties() {
         assert_eq!(prop("source").as_deref(), Some("plantrelay://gw-mqtt/mes"));
         assert_eq!(prop("subject"), Some(format!("line{}/orders", i % 2)));
         assert!(prop("sequence").is_some() && prop("deliveryclass").is_some());
+        assert_eq!(prop("traceparent").as_deref(), Some(TRACEPARENT));
+        assert_eq!(prop("tracestate").as_deref(), Some("mes=7"));
         assert_eq!(r.topic, format!("raw/mes/line{}/orders", i % 2));
         assert_eq!(
             serde_json::from_slice::<Value>(&r.payload).unwrap(),

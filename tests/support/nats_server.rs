@@ -30,6 +30,8 @@ pub struct Stored {
     /// `ce-sequence`: the journal seq of the event.
     pub ce_sequence: u64,
     pub ce_subject: String,
+    /// `ce-traceparent` ("" when absent).
+    pub ce_traceparent: String,
     pub payload: Vec<u8>,
 }
 
@@ -196,6 +198,7 @@ impl NatsServer {
                 msg_id: get("Nats-Msg-Id"),
                 ce_sequence: get("ce-sequence").parse().unwrap_or(0),
                 ce_subject: get("ce-subject"),
+                ce_traceparent: get("ce-traceparent"),
                 payload: m.payload.to_vec(),
             });
         }
