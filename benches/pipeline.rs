@@ -26,8 +26,14 @@
 //!   acks awaited per window of 256) as the ceiling: events/s, and CPU µs
 //!   per event of this process (the server is another process).
 //!
+//! - (f) schema validation: (a) with the upstream stopped, for ~1 KiB
+//!   production confirmations, once without `[[schemas]]` and once
+//!   validated against the shipped `production-confirmation.v1` schema:
+//!   events/s of each, and the ratio (target: at least 80 %).
+//!
 //! `PLANTRELAY_BENCH_SCALE=0.05` shrinks every count (for a quick look);
-//! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone, `=jetstream` (e) alone;
+//! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone, `=jetstream` (e) alone,
+//! `=schema` (f) alone;
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
 
 use std::io::Write;
@@ -293,12 +299,25 @@ struct Ingest {
 }
 
 async fn ingest(env: &Env, forward: bool, tck: f64) -> Ingest {
+    let name = if forward { "ingest-fwd" } else { "ingest" };
+    ingest_with(env, name, forward, cloudevent, "", tck).await
+}
+
+/// [`ingest`] of the events `event(name, i)` makes, with `extra` TOML at
+/// the end of the config.
+async fn ingest_with(
+    env: &Env,
+    name: &str,
+    forward: bool,
+    event: fn(&str, u64) -> String,
+    extra: &str,
+    tck: f64,
+) -> Ingest {
     let receiver = env.receiver().await;
     if !forward {
         receiver.stop().await;
     }
-    let name = if forward { "ingest-fwd" } else { "ingest" };
-    let (_, config) = env.config(name, &receiver.url(), "full");
+    let (_, config) = env.config_with(name, &receiver.url(), "full", extra);
     let a = agent::start(&config).await.expect("agent start");
     let url = format!("http://{}/v1/events", a.http_addr("mes").expect("mes"));
 
@@ -314,7 +333,7 @@ async fn ingest(env: &Env, forward: bool, tck: f64) -> Ingest {
             if i > first {
                 body.push(',');
             }
-            body.push_str(&cloudevent(name, i));
+            body.push_str(&event(name, i));
         }
         body.push(']');
         per_client[r % CLIENTS].push(Bytes::from(body));
@@ -380,6 +399,99 @@ async fn ingest(env: &Env, forward: bool, tck: f64) -> Ingest {
         cpu_s: cpu1 - cpu0,
         writer_cpu_s: writer1 - writer0,
     }
+}
+
+// ---------------------------------------------------------------------------
+// (f) schema validation at ingest
+
+const CONFIRMATION_TYPE: &str = "plantrelay.mes.production-confirmation.v1";
+
+/// A production confirmation as the MES posts it: ~1 KiB of data valid
+/// under the shipped schema (about 30 rules apply to it).
+fn confirmation(prefix: &str, i: u64) -> String {
+    let data = format!(
+        r#"{{"order":"{:07}","operation":"{:04}","work_center":"PRESS{:02}","plant":"1000","yield":{{"value":{},"unit":"C62"}},"scrap":{{"value":{},"unit":"C62"}},"scrap_reason":"DIM","rework":{{"value":{},"unit":"C62"}},"activities":[{{"activity":"setup","duration_s":1800}},{{"activity":"machine","duration_s":{}}},{{"activity":"labor","duration_s":14400}}],"start":"2026-12-05T06:00:00+01:00","end":"2026-12-05T14:05:30.250+01:00","posting_time":"2026-12-05T13:06:00Z","final_confirmation":{},"confirmation_text":"Lot {i} done, die changed","personnel":"{:08}","extensions":{{"shift":"B","line":{{"id":3,"speed_pct":92.5}},"mes_transaction":"MES-TX-{i:012}","terminal":"T-PRESS-{:02}","quality_gate":"passed","die":"DIE-{:05}","coil":"COIL-{:08}","remark":"confirmed by the line 3 terminal after the end-of-lot count; no deviation from the routing","inspection":{{"first_piece":"approved","inspector":"QA-{:04}","gauge":"G-17","measured_mm":12.03}},"tooling":{{"setup_sheet":"SS-4711-B","program":"PRG-0815-rev7"}}}}}}"#,
+        1_000_000 + i % 9_000_000,
+        10 * (1 + i % 9),
+        i % STREAMS,
+        i % 500,
+        i % 7,
+        i % 3,
+        3600 + i % 10_000,
+        i.is_multiple_of(5),
+        i % 100_000_000,
+        i % STREAMS,
+        i % 20_000,
+        i,
+        i % 1_000,
+    );
+    format!(
+        r#"{{"specversion":"1.0","id":"{prefix}-{i:09}","source":"{MES_SOURCE}","type":"{CONFIRMATION_TYPE}","subject":"{}","time":"{SOURCE_TIME}","data":{data}}}"#,
+        stream(i)
+    )
+}
+
+struct SchemaCost {
+    without: Ingest,
+    with: Ingest,
+    data_bytes: usize,
+}
+
+async fn run_schema(env: &Env, tck: f64) -> SchemaCost {
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/schemas/production-confirmation.v1.json");
+    // The events are valid: refused ones would be a different measurement.
+    let check = plantrelay::schema::Schema::load(&schema).expect("schema");
+    let mut data = String::new();
+    for i in [0, 7, 999_999] {
+        let v: serde_json::Value = serde_json::from_str(&confirmation("x", i)).expect("json");
+        data = v["data"].to_string();
+        if let Err(e) = check.check(data.as_bytes()) {
+            panic!("the bench's confirmation {i} is not valid: {e:?}");
+        }
+    }
+    let without = ingest_with(env, "schema-off", false, confirmation, "", tck).await;
+    let extra = format!(
+        "\n[[schemas]]\ntype = \"{CONFIRMATION_TYPE}\"\nfile = \"{}\"\n",
+        schema.display()
+    );
+    let with = ingest_with(env, "schema-on", false, confirmation, &extra, tck).await;
+    SchemaCost {
+        without,
+        with,
+        data_bytes: data.len(),
+    }
+}
+
+fn print_schema(s: &SchemaCost) {
+    let ratio = s.with.rate / s.without.rate;
+    println!(
+        "| ingest of {} B production confirmations, no schema | {} | {} | | |",
+        s.data_bytes,
+        count_label(s.without.events),
+        rate(Some(s.without.rate)),
+    );
+    println!(
+        "| the same, validated against production-confirmation.v1 | {} | {} ({:.0}% of it) | ≥ 80% | {} |",
+        count_label(s.with.events),
+        rate(Some(s.with.rate)),
+        100.0 * ratio,
+        if ratio >= 0.8 {
+            "ok".to_string()
+        } else {
+            "**miss**".to_string()
+        }
+    );
+}
+
+fn print_schema_notes(s: &SchemaCost) {
+    println!(
+        "schema validation: CPU {:.1} µs per event without, {:.1} µs with (agent and clients; journal writer {:.1} / {:.1} µs)",
+        1e6 * s.without.cpu_s / s.without.events as f64,
+        1e6 * s.with.cpu_s / s.with.events as f64,
+        1e6 * s.without.writer_cpu_s / s.without.events as f64,
+        1e6 * s.with.writer_cpu_s / s.with.events as f64,
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -905,6 +1017,17 @@ async fn main() {
         print_lanes(&lanes);
         return;
     }
+    if std::env::var("PLANTRELAY_BENCH_ONLY").as_deref() == Ok("schema") {
+        // (f) alone.
+        let schema = run_schema(&env, tck).await;
+        println!();
+        println!("| measure | events | figure | target | result |");
+        println!("|---|---:|---:|---|---|");
+        print_schema(&schema);
+        println!();
+        print_schema_notes(&schema);
+        return;
+    }
     if std::env::var("PLANTRELAY_BENCH_ONLY").as_deref() == Ok("jetstream") {
         // (e) alone.
         let js = run_jetstream(&env, tck).await;
@@ -926,6 +1049,7 @@ async fn main() {
     let large = drain_binary(&env, &bin, n(2_000_000), "large", tck).await;
     let lanes = run_lanes(&env).await;
     let js = run_jetstream(&env, tck).await;
+    let schema = run_schema(&env, tck).await;
     println!();
     println!("| measure | events | figure | target | result |");
     println!("|---|---:|---:|---|---|");
@@ -966,6 +1090,7 @@ async fn main() {
     }
     print_lanes(&lanes);
     print_jetstream(&js);
+    print_schema(&schema);
     let spread = mib(large.hwm_kib) / mib(small.hwm_kib).max(f64::MIN_POSITIVE) - 1.0;
     println!(
         "| peak RSS, {} vs {} backlog | | {:+.0}% | within ±10% | {} |",
@@ -1032,6 +1157,7 @@ async fn main() {
         );
     }
     print_jetstream_notes(&js);
+    print_schema_notes(&schema);
     println!(
         "total bench time {:.0} s; load average at the end: {}",
         run_start.elapsed().as_secs_f64(),

@@ -56,6 +56,8 @@ struct Idp {
     unauthorized: AtomicU64,
     /// A request that was not what RFC 6749 §4.4 asks for.
     bad_requests: Mutex<Vec<String>>,
+    /// How long the token endpoint takes to answer, in ms.
+    delay_ms: AtomicU64,
 }
 
 fn form(body: &str) -> HashMap<String, String> {
@@ -66,6 +68,11 @@ fn form(body: &str) -> HashMap<String, String> {
 
 async fn token(State(idp): State<Arc<Idp>>, headers: HeaderMap, body: String) -> Response {
     idp.requests.fetch_add(1, Ordering::SeqCst);
+    let delay = idp.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        // A slow endpoint: the condition under test, not a wait.
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let f = form(&body);
     let basic = headers
         .get("authorization")
@@ -176,6 +183,7 @@ async fn start_idp(h: &Harness) -> (Arc<Idp>, SocketAddr) {
         batches: AtomicU64::new(0),
         unauthorized: AtomicU64::new(0),
         bad_requests: Mutex::new(Vec::new()),
+        delay_ms: AtomicU64::new(0),
     });
     let app = Router::new()
         .route("/oauth2/token", post(token))
@@ -414,4 +422,62 @@ async fn tokens_are_cached_renewed_and_refetched_after_a_401_and_a_failing_endpo
             "the Basic credentials are in the {what}"
         );
     }
+}
+
+/// However many batches need a token at once, the endpoint is asked once;
+/// the token is then served from the cache until it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fetch_serves_every_waiting_batch() {
+    use plantrelay::config::{OAuth2AuthMethod, OAuth2Config};
+    use plantrelay::sinks::oauth2::OAuth2;
+    let h = Harness::new().await;
+    let (idp, addr) = start_idp(&h).await;
+    *idp.mode.lock().unwrap() = Mode::Issue(3600);
+    idp.delay_ms.store(300, Ordering::SeqCst);
+    let secret_file = h.dir.path().join("oauth2.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let cfg = OAuth2Config {
+        token_url: format!("https://{addr}/oauth2/token").parse().unwrap(),
+        client_id: CLIENT_ID.into(),
+        client_secret_file: secret_file,
+        scopes: vec!["events.write".into(), "audit".into()],
+        auth_method: OAuth2AuthMethod::Basic,
+    };
+    let tls = plantrelay::tls::client_config(&h.paths.client_tls(false)).unwrap();
+    let client = plantrelay::tls::reqwest_client_builder(tls)
+        .build()
+        .unwrap();
+    let oauth = Arc::new(OAuth2::new(&cfg, client).unwrap());
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let o = oauth.clone();
+            tokio::spawn(async move { o.header().await.unwrap() })
+        })
+        .collect();
+    let mut headers = Vec::new();
+    for t in tasks {
+        headers.push(t.await.unwrap());
+    }
+    assert_eq!(
+        idp.requests.load(Ordering::SeqCst),
+        1,
+        "one fetch for 20 waiting batches"
+    );
+    assert!(headers.iter().all(|h| h == &headers[0]));
+    assert!(headers[0].0.is_sensitive());
+    for _ in 0..100 {
+        assert_eq!(oauth.header().await.unwrap(), headers[0]);
+    }
+    assert_eq!(
+        idp.requests.load(Ordering::SeqCst),
+        1,
+        "served from the cache"
+    );
+    // Refusing an older generation keeps the newer token.
+    oauth.refused(headers[0].1 - 1).await;
+    assert_eq!(oauth.header().await.unwrap(), headers[0]);
+    oauth.refused(headers[0].1).await;
+    assert_ne!(oauth.header().await.unwrap(), headers[0]);
+    assert_eq!(idp.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(oauth.state().fetches, 2);
 }

@@ -18,8 +18,10 @@ const TABLES: &[&str] = &[
     "[[sources.opcua]]",
     "[[sources.opcua.nodes]]",
     "[[sinks.https]]",
+    "[sinks.https.oauth2]",
     "[[sinks.mqtt]]",
     "[[sinks.jetstream]]",
+    "[[schemas]]",
 ];
 
 fn read(relative: &str) -> String {
@@ -28,7 +30,7 @@ fn read(relative: &str) -> String {
 
 /// The keys a table accepts, from the config types themselves: a bogus key
 /// is put into the table and serde's "unknown field, expected one of" error
-/// lists them. Nested arrays of tables (`nodes`) are left out.
+/// lists them. Nested tables (`nodes`, `oauth2`) are left out.
 fn accepted_keys(example: &str, header: &str) -> Vec<String> {
     let at = example.find(&format!("\n{header}\n")).expect(header) + 1;
     let probe = format!(
@@ -47,7 +49,10 @@ fn accepted_keys(example: &str, header: &str) -> Vec<String> {
         .split('`')
         .skip(1)
         .step_by(2)
-        .filter(|key| !example.contains(&format!("\n[[{table}.{key}]]\n")))
+        .filter(|key| {
+            !example.contains(&format!("\n[[{table}.{key}]]\n"))
+                && !example.contains(&format!("\n[{table}.{key}]\n"))
+        })
         .map(str::to_owned)
         .collect()
 }

@@ -20,6 +20,10 @@ use std::sync::Arc;
 use jsonschema::{Draft, Retrieve, Uri, Validator};
 use serde_json::Value;
 
+use self::instance::{Borrowed, Data};
+
+mod instance;
+
 use crate::config::SchemaConfig;
 use crate::text::escape_control;
 
@@ -68,7 +72,7 @@ pub struct Violation {
 /// One compiled schema.
 pub struct Schema {
     file: PathBuf,
-    validator: Validator,
+    validator: Validator<Borrowed>,
 }
 
 impl fmt::Debug for Schema {
@@ -106,7 +110,7 @@ impl Schema {
                 "the schema's path is not absolute; it is resolved against the config file".into(),
             )
         })?;
-        let validator = jsonschema::options()
+        let validator = jsonschema::options_for::<Borrowed>()
             .with_draft(draft)
             .with_base_uri(base.as_str())
             .with_retriever(LocalFiles)
@@ -131,7 +135,7 @@ impl Schema {
     /// Checks `data` (JSON text). At most [`MAX_VIOLATIONS_PER_EVENT`] are
     /// returned, each message bounded and without the data's values.
     pub fn check(&self, data: &[u8]) -> Result<(), Vec<Violation>> {
-        let value: Value = match serde_json::from_slice(data) {
+        let value = match Data::parse(data) {
             Ok(v) => v,
             Err(e) => {
                 return Err(vec![Violation {
@@ -283,6 +287,16 @@ mod tests {
         pointers.sort();
         assert_eq!(pointers, ["/at", "/order", "/qty"]);
         assert!(v.iter().all(|v| !v.message.contains("SECRET")), "{v:?}");
+        let v = s.check(br#"{"qty":-1}"#).unwrap_err();
+        let messages: Vec<&str> = v.iter().map(|v| v.message.as_str()).collect();
+        assert!(
+            messages.contains(&"\"order\" is a required property"),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"value is less than the minimum of 0"),
+            "{messages:?}"
+        );
         let v = s.check(b"[1]").unwrap_err();
         assert_eq!(v[0].pointer, "");
         let v = s.check(b"{").unwrap_err();
