@@ -322,6 +322,23 @@ pub fn render(s: &Value) -> String {
         if !classes.is_empty() {
             extra.push_str(&format!("      {}\n", classes.join("; ")));
         }
+        if k["oauth2"].is_object() {
+            let o = &k["oauth2"];
+            let valid = o["valid_until"].as_str().unwrap_or("-");
+            let mut line = format!(
+                "      oauth2 token valid until {valid}, {} fetches",
+                text(&o["fetches"])
+            );
+            if let Some(e) = o["last_error"].as_str() {
+                line.push_str(&format!(
+                    "; last token error {}: {}",
+                    ago(&o["last_error_time"], now),
+                    crate::text::escape_control(e, crate::text::MAX_ERROR_LEN)
+                ));
+            }
+            extra.push_str(&line);
+            extra.push('\n');
+        }
         if let Some(e) = k["last_error"].as_str() {
             extra.push_str(&format!(
                 "      last error {}: {}\n",
@@ -376,7 +393,11 @@ mod tests {
                                    {"class": "telemetry", "cursor": 3, "backlog_events": 48,
                                     "oldest_undelivered_age_seconds": 80.0}],
                        "last_success_time": null, "last_error": "connection refused",
-                       "last_error_time": "2026-11-29T09:59:55Z"}],
+                       "last_error_time": "2026-11-29T09:59:55Z",
+                       "oauth2": {"token_url": "https://login.example.com/token",
+                                  "valid_until": "2026-11-29T10:30:00Z", "fetches": 3,
+                                  "last_error": "OAuth2 token endpoint https://login.example.com/token: answered 503",
+                                  "last_error_time": "2026-11-29T09:59:50Z"}}],
             "warnings": [{"kind": "sink_stalled",
                           "message": "sink 'central' stalled: no delivery for 75s with 50 events waiting"}]
         })
@@ -397,7 +418,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("last success never\n      critical backlog 2 oldest 1m15s; telemetry backlog 48 oldest 1m20s\n      last error 5.0s ago: connection refused\n"),
+            text.contains("last success never\n      critical backlog 2 oldest 1m15s; telemetry backlog 48 oldest 1m20s\n      oauth2 token valid until 2026-11-29T10:30:00Z, 3 fetches; last token error 10.0s ago: OAuth2 token endpoint https://login.example.com/token: answered 503\n      last error 5.0s ago: connection refused\n"),
             "{text}"
         );
         assert!(
