@@ -70,6 +70,7 @@ pub fn journal_options(config: &Config) -> JournalOptions {
         block_timeout: j.block_timeout,
         commit_window: j.commit_window,
         sinks: config.cursor_keys(),
+        disk_reserve: crate::journal::DEFAULT_DISK_RESERVE,
     }
 }
 

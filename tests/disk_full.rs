@@ -2,8 +2,8 @@
 //!
 //! Each test mounts its own tmpfs (`mount -t tmpfs -o size=…`), which needs
 //! root (or CAP_SYS_ADMIN). Where mounting is not permitted the test says so
-//! on stderr and returns without failing; the guard unmounts on every path,
-//! a failed assertion included.
+//! on stderr and returns without failing, except under `CI=true`, where it
+//! fails; the guard unmounts on every path, a failed assertion included.
 //!
 //! What must hold when the disk fills: the append that does not fit is
 //! answered `DiskFull` (never a panic, never a hang, never `Closed`), every
@@ -82,6 +82,9 @@ macro_rules! tmpfs_or_skip {
     ($size:expr) => {
         match Tmpfs::mount($size) {
             Ok(fs) => fs,
+            Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("this test needs a real full filesystem and cannot mount one under CI: {why}")
+            }
             Err(why) => {
                 eprintln!(
                     "SKIPPED {}: this test needs a real full filesystem and cannot mount one here: {why}",
@@ -353,6 +356,151 @@ async fn opening_a_journal_on_a_full_filesystem_returns_a_clear_error_and_works_
 
 // ------------------------------------------------------- the real binary ---
 
+/// A `plantrelay run` process whose state is on a tmpfs, killed on drop
+/// (before the tmpfs goes).
+struct DiskAgent {
+    child: std::process::Child,
+    log: PathBuf,
+    url: String,
+}
+
+impl DiskAgent {
+    /// Starts the agent with its state on `fs` and waits until it listens.
+    async fn start(fs: &Tmpfs, h: &Harness) -> DiskAgent {
+        let state = fs.path().join("state");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = h
+            .config_text(
+                &format!("127.0.0.1:{port}"),
+                &h.receiver.url(),
+                "batch_max_events = 500\ncompression = \"none\"",
+                "",
+            )
+            .replace(h.state_dir().to_str().unwrap(), state.to_str().unwrap())
+            .replace(
+                "sync = \"normal\"",
+                "sync = \"normal\"\nmax_size = \"1GiB\"",
+            );
+        let config = h.write_config(&text);
+        let log = h.dir.path().join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_plantrelay"))
+            .args(["run", "-c", config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env("PLANTRELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut a = DiskAgent {
+            child,
+            log,
+            url: format!("http://127.0.0.1:{port}/v1/events"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                a.child.try_wait().unwrap().is_none(),
+                "agent exited:\n{}",
+                a.read_log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "agent did not listen:\n{}",
+                a.read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a
+    }
+
+    fn read_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Posts batches of 50 padded events until one is refused; returns how
+    /// many were accepted and the refusal.
+    async fn fill_until_refused(&self) -> (usize, (u16, Value)) {
+        let client = http_client();
+        let mut accepted = 0usize;
+        let started = Instant::now();
+        for round in 0.. {
+            let mut batch = mes_events(&format!("df{round}"), 50, 4);
+            for e in &mut batch {
+                e["data"]["pad"] = Value::String("p".repeat(1000));
+            }
+            let (status, body) = post(&client, &self.url, &batch).await;
+            if status != 202 {
+                eprintln!(
+                    "agent refused after {accepted} accepted events ({:?}): {status} {body}",
+                    started.elapsed()
+                );
+                return (accepted, (status, body));
+            }
+            accepted += 50;
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the filesystem never filled after {accepted} events"
+            );
+        }
+        unreachable!()
+    }
+
+    /// SIGTERM; asserts a clean exit and returns the log.
+    async fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let text = self.read_log();
+        eprintln!(
+            "agent log: {} lines, {} commit failures, {} journal reopens",
+            text.lines().count(),
+            text.matches("journal commit failed").count(),
+            text.matches("journal reopened").count()
+        );
+        assert_eq!(status.code(), Some(0), "{status}\n{text}");
+        assert!(!text.contains("panicked"), "{text}");
+        text
+    }
+}
+
+impl Drop for DiskAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_answers_503_on_a_full_disk_keeps_running_and_accepts_again_once_space_is_freed()
 {
@@ -360,105 +508,20 @@ async fn the_agent_answers_503_on_a_full_disk_keeps_running_and_accepts_again_on
     let h = Harness::new().await;
     let filler = fs.path().join("filler");
     write_filler(&filler, 4 << 20).unwrap();
-    let state = fs.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = h
-        .config_text(
-            &format!("127.0.0.1:{port}"),
-            &h.receiver.url(),
-            "batch_max_events = 500\ncompression = \"none\"",
-            "",
-        )
-        .replace(h.state_dir().to_str().unwrap(), state.to_str().unwrap())
-        .replace(
-            "sync = \"normal\"",
-            "sync = \"normal\"\nmax_size = \"1GiB\"",
-        );
-    let config = h.write_config(&text);
-    let log = h.dir.path().join("agent.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env("PLANTRELAY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // Whatever happens below, the agent goes before the tmpfs does.
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let child = Kill(&mut child);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "agent exited:\n{}",
-            read_log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "agent did not listen:\n{}",
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut a = DiskAgent::start(&fs, &h).await;
+    let started = Instant::now();
 
     // The upstream is down while the disk fills (as in a WAN outage, which
     // is when a plant's journal grows): the test's 2 cores go to ingest.
     h.receiver.set_fail(503, Some(1), 1.0);
-    let client = http_client();
-    let url = format!("http://127.0.0.1:{port}/v1/events");
-    let mut accepted = 0usize;
-    let mut round = 0usize;
-    let started = Instant::now();
-    let refusal = loop {
-        let mut batch = mes_events(&format!("df{round}"), 50, 4);
-        for e in &mut batch {
-            e["data"]["pad"] = Value::String("p".repeat(1000));
-        }
-        round += 1;
-        let (status, body) = post(&client, &url, &batch).await;
-        match status {
-            202 => accepted += 50,
-            _ => break (status, body),
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "a 24 MiB filesystem never filled after {accepted} events"
-        );
-    };
-    eprintln!(
-        "agent refused after {accepted} accepted events ({:?}): {refusal:?}",
-        started.elapsed()
-    );
+    let (mut accepted, refusal) = a.fill_until_refused().await;
     assert_eq!(
         refusal.0, 503,
         "a full disk is a retryable refusal: {refusal:?}"
     );
     let message = refusal.1["error"].as_str().unwrap_or_default();
     assert!(message.contains("disk full"), "{refusal:?}");
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "the agent is still running:\n{}",
-        read_log()
-    );
+    assert!(a.running(), "the agent is still running:\n{}", a.read_log());
 
     // Free space: the same agent accepts again.
     std::fs::remove_file(&filler).unwrap();
@@ -466,8 +529,8 @@ async fn the_agent_answers_503_on_a_full_disk_keeps_running_and_accepts_again_on
     for e in &mut batch {
         e["data"]["pad"] = Value::String("p".repeat(100));
     }
-    let (status, body) = post(&client, &url, &batch).await;
-    assert_eq!(status, 202, "{body}\n{}", read_log());
+    let (status, body) = post(&http_client(), &a.url, &batch).await;
+    assert_eq!(status, 202, "{body}\n{}", a.read_log());
     accepted += 5;
 
     // The WAN is back: everything acknowledged reaches the upstream.
@@ -476,36 +539,61 @@ async fn the_agent_answers_503_on_a_full_disk_keeps_running_and_accepts_again_on
     assert!(delivered, "{:?} of {accepted}", h.receiver.stats());
     eprintln!("all {accepted} delivered ({:?})", started.elapsed());
 
-    let pid = child.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no exit after SIGTERM:\n{}",
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let text = read_log();
-    eprintln!(
-        "agent log: {} lines, {} commit failures, {} journal reopens",
-        text.lines().count(),
-        text.matches("journal commit failed").count(),
-        text.matches("journal reopened").count()
-    );
-    assert_eq!(status.code(), Some(0), "{status}\n{text}");
-    assert!(!text.contains("panicked"), "{text}");
+    let text = a.stop().await;
     assert!(text.contains("disk full"), "the log says why: {text}");
     let v = h.receiver.verdict();
     assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+}
+
+/// The upstream comes back while the disk is still full, and nobody frees
+/// anything: delivering must be what frees the disk. Before the journal
+/// kept a reserve, the forwarder sent a batch, could not store its cursor
+/// (no room for the WAL to grow) and sent the same batch again, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drains_by_itself_once_the_upstream_is_back() {
+    let fs = tmpfs_or_skip!("24m");
+    let h = Harness::new().await;
+    write_filler(&fs.path().join("filler"), 4 << 20).unwrap();
+    let a = DiskAgent::start(&fs, &h).await;
+    h.receiver.set_fail(503, Some(1), 1.0);
+    let (accepted, refusal) = a.fill_until_refused().await;
+    assert_eq!(refusal.0, 503, "{refusal:?}");
+
+    h.receiver.clear_faults();
+    let delivered = h.receiver.wait_for(accepted, Duration::from_secs(60)).await;
+    let keys = h.receiver.idempotency_keys();
+    let mut sent: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for k in keys.into_iter().flatten() {
+        *sent.entry(k).or_default() += 1;
+    }
+    let most = sent.values().copied().max().unwrap_or(0);
+    assert!(
+        delivered,
+        "{:?} of {accepted} delivered; a batch was sent {most} times\n{}",
+        h.receiver.stats(),
+        a.read_log()
+    );
+    assert!(most <= 3, "a batch was sent {most} times");
+    // Delivering freed room: the agent takes new events again, on the same
+    // full filesystem.
+    let mut batch = mes_events("after", 50, 4);
+    for e in &mut batch {
+        e["data"]["pad"] = Value::String("p".repeat(1000));
+    }
+    let (status, body) = post(&http_client(), &a.url, &batch).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        h.receiver
+            .wait_for(accepted + 50, Duration::from_secs(30))
+            .await,
+        "{:?}",
+        h.receiver.stats()
+    );
+    let text = a.stop().await;
+    let v = h.receiver.verdict();
+    assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+    assert!(
+        text.contains("reserve"),
+        "the log tells of the reserve: {text}"
+    );
 }

@@ -101,8 +101,11 @@
 
 pub mod dedup;
 mod reader;
+mod reserve;
 mod schema;
 mod writer;
+
+pub use reserve::DEFAULT_DISK_RESERVE;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -171,6 +174,9 @@ pub struct JournalOptions {
     pub commit_window: Duration,
     /// The configured sinks: retention waits for every one of them.
     pub sinks: Vec<String>,
+    /// Bytes of disk set aside beside the journal, given back when a
+    /// commit finds the disk full (see `reserve.rs`); 0 keeps none.
+    pub disk_reserve: u64,
 }
 
 impl JournalOptions {
@@ -187,6 +193,7 @@ impl JournalOptions {
             block_timeout: Duration::from_secs(5),
             commit_window: DEFAULT_COMMIT_WINDOW,
             sinks: Vec::new(),
+            disk_reserve: DEFAULT_DISK_RESERVE,
         }
     }
 }

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::dedup::{DedupIndex, Verified, key_hash};
 use super::reader::first_seq_at_or_after;
+use super::reserve::Reserve;
 use super::schema::{
     STARTUP_CACHE_KIB, STREAM_HEADS, WAL_SIZE_LIMIT, WRITER_CACHE_KIB, open_reader, sqlite_err,
 };
@@ -100,6 +101,12 @@ pub(crate) struct WriterState {
     /// backlog) would otherwise scan the whole table each time, telemetry
     /// having no index.
     probes: RefCell<HashMap<String, Probe>>,
+    /// Disk set aside for the moment the disk fills (see `reserve.rs`).
+    reserve: Reserve,
+    /// A commit found the disk full and the disk has not had room since:
+    /// retention then deletes delivered events without waiting for
+    /// `retain_acked`, so that delivering frees room for new events.
+    disk_short: bool,
 }
 
 /// What the probe found for a lane at `cursor`: the first event of its
@@ -508,6 +515,8 @@ impl WriterState {
             streams_flushed_at: Instant::now(),
             events_since_flush: 0,
             flushing_streams: false,
+            reserve: Reserve::open(&path, opts.disk_reserve),
+            disk_short: false,
         };
         state.refresh_used().map_err(e)?;
         Ok(state)
@@ -854,9 +863,28 @@ impl WriterState {
                     r.fail(&e).send();
                 }
                 if matches!(e, JournalError::DiskFull { .. }) {
+                    self.disk_full();
                     self.reopen();
                 }
             }
+        }
+    }
+
+    /// A commit found the disk full: give the reserve back, so that the
+    /// next cursor moves, checkpoint and retention fit, and let retention
+    /// delete what is delivered at once.
+    fn disk_full(&mut self) {
+        if !self.disk_short {
+            self.disk_short = true;
+            self.retention_pending = true;
+            warn!(journal = %self.path.display(), "disk full: delivered events are deleted at once (not after retain_acked) until the disk has room again");
+        }
+        if self.reserve.release() {
+            warn!(
+                journal = %self.path.display(),
+                bytes = self.opts.disk_reserve,
+                "disk full: gave back the disk reserve so that deliveries can move their cursors and free the journal; it is set aside again once the disk has room"
+            );
         }
     }
 
@@ -1722,6 +1750,10 @@ impl WriterState {
             .store(self.dedup.len() as u64, Ordering::Relaxed);
         self.sync_cursors();
         self.check_wal();
+        if self.disk_short && self.reserve.restore() {
+            self.disk_short = false;
+            info!(journal = %self.path.display(), "the disk has room again: delivered events are kept for retain_acked again");
+        }
         self.retention_pending = true;
     }
 
@@ -1731,8 +1763,9 @@ impl WriterState {
         let cutoff = now_us.saturating_sub(retain_us);
         let result = first_seq_at_or_after(&self.conn, cutoff).and_then(|young| {
             let old_until = match young {
-                Some(s) => s.saturating_sub(1),
-                None => self.next_seq - 1,
+                // A short disk does not wait for retain_acked.
+                Some(s) if !self.disk_short => s.saturating_sub(1),
+                _ => self.next_seq - 1,
             };
             let limit = old_until.min(self.min_cursor());
             if self.opts.sinks.is_empty() {
