@@ -132,6 +132,12 @@ impl Schema {
         &self.file
     }
 
+    /// Whether `data` (JSON text) matches, without building any report:
+    /// for the events past what an answer lists.
+    pub fn passes(&self, data: &[u8]) -> bool {
+        Data::parse(data).is_ok_and(|v| self.validator.is_valid(&v))
+    }
+
     /// Checks `data` (JSON text). At most [`MAX_VIOLATIONS_PER_EVENT`] are
     /// returned, each message bounded and without the data's values.
     pub fn check(&self, data: &[u8]) -> Result<(), Vec<Violation>> {
@@ -195,11 +201,6 @@ impl Schemas {
 
     pub fn is_empty(&self) -> bool {
         self.by_type.is_empty()
-    }
-
-    /// The types that have a schema.
-    pub fn types(&self) -> impl Iterator<Item = &str> {
-        self.by_type.keys().map(String::as_str)
     }
 }
 

@@ -301,12 +301,8 @@ impl OAuth2 {
         });
         let (renew_at, expires_at) = match lifetime {
             Some(secs) => {
-                let life = Duration::from_secs(secs);
-                let skew = (life / 5).min(MAX_SKEW);
-                (
-                    Some(sent_at + life.saturating_sub(skew)),
-                    Some(issued_at + life),
-                )
+                let (renew_in, life) = renewal(secs);
+                (sent_at.checked_add(renew_in), issued_at.checked_add(life))
             }
             None => (None, None),
         };
@@ -327,6 +323,18 @@ impl OAuth2 {
         }
     }
 }
+
+/// When to renew a token that lives `secs` (from the endpoint: clamped to
+/// 1 s .. a year, so that neither a zero nor a huge lifetime can make the
+/// sink fetch per batch or overflow a clock), and its lifetime.
+fn renewal(secs: u64) -> (Duration, Duration) {
+    let life = Duration::from_secs(secs.clamp(1, MAX_LIFETIME_SECS));
+    let skew = (life / 5).min(MAX_SKEW);
+    (life.saturating_sub(skew), life)
+}
+
+/// Longest token lifetime believed (a year).
+const MAX_LIFETIME_SECS: u64 = 365 * 24 * 3600;
 
 async fn read_bounded(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
@@ -384,6 +392,24 @@ mod tests {
             body,
             "grant_type=client_credentials&client_id=gw+hamburg&client_secret=p%26ss%3Aw+rd"
         );
+    }
+
+    #[test]
+    fn renewal_comes_ahead_of_expiry_whatever_the_lifetime() {
+        assert_eq!(
+            renewal(3600),
+            (Duration::from_secs(3540), Duration::from_secs(3600))
+        );
+        assert_eq!(
+            renewal(2),
+            (Duration::from_millis(1600), Duration::from_secs(2))
+        );
+        let (renew, life) = renewal(0);
+        assert!(renew > Duration::ZERO && life == Duration::from_secs(1));
+        let (renew, life) = renewal(u64::MAX);
+        assert_eq!(life, Duration::from_secs(MAX_LIFETIME_SECS));
+        assert!(Instant::now().checked_add(renew).is_some());
+        assert!(SystemTime::now().checked_add(life).is_some());
     }
 
     #[test]
