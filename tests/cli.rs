@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::agent::{Harness, http_client, mes_events, post};
+use support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plantrelay");
 
@@ -112,14 +113,6 @@ async fn plantrelay_async(args: &[&str]) -> Outcome {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `plantrelay run` in the background; its stderr goes to a file. Dropping

@@ -13,14 +13,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::Value;
 use support::agent::{Harness, http_client, mes_events};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::free_port;
 
 fn spawn(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_plantrelay"))

@@ -368,11 +368,7 @@ impl DiskAgent {
     /// Starts the agent with its state on `fs` and waits until it listens.
     async fn start(fs: &Tmpfs, h: &Harness) -> DiskAgent {
         let state = fs.path().join("state");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let text = h
             .config_text(
                 &format!("127.0.0.1:{port}"),

@@ -17,6 +17,7 @@ use plantrelay::demo::receiver::EphemeralPki;
 use plantrelay::tls::ClientTls;
 use serde_json::{Value, json};
 use support::agent::{Harness, http_client, mes_events, post};
+use support::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -1391,14 +1392,6 @@ async fn a_reload_serves_the_new_certificate_to_new_handshakes_and_a_bad_one_kee
     );
     assert_eq!(api.code("/healthz", None).await, 200);
     a.shutdown().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,18 +24,11 @@ use plantrelay::status::{SinkProgress, SinkStatus};
 use rand::Rng;
 use serde_json::Value;
 use support::agent::{http_client, mes_events, post};
+use support::free_port;
 use support::nats_server::{NatsServer, Stored};
 
 const WAIT: Duration = Duration::from_secs(120);
 const AGENT: &str = "gw-js";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A config with one HTTP source `mes` on `listen` and one JetStream sink
 /// `central`; `sink_extra` is appended inside the sink table.

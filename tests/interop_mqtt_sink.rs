@@ -17,7 +17,8 @@ use plantrelay::config::Config;
 use rand::Rng;
 use serde_json::Value;
 use support::agent::{http_client, post};
-use support::mosquitto::{Mosquitto, free_port};
+use support::free_port;
+use support::mosquitto::Mosquitto;
 use support::upstream::{Inbox, check, cloudevents, events, spawn, subscribe};
 
 const WAIT: Duration = Duration::from_secs(90);

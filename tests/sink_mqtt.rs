@@ -17,7 +17,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use support::agent::{http_client, post};
 use support::fault_proxy::FaultProxy;
-use support::mosquitto::free_port;
+use support::free_port;
 use support::upstream::{Inbox, Received, check, cloudevents, events, spawn, subscribe, until};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -11,14 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::agent::{Harness, mes_events};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::free_port;
 
 /// Every message received until `until`, with its arrival time.
 fn collect(sock: &UnixDatagram, until: Instant) -> Vec<(Instant, String)> {

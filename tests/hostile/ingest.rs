@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::agent::{Harness, http_client};
+use crate::support::free_port;
 
 const BATCH: &str = "application/cloudevents-batch+json";
 const SINGLE: &str = "application/cloudevents+json";
@@ -507,14 +508,6 @@ async fn a_duplicate_attribute_name_holding_newline_and_esc_is_escaped_in_the_an
 
 // ---------------------------------------------------------------------------
 // The real binary: memory under a storm of the probe's batches
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `VmRSS` / `VmHWM` of a process, in KiB.
 fn vm_kib(pid: u32, field: &str) -> u64 {

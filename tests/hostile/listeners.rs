@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::support::agent::{Harness, http_client, mes_events, post};
+use crate::support::free_port;
 
 const TOKEN: &str = "health-read-token-0123456789";
 
@@ -338,14 +339,6 @@ async fn one_host_holding_slow_and_idle_health_connections_past_its_cap_does_not
 
 // ---------------------------------------------------------------------------
 // The real binary under systemd's default open-file limit.
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -16,19 +16,12 @@ use plantrelay::journal::Journal;
 use serde_json::Value;
 
 use crate::support::agent::Harness;
+use crate::support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plantrelay");
 const WAIT: Duration = Duration::from_secs(30);
 const READ_TOKEN: &str = "read-0ps-s3cret";
 const ADMIN_TOKEN: &str = "admin-0ps-s3cret";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `[health]` section on `listen` with a read token and an admin token.
 fn health_toml(h: &Harness, listen: SocketAddr) -> String {
