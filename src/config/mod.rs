@@ -22,6 +22,7 @@
 mod error;
 mod files;
 mod locate;
+mod node_id;
 mod sinks;
 mod sources;
 pub mod units;
@@ -36,6 +37,7 @@ use toml::de::DeTable;
 
 pub use error::{ConfigError, ConfigIssue};
 pub use files::{read_credentials, read_secret};
+pub use node_id::{NodeRef, parse_node_id};
 pub use sinks::{
     ClientTlsKeys, Compression, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig,
     MqttSinkFormat, OAuth2AuthMethod, OAuth2Config, Priority, SinkKeys, lanes,

@@ -908,8 +908,8 @@ pub(super) fn check_opcua(issues: &mut Issues<'_>, p: &str, s: &OpcuaSourceConfi
 fn opcua_node(issues: &mut Issues<'_>, p: &str, node: &OpcuaNodeConfig) {
     // The syntax check, then the parser the source itself uses: what passes
     // here is what the source can subscribe to.
-    if let Err(message) = check_node_id(&node.node_id)
-        .and_then(|()| crate::sources::opcua::parse_node_id(&node.node_id).map(|_| ()))
+    if let Err(message) =
+        check_node_id(&node.node_id).and_then(|()| super::parse_node_id(&node.node_id).map(|_| ()))
     {
         issues.push(format!("{p}.node_id"), message);
     }
