@@ -106,6 +106,7 @@ mod schema;
 mod writer;
 
 pub use reserve::DEFAULT_DISK_RESERVE;
+pub(crate) use writer::WINDOW_ENOUGH_EVENTS;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -305,6 +306,9 @@ pub(crate) type AppendReply =
 pub(crate) enum Request {
     Append {
         events: Vec<NewEvent>,
+        /// The caller already waited the commit window for these events
+        /// ([`Journal::append_gathered`]): the writer commits at once.
+        gathered: bool,
         reply: oneshot::Sender<AppendReply>,
     },
     Advance {
@@ -477,6 +481,29 @@ impl Journal {
     /// duplicates). Under `when_full = "block"` a full journal is retried
     /// until `block_timeout`, then reported as [`JournalError::Full`].
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<AppendOutcome>, JournalError> {
+        self.append_with(events, false).await
+    }
+
+    /// [`Journal::append`] for a caller that gathered its events for the
+    /// commit window itself (a source holding messages it has received, see
+    /// [`Journal::commit_window`]): the commit does not wait a second window.
+    pub async fn append_gathered(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<AppendOutcome>, JournalError> {
+        self.append_with(events, true).await
+    }
+
+    /// `journal.commit_window`.
+    pub fn commit_window(&self) -> Duration {
+        self.inner.opts.commit_window
+    }
+
+    async fn append_with(
+        &self,
+        events: Vec<NewEvent>,
+        gathered: bool,
+    ) -> Result<Vec<AppendOutcome>, JournalError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -486,7 +513,11 @@ impl Journal {
             let (reply, rx) = oneshot::channel();
             self.inner
                 .tx
-                .send(Request::Append { events, reply })
+                .send(Request::Append {
+                    events,
+                    gathered,
+                    reply,
+                })
                 .await
                 .map_err(|_| JournalError::Closed)?;
             match rx.await.map_err(|_| JournalError::Closed)? {

@@ -48,7 +48,7 @@ const STREAMS_FLUSH_EVENTS: u64 = 65_536;
 /// source with this many waiting is batching by itself, and holding its
 /// acks longer would only cap its rate (a source with `max_inflight`
 /// unacknowledged messages cannot send more until they are acked).
-const WINDOW_ENOUGH_EVENTS: usize = 32;
+pub(crate) const WINDOW_ENOUGH_EVENTS: usize = 32;
 /// ... or once the events gathered fill this many bytes (a few pages):
 /// waiting longer no longer saves page writes.
 const WINDOW_ENOUGH_BYTES: u64 = 16 * 1024;
@@ -716,7 +716,7 @@ impl WriterState {
                 continue;
             }
             match req {
-                Request::Append { events, reply } => {
+                Request::Append { events, reply, .. } => {
                     if let Err(e) = &room {
                         replies.push(Reply::Append(reply, Err((e.clone(), events))));
                         continue;
@@ -1996,12 +1996,18 @@ impl CommitWindow {
     }
 }
 
-/// True while a batch is appends alone, and small: fewer than
+/// True while a batch is appends alone that no caller gathered already
+/// ([`super::Journal::append_gathered`]), and small: fewer than
 /// [`WINDOW_ENOUGH_EVENTS`] events in fewer than [`WINDOW_ENOUGH_BYTES`].
 fn window_applies(batch: &[Request]) -> bool {
     let (mut events, mut bytes) = (0usize, 0u64);
     for r in batch {
-        let Request::Append { events: evs, .. } = r else {
+        let Request::Append {
+            events: evs,
+            gathered: false,
+            ..
+        } = r
+        else {
             return false;
         };
         events += evs.len();

@@ -18,9 +18,11 @@
 //!   all that are ready in one write; it pings, answers PUBREL with PUBCOMP,
 //!   and watches the link.
 //! - The **appender** takes whatever has queued up (up to [`BATCH_MAX`]
-//!   messages), maps it, appends it to the journal in **one** append (group
-//!   commit), and when the journal has answered reports every message back
-//!   in arrival order. One append at a time: per topic, journal order is
+//!   messages; under a steady trickle it waits up to `journal.commit_window`
+//!   from the first one's arrival for more, see `Appender::gather`), maps
+//!   it, appends it to the journal in **one** append (group commit), and
+//!   when the journal has answered reports every message back in arrival
+//!   order. One append at a time: per topic, journal order is
 //!   arrival order, and acks go out in the order the messages came (as MQTT
 //!   requires).
 //!
@@ -243,10 +245,14 @@ impl MqttSource {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let appender = Appender {
             name: self.name.clone(),
+            window: journal.commit_window(),
             journal,
             mapper: self.mapper,
             status: status.clone(),
             warnings: WarnLimiter::default(),
+            max_inflight: self.max_inflight,
+            spacing: None,
+            last_received: None,
         };
         let appender = tokio::spawn(appender.run(rx, done_tx));
         let connection = Connection {
@@ -674,6 +680,14 @@ struct Appender {
     mapper: Mapper,
     status: Arc<SourceStatus>,
     warnings: WarnLimiter,
+    /// `journal.commit_window`: how long the first message of a batch may
+    /// wait for others to share its commit.
+    window: Duration,
+    max_inflight: usize,
+    /// Mean time between messages (a moving average), and when the last
+    /// one arrived.
+    spacing: Option<Duration>,
+    last_received: Option<std::time::SystemTime>,
 }
 
 /// What one message became in an append.
@@ -691,6 +705,7 @@ impl Appender {
     ) -> Result<(), SourceError> {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+            self.gather(&mut rx, &mut batch).await;
             self.commit(&batch).await?;
             for m in batch.drain(..) {
                 let _ = done.send(Done {
@@ -701,6 +716,63 @@ impl Appender {
             }
         }
         Ok(())
+    }
+
+    /// The commit window, kept here rather than in the journal: the first
+    /// message of a batch waits, up to `journal.commit_window` from its
+    /// arrival, for more to share its commit (fewer commits, fewer pages
+    /// written, under light traffic). The append then commits at once
+    /// ([`Journal::append_gathered`]), so a message waits one window, not
+    /// the rest of the one in progress and then its own. The same rules as
+    /// the journal's own window: no wait when messages come further apart
+    /// than the window (nothing to gather); none past
+    /// `WINDOW_ENOUGH_EVENTS` (more saves no page writes) or `max_inflight`
+    /// (the broker sends no more until the acks).
+    async fn gather(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Message>,
+        batch: &mut Vec<Message>,
+    ) {
+        self.note_arrivals(batch);
+        let Some(first) = batch.first().map(|m| m.received) else {
+            return;
+        };
+        if self.window.is_zero() || self.spacing.is_none_or(|s| s > self.window) {
+            return;
+        }
+        let age = std::time::SystemTime::now()
+            .duration_since(first)
+            .unwrap_or_default();
+        let Some(left) = self.window.checked_sub(age) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + left;
+        let enough = self
+            .max_inflight
+            .min(BATCH_MAX)
+            .min(crate::journal::WINDOW_ENOUGH_EVENTS);
+        while batch.len() < enough {
+            let before = batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(batch, BATCH_MAX - before)).await {
+                Ok(n) if n > 0 => self.note_arrivals(&batch[before..]),
+                // Closed (the source is stopping) or the window passed.
+                _ => break,
+            }
+        }
+    }
+
+    /// Keeps the moving average of the time between messages.
+    fn note_arrivals(&mut self, messages: &[Message]) {
+        for m in messages {
+            if let Some(gap) = self
+                .last_received
+                .and_then(|t| m.received.duration_since(t).ok())
+            {
+                let gap = gap.min(self.window * 100);
+                self.spacing = Some(self.spacing.map_or(gap, |avg| (avg * 7 + gap) / 8));
+            }
+            self.last_received = Some(m.received);
+        }
     }
 
     /// Appends the batch (retrying until the journal takes it) and counts.
@@ -735,7 +807,7 @@ impl Appender {
                 self.record_schema_refusals(by_schema);
                 return Ok(());
             }
-            match self.journal.append(events).await {
+            match self.journal.append_gathered(events).await {
                 Ok(outcomes) => {
                     let (mut stored, mut duplicates, mut rejected) = (0u64, 0u64, dropped);
                     for (kind, outcome) in kinds.iter().zip(&outcomes) {
