@@ -985,10 +985,11 @@ fn canonical_schemas_take_their_valid_examples_and_refuse_each_invalid_one_at_it
 }
 
 impl Setup {
-    fn with_schema(mut self, event_type: &str, file: &str) -> Setup {
+    /// The shipped production-confirmation schema for [`CONFIRMATION`].
+    fn with_confirmation_schema(mut self) -> Setup {
         let configs = [SchemaConfig {
-            event_type: event_type.into(),
-            file: repo_file(file),
+            event_type: CONFIRMATION.into(),
+            file: repo_file("config/schemas/production-confirmation.v1.json"),
         }];
         self.schemas = Arc::new(Schemas::load(&configs).unwrap());
         self
@@ -1018,13 +1019,7 @@ fn good_confirmation() -> Value {
 
 #[tokio::test]
 async fn an_event_failing_its_schema_refuses_the_whole_request_with_every_problem() {
-    let ingest = setup()
-        .with_schema(
-            CONFIRMATION,
-            "config/schemas/production-confirmation.v1.json",
-        )
-        .start()
-        .await;
+    let ingest = setup().with_confirmation_schema().start().await;
 
     // Valid: stored.
     let a = ingest
@@ -1113,10 +1108,7 @@ async fn an_event_failing_its_schema_refuses_the_whole_request_with_every_proble
 
 #[tokio::test]
 async fn require_schema_refuses_types_without_one() {
-    let mut s = setup().with_schema(
-        CONFIRMATION,
-        "config/schemas/production-confirmation.v1.json",
-    );
+    let mut s = setup().with_confirmation_schema();
     s.cfg.require_schema = true;
     let ingest = s.start().await;
     let a = ingest
@@ -1148,13 +1140,7 @@ async fn require_schema_refuses_types_without_one() {
 
 #[tokio::test]
 async fn a_hostile_batch_gets_a_bounded_answer_that_does_not_echo_its_data() {
-    let ingest = setup()
-        .with_schema(
-            CONFIRMATION,
-            "config/schemas/production-confirmation.v1.json",
-        )
-        .start()
-        .await;
+    let ingest = setup().with_confirmation_schema().start().await;
     let mut bad = good_confirmation();
     bad["confirmation_text"] = json!("SECRET-".repeat(100));
     for k in 0..20 {
