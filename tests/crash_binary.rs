@@ -7,24 +7,13 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
-use support::agent::{Harness, http_client, mes_events};
+use support::agent::{Harness, http_client, mes_events, spawn};
 use support::free_port;
-
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 async fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1650,11 +1650,7 @@ async fn the_status_page_is_one_authenticated_html_page_of_the_status() {
     let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
     let (code, _) = post(&http_client(), &url, &mes_events("page", 5, 1)).await;
     assert_eq!(code, 202);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while h.receiver.stats().unique_ids < 5 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(h.receiver.wait_for(5, Duration::from_secs(30)).await);
     let (code, page) = api.get("/", Some(TOKEN)).await.unwrap();
     assert_eq!(code, 200);
     assert!(page.starts_with("<!doctype html>"), "{page}");

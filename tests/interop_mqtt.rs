@@ -15,8 +15,8 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use plantrelay::status::SourceStatus;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
-use support::agent::Harness;
+use support::agent::{Harness, spawn};
 use support::fault_proxy::FaultProxy;
 use support::mosquitto::Mosquitto;
 
@@ -421,17 +421,6 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
     a.shutdown().await;
 }
 
-fn spawn_agent(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let m = Mosquitto::start(false, "max_inflight_messages 200\n").await;
@@ -452,7 +441,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let config_path = h.write_config(&text);
 
     // A first life creates the session and its subscription.
-    let mut child = spawn_agent(&config_path);
+    let mut child = spawn(&config_path);
     let probe = (
         "crash/probe/state".to_owned(),
         json!({"probe": true}).to_string().into_bytes(),
@@ -490,7 +479,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let mut kills = 0;
     let mut rng = rand::rng();
     while !publisher.is_finished() {
-        let mut child = spawn_agent(&config_path);
+        let mut child = spawn(&config_path);
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
         child.kill().unwrap();
         child.wait().unwrap();
@@ -498,7 +487,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     }
     let acked = publisher.await.unwrap();
     assert_eq!(acked.len(), total);
-    let mut child = spawn_agent(&config_path);
+    let mut child = spawn(&config_path);
     let events = wait_journal(&h, "line", Duration::from_secs(120), |e| e.len() > total).await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

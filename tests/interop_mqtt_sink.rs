@@ -16,10 +16,10 @@ use plantrelay::agent;
 use plantrelay::config::Config;
 use rand::Rng;
 use serde_json::Value;
-use support::agent::{http_client, post};
+use support::agent::{http_client, post, spawn};
 use support::free_port;
 use support::mosquitto::Mosquitto;
-use support::upstream::{Inbox, check, cloudevents, events, spawn, subscribe};
+use support::upstream::{Inbox, check, cloudevents, events, subscribe};
 
 const WAIT: Duration = Duration::from_secs(90);
 

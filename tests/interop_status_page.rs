@@ -11,7 +11,7 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use plantrelay::agent;
 use plantrelay::config::Config;
@@ -64,11 +64,10 @@ async fn the_status_page_renders_in_a_real_browser() {
     let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
     let (code, _) = post(&http_client(), &url, &mes_events("page", 20, 2)).await;
     assert_eq!(code, 202);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while h.receiver.stats().unique_ids < 20 {
-        assert!(Instant::now() < deadline, "events not delivered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        h.receiver.wait_for(20, Duration::from_secs(30)).await,
+        "events not delivered"
+    );
     let page = format!("https://127.0.0.1:{}/", a.health_addr.unwrap().port());
     let dir = tempfile::tempdir().unwrap();
     let (dir_path, page_url) = (dir.path().to_path_buf(), page.clone());

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use prost::Message as _;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
-use support::agent::Harness;
+use support::agent::{Harness, spawn};
 use support::fault_proxy::FaultProxy;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -869,17 +869,6 @@ async fn mqtt_5_messages_are_journaled_and_acknowledged_with_their_properties_in
     a.shutdown().await;
 }
 
-fn spawn_agent(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledged() {
     let broker = EmbeddedBroker::start().await.unwrap();
@@ -901,7 +890,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
 
     // A first life creates the persistent session and its subscription
     // (the broker keeps nothing for a session that does not exist yet).
-    let mut child = spawn_agent(&config_path);
+    let mut child = spawn(&config_path);
     let probe = (
         "crash/probe/state".to_owned(),
         json!({"n": 0, "probe": true}).to_string().into_bytes(),
@@ -931,7 +920,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     let mut kills = 0;
     let mut rng = rand::rng();
     while !publisher.is_finished() {
-        let mut child = spawn_agent(&config_path);
+        let mut child = spawn(&config_path);
         let life = Duration::from_millis(rng.random_range(400..1200));
         tokio::time::sleep(life).await;
         child.kill().unwrap(); // SIGKILL
@@ -942,7 +931,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     assert_eq!(acked.len(), total);
 
     // A last life drains what the broker still holds for the session.
-    let mut child = spawn_agent(&config_path);
+    let mut child = spawn(&config_path);
     let events = wait_journal(&h, "line", Duration::from_secs(120), |e| e.len() > total).await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -27,6 +27,7 @@ use base64::Engine as _;
 use plantrelay::agent::{self, RunningAgent};
 use serde_json::{Value, json};
 use support::agent::{Harness, http_client, mes_events};
+use support::upstream::until_within as until;
 
 const CLIENT_ID: &str = "gw-test:01";
 const SECRET: &str = "s3cret-Value&with=odd chars";
@@ -217,14 +218,6 @@ impl Write for LogWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-async fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -15,10 +15,10 @@ use plantrelay::config::Config;
 use plantrelay::demo::machines::EmbeddedBroker;
 use rand::Rng;
 use serde_json::{Value, json};
-use support::agent::{http_client, post};
+use support::agent::{http_client, post, spawn};
 use support::fault_proxy::FaultProxy;
 use support::free_port;
-use support::upstream::{Inbox, Received, check, cloudevents, events, spawn, subscribe, until};
+use support::upstream::{Inbox, Received, check, cloudevents, events, subscribe, until};
 
 const WAIT: Duration = Duration::from_secs(60);
 

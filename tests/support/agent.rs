@@ -1,7 +1,8 @@
 //! An agent under test: a temp dir with certificates, an upstream receiver,
 //! a config file written for them, and helpers to post MES events.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use plantrelay::config::Config;
@@ -124,4 +125,17 @@ pub async fn post(client: &reqwest::Client, url: &str, events: &[Value]) -> (u16
     let status = resp.status().as_u16();
     let body = serde_json::from_str::<Value>(&resp.text().await.unwrap()).unwrap_or(Value::Null);
     (status, body)
+}
+
+/// The real binary, `plantrelay run -c <config>`, logging warnings only to
+/// nowhere: for the tests that kill it.
+pub fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
+        .args(["run", "-c"])
+        .arg(config)
+        .env("PLANTRELAY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }

@@ -1,10 +1,8 @@
 //! What the tests of the per-event sinks (MQTT, JetStream) share: MES
-//! events to post, the check of what an upstream received, and the real
-//! binary to kill.
+//! events to post, and the check of what an upstream received.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,8 +76,13 @@ pub fn cloudevents(inbox: &Inbox) -> Vec<Value> {
 }
 
 /// Waits until `cond` holds, at most a minute.
-pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+pub async fn until(what: &str, cond: impl FnMut() -> bool) {
+    until_within(what, Duration::from_secs(60), cond).await;
+}
+
+/// Waits until `cond` holds, at most `timeout`.
+pub async fn until_within(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -131,16 +134,4 @@ pub fn check(received: &[Value], expected: &HashSet<String>) -> usize {
         expected.len()
     );
     dups
-}
-
-/// `plantrelay run -c <config>`, quiet.
-pub fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-        .args(["run", "-c"])
-        .arg(config)
-        .env("PLANTRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
