@@ -123,7 +123,7 @@ topic = "plantrelay/{{agent}}/{{stream}}"
 }
 
 async fn fill(config: &Config, count: u64) {
-    let mut opts = agent::journal_options(config);
+    let mut opts = config.journal_options();
     opts.sync = SyncMode::Normal;
     let j = tokio::task::spawn_blocking(move || Journal::open(opts))
         .await

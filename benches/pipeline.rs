@@ -49,7 +49,7 @@ use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptio
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{Journal, SyncMode};
 
-#[path = "../tests/support/nats_server.rs"]
+#[path = "../tests/it/support/nats_server.rs"]
 mod nats_server;
 #[path = "support/mod.rs"]
 mod support;
@@ -203,7 +203,7 @@ batch_max_events = 1000
 /// Fills the journal the agent of `config` opens with `count` events, with
 /// the agent not running (sync normal, batches of 1024); returns events/s.
 async fn fill(config: &Config, count: u64, prefix: &'static str) -> f64 {
-    let mut opts = agent::journal_options(config);
+    let mut opts = config.journal_options();
     opts.sync = SyncMode::Normal;
     let j = tokio::task::spawn_blocking(move || Journal::open(opts))
         .await
@@ -560,7 +560,7 @@ async fn drain_in_process(env: &Env, count: u64, tck: f64) -> Drain {
 /// Fills the journal of `config` with `count` telemetry events over
 /// `STREAMS` machine streams, every `every`-th one a critical MES event.
 async fn fill_lanes(config: &Config, count: u64, every: u64) {
-    let mut opts = agent::journal_options(config);
+    let mut opts = config.journal_options();
     opts.sync = SyncMode::Normal;
     let j = tokio::task::spawn_blocking(move || Journal::open(opts))
         .await

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigIssue};
-use crate::health::{AgentView, HealthServer, TlsReloader};
-use crate::journal::{Journal, JournalOptions, SyncMode, WhenFull};
+use crate::health::{HealthServer, TlsReloader};
+use crate::journal::{Journal, JournalOptions};
+use crate::status::AgentView;
 use crate::status::{SinkStatus, SourceStatus};
 use crate::supervise::Supervised;
 
@@ -48,30 +49,6 @@ impl AgentError {
 /// this release (kept so that a later section can be refused clearly).
 pub fn unsupported(_config: &Config) -> Vec<ConfigIssue> {
     Vec::new()
-}
-
-/// Journal options from `[agent]` and `[journal]`.
-pub fn journal_options(config: &Config) -> JournalOptions {
-    let j = &config.journal;
-    JournalOptions {
-        path: config.agent.state_dir.join("journal.db"),
-        sync: match j.sync {
-            crate::config::SyncMode::Full => SyncMode::Full,
-            crate::config::SyncMode::Normal => SyncMode::Normal,
-        },
-        max_size: j.max_size,
-        when_full: match j.when_full {
-            crate::config::WhenFull::Block => WhenFull::Block,
-            crate::config::WhenFull::DropOldest => WhenFull::DropOldest,
-        },
-        retain_acked: j.retain_acked,
-        dedup_window: j.dedup_window,
-        dedup_max_ids: j.dedup_max_ids,
-        block_timeout: j.block_timeout,
-        commit_window: j.commit_window,
-        sinks: config.cursor_keys(),
-        disk_reserve: crate::journal::DEFAULT_DISK_RESERVE,
-    }
 }
 
 /// Opens the journal off the async threads (the integrity check is
@@ -116,7 +93,7 @@ pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
         return Err(AgentError::Unsupported(text));
     }
     let started = Instant::now();
-    let journal = open_journal(journal_options(config)).await?;
+    let journal = open_journal(config.journal_options()).await?;
     if let Some(q) = journal.quarantine() {
         warn!(
             moved_to = %q.moved_to.display(),

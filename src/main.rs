@@ -3,6 +3,18 @@
 //!
 //! Exit status: 0 ok; 1 failure at run time; 2 bad config or usage.
 
+// The daemon must not die of a bad input or a full disk: no unwrap,
+// expect or panic on its paths. A true invariant may still assert, with
+// `#[allow(...)]` and a comment that says why it cannot fail.
+#![warn(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::dbg_macro,
+    clippy::todo,
+    clippy::unimplemented
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -98,6 +110,7 @@ enum Command {
     },
     /// Everything in one process: a simulated MES, the agent and an upstream
     /// receiver that drops out for a while; ends with a delivery verdict.
+    #[cfg(feature = "demo")]
     Demo {
         /// How long the MES posts events.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -123,7 +136,7 @@ struct StatusArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["token_file", "ca_file", "client_cert"])]
     fleet: Option<PathBuf>,
     /// With --fleet: pull at most this many gateways at once.
-    #[arg(long, default_value_t = plantrelay::fleet::DEFAULT_CONCURRENCY, requires = "fleet")]
+    #[arg(long, default_value_t = plantrelay::cli::fleet::DEFAULT_CONCURRENCY, requires = "fleet")]
     concurrency: usize,
     /// Output format: a summary (table) or JSON (with --fleet, an array of
     /// name, state, backlog, oldest_undelivered_age_s, dead_letters,
@@ -227,6 +240,7 @@ fn main() -> ExitCode {
         // The embedded broker logs its own client hang-ups at the end of
         // the demo as errors, and async-opcua the press restart the demo
         // stages; they are not the agent's.
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => {
             "error,rumqttd=off,opcua_client=off,opcua_core=off,opcua_server=off,opcua_crypto=off"
         }
@@ -287,18 +301,18 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             let json = a.json || a.output == OutputFormat::Json;
             let url = match (a.fleet, a.url) {
                 (Some(file), _) => {
-                    let opts = plantrelay::fleet::FleetOptions {
+                    let opts = plantrelay::cli::fleet::FleetOptions {
                         file,
                         json,
                         timeout: a.timeout,
                         concurrency: a.concurrency,
                     };
-                    return plantrelay::fleet::run(&opts, &mut out).await;
+                    return plantrelay::cli::fleet::run(&opts, &mut out).await;
                 }
                 (None, Some(url)) => url,
                 (None, None) => return Err(CliError::usage("give --url or --fleet")),
             };
-            let opts = plantrelay::status_cli::StatusOptions {
+            let opts = plantrelay::cli::status::StatusOptions {
                 url,
                 token_file: a.token_file,
                 ca_file: a.ca_file,
@@ -307,7 +321,7 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
                 json,
                 timeout: a.timeout,
             };
-            plantrelay::status_cli::run(&opts, &mut out).await
+            plantrelay::cli::status::run(&opts, &mut out).await
         }
         Command::CheckConfig(c) => cli::check_config(&c.config, &mut out).map(|_| 0),
         Command::Journal { command } => match command {
@@ -380,6 +394,7 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
             all,
             &mut out,
         ),
+        #[cfg(feature = "demo")]
         Command::Demo { duration, keep } => {
             drop(out);
             plantrelay::demo::run(plantrelay::demo::DemoOptions { duration, keep })

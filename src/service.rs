@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::health::AgentView;
 use crate::journal::unix_micros;
+use crate::status::AgentView;
 
 /// A writer that has not completed a loop turn for this long is hung (its
 /// idle ticker wakes it every second).

@@ -338,6 +338,30 @@ fn default_health_request_timeout() -> Duration {
 }
 
 impl Config {
+    /// The journal's options from `[agent]` and `[journal]`.
+    pub fn journal_options(&self) -> crate::journal::JournalOptions {
+        let j = &self.journal;
+        crate::journal::JournalOptions {
+            path: self.agent.state_dir.join("journal.db"),
+            sync: match j.sync {
+                SyncMode::Full => crate::journal::SyncMode::Full,
+                SyncMode::Normal => crate::journal::SyncMode::Normal,
+            },
+            max_size: j.max_size,
+            when_full: match j.when_full {
+                WhenFull::Block => crate::journal::WhenFull::Block,
+                WhenFull::DropOldest => crate::journal::WhenFull::DropOldest,
+            },
+            retain_acked: j.retain_acked,
+            dedup_window: j.dedup_window,
+            dedup_max_ids: j.dedup_max_ids,
+            block_timeout: j.block_timeout,
+            commit_window: j.commit_window,
+            sinks: self.cursor_keys(),
+            disk_reserve: crate::journal::DEFAULT_DISK_RESERVE,
+        }
+    }
+
     /// Reads, parses and validates the config file at `path`, and checks that
     /// every file it names can be opened. Relative paths in the file are
     /// resolved against the file's directory and stored absolute.

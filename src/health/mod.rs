@@ -3,13 +3,15 @@
 //!
 //! Read endpoints: `GET /healthz` (alive), `GET /readyz` (journal writer,
 //! sources, forwarders running and no sink stalled; 503 with the reasons),
-//! `GET /api/v1/status` (JSON, [`report`]), `GET /metrics` (Prometheus text,
+//! `GET /api/v1/status` (JSON, [`crate::status::report`]), `GET /metrics` (Prometheus text,
 //! [`metrics`]). Admin endpoints ([`admin`], admin token): replay, dead
 //! letters. Who may call what: [`auth`]. Certificates are reloaded through
 //! a [`TlsReloader`] (SIGHUP in `plantrelay run`).
 //!
-//! Module map: `report` builds the one snapshot that status, readiness and
-//! metrics are rendered from; `certs` the expiry of the certificates in use; `metrics` renders it for Prometheus; `auth`
+//! Module map: [`crate::status::report`] (not this module's: the service
+//! notifications read it too) builds the one snapshot that status,
+//! readiness and metrics are rendered from; `metrics` renders it for
+//! Prometheus; `page` renders it as HTML; `auth`
 //! the token and client-certificate checks; `admin` the write endpoints and
 //! their audit lines; `tls` the server configuration, the reload hook and
 //! the acceptor that hands each request its client certificate.
@@ -20,10 +22,8 @@
 
 pub mod admin;
 pub mod auth;
-pub mod certs;
 pub mod metrics;
 pub mod page;
-pub mod report;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -40,11 +40,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 pub use auth::Peer;
-pub use report::{AgentView, StatusReport};
 pub use tls::TlsReloader;
 
 use crate::config::{HealthConfig, read_secret};
 use crate::serve::{self, TlsConfig};
+use crate::status::{AgentView, StatusReport};
 
 #[derive(Debug, thiserror::Error)]
 #[error("health: {0}")]

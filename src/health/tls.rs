@@ -82,7 +82,7 @@ impl TlsReloader {
             Ok(config) => {
                 self.rustls.reload(Arc::new(config));
                 self.view
-                    .health_certificates_reloaded(super::certs::health_expiries(&self.cfg));
+                    .health_certificates_reloaded(crate::status::certs::health_expiries(&self.cfg));
                 let leaf = tls::load_certs(&self.cfg.tls_cert)
                     .ok()
                     .and_then(|c| c.first().and_then(subject));

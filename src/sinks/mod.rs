@@ -23,7 +23,7 @@
 //! skip an event without one of them.
 //!
 //! Every sink implements [`Sink`] and passes the sink conformance suite
-//! (`tests/conformance/`): acknowledgement, partial acknowledgement,
+//! (`tests/it/conformance/`): acknowledgement, partial acknowledgement,
 //! retries with and without `Retry-After`, rejections with and without the
 //! event named, timeouts, slowness and a panicking sink.
 //!
