@@ -118,7 +118,7 @@ fn sigkilled_appenders_lose_nothing_that_was_answered() {
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
-                "crash_child_appender",
+                "journal_crash::crash_child_appender",
                 "--nocapture",
                 "--test-threads=1",
             ])

@@ -204,7 +204,7 @@ fn stream_sequences_continue_after_a_kill_once_retention_deleted_every_row() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "retention_child",
+            "plant_rates::retention_child",
             "--nocapture",
             "--test-threads=1",
         ])
