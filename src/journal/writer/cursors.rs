@@ -1,0 +1,308 @@
+//! Sink cursors: where each sink and lane stands, moved forward after an
+//! upstream ack (`advance`) and back for a replay (`rewind`), and the
+//! relaxed durability of transactions that only move cursors. A cursor
+//! must never move past a gap event its sink did not send, nor forward by
+//! a replay; the in-memory map changes only with the row written in the
+//! open transaction, and every change is recorded in the batch's `Undo`.
+
+use std::time::SystemTime;
+
+use rusqlite::params;
+use tracing::{debug, info};
+
+use super::{Fatal, Probe, Undo, WriterState, meta_set};
+use crate::event::{Class, GAP_EVENT_TYPE};
+use crate::journal::reader::first_seq_at_or_after;
+use crate::journal::{self, JournalError, RewindTo, SyncMode, unix_micros};
+
+impl WriterState {
+    /// The cursor stored under `key`; a lane without a row of its own
+    /// stands at its sink's row (see [`journal::cursor_key`]).
+    fn cursor_of(&self, key: &str) -> Option<u64> {
+        self.cursors.get(key).copied().or_else(|| {
+            journal::lane_of_key(key).and_then(|(sink, _)| self.cursors.get(sink).copied())
+        })
+    }
+
+    /// Writes the cursor row of `key` (in the open transaction).
+    fn store_cursor(&self, key: &str, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO cursors(sink, seq, updated_us) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(sink) DO UPDATE SET seq = excluded.seq, updated_us = excluded.updated_us",
+            )?
+            .execute(params![key, seq as i64, unix_micros(SystemTime::now())])
+            .map(|_| ())
+    }
+
+    /// Where `key` stands for retention: a lane has delivered everything
+    /// before the first event of its class after its cursor (a critical
+    /// lane of a journal that holds only telemetry is at the head, though
+    /// its cursor never moved). On a failed query, its cursor.
+    fn effective_cursor(&self, key: &str) -> u64 {
+        let cursor = self.cursor_of(key).unwrap_or(0);
+        let Some((_, class)) = journal::lane_of_key(key) else {
+            return cursor;
+        };
+        let head = self.next_seq.saturating_sub(1);
+        let cached = self.probes.borrow().get(key).copied();
+        // Rows are only appended after `through` (a rollback, an eviction
+        // or a rewind clears the cache): an earlier answer still holds for a
+        // cursor that did not move past it, and a search that found nothing
+        // goes on from where it stopped.
+        let first = match cached {
+            Some(p) if cursor >= p.cursor && p.first.is_some_and(|f| cursor < f) => Ok(p.first),
+            Some(p) if cursor >= p.cursor && p.first.is_none() => {
+                journal::reader::first_of_class_after(&self.conn, class, cursor.max(p.through))
+            }
+            _ => journal::reader::first_of_class_after(&self.conn, class, cursor),
+        };
+        if let Ok(found) = first {
+            self.probes.borrow_mut().insert(
+                key.to_owned(),
+                Probe {
+                    cursor,
+                    through: head,
+                    first: found,
+                },
+            );
+        }
+        match first {
+            Ok(Some(f)) => f.saturating_sub(1).max(cursor),
+            Ok(None) => self.next_seq.saturating_sub(1).max(cursor),
+            Err(_) => cursor,
+        }
+    }
+
+    /// The lowest position of every configured sink and lane: what
+    /// retention may delete.
+    pub(super) fn min_cursor(&self) -> u64 {
+        self.opts
+            .sinks
+            .iter()
+            .map(|k| self.effective_cursor(k))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The lowest cursor of the sinks and lanes that take `class`: events of
+    /// that class past it are undelivered to someone.
+    pub(super) fn min_cursor_for(&self, class: Class) -> u64 {
+        self.opts
+            .sinks
+            .iter()
+            .filter(|k| journal::lane_of_key(k).is_none_or(|(_, c)| c == class))
+            .map(|k| self.cursor_of(k).unwrap_or(0))
+            .min()
+            .unwrap_or_else(|| self.min_cursor())
+    }
+
+    /// Moves `sink`'s cursor to `to`, or short of it (see
+    /// [`WriterState::unsent_gap`]); returns where it now stands, or `None`
+    /// when it did not move.
+    pub(super) fn advance(
+        &mut self,
+        sink: &str,
+        from: Option<u64>,
+        to: u64,
+        read_at_evictions: Option<u64>,
+        undo: &mut Undo,
+    ) -> Result<Option<u64>, Fatal> {
+        let current = self.cursor_of(sink);
+        if let Some(from) = from
+            && current.unwrap_or(0) != from
+        {
+            // A replay moved the cursor while this batch was in flight.
+            return Ok(None);
+        }
+        let mut to = to.min(self.next_seq - 1);
+        if let Some(read_at) = read_at_evictions {
+            let base = current.unwrap_or(0);
+            let lane = journal::lane_of_key(sink).map(|(_, c)| c);
+            if let Some(gap) = self
+                .unsent_gap(read_at, base, to, lane)
+                .map_err(|e| Fatal(self.err(e)))?
+            {
+                debug!(
+                    sink,
+                    gap_seq = gap,
+                    delivered_through = to,
+                    "events were evicted while the batch was upstream: the cursor stops before their gap event"
+                );
+                to = gap - 1;
+            }
+        }
+        if to <= current.unwrap_or(0) && current.is_some() {
+            return Ok(None);
+        }
+        self.store_cursor(sink, to)
+            .map_err(|e| Fatal(self.err(e)))?;
+        undo.cursors.push((sink.to_string(), current));
+        self.cursors.insert(sink.to_string(), to);
+        Ok(Some(to))
+    }
+
+    /// The lowest seq in `(base, to]` where a gap event was put after the
+    /// sink read its batch (when the eviction count was `read_at`). Such a
+    /// gap stands in place of events the batch carried, and may announce
+    /// the eviction of later events the batch did not carry: a cursor moved
+    /// past it would skip that announcement, so it must stop just before.
+    /// A lane (`lane`: its class) only stops at the gaps of its class.
+    fn unsent_gap(
+        &self,
+        read_at: u64,
+        base: u64,
+        to: u64,
+        lane: Option<Class>,
+    ) -> rusqlite::Result<Option<u64>> {
+        if read_at >= self.stats.evictions() {
+            return Ok(None);
+        }
+        let remembered = self
+            .recent_evictions
+            .front()
+            .is_some_and(|r| r.before <= read_at);
+        if remembered {
+            return Ok(self
+                .recent_evictions
+                .iter()
+                .filter(|r| r.after > read_at && lane.is_none_or(|c| c == r.class))
+                .flat_map(|r| r.gap_seqs.iter().copied())
+                .filter(|&s| s > base && s <= to)
+                .min());
+        }
+        // Further back than the rounds remembered: any gap in the range may
+        // be new. Stopping at an old one only sends it and what follows again.
+        self.conn
+            .prepare_cached(
+                "SELECT min(seq) FROM events WHERE seq > ?1 AND seq <= ?2 AND type = ?3
+                 AND (?4 IS NULL OR class = ?4)",
+            )?
+            .query_row(
+                params![
+                    base as i64,
+                    to as i64,
+                    GAP_EVENT_TYPE,
+                    lane.map(Class::as_i64)
+                ],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|s| s.map(|s| s.max(0) as u64))
+    }
+
+    pub(super) fn rewind(
+        &mut self,
+        sink: &str,
+        class: Option<Class>,
+        to: RewindTo,
+        undo: &mut Undo,
+    ) -> Result<Result<u64, JournalError>, Fatal> {
+        self.probes.borrow_mut().clear();
+        let from_seq = match to {
+            RewindTo::Seq(s) => s.max(1),
+            RewindTo::Since(t) => {
+                let t_us = unix_micros(t);
+                match first_seq_at_or_after(&self.conn, t_us).map_err(|e| Fatal(self.err(e)))? {
+                    Some(s) => s,
+                    None => self.next_seq,
+                }
+            }
+        };
+        if from_seq <= self.retention_through {
+            return Ok(Err(JournalError::BeyondRetention {
+                path: self.path.clone(),
+                requested: from_seq,
+                oldest: self.retention_through + 1,
+            }));
+        }
+        // The sink's own row and every lane of it (configured, or with a row
+        // from an earlier configuration): a replay rewinds them all. A key
+        // without a cursor row has delivered nothing: its cursor is 0.
+        let mut keys: Vec<String> = Vec::new();
+        for k in self.opts.sinks.iter().chain(self.cursors.keys()) {
+            let of_sink = k == sink || journal::lane_of_key(k).is_some_and(|(s, _)| s == sink);
+            if of_sink && !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        if let Some(class) = class {
+            let lane = journal::cursor_key(sink, Some(class));
+            keys.retain(|k| *k == lane);
+            if keys.is_empty() {
+                keys.push(lane);
+            }
+        }
+        if keys.is_empty() {
+            keys.push(sink.to_string());
+        }
+        let target = from_seq - 1;
+        let mut moved = false;
+        for key in &keys {
+            let current = self.cursor_of(key);
+            if current.unwrap_or(0) <= target {
+                // Nothing delivered at or after that point yet: nothing to
+                // do. A replay never moves a cursor forward.
+                continue;
+            }
+            self.store_cursor(key, target)
+                .map_err(|e| Fatal(self.err(e)))?;
+            undo.cursors
+                .push((key.clone(), self.cursors.get(key).copied()));
+            self.cursors.insert(key.clone(), target);
+            moved = true;
+        }
+        // Where the sink now stands: the lowest of its keys, a lane with
+        // nothing of its class waiting counting as caught up.
+        let lowest = keys
+            .iter()
+            .map(|k| self.effective_cursor(k))
+            .min()
+            .unwrap_or(0);
+        if !moved {
+            return Ok(Ok(lowest));
+        }
+        info!(sink, from_seq, "replay: cursor rewound");
+        Ok(Ok(lowest))
+    }
+
+    /// Under `sync = "full"`, a transaction that only moves cursors commits
+    /// without an fsync (`synchronous = NORMAL`). A cursor move lost to a
+    /// power failure only sends acknowledged events again, which the
+    /// upstream drops by id (invariant 3); one fsync per delivered batch
+    /// cost the drain about 5 % of its rate (BENCHMARKS.md) and wore flash
+    /// storage. The next event commit makes such moves durable (its fsync
+    /// covers the whole WAL before it), or else the once-a-second tick.
+    pub(super) fn relax_sync(&mut self, relaxed: bool) -> Result<(), JournalError> {
+        if self.opts.sync != SyncMode::Full || relaxed == self.relaxed_sync {
+            return Ok(());
+        }
+        let value = if relaxed { "NORMAL" } else { "FULL" };
+        self.conn
+            .pragma_update(None, "synchronous", value)
+            .map_err(|e| self.err(e))?;
+        self.relaxed_sync = relaxed;
+        Ok(())
+    }
+
+    /// Makes relaxed cursor moves durable when no event commit has.
+    pub(super) fn sync_cursors(&mut self) {
+        if !self.unsynced_cursors {
+            return;
+        }
+        let synced = self.relax_sync(false).and_then(|()| {
+            let now_us = unix_micros(SystemTime::now());
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| meta_set(&self.conn, "cursors_synced_us", now_us))
+                .and_then(|()| self.conn.execute_batch("COMMIT"))
+                .map_err(|e| {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    self.err(e)
+                })
+        });
+        match synced {
+            Ok(()) => self.unsynced_cursors = false,
+            Err(e) => debug!(error = %e, "cannot sync the cursor moves; trying again in a second"),
+        }
+    }
+}

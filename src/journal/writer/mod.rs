@@ -1,0 +1,347 @@
+//! The writer thread: owns the only write connection, applies every queued
+//! request in one transaction (group commit) and answers after the commit.
+//! Between batches it does retention and WAL upkeep. It must never block on
+//! anything but SQLite and its own queue.
+//!
+//! The state and what every part of the writer shares (the stream counters'
+//! flush, `meta`, row inserts) live here; one batch's transaction, cursors,
+//! dead letters, capacity, upkeep, the start-up load and the commit window
+//! each have a file of their own.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+// foldhash, not SipHash: stream keys are looked up several times per event.
+use hashbrown::{HashMap, HashSet};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::info;
+
+use super::dedup::DedupIndex;
+use super::reserve::Reserve;
+use super::schema::sqlite_err;
+use super::{JournalError, JournalOptions, Request, SharedStats, unix_micros};
+use crate::event::{Class, NewEvent};
+
+mod batch;
+mod capacity;
+mod cursors;
+mod dead_letters;
+mod load;
+mod upkeep;
+mod window;
+
+use load::DedupLoad;
+use window::CommitWindow;
+pub(crate) use window::WINDOW_ENOUGH_EVENTS;
+
+/// Most events taken into one transaction.
+const MAX_BATCH_EVENTS: usize = 16_384;
+
+pub(crate) struct WriterState {
+    conn: Connection,
+    path: PathBuf,
+    opts: JournalOptions,
+    next_seq: u64,
+    last_recv_us: i64,
+    /// Last stream sequence per source, per stream.
+    streams: HashMap<String, HashMap<String, u64>>,
+    cursors: HashMap<String, u64>,
+    /// Empty until `dedup_ready`: appends wait for it (`ensure_dedup`).
+    dedup: DedupIndex,
+    dedup_ready: bool,
+    /// The rebuild running in the background at start-up.
+    dedup_loading: Option<DedupLoad>,
+    stats: Arc<SharedStats>,
+    page_size: u64,
+    /// Highest seq deleted by retention (not eviction): replays cannot start
+    /// at or below it.
+    retention_through: u64,
+    retention_pending: bool,
+    full_logged: bool,
+    /// When the last "dedup index at its count limit" warning was logged.
+    capped_warned_us: Option<i64>,
+    /// The latest eviction rounds, oldest first.
+    recent_evictions: VecDeque<EvictionRound>,
+    /// The connection is at `synchronous = NORMAL` for a transaction that
+    /// only moves cursors (see [`WriterState::relax_sync`]).
+    relaxed_sync: bool,
+    /// Cursor moves committed without an fsync since the last one.
+    unsynced_cursors: bool,
+    /// Streams whose counters changed since the `streams` table was last
+    /// written.
+    dirty_streams: HashMap<String, HashSet<String>>,
+    /// When the `streams` table was last written, and events stored since.
+    streams_flushed_at: Instant,
+    events_since_flush: u64,
+    /// The current transaction writes the `streams` table: `dirty_streams`
+    /// is cleared once it commits.
+    flushing_streams: bool,
+    /// The last answer of [`WriterState::effective_cursor`]'s probe per
+    /// lane key. Retention asks after every cursor move; a lane whose class
+    /// has no event after its cursor (the telemetry lane of an all-critical
+    /// backlog) would otherwise scan the whole table each time, telemetry
+    /// having no index.
+    probes: RefCell<HashMap<String, Probe>>,
+    /// Disk set aside for the moment the disk fills (see `reserve.rs`).
+    reserve: Reserve,
+    /// A commit found the disk full and the disk has not had room since:
+    /// retention then deletes delivered events without waiting for
+    /// `retain_acked`, so that delivering frees room for new events.
+    disk_short: bool,
+}
+
+/// What the probe found for a lane at `cursor`: the first event of its
+/// class after it (`first`), looking at the rows up to `through`.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    cursor: u64,
+    through: u64,
+    first: Option<u64>,
+}
+
+/// One committed eviction round: the eviction count before and after it,
+/// and the seqs where its gap events stand.
+struct EvictionRound {
+    before: u64,
+    after: u64,
+    class: Class,
+    gap_seqs: Vec<u64>,
+}
+
+/// Eviction rounds remembered for [`WriterState::unsent_gap`]; a batch in
+/// flight across more rounds than this is answered conservatively.
+const RECENT_EVICTION_ROUNDS: usize = 64;
+
+/// Inserts one event row with a statement prepared from [`INSERT_EVENT`].
+fn bind_event(
+    st: &mut rusqlite::Statement<'_>,
+    seq: u64,
+    ev: &NewEvent,
+    stream_seq: u64,
+    recv_us: i64,
+    only_sink: Option<&str>,
+) -> rusqlite::Result<()> {
+    st.execute(params![
+        seq as i64,
+        ev.source,
+        ev.id,
+        ev.stream,
+        stream_seq as i64,
+        ev.class.as_i64(),
+        ev.event_type,
+        ev.source_time,
+        recv_us,
+        ev.data,
+        ev.attrs,
+        ev.size() as i64,
+        only_sink,
+    ])?;
+    Ok(())
+}
+
+const INSERT_EVENT: &str =
+    "INSERT INTO events (seq, source, event_id, stream, stream_seq, class, type,
+                             source_time, recv_time, data, attrs, size, only_sink)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+struct Undo {
+    next_seq: u64,
+    last_recv_us: i64,
+    /// Streams this batch touched, with their value before it.
+    streams: HashMap<String, HashMap<String, Option<u64>>>,
+    cursors: Vec<(String, Option<u64>)>,
+    retention_through: u64,
+}
+
+/// A request-level failure that aborts the whole transaction.
+struct Fatal(JournalError);
+
+fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn meta_set(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
+fn meta_add(conn: &Connection, key: &str, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(params![key, delta])?;
+    Ok(())
+}
+
+impl WriterState {
+    pub(crate) fn head_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn err(&self, e: rusqlite::Error) -> JournalError {
+        sqlite_err(&self.path, e)
+    }
+
+    fn refresh_used(&mut self) -> rusqlite::Result<u64> {
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        let used = (pages - free).max(0) as u64 * self.page_size;
+        self.stats.used_bytes.store(used, Ordering::Relaxed);
+        Ok(used)
+    }
+
+    fn insert_row(
+        &self,
+        seq: u64,
+        ev: &NewEvent,
+        stream_seq: u64,
+        recv_us: i64,
+        only_sink: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        let mut st = self.conn.prepare_cached(INSERT_EVENT)?;
+        bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)
+    }
+
+    /// Writes the changed stream counters, `last_seq` and `last_recv_us`
+    /// in the open transaction, and where they are current
+    /// (`streams_through`). Every transaction that deletes rows calls it
+    /// first: the rows after `streams_through` are the only record of the
+    /// newest counters, so they must never go before the table has them.
+    fn write_streams(&mut self) -> rusqlite::Result<()> {
+        let conn = &self.conn;
+        {
+            let mut st = conn.prepare_cached(
+                "INSERT INTO streams(source, stream, last_seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(source, stream) DO UPDATE SET last_seq = excluded.last_seq",
+            )?;
+            for (source, touched) in &self.dirty_streams {
+                let Some(heads) = self.streams.get(source) else {
+                    continue;
+                };
+                for stream in touched {
+                    // A stream rolled back to before its first event has no
+                    // counter and no row to write.
+                    if let Some(last) = heads.get(stream) {
+                        st.execute(params![source, stream, *last as i64])?;
+                    }
+                }
+            }
+        }
+        let head = (self.next_seq - 1) as i64;
+        meta_set(conn, "last_seq", head)?;
+        meta_set(conn, "last_recv_us", self.last_recv_us)?;
+        meta_set(conn, "streams_through", head)?;
+        self.flushing_streams = true;
+        Ok(())
+    }
+
+    /// After a commit: what the transaction wrote of the stream counters
+    /// is on disk.
+    fn streams_committed(&mut self) {
+        if self.flushing_streams {
+            self.flushing_streams = false;
+            self.dirty_streams.clear();
+            self.events_since_flush = 0;
+            self.streams_flushed_at = Instant::now();
+        }
+    }
+}
+
+fn event_count(r: &Request) -> usize {
+    match r {
+        Request::Append { events, .. } => events.len(),
+        _ => 1,
+    }
+}
+
+/// How the writer tells the rest of the agent what it committed.
+pub(crate) struct Signals {
+    /// Highest committed seq.
+    pub committed: watch::Sender<u64>,
+    /// Bumped after each committed rewind.
+    pub rewinds: watch::Sender<u64>,
+    /// Woken when cursors move (space may be freed for blocked appends).
+    pub space: Arc<Notify>,
+}
+
+pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
+    let mut shutdown: Option<oneshot::Sender<()>> = None;
+    let mut window = CommitWindow::new(state.opts.commit_window);
+    loop {
+        state
+            .stats
+            .writer_heartbeat_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        let first = if state.retention_pending {
+            match rx.try_recv() {
+                Ok(r) => r,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    state.retention_step();
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            }
+        };
+        let mut batch = Vec::new();
+        let mut n = 0;
+        let mut maintain = false;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Maintain => maintain = true,
+                Request::Shutdown { reply } => {
+                    shutdown = Some(reply);
+                    break;
+                }
+                other => {
+                    n += event_count(&other);
+                    batch.push(other);
+                }
+            }
+            if n < MAX_BATCH_EVENTS {
+                next = rx.try_recv().ok();
+            }
+        }
+        if shutdown.is_none()
+            && let Some(window) = &mut window
+        {
+            window.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
+        }
+        if !batch.is_empty() {
+            state.process(batch, &signals);
+        }
+        if maintain {
+            state.maintain();
+        }
+        if shutdown.is_some() {
+            break;
+        }
+    }
+    state.shutdown();
+    state.stats.writer_alive.store(false, Ordering::Relaxed);
+    info!(journal = %state.path.display(), head_seq = state.next_seq - 1, "journal writer stopped");
+    drop(rx);
+    if let Some(reply) = shutdown {
+        let _ = reply.send(());
+    }
+}

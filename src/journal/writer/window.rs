@@ -1,0 +1,172 @@
+//! The commit window: under a trickle, appends that arrive shortly after a
+//! first one join its batch and share its commit. It only decides how long
+//! the writer gathers; it never touches the journal and never answers a
+//! caller, so every ack still follows the commit, later by at most the
+//! window.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::event_count;
+use crate::journal::Request;
+
+/// A commit window ends early once this many events are gathered: a
+/// source with this many waiting is batching by itself, and holding its
+/// acks longer would only cap its rate (a source with `max_inflight`
+/// unacknowledged messages cannot send more until they are acked).
+pub(crate) const WINDOW_ENOUGH_EVENTS: usize = 32;
+/// ... or once the events gathered fill this many bytes (a few pages):
+/// waiting longer no longer saves page writes.
+const WINDOW_ENOUGH_BYTES: u64 = 16 * 1024;
+/// The shortest quiet time that ends a commit window early (see
+/// `CommitWindow::gather`).
+const WINDOW_QUIET: Duration = Duration::from_millis(2);
+
+/// `commit_window`: under a trickle, the appends that arrive shortly after
+/// a first one share its commit (one fsync and one page write for several
+/// events instead of one each). Every caller is still answered only after
+/// the commit, so the wait adds at most the window to an ack.
+pub(super) struct CommitWindow {
+    len: Duration,
+    /// Drives the timed receive; the writer thread is no runtime worker.
+    rt: tokio::runtime::Runtime,
+    /// When the last batch of appends began, and the mean time between
+    /// such beginnings (a moving average).
+    last_start: Option<tokio::time::Instant>,
+    spacing: Option<Duration>,
+    /// Events per committed batch of appends (a moving average).
+    events: Option<f64>,
+}
+
+impl CommitWindow {
+    /// `None` when the window is 0, or when no timer can be made (then
+    /// every batch commits at once, as with a window of 0).
+    pub(super) fn new(len: Duration) -> Option<CommitWindow> {
+        if len.is_zero() {
+            return None;
+        }
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => Some(CommitWindow {
+                len,
+                rt,
+                last_start: None,
+                spacing: None,
+                events: None,
+            }),
+            Err(e) => {
+                warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
+                None
+            }
+        }
+    }
+
+    /// Waits up to the window for more appends to join `batch`. Ends at
+    /// once when the batch is not appends alone (a cursor move or an admin
+    /// request must not wait: a forwarder has one batch in flight, and its
+    /// drain rate is one batch per commit), when it already holds enough
+    /// events to fill a few pages (under load: group commit as before),
+    /// and at shutdown. Once two or more requests are in, it also ends
+    /// when none arrives for four times their mean spacing (at least
+    /// [`WINDOW_QUIET`]): appenders that each wait for their answer before
+    /// sending more (a source's batch loop) have all arrived by then, and
+    /// waiting longer would only delay them. Nor does a batch wait when
+    /// batches of appends begin more than two windows apart (or when there
+    /// is no history yet, just after start): under so thin a trickle the
+    /// window would rarely gather a second request. And it never waits
+    /// longer than, at the rate appends arrive, it takes to gather
+    /// [`WINDOW_ENOUGH_EVENTS`]: a source with a bounded number of
+    /// unacknowledged messages (MQTT `max_inflight`) could otherwise send no
+    /// faster than that number per window.
+    pub(super) fn gather(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        batch: &mut Vec<Request>,
+        maintain: &mut bool,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
+        if batch.is_empty() || !batch.iter().all(|r| matches!(r, Request::Append { .. })) {
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        let spacing = self.last_start.map(|t| start - t);
+        self.last_start = Some(start);
+        self.spacing = match (self.spacing, spacing) {
+            (Some(avg), Some(s)) => Some((avg * 3 + s.min(self.len * 100)) / 4),
+            (None, s) => s,
+            (avg, None) => avg,
+        };
+        let Some(spacing) = self
+            .spacing
+            .filter(|s| *s <= self.len * 2 && window_applies(batch))
+        else {
+            self.count(batch);
+            return;
+        };
+        let len = match self.events {
+            Some(per_batch) if per_batch > 0.0 => self
+                .len
+                .min(spacing.mul_f64(WINDOW_ENOUGH_EVENTS as f64 / per_batch)),
+            _ => self.len,
+        };
+        let deadline = start + len;
+        let mut last = start;
+        loop {
+            if !window_applies(batch) {
+                break;
+            }
+            let until = match u32::try_from(batch.len()) {
+                Ok(n) if n >= 2 => {
+                    let spacing = (last - start) / (n - 1);
+                    deadline.min(last + (spacing * 4).max(WINDOW_QUIET))
+                }
+                _ => deadline,
+            };
+            let next = self
+                .rt
+                .block_on(async { tokio::time::timeout_at(until, rx.recv()).await });
+            last = tokio::time::Instant::now();
+            match next {
+                Ok(Some(Request::Maintain)) => *maintain = true,
+                Ok(Some(Request::Shutdown { reply })) => {
+                    *shutdown = Some(reply);
+                    break;
+                }
+                Ok(Some(other)) => batch.push(other),
+                // Closed (the journal is going away) or the window passed.
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.count(batch);
+    }
+
+    /// Keeps the moving average of events per batch.
+    fn count(&mut self, batch: &[Request]) {
+        let n = batch.iter().map(event_count).sum::<usize>() as f64;
+        self.events = Some(self.events.map_or(n, |avg| (avg * 3.0 + n) / 4.0));
+    }
+}
+
+/// True while a batch is appends alone that no caller gathered already
+/// ([`crate::journal::Journal::append_gathered`]), and small: fewer than
+/// [`WINDOW_ENOUGH_EVENTS`] events in fewer than [`WINDOW_ENOUGH_BYTES`].
+fn window_applies(batch: &[Request]) -> bool {
+    let (mut events, mut bytes) = (0usize, 0u64);
+    for r in batch {
+        let Request::Append {
+            events: evs,
+            gathered: false,
+            ..
+        } = r
+        else {
+            return false;
+        };
+        events += evs.len();
+        bytes += evs.iter().map(|e| e.size() as u64).sum::<u64>();
+    }
+    !batch.is_empty() && events < WINDOW_ENOUGH_EVENTS && bytes < WINDOW_ENOUGH_BYTES
+}
