@@ -19,7 +19,8 @@
 //! 200k messages as fast as the publisher goes (msgs/s from the first
 //! publish to the last consumed), then a paced 5k msg/s run for latency
 //! (publish → consumed; p50/p99). For (b) the agent's peak RSS is read from
-//! `/proc`. `PLANTRELAY_BENCH_SCALE=0.1` shrinks the counts.
+//! `/proc`. `PLANTRELAY_BENCH_SCALE=0.1` shrinks the counts;
+//! `PLANTRELAY_BENCH_BIN` runs another build of the agent for (b).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -330,7 +331,11 @@ retry_max = "60s"
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plantrelay"))
+    // PLANTRELAY_BENCH_BIN: another build of the agent (the packaged
+    // gateway build, an older release) in place of this bench's.
+    let bin = std::env::var("PLANTRELAY_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plantrelay").to_string());
+    let mut child = Command::new(bin)
         .args(["run", "-c"])
         .arg(&config)
         .env("PLANTRELAY_LOG", "error")

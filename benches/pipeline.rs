@@ -33,7 +33,8 @@
 //!
 //! `PLANTRELAY_BENCH_SCALE=0.05` shrinks every count (for a quick look);
 //! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone, `=jetstream` (e) alone,
-//! `=schema` (f) alone;
+//! `=schema` (f) alone, `=process` (c) alone; `PLANTRELAY_BENCH_BIN` is
+//! the binary (c) runs (default: the one cargo built for the bench);
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
 
 use std::io::Write;
@@ -680,7 +681,13 @@ struct BinDrain {
     ordered: bool,
 }
 
+/// The `plantrelay` binary the process rows run: `PLANTRELAY_BENCH_BIN`
+/// (e.g. the packaged gateway build, or an older release to compare with),
+/// else the one cargo built for this bench.
 fn agent_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PLANTRELAY_BENCH_BIN") {
+        return PathBuf::from(bin);
+    }
     let built = PathBuf::from(env!("CARGO_BIN_EXE_plantrelay"));
     if built.exists() {
         return built;
@@ -1040,6 +1047,18 @@ async fn main() {
         return;
     }
     let bin = agent_binary();
+    if std::env::var("PLANTRELAY_BENCH_ONLY").as_deref() == Ok("process") {
+        // (c) alone: the binary's own figures (with PLANTRELAY_BENCH_BIN, of
+        // another build).
+        println!("binary: {}", bin.display());
+        let small = drain_binary(&env, &bin, n(100_000), "small", tck).await;
+        let large = drain_binary(&env, &bin, n(2_000_000), "large", tck).await;
+        println!();
+        println!("| measure | events | figure | target | result |");
+        println!("|---|---:|---:|---|---|");
+        print_process(&small, &large);
+        return;
+    }
     let run_start = Instant::now();
 
     let ingest_stopped = ingest(&env, false, tck).await;
@@ -1071,23 +1090,7 @@ async fn main() {
         drain_rate(drain.rate, drain.complete, drain.received, drain.elapsed_s),
         at_least(drain.rate, DRAIN_TARGET)
     );
-    for d in [&small, &large] {
-        println!(
-            "| drain, `plantrelay run` process, from spawn | {} | {} | ≥ 100k events/s | {} |",
-            count_label(d.events),
-            drain_rate(d.rate, d.complete, d.received, d.elapsed_s),
-            at_least(d.rate, DRAIN_TARGET)
-        );
-    }
-    for d in [&small, &large] {
-        println!(
-            "| peak RSS of `plantrelay run` (VmHWM), {} backlog | {} | {:.1} MiB | ≤ 64 MiB | {} |",
-            count_label(d.events),
-            count_label(d.events),
-            mib(d.hwm_kib),
-            at_most(mib(d.hwm_kib), RSS_TARGET_MIB)
-        );
-    }
+    print_process(&small, &large);
     print_lanes(&lanes);
     print_jetstream(&js);
     print_schema(&schema);
@@ -1428,4 +1431,25 @@ fn print_jetstream_notes(b: &JetStreamBench) {
         b.plain.elapsed_s,
         b.plain.cpu_s,
     );
+}
+
+/// The rows of (c).
+fn print_process(small: &BinDrain, large: &BinDrain) {
+    for d in [small, large] {
+        println!(
+            "| drain, `plantrelay run` process, from spawn | {} | {} | ≥ 100k events/s | {} |",
+            count_label(d.events),
+            drain_rate(d.rate, d.complete, d.received, d.elapsed_s),
+            at_least(d.rate, DRAIN_TARGET)
+        );
+    }
+    for d in [small, large] {
+        println!(
+            "| peak RSS of `plantrelay run` (VmHWM), {} backlog | {} | {:.1} MiB | ≤ 64 MiB | {} |",
+            count_label(d.events),
+            count_label(d.events),
+            mib(d.hwm_kib),
+            at_most(mib(d.hwm_kib), RSS_TARGET_MIB)
+        );
+    }
 }
