@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::answer::{WarnLimiter, not_found};
-use super::{INGEST_PATH, Ingest, Limits, SourceError, post_events};
+use super::{HttpSourceError, INGEST_PATH, Ingest, Limits, post_events};
 use crate::config::{HttpSourceConfig, read_secret};
 use crate::event::Class;
 use crate::journal::Journal;
@@ -85,11 +85,11 @@ impl HttpSource {
     /// listener (so the agent can report "listeners bound" before it serves).
     /// Errors name the source, the address and the cause
     /// (`sources.http 'mes': cannot listen on 127.0.0.1:8081: address in use`).
-    pub async fn bind(cfg: &HttpSourceConfig) -> Result<HttpSource, SourceError> {
+    pub async fn bind(cfg: &HttpSourceConfig) -> Result<HttpSource, HttpSourceError> {
         let name = cfg.name.clone();
         let token = match &cfg.token_file {
             Some(path) => {
-                let secret = read_secret(path).map_err(|source| SourceError::Token {
+                let secret = read_secret(path).map_err(|source| HttpSourceError::Token {
                     name: name.clone(),
                     source,
                 })?;
@@ -100,27 +100,27 @@ impl HttpSource {
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(cert), Some(key)) => {
                 let config =
-                    tls::server_config(cert, key, None).map_err(|source| SourceError::Tls {
+                    tls::server_config(cert, key, None).map_err(|source| HttpSourceError::Tls {
                         name: name.clone(),
                         source,
                     })?;
                 Some(Arc::new(config))
             }
             (Some(_), None) => {
-                return Err(SourceError::IncompleteTls {
+                return Err(HttpSourceError::IncompleteTls {
                     name,
                     given: "tls_cert",
                 });
             }
             (None, Some(_)) => {
-                return Err(SourceError::IncompleteTls {
+                return Err(HttpSourceError::IncompleteTls {
                     name,
                     given: "tls_key",
                 });
             }
             (None, None) => None,
         };
-        let bind_err = |source: io::Error| SourceError::Bind {
+        let bind_err = |source: io::Error| HttpSourceError::Bind {
             name: name.clone(),
             addr: cfg.listen,
             reason: describe_bind_error(&source),
@@ -170,7 +170,7 @@ impl HttpSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), HttpSourceError> {
         let HttpSource {
             name,
             class,

@@ -161,7 +161,7 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Why an HTTP source could not start or stopped. Every message names the
 /// source and, where there is one, the address.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum HttpSourceError {
     /// The token file could not be read (or is empty / multi-line).
     #[error("sources.http '{name}': token_file: {source}")]
     Token {

@@ -5,7 +5,7 @@
 //! It owns the only path from a data change to the journal. It must never
 //! drop a data change silently: a failed append is retried (the batch held
 //! in memory) until the journal takes it. The task ends when the queue is
-//! closed and all of it stored, or with [`SourceError::JournalClosed`] when
+//! closed and all of it stored, or with [`OpcuaSourceError::JournalClosed`] when
 //! the journal has stopped.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use opcua::types::DataValue;
 use tracing::{info, warn};
 
 use super::queue::{self, Item};
-use super::{BATCH_MAX, Mapper, NodeMeta, SourceError};
+use super::{BATCH_MAX, Mapper, NodeMeta, OpcuaSourceError};
 use crate::event::NewEvent;
 use crate::journal::{AppendOutcome, Journal, JournalError};
 use crate::status::SourceStatus;
@@ -30,7 +30,7 @@ pub(super) struct Appender {
 }
 
 impl Appender {
-    pub(super) async fn run(mut self, mut rx: queue::Receiver) -> Result<(), SourceError> {
+    pub(super) async fn run(mut self, mut rx: queue::Receiver) -> Result<(), OpcuaSourceError> {
         let mut items = Vec::with_capacity(256);
         let mut batch: Vec<(usize, DataValue, bool)> = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut items, 256).await > 0 {
@@ -66,7 +66,7 @@ impl Appender {
     async fn commit(
         &mut self,
         batch: &mut Vec<(usize, DataValue, bool)>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), OpcuaSourceError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -95,7 +95,7 @@ impl Appender {
                     return Ok(());
                 }
                 Err(JournalError::Closed) => {
-                    return Err(SourceError::JournalClosed {
+                    return Err(OpcuaSourceError::JournalClosed {
                         name: self.name.clone(),
                     });
                 }
@@ -115,11 +115,11 @@ impl Appender {
 
 pub(super) fn appender_result(
     name: &str,
-    r: Result<Result<(), SourceError>, tokio::task::JoinError>,
-) -> Result<(), SourceError> {
+    r: Result<Result<(), OpcuaSourceError>, tokio::task::JoinError>,
+) -> Result<(), OpcuaSourceError> {
     match r {
         Ok(r) => r,
-        Err(e) => Err(SourceError::Client {
+        Err(e) => Err(OpcuaSourceError::Client {
             name: name.to_owned(),
             detail: format!("the appender task failed: {e}"),
         }),

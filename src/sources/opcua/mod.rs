@@ -164,7 +164,7 @@ pub const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1_000;
 
 /// Why an OPC UA source could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum OpcuaSourceError {
     #[error("sources.opcua '{name}': password_file: {source}")]
     Password {
         name: String,
@@ -231,7 +231,7 @@ impl OpcuaSource {
         cfg: &OpcuaSourceConfig,
         agent_id: &str,
         state_dir: &std::path::Path,
-    ) -> Result<OpcuaSource, SourceError> {
+    ) -> Result<OpcuaSource, OpcuaSourceError> {
         let name = cfg.name.clone();
         let identity = match (
             &cfg.username,
@@ -241,16 +241,18 @@ impl OpcuaSource {
         ) {
             (Some(user), password, _, _) => {
                 let password = match password {
-                    Some(path) => read_secret(path).map_err(|source| SourceError::Password {
-                        name: name.clone(),
-                        source,
-                    })?,
+                    Some(path) => {
+                        read_secret(path).map_err(|source| OpcuaSourceError::Password {
+                            name: name.clone(),
+                            source,
+                        })?
+                    }
                     None => String::new(),
                 };
                 IdentityToken::new_user_name(user.clone(), password)
             }
             (None, _, Some(cert), Some(key)) => {
-                user_identity_cert(cert, key).map_err(|detail| SourceError::UserCert {
+                user_identity_cert(cert, key).map_err(|detail| OpcuaSourceError::UserCert {
                     name: name.clone(),
                     detail,
                 })?
@@ -261,7 +263,7 @@ impl OpcuaSource {
             .nodes
             .iter()
             .map(|n| {
-                nodes::NodeSpec::new(n).map_err(|detail| SourceError::Node {
+                nodes::NodeSpec::new(n).map_err(|detail| OpcuaSourceError::Node {
                     name: name.clone(),
                     node_id: n.node_id.clone(),
                     detail,
@@ -291,7 +293,7 @@ impl OpcuaSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), OpcuaSourceError> {
         status.started.store(true, Ordering::Relaxed);
         let result = self.run_inner(journal, status.clone(), shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
@@ -307,7 +309,7 @@ impl OpcuaSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), OpcuaSourceError> {
         if self.cfg.trust_unknown_server {
             warn!(
                 source = %self.name,
@@ -359,7 +361,7 @@ impl OpcuaSource {
             match outcome {
                 Ok(()) => break Ok(()),
                 Err(LinkError::JournalClosed) => {
-                    break Err(SourceError::JournalClosed {
+                    break Err(OpcuaSourceError::JournalClosed {
                         name: self.name.clone(),
                     });
                 }

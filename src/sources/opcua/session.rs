@@ -16,14 +16,14 @@ use opcua::client::{Client, ClientBuilder, IdentityToken};
 use opcua::crypto::SecurityPolicy as UaPolicy;
 use opcua::types::{EndpointDescription, MessageSecurityMode, StatusCode};
 
-use super::{LinkError, MAX_NOTIFICATIONS_PER_PUBLISH, OpcuaSource, SourceError, pki};
+use super::{LinkError, MAX_NOTIFICATIONS_PER_PUBLISH, OpcuaSource, OpcuaSourceError, pki};
 use crate::config::{SecurityMode, SecurityPolicy};
 
 impl OpcuaSource {
     /// The client: application instance certificate (created on first
     /// run), trust store, timeouts. async-opcua's own reconnect is off.
-    pub(super) fn client(&self) -> Result<Client, SourceError> {
-        pki::ensure_layout(&self.pki_dir).map_err(|detail| SourceError::Pki {
+    pub(super) fn client(&self) -> Result<Client, OpcuaSourceError> {
+        pki::ensure_layout(&self.pki_dir).map_err(|detail| OpcuaSourceError::Pki {
             name: self.name.clone(),
             path: self.pki_dir.clone(),
             detail,
@@ -58,7 +58,7 @@ impl OpcuaSource {
             .max_chunk_count(4096)
             .session_name(format!("plantrelay {}", self.name))
             .client()
-            .map_err(|errors| SourceError::Client {
+            .map_err(|errors| OpcuaSourceError::Client {
                 name: self.name.clone(),
                 detail: errors.join("; "),
             })?;
