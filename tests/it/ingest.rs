@@ -15,7 +15,7 @@ use plantrelay::demo::receiver::EphemeralPki;
 use plantrelay::event::{Class, NewEvent, StoredEvent};
 use plantrelay::journal::{Journal, JournalError, JournalOptions, SyncMode};
 use plantrelay::schema::{Schema, Schemas};
-use plantrelay::sources::http::{HttpSource, SourceError};
+use plantrelay::sources::http::{HttpSource, HttpSourceError};
 use plantrelay::status::SourceStatus;
 use plantrelay::tls;
 use serde_json::{Value, json};
@@ -57,7 +57,7 @@ struct Ingest {
     addr: SocketAddr,
     base: String,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), HttpSourceError>>,
     client: reqwest::Client,
 }
 

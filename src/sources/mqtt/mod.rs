@@ -112,7 +112,7 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Why an MQTT source could not start or stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum MqttSourceError {
     /// The password file could not be read.
     #[error("sources.mqtt '{name}': password_file: {source}")]
     Password {
@@ -160,15 +160,15 @@ impl MqttSource {
     /// start-up rather than every connect.
     // Called once at start-up: the size of the error does not matter.
     #[allow(clippy::result_large_err)]
-    pub fn new(cfg: &MqttSourceConfig, agent_id: &str) -> Result<MqttSource, SourceError> {
+    pub fn new(cfg: &MqttSourceConfig, agent_id: &str) -> Result<MqttSource, MqttSourceError> {
         let name = cfg.name.clone();
         let (host, port, tls_wanted) =
-            crate::mqtt::endpoint(&cfg.url).ok_or_else(|| SourceError::Url {
+            crate::mqtt::endpoint(&cfg.url).ok_or_else(|| MqttSourceError::Url {
                 name: name.clone(),
                 url: cfg.url.to_string(),
             })?;
         let credentials = crate::mqtt::login(cfg.username.as_ref(), cfg.password_file.as_ref())
-            .map_err(|source| SourceError::Password {
+            .map_err(|source| MqttSourceError::Password {
                 name: name.clone(),
                 source,
             })?;
@@ -178,7 +178,7 @@ impl MqttSource {
                 cfg.client_cert.as_deref(),
                 cfg.client_key.as_deref(),
             )
-            .map_err(|source| SourceError::Tls {
+            .map_err(|source| MqttSourceError::Tls {
                 name: name.clone(),
                 source,
             })?;
@@ -239,7 +239,7 @@ impl MqttSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), MqttSourceError> {
         status.started.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -320,9 +320,9 @@ impl Connection {
         self,
         tx: mpsc::UnboundedSender<Message>,
         mut done_rx: mpsc::UnboundedReceiver<Done>,
-        appender: JoinHandle<Result<(), SourceError>>,
+        appender: JoinHandle<Result<(), MqttSourceError>>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), MqttSourceError> {
         let mut tx = Some(tx);
         let mut live: Option<Live> = None;
         let mut epoch = 0u64;
@@ -702,7 +702,7 @@ impl Appender {
         mut self,
         mut rx: mpsc::UnboundedReceiver<Message>,
         done: mpsc::UnboundedSender<Done>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), MqttSourceError> {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
             self.gather(&mut rx, &mut batch).await;
@@ -776,7 +776,7 @@ impl Appender {
     }
 
     /// Appends the batch (retrying until the journal takes it) and counts.
-    async fn commit(&mut self, batch: &[Message]) -> Result<(), SourceError> {
+    async fn commit(&mut self, batch: &[Message]) -> Result<(), MqttSourceError> {
         let checkpoint = self.mapper.checkpoint();
         let mut attempt = 0u32;
         loop {
@@ -828,7 +828,7 @@ impl Appender {
                     return Ok(());
                 }
                 Err(JournalError::Closed) => {
-                    return Err(SourceError::JournalClosed {
+                    return Err(MqttSourceError::JournalClosed {
                         name: self.name.clone(),
                     });
                 }

@@ -8,6 +8,12 @@
 //! the resync snapshot, per-node retries and the source status. [`mapping`]
 //! owns how a data value becomes an event; [`pki`] owns the certificate
 //! folders; [`nodes`] owns node id parsing and namespace resolution.
+//! Within the life cycle kept here, `session` owns the client, the
+//! endpoint choice and the security of a session; `subscription` what a
+//! session sets up (namespaces, resync snapshot, subscription, monitored
+//! items) and the per-node retries and health; `feed` what the session's
+//! event loop and subscription callback report; `appender` the journal
+//! appends.
 //!
 //! It must never drop a data change silently: every notification goes to
 //! the appender, which retries a failed append until the journal takes it
@@ -93,7 +99,7 @@
 //!
 //! # Request sizes
 //!
-//! The resync Read and CreateMonitoredItems go out in batches of [`CHUNK`]
+//! The resync Read and CreateMonitoredItems go out in batches of `CHUNK`
 //! nodes, or fewer where the server's OperationLimits (read once per
 //! session) are lower. A set-up that fails closes its session, so that
 //! retries do not pile up sessions on the server.
@@ -108,38 +114,35 @@
 //! the newest value per node, and every value superseded there is dropped,
 //! counted (`dropped` in the source status) and logged (see [`queue`]).
 
+mod appender;
+mod feed;
 mod mapping;
 mod nodes;
 pub mod pki;
 mod queue;
+mod session;
+mod subscription;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use opcua::client::{
-    Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore,
-    Session, SessionPollResult, SubscriptionActivity,
-};
-use opcua::crypto::SecurityPolicy as UaPolicy;
-use opcua::types::{
-    AttributeId, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DataValue,
-    DeadbandType, EndpointDescription, ExtensionObject, MessageSecurityMode,
-    MonitoredItemCreateRequest, NodeId, NotificationMessage, ReadValueId, StatusCode,
-    TimestampsToReturn, Variant,
-};
+use opcua::client::{Client, IdentityToken, Session};
+use opcua::types::StatusCode;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use mapping::{DATA_CHANGE_EVENT_TYPE, Mapper, NodeMeta, event_id, variant_json};
 pub use nodes::{NodeRef, parse_node_id};
 
-use crate::config::{Deadband, OpcuaSourceConfig, SecurityMode, SecurityPolicy, read_secret};
-use crate::event::NewEvent;
-use crate::journal::{AppendOutcome, Journal, JournalError};
+use self::appender::{Appender, appender_result};
+use self::feed::{Driver, LoopEvent};
+use self::session::{connect_failure, user_identity_cert};
+use self::subscription::{Live, publish_bad_nodes};
+use crate::config::{OpcuaSourceConfig, read_secret};
+use crate::journal::Journal;
 use crate::status::SourceStatus;
 
 /// Most data changes in one journal append.
@@ -158,48 +161,10 @@ pub const NODE_RETRY: Duration = Duration::from_secs(5);
 /// and the server sends a busy cycle as several responses, which the client
 /// asks for back to back.
 pub const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1_000;
-/// Most nodes in one Read or CreateMonitoredItems request; less when the
-/// server's OperationLimits say so (see [`Batches`]).
-const CHUNK: usize = 500;
-/// `Server_ServerCapabilities_OperationLimits_MaxNodesPerRead`.
-const MAX_NODES_PER_READ: u32 = 11705;
-/// `Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall`.
-const MAX_MONITORED_ITEMS_PER_CALL: u32 = 11714;
-
-/// How many nodes go into one request on this session: [`CHUNK`], or less
-/// where the server's OperationLimits are lower (a server answers a larger
-/// call with `BadTooManyOperations` as a whole, and set-up would fail on
-/// every reconnect).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Batches {
-    /// Nodes per resync Read (two attributes each).
-    read_nodes: usize,
-    /// Items per CreateMonitoredItems.
-    create_items: usize,
-}
-
-impl Batches {
-    /// From the values of MaxNodesPerRead and MaxMonitoredItemsPerCall
-    /// (0, missing or unreadable: no limit).
-    fn from_limits(max_nodes_per_read: Option<u32>, max_items_per_call: Option<u32>) -> Batches {
-        let limit = |v: Option<u32>| match v {
-            Some(n) if n > 0 => (n as usize).min(CHUNK),
-            _ => CHUNK,
-        };
-        Batches {
-            // Each node is read with two attributes (Value, DisplayName).
-            read_nodes: match max_nodes_per_read {
-                Some(n) if n > 0 => ((n / 2) as usize).clamp(1, CHUNK),
-                _ => CHUNK,
-            },
-            create_items: limit(max_items_per_call),
-        }
-    }
-}
 
 /// Why an OPC UA source could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum OpcuaSourceError {
     #[error("sources.opcua '{name}': password_file: {source}")]
     Password {
         name: String,
@@ -237,8 +202,6 @@ enum LinkError {
     JournalClosed,
 }
 
-use self::queue::Item;
-
 /// The sending side to the appender.
 type Feed = queue::Sender;
 
@@ -268,7 +231,7 @@ impl OpcuaSource {
         cfg: &OpcuaSourceConfig,
         agent_id: &str,
         state_dir: &std::path::Path,
-    ) -> Result<OpcuaSource, SourceError> {
+    ) -> Result<OpcuaSource, OpcuaSourceError> {
         let name = cfg.name.clone();
         let identity = match (
             &cfg.username,
@@ -278,16 +241,18 @@ impl OpcuaSource {
         ) {
             (Some(user), password, _, _) => {
                 let password = match password {
-                    Some(path) => read_secret(path).map_err(|source| SourceError::Password {
-                        name: name.clone(),
-                        source,
-                    })?,
+                    Some(path) => {
+                        read_secret(path).map_err(|source| OpcuaSourceError::Password {
+                            name: name.clone(),
+                            source,
+                        })?
+                    }
                     None => String::new(),
                 };
                 IdentityToken::new_user_name(user.clone(), password)
             }
             (None, _, Some(cert), Some(key)) => {
-                user_identity_cert(cert, key).map_err(|detail| SourceError::UserCert {
+                user_identity_cert(cert, key).map_err(|detail| OpcuaSourceError::UserCert {
                     name: name.clone(),
                     detail,
                 })?
@@ -298,7 +263,7 @@ impl OpcuaSource {
             .nodes
             .iter()
             .map(|n| {
-                nodes::NodeSpec::new(n).map_err(|detail| SourceError::Node {
+                nodes::NodeSpec::new(n).map_err(|detail| OpcuaSourceError::Node {
                     name: name.clone(),
                     node_id: n.node_id.clone(),
                     detail,
@@ -328,7 +293,7 @@ impl OpcuaSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), OpcuaSourceError> {
         status.started.store(true, Ordering::Relaxed);
         let result = self.run_inner(journal, status.clone(), shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
@@ -344,7 +309,7 @@ impl OpcuaSource {
         journal: Journal,
         status: Arc<SourceStatus>,
         shutdown: CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), OpcuaSourceError> {
         if self.cfg.trust_unknown_server {
             warn!(
                 source = %self.name,
@@ -396,7 +361,7 @@ impl OpcuaSource {
             match outcome {
                 Ok(()) => break Ok(()),
                 Err(LinkError::JournalClosed) => {
-                    break Err(SourceError::JournalClosed {
+                    break Err(OpcuaSourceError::JournalClosed {
                         name: self.name.clone(),
                     });
                 }
@@ -429,52 +394,6 @@ impl OpcuaSource {
         }
         info!(source = %self.name, "OPC UA source stopped");
         result
-    }
-
-    /// The client: application instance certificate (created on first
-    /// run), trust store, timeouts. async-opcua's own reconnect is off.
-    fn client(&self) -> Result<Client, SourceError> {
-        pki::ensure_layout(&self.pki_dir).map_err(|detail| SourceError::Pki {
-            name: self.name.clone(),
-            path: self.pki_dir.clone(),
-            detail,
-        })?;
-        let window = self.cfg.publishing_interval * self.cfg.keep_alive_count;
-        let request_timeout = self.cfg.connect_timeout;
-        let client = ClientBuilder::new()
-            .application_name(format!("plantrelay {}", self.name))
-            .application_uri(self.app_uri.clone())
-            .product_uri("urn:plantrelay")
-            .pki_dir(self.pki_dir.clone())
-            .create_sample_keypair(true)
-            .trust_server_certs(self.cfg.trust_unknown_server)
-            .verify_server_certs(true)
-            .session_retry_limit(0)
-            .recreate_subscriptions(false)
-            .session_timeout(
-                u32::try_from((window * 4).max(Duration::from_secs(60)).as_millis())
-                    .unwrap_or(u32::MAX),
-            )
-            .keep_alive_interval(window.max(Duration::from_secs(1)))
-            .max_failed_keep_alive_count(2)
-            .request_timeout(request_timeout)
-            .publish_timeout(window * 2 + request_timeout)
-            .min_publish_interval(Duration::from_millis(10))
-            .channel_lifetime(600_000)
-            // A publish response carries up to MAX_NOTIFICATIONS_PER_PUBLISH
-            // values: the default decoding limits (1,000 array elements)
-            // would turn a busy subscription into BadDecodingError.
-            .max_array_length(MAX_NOTIFICATIONS_PER_PUBLISH as usize * 2 + 10_000)
-            .max_message_size(64 << 20)
-            .max_chunk_count(4096)
-            .session_name(format!("plantrelay {}", self.name))
-            .client()
-            .map_err(|errors| SourceError::Client {
-                name: self.name.clone(),
-                detail: errors.join("; "),
-            })?;
-        pki::restrict_private_key(&self.pki_dir);
-        Ok(client)
     }
 
     /// One connection generation: connect, set up, then watch until it ends.
@@ -580,257 +499,6 @@ impl OpcuaSource {
             .await
     }
 
-    /// Chooses the server endpoint with the configured policy and mode.
-    fn pick_endpoint(
-        &self,
-        url: &str,
-        endpoints: &[EndpointDescription],
-    ) -> Result<EndpointDescription, LinkError> {
-        let policy = ua_policy(self.cfg.security_policy);
-        let mode = ua_mode(self.cfg.security_mode);
-        // Matched on policy and mode only, and then connected at the
-        // configured URL: servers behind NAT or a port forward advertise
-        // addresses the agent cannot reach.
-        let found = endpoints.iter().find(|e| {
-            e.security_mode == mode && UaPolicy::from_uri(e.security_policy_uri.as_ref()) == policy
-        });
-        if let Some(e) = found {
-            let mut e = e.clone();
-            e.endpoint_url = url.into();
-            return Ok(e);
-        }
-        let offered = endpoints
-            .iter()
-            .map(|e| {
-                format!(
-                    "{} {:?}",
-                    e.security_policy_uri
-                        .as_ref()
-                        .rsplit('#')
-                        .next()
-                        .unwrap_or_default(),
-                    e.security_mode
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        Err(LinkError::Failed(format!(
-            "the server offers no endpoint with security_policy \"{}\" and security_mode \"{}\" (it offers: {offered})",
-            self.cfg.security_policy, self.cfg.security_mode
-        )))
-    }
-
-    /// Applies `server_cert_sha256`: a pinned certificate is placed in
-    /// `trusted/`; any other certificate is refused before a session is
-    /// attempted. Without a pin the library's trust list decides.
-    fn check_server_cert(
-        &self,
-        client: &Client,
-        ep: &EndpointDescription,
-    ) -> Result<(), LinkError> {
-        if self.cfg.security_policy == SecurityPolicy::None {
-            return Ok(());
-        }
-        let Some(pin) = &self.cfg.server_cert_sha256 else {
-            return Ok(());
-        };
-        let der =
-            ep.server_certificate.value.as_deref().ok_or_else(|| {
-                LinkError::Failed("the server endpoint has no certificate".into())
-            })?;
-        let fingerprint = pki::sha256_hex(der);
-        if !pki::fingerprint_eq(pin, &fingerprint) {
-            let _ = pki::store_rejected(&self.pki_dir, der);
-            return Err(LinkError::Failed(format!(
-                "server certificate SHA-256 {fingerprint} does not match server_cert_sha256 {pin}; refused"
-            )));
-        }
-        let _ = client;
-        pki::store_trusted(&self.pki_dir, der).map_err(|e| {
-            LinkError::Failed(format!("cannot store the pinned server certificate: {e}"))
-        })?;
-        Ok(())
-    }
-
-    /// Namespaces, snapshot, subscription and monitored items.
-    async fn set_up(
-        &self,
-        session: &Arc<Session>,
-        feed: &Feed,
-        status: &Arc<SourceStatus>,
-        generation: u64,
-    ) -> Result<Live, LinkError> {
-        let ns = session
-            .read_namespace_array()
-            .await
-            .map_err(|e| LinkError::Failed(format!("reading the server's NamespaceArray: {e}")))?;
-        let mut bad: Vec<BadNode> = Vec::new();
-        let mut resolved: Vec<(usize, NodeId)> = Vec::with_capacity(self.nodes.len());
-        for (i, n) in self.nodes.iter().enumerate() {
-            match n.resolve(&ns) {
-                Ok(id) => resolved.push((i, id)),
-                Err(detail) => bad.push(BadNode {
-                    index: i,
-                    status: detail,
-                }),
-            }
-        }
-
-        // Resync snapshot (and display names) before the subscription: the
-        // subscription's initial values then come after it in the journal.
-        let batches = self.batches(session).await;
-        let mut names = Vec::new();
-        let mut snapshot = Vec::new();
-        for chunk in resolved.chunks(batches.read_nodes) {
-            let ids: Vec<ReadValueId> = chunk
-                .iter()
-                .flat_map(|(_, id)| {
-                    [
-                        read_id(id, AttributeId::Value),
-                        read_id(id, AttributeId::DisplayName),
-                    ]
-                })
-                .collect();
-            let values = session
-                .read(&ids, TimestampsToReturn::Both, 0.0)
-                .await
-                .map_err(|e| LinkError::Failed(format!("resync read: {e}")))?;
-            for ((index, _), pair) in chunk.iter().zip(values.chunks(2)) {
-                let [value, name] = pair else { continue };
-                if let Some(Variant::LocalizedText(t)) = &name.value {
-                    names.push((*index, t.text.to_string()));
-                }
-                let code = value.status.unwrap_or(StatusCode::Good);
-                if code.is_bad() {
-                    bad.push(BadNode {
-                        index: *index,
-                        status: code.to_string(),
-                    });
-                } else {
-                    snapshot.push((*index, value.clone()));
-                }
-            }
-        }
-        feed.names(names);
-        let snapshot_len = snapshot.len();
-        feed.changes(snapshot, true);
-        debug!(source = %self.name, generation, values = snapshot_len, "resync snapshot read");
-
-        let health = Arc::new(NodeHealth::default());
-        // Node ids by index, for logs and status: one list for the callback
-        // and the watch loop.
-        let names_of: Arc<[String]> = self.nodes.iter().map(|n| n.meta.node_id.clone()).collect();
-        let callback = Notifications {
-            source: self.name.clone(),
-            feed: feed.clone(),
-            health: health.clone(),
-            names_of: names_of.clone(),
-            status: status.clone(),
-            last_sequence: 0,
-        };
-        let subscription_id = session
-            .create_subscription(
-                self.cfg.publishing_interval,
-                self.cfg.lifetime_count,
-                self.cfg.keep_alive_count,
-                MAX_NOTIFICATIONS_PER_PUBLISH,
-                0,
-                true,
-                callback,
-            )
-            .await
-            .map_err(|e| LinkError::Failed(format!("CreateSubscription: {e}")))?;
-        let (publishing_interval, keep_alive_count) = {
-            let state = session.subscription_state.lock();
-            state
-                .get(subscription_id)
-                .map(|s| (s.publishing_interval(), s.max_keep_alive_count()))
-                .unwrap_or((self.cfg.publishing_interval, self.cfg.keep_alive_count))
-        };
-        let already_bad: Vec<usize> = bad.iter().map(|b| b.index).collect();
-        let to_create: Vec<(usize, NodeId)> = resolved
-            .into_iter()
-            .filter(|(i, _)| !already_bad.contains(i))
-            .collect();
-        bad.extend(
-            self.create_items(session, subscription_id, &to_create, batches)
-                .await?,
-        );
-        bad.sort_by_key(|b| b.index);
-        bad.dedup_by_key(|b| b.index);
-        Ok(Live {
-            subscription_id,
-            publishing_interval,
-            keep_alive_count,
-            bad,
-            batches,
-            health,
-            names_of,
-        })
-    }
-
-    /// The server's operation limits for this session's request sizes.
-    async fn batches(&self, session: &Arc<Session>) -> Batches {
-        let ids = [
-            read_id(&NodeId::new(0, MAX_NODES_PER_READ), AttributeId::Value),
-            read_id(
-                &NodeId::new(0, MAX_MONITORED_ITEMS_PER_CALL),
-                AttributeId::Value,
-            ),
-        ];
-        let values = match session.read(&ids, TimestampsToReturn::Neither, 0.0).await {
-            Ok(v) => v,
-            Err(e) => {
-                debug!(source = %self.name, error = %e, "OperationLimits not readable; default request sizes");
-                Vec::new()
-            }
-        };
-        let value = |i: usize| match values.get(i).and_then(|v| v.value.as_ref()) {
-            Some(Variant::UInt32(n)) => Some(*n),
-            _ => None,
-        };
-        let batches = Batches::from_limits(value(0), value(1));
-        debug!(
-            source = %self.name,
-            max_nodes_per_read = ?value(0),
-            max_monitored_items_per_call = ?value(1),
-            read_nodes = batches.read_nodes,
-            create_items = batches.create_items,
-            "request sizes from the server's OperationLimits"
-        );
-        batches
-    }
-
-    /// Creates monitored items; returns the nodes the server refused.
-    async fn create_items(
-        &self,
-        session: &Arc<Session>,
-        subscription_id: u32,
-        items: &[(usize, NodeId)],
-        batches: Batches,
-    ) -> Result<Vec<BadNode>, LinkError> {
-        let mut bad = Vec::new();
-        for chunk in items.chunks(batches.create_items) {
-            let requests: Vec<MonitoredItemCreateRequest> = chunk
-                .iter()
-                .map(|(i, id)| self.nodes[*i].request(*i, id.clone()))
-                .collect();
-            let results = session
-                .create_monitored_items(subscription_id, TimestampsToReturn::Both, requests)
-                .await
-                .map_err(|e| LinkError::Failed(format!("CreateMonitoredItems: {e}")))?;
-            for ((index, _), r) in chunk.iter().zip(&results) {
-                if r.result.status_code.is_bad() {
-                    bad.push(BadNode {
-                        index: *index,
-                        status: r.result.status_code.to_string(),
-                    });
-                }
-            }
-        }
-        Ok(bad)
-    }
-
     /// Watches a live session until it is lost, goes silent, or shutdown.
     #[allow(clippy::too_many_arguments)]
     async fn watch(
@@ -917,143 +585,6 @@ impl OpcuaSource {
             }
         }
     }
-
-    /// Tries the refused nodes again on the live session.
-    async fn retry_bad(&self, session: &Arc<Session>, live: &mut Live) {
-        let ns = match session.read_namespace_array().await {
-            Ok(ns) => ns,
-            Err(e) => {
-                debug!(source = %self.name, error = %e, "namespace array read for the node retry failed");
-                return;
-            }
-        };
-        let mut still = Vec::new();
-        let mut items = Vec::new();
-        for b in live.bad.drain(..) {
-            match self.nodes[b.index].resolve(&ns) {
-                Ok(id) => items.push((b.index, id)),
-                Err(status) => still.push(BadNode {
-                    index: b.index,
-                    status,
-                }),
-            }
-        }
-        match self
-            .create_items(session, live.subscription_id, &items, live.batches)
-            .await
-        {
-            Ok(refused) => {
-                let refused_idx: Vec<usize> = refused.iter().map(|b| b.index).collect();
-                for (i, _) in items.iter().filter(|(i, _)| !refused_idx.contains(i)) {
-                    info!(source = %self.name, node = %live.names_of[*i], "node is monitored again");
-                }
-                still.extend(refused);
-            }
-            Err(e) => {
-                debug!(source = %self.name, error = %e, "node retry failed");
-                still.extend(items.into_iter().map(|(index, _)| BadNode {
-                    index,
-                    status: "retry failed".into(),
-                }));
-            }
-        }
-        for b in &still {
-            debug!(source = %self.name, node = %live.names_of[b.index], status = %b.status, "node still refused; retrying later");
-        }
-        live.bad = still;
-    }
-}
-
-/// Shows the nodes not monitored right now in the source status: those the
-/// server refused (retried) and those whose latest data change on the live
-/// subscription had a bad status (until a good one arrives).
-fn publish_bad_nodes(status: &SourceStatus, live: &Live) {
-    let mut bad: Vec<(usize, String)> = live
-        .bad
-        .iter()
-        .map(|b| (b.index, b.status.clone()))
-        .collect();
-    for (index, code) in live.health.bad() {
-        if !bad.iter().any(|(i, _)| *i == index) {
-            bad.push((index, code));
-        }
-    }
-    bad.sort_by_key(|(i, _)| *i);
-    status.set_bad_nodes(
-        bad.into_iter()
-            .filter_map(|(i, code)| live.names_of.get(i).map(|n| (n.clone(), code)))
-            .collect(),
-    );
-}
-
-/// Nodes whose latest data change on the live subscription had a bad status
-/// (index → status name), shared by the subscription callback (writer) and
-/// the watch loop (which publishes it).
-#[derive(Debug, Default)]
-struct NodeHealth {
-    bad: std::sync::Mutex<std::collections::BTreeMap<usize, String>>,
-    changed: std::sync::atomic::AtomicBool,
-}
-
-impl NodeHealth {
-    /// Records the status of a node's latest data change; true when the
-    /// node's state (good, or which bad status) changed.
-    fn record(&self, index: usize, code: StatusCode) -> bool {
-        let Ok(mut bad) = self.bad.lock() else {
-            return false;
-        };
-        let changed = if code.is_bad() {
-            let name = code.to_string();
-            bad.insert(index, name.clone()).as_ref() != Some(&name)
-        } else {
-            bad.remove(&index).is_some()
-        };
-        if changed {
-            self.changed.store(true, Ordering::Relaxed);
-        }
-        changed
-    }
-
-    /// Whether the set changed since the last call.
-    fn take_changed(&self) -> bool {
-        self.changed.swap(false, Ordering::Relaxed)
-    }
-
-    fn bad(&self) -> Vec<(usize, String)> {
-        self.bad
-            .lock()
-            .map(|b| b.iter().map(|(i, s)| (*i, s.clone())).collect())
-            .unwrap_or_default()
-    }
-}
-
-/// A node the server refused (or whose namespace it lacks), and why.
-#[derive(Debug, Clone)]
-struct BadNode {
-    index: usize,
-    status: String,
-}
-
-/// A live session's subscription.
-struct Live {
-    subscription_id: u32,
-    publishing_interval: Duration,
-    keep_alive_count: u32,
-    /// Nodes the server refused or that could not be resolved (retried).
-    bad: Vec<BadNode>,
-    /// Request sizes the server allows.
-    batches: Batches,
-    /// Monitored nodes whose latest value is bad.
-    health: Arc<NodeHealth>,
-    names_of: Arc<[String]>,
-}
-
-fn read_id(id: &NodeId, attribute: AttributeId) -> ReadValueId {
-    ReadValueId {
-        node_id: id.clone(),
-        attribute_id: attribute as u32,
-        ..Default::default()
-    }
 }
 
 /// Closes the session gracefully (bounded), then stops the driver.
@@ -1072,348 +603,5 @@ async fn wait_lost(events: &mut mpsc::UnboundedReceiver<LoopEvent>) -> LinkError
             Some(_) => {}
             None => return LinkError::Failed("session event loop ended during set-up".into()),
         }
-    }
-}
-
-/// The X.509 user identity: the certificate as PEM or DER whatever the file
-/// is called (async-opcua's own loader goes by the extension and refuses
-/// `.crt`), the private key as PEM.
-fn user_identity_cert(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<IdentityToken, String> {
-    let bytes = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-    let x509 = opcua::crypto::X509::from_pem(&bytes)
-        .or_else(|_| opcua::crypto::X509::from_der(&bytes))
-        .map_err(|e| {
-            format!(
-                "{}: not a PEM or DER X.509 certificate: {e:?}",
-                cert.display()
-            )
-        })?;
-    let key = opcua::crypto::PrivateKey::read_pem_file(key)
-        .map_err(|e| format!("{}: not a PEM private key: {e:?}", key.display()))?;
-    Ok(IdentityToken::new_x509(x509, key))
-}
-
-/// A readable reason for a failed activation, with the trust and identity
-/// hints.
-fn connect_failure(code: StatusCode, pki_dir: &std::path::Path) -> String {
-    if matches!(
-        code,
-        StatusCode::BadIdentityTokenRejected
-            | StatusCode::BadIdentityTokenInvalid
-            | StatusCode::BadUserAccessDenied
-            | StatusCode::BadUserSignatureInvalid
-    ) {
-        return format!(
-            "session activation failed: {code}: the server refused the user identity — check username and password_file, or user_cert and user_key, and the user's rights on the server"
-        );
-    }
-    if code == StatusCode::BadCertificateUntrusted || code == StatusCode::BadSecurityChecksFailed {
-        format!(
-            "{code}: the server certificate is not trusted; it was stored in {} — check its fingerprint, then run `plantrelay opcua trust` (or move it to trusted/), or pin it with server_cert_sha256",
-            pki_dir.join("rejected").display()
-        )
-    } else {
-        format!("session activation failed: {code}")
-    }
-}
-
-fn ua_policy(p: SecurityPolicy) -> UaPolicy {
-    match p {
-        SecurityPolicy::None => UaPolicy::None,
-        SecurityPolicy::Basic256Sha256 => UaPolicy::Basic256Sha256,
-        SecurityPolicy::Aes128Sha256RsaOaep => UaPolicy::Aes128Sha256RsaOaep,
-        SecurityPolicy::Aes256Sha256RsaPss => UaPolicy::Aes256Sha256RsaPss,
-    }
-}
-
-fn ua_mode(m: SecurityMode) -> MessageSecurityMode {
-    match m {
-        SecurityMode::None => MessageSecurityMode::None,
-        SecurityMode::Sign => MessageSecurityMode::Sign,
-        SecurityMode::SignAndEncrypt => MessageSecurityMode::SignAndEncrypt,
-    }
-}
-
-/// The data-change filter of a node's deadband (none without one).
-fn deadband_filter(deadband: Option<Deadband>) -> ExtensionObject {
-    let (kind, value) = match deadband {
-        None => return ExtensionObject::null(),
-        Some(Deadband::Absolute(v)) => (DeadbandType::Absolute, v),
-        Some(Deadband::Percent(v)) => (DeadbandType::Percent, v),
-    };
-    ExtensionObject::from_message(DataChangeFilter {
-        trigger: DataChangeTrigger::StatusValue,
-        deadband_type: kind as u32,
-        deadband_value: value,
-    })
-}
-
-/// What the event loop driver reports.
-#[derive(Debug)]
-enum LoopEvent {
-    Connected,
-    Publish,
-    PublishFailed(StatusCode),
-    Lost(StatusCode),
-    Ended(StatusCode),
-}
-
-/// The task that polls async-opcua's session event loop.
-struct Driver {
-    task: JoinHandle<()>,
-}
-
-impl Driver {
-    fn spawn<T>(
-        event_loop: opcua::client::SessionEventLoop<T>,
-        tx: mpsc::UnboundedSender<LoopEvent>,
-    ) -> Driver
-    where
-        T: opcua::client::transport::Connector + Send + Sync + 'static,
-    {
-        use futures_util::StreamExt as _;
-        let task = tokio::spawn(async move {
-            let stream = event_loop.enter();
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                let ev = match stream.next().await {
-                    None => LoopEvent::Ended(StatusCode::BadConnectionClosed),
-                    Some(Err(code)) => LoopEvent::Ended(code),
-                    Some(Ok(SessionPollResult::Reconnected(_))) => LoopEvent::Connected,
-                    Some(Ok(SessionPollResult::ConnectionLost(code))) => LoopEvent::Lost(code),
-                    Some(Ok(SessionPollResult::ReconnectFailed(code))) => LoopEvent::Lost(code),
-                    Some(Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish))) => {
-                        LoopEvent::Publish
-                    }
-                    Some(Ok(SessionPollResult::Subscription(
-                        SubscriptionActivity::PublishFailed(code),
-                    ))) => LoopEvent::PublishFailed(code),
-                    Some(Ok(SessionPollResult::Subscription(
-                        SubscriptionActivity::FatalFailure(code),
-                    ))) => LoopEvent::Lost(code),
-                    Some(Ok(_)) => continue,
-                };
-                let end = matches!(ev, LoopEvent::Ended(_) | LoopEvent::Lost(_));
-                if tx.send(ev).is_err() || end {
-                    return;
-                }
-            }
-        });
-        Driver { task }
-    }
-
-    fn abort(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Driver {
-    /// The event loop owns the connection: a generation that ends in any
-    /// way (including being dropped) ends its connection.
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The subscription callback: hands every data change to the appender,
-/// tracks which nodes currently report a bad status, and notices
-/// notification messages the server sent but the client never got.
-struct Notifications {
-    source: String,
-    feed: Feed,
-    health: Arc<NodeHealth>,
-    names_of: Arc<[String]>,
-    status: Arc<SourceStatus>,
-    /// Sequence number of the last data notification message (0: none yet;
-    /// the server numbers them from 1).
-    last_sequence: u32,
-}
-
-impl Notifications {
-    /// A keep-alive carries the sequence number of the next data message, a
-    /// data message its own: either one above `last_sequence + 1` means
-    /// messages were lost (e.g. a response the server could not send).
-    fn check_sequence(&mut self, sequence: u32, keep_alive: bool) {
-        let expected = self.last_sequence.wrapping_add(1);
-        if sequence > expected {
-            let lost = sequence - expected;
-            warn!(
-                source = %self.source,
-                lost_messages = lost,
-                first_missing = expected,
-                "OPC UA notification messages were lost between server and agent; the data changes in them are missing from the journal"
-            );
-            self.status.record_error(format!(
-                "{lost} notification message(s) from sequence number {expected} never arrived; their data changes are missing"
-            ));
-        }
-        // A lower number is a wrap-around (or a late message): follow it.
-        self.last_sequence = if keep_alive {
-            sequence.wrapping_sub(1)
-        } else {
-            sequence
-        };
-    }
-}
-
-impl OnSubscriptionNotificationCore for Notifications {
-    fn on_subscription_notification(
-        &mut self,
-        notification: NotificationMessage,
-        _monitored_items: MonitoredItemMap<'_>,
-    ) {
-        let Some(data) = notification.notification_data else {
-            self.check_sequence(notification.sequence_number, true);
-            return;
-        };
-        self.check_sequence(notification.sequence_number, false);
-        for obj in data {
-            let Some(change) = obj.into_inner_as::<DataChangeNotification>() else {
-                continue;
-            };
-            for n in change.monitored_items.into_iter().flatten() {
-                // Client handles are node index + 1 (see NodeSpec::request).
-                let Some(index) = (n.client_handle as usize).checked_sub(1) else {
-                    continue;
-                };
-                let code = n.value.status.unwrap_or(StatusCode::Good);
-                if self.health.record(index, code) {
-                    let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
-                    if code.is_bad() {
-                        warn!(source = %self.source, node, status = %code, "node reports a bad status; listed in bad_nodes until a good value arrives");
-                    } else {
-                        info!(source = %self.source, node, status = %code, "node reports good values again");
-                    }
-                }
-                self.feed.changes([(index, n.value)], false);
-            }
-        }
-    }
-}
-
-/// Appends data changes to the journal in arrival order.
-struct Appender {
-    name: String,
-    journal: Journal,
-    mapper: Mapper,
-    nodes: Vec<NodeMeta>,
-    names: Vec<String>,
-    status: Arc<SourceStatus>,
-}
-
-impl Appender {
-    async fn run(mut self, mut rx: queue::Receiver) -> Result<(), SourceError> {
-        let mut items = Vec::with_capacity(256);
-        let mut batch: Vec<(usize, DataValue, bool)> = Vec::with_capacity(BATCH_MAX);
-        while rx.recv_many(&mut items, 256).await > 0 {
-            for item in items.drain(..) {
-                match item {
-                    Item::Names(names) => {
-                        // Names apply to what comes after them: store what
-                        // came before first.
-                        self.commit(&mut batch).await?;
-                        for (i, name) in names {
-                            if let Some(slot) = self.names.get_mut(i) {
-                                *slot = name;
-                            }
-                        }
-                    }
-                    Item::Change {
-                        index,
-                        value,
-                        resync,
-                    } => batch.push((index, value, resync)),
-                }
-                if batch.len() >= BATCH_MAX {
-                    self.commit(&mut batch).await?;
-                }
-            }
-            self.commit(&mut batch).await?;
-        }
-        Ok(())
-    }
-
-    /// Maps and appends the batch (retrying until the journal takes it),
-    /// counts, and empties it.
-    async fn commit(
-        &mut self,
-        batch: &mut Vec<(usize, DataValue, bool)>,
-    ) -> Result<(), SourceError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let n = batch.len();
-        let mut attempt = 0u32;
-        loop {
-            let events: Vec<NewEvent> = batch
-                .iter()
-                .filter_map(|(index, value, resync)| {
-                    let node = self.nodes.get(*index)?;
-                    Some(self.mapper.map(node, &self.names[*index], value, *resync))
-                })
-                .collect();
-            let mapped = events.len() as u64;
-            match self.journal.append(events).await {
-                Ok(outcomes) => {
-                    let duplicates = outcomes
-                        .iter()
-                        .filter(|o| matches!(o, AppendOutcome::Duplicate { .. }))
-                        .count() as u64;
-                    self.status.record_events(mapped - duplicates, duplicates);
-                    if attempt > 0 {
-                        info!(source = %self.name, attempts = attempt + 1, "journal append succeeded again");
-                    }
-                    batch.clear();
-                    return Ok(());
-                }
-                Err(JournalError::Closed) => {
-                    return Err(SourceError::JournalClosed {
-                        name: self.name.clone(),
-                    });
-                }
-                Err(e) => {
-                    attempt += 1;
-                    let message = e.to_string();
-                    if attempt == 1 || attempt.is_multiple_of(50) {
-                        warn!(source = %self.name, error = %message, events = n, attempt, "journal append failed; data changes are held in memory and the append is retried");
-                    }
-                    self.status.record_error(message);
-                    tokio::time::sleep(super::append_retry_delay(&e, attempt)).await;
-                }
-            }
-        }
-    }
-}
-
-fn appender_result(
-    name: &str,
-    r: Result<Result<(), SourceError>, tokio::task::JoinError>,
-) -> Result<(), SourceError> {
-    match r {
-        Ok(r) => r,
-        Err(e) => Err(SourceError::Client {
-            name: name.to_owned(),
-            detail: format!("the appender task failed: {e}"),
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_sizes_follow_the_server_operation_limits() {
-        let none = Batches::from_limits(None, None);
-        assert_eq!((none.read_nodes, none.create_items), (CHUNK, CHUNK));
-        let zero = Batches::from_limits(Some(0), Some(0));
-        assert_eq!(zero, none, "0 means no limit");
-        let small = Batches::from_limits(Some(150), Some(100));
-        assert_eq!((small.read_nodes, small.create_items), (75, 100));
-        let large = Batches::from_limits(Some(100_000), Some(100_000));
-        assert_eq!(large, none);
     }
 }

@@ -74,7 +74,7 @@ impl NodeSpec {
             requested_parameters: MonitoringParameters {
                 client_handle: index as u32 + 1,
                 sampling_interval: self.sampling_interval.as_secs_f64() * 1000.0,
-                filter: super::deadband_filter(self.deadband),
+                filter: super::subscription::deadband_filter(self.deadband),
                 queue_size: self.queue_size,
                 discard_oldest: true,
             },

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use plantrelay::config::HttpSourceConfig;
 use plantrelay::event::{Class, StoredEvent};
 use plantrelay::journal::{Journal, JournalOptions};
-use plantrelay::sources::http::{HttpSource, SourceError};
+use plantrelay::sources::http::{HttpSource, HttpSourceError};
 use plantrelay::status::SourceStatus;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,7 +54,7 @@ struct Source {
     status: Arc<SourceStatus>,
     addr: SocketAddr,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), HttpSourceError>>,
     client: reqwest::Client,
 }
 
