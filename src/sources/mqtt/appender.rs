@@ -1,0 +1,247 @@
+//! The MQTT source's appender: gathers what the connection task has
+//! queued (its own commit window under a trickle), maps it, appends it to
+//! the journal in one append, retries a failed append with the same
+//! messages in the same order, and reports every message back in arrival
+//! order once the journal has answered.
+//!
+//! It must never report a message before the journal has answered its
+//! append, and never reorder or skip one (see the module docs of
+//! [`super`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::connection::Done;
+use super::mapping::{Mapped, Mapper, Message};
+use super::{BATCH_MAX, MqttSourceError};
+use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::status::SourceStatus;
+
+/// The task that maps, appends and reports, in arrival order.
+pub(super) struct Appender {
+    pub(super) name: String,
+    pub(super) journal: Journal,
+    pub(super) mapper: Mapper,
+    pub(super) status: Arc<SourceStatus>,
+    pub(super) warnings: WarnLimiter,
+    /// `journal.commit_window`: how long the first message of a batch may
+    /// wait for others to share its commit.
+    pub(super) window: Duration,
+    pub(super) max_inflight: usize,
+    /// Mean time between messages (a moving average), and when the last
+    /// one arrived.
+    pub(super) spacing: Option<Duration>,
+    pub(super) last_received: Option<std::time::SystemTime>,
+}
+
+/// What one message became in an append.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Event,
+    Rejected,
+}
+
+impl Appender {
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Message>,
+        done: mpsc::UnboundedSender<Done>,
+    ) -> Result<(), MqttSourceError> {
+        let mut batch = Vec::with_capacity(BATCH_MAX);
+        while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+            self.gather(&mut rx, &mut batch).await;
+            self.commit(&batch).await?;
+            for m in batch.drain(..) {
+                let _ = done.send(Done {
+                    epoch: m.epoch,
+                    pkid: m.pkid,
+                    qos: m.qos,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The commit window, kept here rather than in the journal: the first
+    /// message of a batch waits, up to `journal.commit_window` from its
+    /// arrival, for more to share its commit (fewer commits, fewer pages
+    /// written, under light traffic). The append then commits at once
+    /// ([`Journal::append_gathered`]), so a message waits one window, not
+    /// the rest of the one in progress and then its own. The same rules as
+    /// the journal's own window: no wait when messages come further apart
+    /// than the window (nothing to gather); none past
+    /// `WINDOW_ENOUGH_EVENTS` (more saves no page writes) or `max_inflight`
+    /// (the broker sends no more until the acks).
+    async fn gather(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Message>,
+        batch: &mut Vec<Message>,
+    ) {
+        self.note_arrivals(batch);
+        let Some(first) = batch.first().map(|m| m.received) else {
+            return;
+        };
+        if self.window.is_zero() || self.spacing.is_none_or(|s| s > self.window) {
+            return;
+        }
+        let age = std::time::SystemTime::now()
+            .duration_since(first)
+            .unwrap_or_default();
+        let Some(left) = self.window.checked_sub(age) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + left;
+        let enough = self
+            .max_inflight
+            .min(BATCH_MAX)
+            .min(crate::journal::WINDOW_ENOUGH_EVENTS);
+        while batch.len() < enough {
+            let before = batch.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(batch, BATCH_MAX - before)).await {
+                Ok(n) if n > 0 => self.note_arrivals(&batch[before..]),
+                // Closed (the source is stopping) or the window passed.
+                _ => break,
+            }
+        }
+    }
+
+    /// Keeps the moving average of the time between messages.
+    fn note_arrivals(&mut self, messages: &[Message]) {
+        for m in messages {
+            if let Some(gap) = self
+                .last_received
+                .and_then(|t| m.received.duration_since(t).ok())
+            {
+                let gap = gap.min(self.window * 100);
+                self.spacing = Some(self.spacing.map_or(gap, |avg| (avg * 7 + gap) / 8));
+            }
+            self.last_received = Some(m.received);
+        }
+    }
+
+    /// Appends the batch (retrying until the journal takes it) and counts.
+    async fn commit(&mut self, batch: &[Message]) -> Result<(), MqttSourceError> {
+        let checkpoint = self.mapper.checkpoint();
+        let mut attempt = 0u32;
+        loop {
+            let refusals_before = self.mapper.schema_refusals();
+            let mut events = Vec::with_capacity(batch.len());
+            let mut kinds = Vec::with_capacity(batch.len());
+            let mut dropped = 0u64;
+            for m in batch {
+                match self.mapper.map(m) {
+                    Mapped::Event(e) => {
+                        events.push(e);
+                        kinds.push(Kind::Event);
+                    }
+                    Mapped::Rejected(e, reason) => {
+                        self.log_reject(&m.topic, &reason, "journaled as a rejected record");
+                        events.push(e);
+                        kinds.push(Kind::Rejected);
+                    }
+                    Mapped::Dropped(reason) => {
+                        self.log_reject(&m.topic, &reason, "dropped (on_invalid = \"drop\")");
+                        dropped += 1;
+                    }
+                }
+            }
+            let by_schema = self.mapper.schema_refusals() - refusals_before;
+            if events.is_empty() {
+                self.status.record_reject(dropped);
+                self.record_schema_refusals(by_schema);
+                return Ok(());
+            }
+            match self.journal.append_gathered(events).await {
+                Ok(outcomes) => {
+                    let (mut stored, mut duplicates, mut rejected) = (0u64, 0u64, dropped);
+                    for (kind, outcome) in kinds.iter().zip(&outcomes) {
+                        match (kind, outcome) {
+                            (_, AppendOutcome::Duplicate { .. }) => duplicates += 1,
+                            (Kind::Event, AppendOutcome::Stored { .. }) => stored += 1,
+                            (Kind::Rejected, AppendOutcome::Stored { .. }) => rejected += 1,
+                        }
+                    }
+                    self.status.record_events(stored, duplicates);
+                    if rejected > 0 {
+                        self.status.record_reject(rejected);
+                    }
+                    self.record_schema_refusals(by_schema);
+                    if attempt > 0 {
+                        info!(source = %self.name, attempts = attempt + 1, "journal append succeeded; acknowledging to the broker again");
+                    }
+                    return Ok(());
+                }
+                Err(JournalError::Closed) => {
+                    return Err(MqttSourceError::JournalClosed {
+                        name: self.name.clone(),
+                    });
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let message = e.to_string();
+                    if let Some(suppressed) = self.warnings.check("append") {
+                        warn!(source = %self.name, error = %message, messages = batch.len(), attempt, suppressed, "journal append failed; holding the acks (the broker keeps the messages) and retrying");
+                    }
+                    self.status.record_error(message);
+                    self.mapper.restore(checkpoint.clone());
+                    tokio::time::sleep(crate::sources::append_retry_delay(&e, attempt)).await;
+                }
+            }
+        }
+    }
+
+    fn record_schema_refusals(&self, n: u64) {
+        if n > 0 {
+            self.status
+                .record_schema_rejects(self.mapper.event_type(), n);
+        }
+    }
+
+    fn log_reject(&self, topic: &str, reason: &str, what: &str) {
+        match self.warnings.check("reject") {
+            Some(suppressed) => {
+                warn!(source = %self.name, topic = %topic, reason = %reason, suppressed, "invalid MQTT payload {what}")
+            }
+            None => {
+                debug!(source = %self.name, topic = %topic, reason = %reason, "invalid MQTT payload {what}")
+            }
+        }
+    }
+}
+
+/// How often the same kind of problem is logged at `warn`.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a kind of problem at `warn` at most once per [`WARN_EVERY`], with
+/// the number suppressed in between.
+#[derive(Default)]
+pub(super) struct WarnLimiter {
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl WarnLimiter {
+    fn check(&self, kind: &'static str) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < WARN_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                last.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
