@@ -353,7 +353,7 @@ retry_max = "60s"
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let base = head_seq(&db);
-    let started_us = plantrelay::journal::unix_micros(SystemTime::now());
+    let started_us = plantrelay::units::unix_micros(SystemTime::now());
     publish(broker, burst, None).await;
     let deadline = Instant::now() + Duration::from_secs(600);
     while head_seq(&db) < base + burst {

@@ -19,6 +19,7 @@
 //!   read by the health server and the systemd notifications.
 //! - [`text`]: outside text made safe to quote in answers, `last_error`, logs and CLI output: control characters escaped, length bounded.
 //! - [`tls`]: rustls set-up shared by every listener and client (one crypto provider: ring).
+//! - [`units`]: times and sizes as every module stores and shows them.
 //! - `demo` (feature `demo`, on by default; not in the packaged binary):
 //!   `plantrelay demo` and the embedded upstream receiver it (and the tests) use.
 //! - `fuzzing`: entry points for the fuzz targets in `fuzz/`; not an API.
@@ -59,3 +60,4 @@ pub mod status;
 pub mod supervise;
 pub mod text;
 pub mod tls;
+pub mod units;

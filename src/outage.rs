@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::event::{Class, NewEvent};
-use crate::journal::{Journal, unix_micros};
+use crate::journal::Journal;
 use crate::status::SinkStatus;
+use crate::units::unix_micros;
 
 /// `type` of the report journaled when the upstream is back.
 pub const OUTAGE_EVENT_TYPE: &str = "plantrelay.outage";

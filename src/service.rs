@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::journal::unix_micros;
 use crate::status::AgentView;
+use crate::units::unix_micros;
 
 /// A writer that has not completed a loop turn for this long is hung (its
 /// idle ticker wakes it every second).
@@ -85,7 +85,7 @@ pub fn summary(view: &AgentView) -> String {
             sinks.join(", ")
         },
         100.0 * used as f64 / max as f64,
-        crate::journal::fmt_bytes(max)
+        crate::units::fmt_bytes(max)
     )
 }
 

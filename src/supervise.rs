@@ -22,8 +22,8 @@ use std::time::SystemTime;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::error;
 
-use crate::journal::unix_micros;
 use crate::text;
+use crate::units::unix_micros;
 
 /// The task failures of one agent, and whether shutdown has begun.
 #[derive(Debug, Default)]

@@ -29,10 +29,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use crate::cli::CliError;
 use crate::cli::status::{chain, is_healthy, status_url};
-use crate::cli::{CliError, short_duration};
 use crate::config::read_secret;
 use crate::tls::{self, ClientTls};
+use crate::units::short_duration;
 
 /// Default for `--timeout`: a gateway that has not answered by then is
 /// `unreachable`.

@@ -13,12 +13,12 @@ pub mod status;
 
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::config::Config;
-use crate::journal::{Journal, JournalError, Reader, RewindTo, fmt_bytes};
-use crate::status::rfc3339_us;
+use crate::journal::{Journal, JournalError, Reader, RewindTo};
 use crate::text;
+use crate::units::{fmt_bytes, rfc3339_us, since_time};
 
 /// A CLI failure with its exit status: 2 for bad config or usage, 1 for
 /// anything at run time.
@@ -303,39 +303,6 @@ pub fn journal_dead_letters(
     Ok(())
 }
 
-/// A replay start as people give it: an RFC 3339 time
-/// (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), checked to lie between
-/// 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z, so that nothing downstream
-/// has to convert or format a time outside what it can hold. A time after
-/// every event is fine: nothing is delivered again. `field` names the input
-/// in the reason (`since`, `--since`).
-pub fn since_time(field: &str, s: &str) -> Result<SystemTime, String> {
-    let range = "accepted: an RFC 3339 time from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z, \
-                 or an age (90m, 2h, 7days) that reaches back no further than 1970";
-    let t = match humantime::parse_rfc3339_weak(s) {
-        Ok(t) => t,
-        Err(humantime::TimestampError::OutOfRange) => {
-            return Err(format!("{field} {s:?}: out of range; {range}"));
-        }
-        Err(_) => match humantime::parse_duration(s) {
-            Ok(d) => SystemTime::now()
-                .checked_sub(d)
-                .ok_or_else(|| format!("{field} {s:?}: too far in the past; {range}"))?,
-            Err(_) => {
-                return Err(format!(
-                    "{field} {s:?}: expected an RFC 3339 time (2026-11-29T08:00:00Z) or an age (90m, 2h); {range}"
-                ));
-            }
-        },
-    };
-    if t < SystemTime::UNIX_EPOCH {
-        return Err(format!(
-            "{field} {s:?}: before 1970-01-01T00:00:00Z; {range}"
-        ));
-    }
-    Ok(t)
-}
-
 /// Parses `--since`: RFC 3339 (`2026-11-29T08:00:00Z`) or an age (`2h`).
 pub fn parse_since(s: &str) -> Result<SystemTime, CliError> {
     since_time("--since", s).map_err(CliError::usage)
@@ -385,18 +352,6 @@ pub async fn replay(
         cursor + 1
     );
     Ok(())
-}
-
-/// A duration as people read it in a progress line.
-pub fn short_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
 }
 
 /// `plantrelay opcua trust`: moves the rejected server certificate(s) of an

@@ -19,10 +19,10 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::cli::{CliError, short_duration};
+use crate::cli::CliError;
 use crate::config::read_secret;
-use crate::journal::fmt_bytes;
 use crate::tls::{self, ClientTls};
+use crate::units::{fmt_bytes, short_duration};
 
 /// The path of the status endpoint under the agent's base URL.
 pub const STATUS_PATH: &str = "/api/v1/status";

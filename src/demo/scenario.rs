@@ -146,7 +146,7 @@ retry_max = "2s"
     println!(
         "plantrelay demo: a simulated MES posts production events over {} streams for {}.",
         STREAMS.len(),
-        crate::cli::short_duration(opts.duration)
+        crate::units::short_duration(opts.duration)
     );
     println!(
         "  machines ──MQTT──► embedded broker {} ──► plantrelay (acks after commit)",
@@ -155,7 +155,7 @@ retry_max = "2s"
     println!(
         "  press ──OPC UA──► simulated press {} (restarted at {}, namespace index moved) ──► plantrelay",
         press.endpoint(),
-        crate::cli::short_duration(opts.duration / 2)
+        crate::units::short_duration(opts.duration / 2)
     );
     println!(
         "  MES ──HTTP──► plantrelay (journal: {}) ──HTTPS──► central receiver {}",
@@ -164,8 +164,8 @@ retry_max = "2s"
     );
     println!(
         "  the upstream goes down at {} for {}; nothing acknowledged may be lost or reordered.\n",
-        crate::cli::short_duration(outage_at),
-        crate::cli::short_duration(outage)
+        crate::units::short_duration(outage_at),
+        crate::units::short_duration(outage)
     );
 
     let counters = Arc::new(Counters {
@@ -301,7 +301,7 @@ retry_max = "2s"
         let head = agent.journal.stats().head_seq.load(Ordering::Relaxed);
         let line = format!(
             "[{:>6}] posted {:>6} | acked by agent {:>6} | journal backlog {:>6} | delivered {:>6} | upstream {}",
-            crate::cli::short_duration(started.elapsed()),
+            crate::units::short_duration(started.elapsed()),
             counters.posted.load(Ordering::Relaxed),
             counters.acked.load(Ordering::Relaxed),
             head.saturating_sub(st.cursor),
@@ -504,7 +504,7 @@ async fn wait_opcua(
                 } else {
                     "notice the loss of"
                 },
-                crate::cli::short_duration(timeout)
+                crate::units::short_duration(timeout)
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -33,7 +33,7 @@ use tracing::info;
 use super::AppState;
 use super::auth::{Caller, Refusal};
 use crate::journal::{DeadLetter, JournalError, RewindTo};
-use crate::status::rfc3339_us;
+use crate::units::rfc3339_us;
 
 /// An API refusal: a status and a reason, answered as `{"error": reason}`.
 #[derive(Debug)]
@@ -133,9 +133,9 @@ pub(crate) fn parse_replay_class(
 
 /// An RFC 3339 time (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), in
 /// the range the journal and the audit line can take (see
-/// [`crate::cli::since_time`]).
+/// [`crate::units::since_time`]).
 pub(crate) fn parse_since(s: &str) -> Result<SystemTime, String> {
-    crate::cli::since_time("since", s)
+    crate::units::since_time("since", s)
 }
 
 pub(crate) fn describe(to: RewindTo) -> String {

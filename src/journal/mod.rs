@@ -121,6 +121,7 @@ pub use reader::{
 pub use schema::SCHEMA_VERSION;
 
 use crate::event::{NewEvent, StoredEvent};
+use crate::units::fmt_bytes;
 
 /// The key of a sink's cursor in the `cursors` table: the sink's name for a
 /// sink that sends in journal order, `<sink>/critical` and
@@ -253,17 +254,6 @@ pub enum JournalError {
     NotFound { path: PathBuf, what: String },
     #[error("journal writer has stopped")]
     Closed,
-}
-
-pub fn fmt_bytes(n: u64) -> String {
-    bytesize::ByteSize::b(n).display().iec().to_string()
-}
-
-pub fn unix_micros(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
-    }
 }
 
 /// Counters the writer keeps current for status and metrics; lock-free reads.

@@ -352,7 +352,7 @@ fn seed_after_quarantine(
     // Without a salvaged seq, start above any seq the old file can have held:
     // the current time in microseconds exceeds the count of events any
     // gateway has ever journaled.
-    let now_us = super::unix_micros(SystemTime::now()) as u64;
+    let now_us = crate::units::unix_micros(SystemTime::now()) as u64;
     let seed = q.salvaged_last_seq.unwrap_or(now_us);
     let tx = conn
         .unchecked_transaction()
@@ -373,7 +373,7 @@ fn seed_after_quarantine(
     tx.execute(
         "INSERT INTO meta(key, value) VALUES ('quarantined_at_us', ?1)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [super::unix_micros(q.time)],
+        [crate::units::unix_micros(q.time)],
     )
     .map_err(|e| sqlite_err(path, e))?;
     tx.commit().map_err(|e| sqlite_err(path, e))

@@ -51,8 +51,9 @@ pub use self::core::{
     PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
 };
 use crate::event::{Class, StoredEvent};
-use crate::journal::{Journal, JournalError, Reader, unix_micros};
+use crate::journal::{Journal, JournalError, Reader};
 use crate::status::SinkStatus;
+use crate::units::unix_micros;
 
 /// One upstream. Implementations do I/O only; the forwarder decides.
 pub trait Sink: Send + Sync + 'static {

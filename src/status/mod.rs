@@ -21,8 +21,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::journal::unix_micros;
 use crate::text;
+use crate::units::{rfc3339_us, unix_micros};
 
 /// One source's counters; the source updates, the health server reads.
 #[derive(Debug)]
@@ -253,28 +253,9 @@ impl SinkStatus {
     }
 }
 
-/// The last µs humantime can format (9999-12-31T23:59:59.999999Z); past it
-/// its `Display` fails, and `to_string` would panic.
-const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
-
-/// RFC 3339 with microseconds, UTC; clamped to 1970..=9999, so that no
-/// stored or received value can make formatting fail.
-pub fn rfc3339_us(us: i64) -> String {
-    let us = us.clamp(0, MAX_FORMATTABLE_US);
-    let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us as u64);
-    humantime::format_rfc3339_micros(t).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn any_stored_time_formats_without_panicking() {
-        assert_eq!(rfc3339_us(-5), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339_us(i64::MAX), "9999-12-31T23:59:59.999999Z");
-        assert_eq!(rfc3339_us(0), "1970-01-01T00:00:00.000000Z");
-    }
 
     #[test]
     fn a_huge_error_is_stored_escaped_and_bounded() {

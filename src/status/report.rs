@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::journal::{Journal, JournalError, Reader, unix_micros};
-use crate::status::{SinkState, SinkStatus, SourceSnapshot, SourceStatus, rfc3339_us};
+use crate::journal::{Journal, JournalError, Reader};
+use crate::status::{SinkState, SinkStatus, SourceSnapshot, SourceStatus};
+use crate::units::{rfc3339_us, unix_micros};
 
 /// Below this share of free space on the journal's filesystem, the status
 /// carries a `disk_low` warning.
@@ -456,8 +457,8 @@ impl AgentView {
                 kind: WarningKind::DiskLow,
                 message: format!(
                     "disk almost full: {} free of {} ({:.1}%) on the journal's filesystem",
-                    crate::journal::fmt_bytes(d.free),
-                    crate::journal::fmt_bytes(d.total),
+                    crate::units::fmt_bytes(d.free),
+                    crate::units::fmt_bytes(d.total),
                     100.0 * d.free_ratio()
                 ),
             });

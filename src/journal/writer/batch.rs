@@ -18,7 +18,8 @@ use super::{Fatal, INSERT_EVENT, Signals, Undo, WriterState, bind_event, meta_ad
 use crate::event::NewEvent;
 use crate::journal::dedup::{Verified, key_hash};
 use crate::journal::schema::sqlite_err;
-use crate::journal::{self, AppendOutcome, AppendReply, JournalError, Request, unix_micros};
+use crate::journal::{self, AppendOutcome, AppendReply, JournalError, Request};
+use crate::units::unix_micros;
 
 /// Per-row overhead on disk beyond the accounted event size (row header,
 /// integer columns, B-tree cell).

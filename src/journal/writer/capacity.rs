@@ -17,7 +17,8 @@ use tracing::{debug, error, warn};
 use super::{EvictionRound, RECENT_EVICTION_ROUNDS, WriterState, meta_add, meta_set};
 use crate::event::{Class, GAP_EVENT_TYPE, NewEvent};
 use crate::journal::schema::WRITER_CACHE_KIB;
-use crate::journal::{self, JournalError, WhenFull, unix_micros};
+use crate::journal::{self, JournalError, WhenFull};
+use crate::units::unix_micros;
 
 /// Rows deleted per retention transaction.
 const RETENTION_CHUNK: u64 = 4_096;
@@ -120,8 +121,8 @@ impl WriterState {
         if !self.full_logged {
             warn!(
                 journal = %self.path.display(),
-                used = %journal::fmt_bytes(used),
-                max = %journal::fmt_bytes(max),
+                used = %crate::units::fmt_bytes(used),
+                max = %crate::units::fmt_bytes(max),
                 backlog_from_seq = self.min_cursor() + 1,
                 "journal full: appends are refused until sinks deliver (when_full = \"block\")"
             );

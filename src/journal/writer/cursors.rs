@@ -13,7 +13,8 @@ use tracing::{debug, info};
 use super::{Fatal, Probe, Undo, WriterState, meta_set};
 use crate::event::{Class, GAP_EVENT_TYPE};
 use crate::journal::reader::first_seq_at_or_after;
-use crate::journal::{self, JournalError, RewindTo, SyncMode, unix_micros};
+use crate::journal::{self, JournalError, RewindTo, SyncMode};
+use crate::units::unix_micros;
 
 impl WriterState {
     /// The cursor stored under `key`; a lane without a row of its own

@@ -10,7 +10,8 @@ use tracing::info;
 
 use super::{Fatal, WriterState, meta_set};
 use crate::event::{Class, NewEvent};
-use crate::journal::{JournalError, unix_micros};
+use crate::journal::JournalError;
+use crate::units::unix_micros;
 
 impl WriterState {
     pub(super) fn dead_letter(

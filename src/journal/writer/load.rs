@@ -24,7 +24,8 @@ use crate::journal::reserve::Reserve;
 use crate::journal::schema::{
     STARTUP_CACHE_KIB, STREAM_HEADS, WRITER_CACHE_KIB, open_reader, sqlite_err,
 };
-use crate::journal::{JournalError, JournalOptions, SharedStats, unix_micros};
+use crate::journal::{JournalError, JournalOptions, SharedStats};
+use crate::units::unix_micros;
 
 /// The dedup index being rebuilt on its own thread and connection.
 pub(super) struct DedupLoad {

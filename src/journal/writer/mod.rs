@@ -24,8 +24,9 @@ use tracing::info;
 use super::dedup::DedupIndex;
 use super::reserve::Reserve;
 use super::schema::sqlite_err;
-use super::{JournalError, JournalOptions, Request, SharedStats, unix_micros};
+use super::{JournalError, JournalOptions, Request, SharedStats};
 use crate::event::{Class, NewEvent};
+use crate::units::unix_micros;
 
 mod batch;
 mod capacity;

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::WriterState;
 use crate::journal::reader::first_seq_at_or_after;
 use crate::journal::schema::WAL_SIZE_LIMIT;
-use crate::journal::unix_micros;
+use crate::units::unix_micros;
 
 impl WriterState {
     /// Writes the stream counters in a transaction of their own (at

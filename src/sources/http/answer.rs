@@ -185,8 +185,8 @@ impl Ingest {
                 "1",
                 format!(
                     "journal full ({} of {} used, when_full = \"block\"); nothing was stored, retry later",
-                    crate::journal::fmt_bytes(*used),
-                    crate::journal::fmt_bytes(*max)
+                    crate::units::fmt_bytes(*used),
+                    crate::units::fmt_bytes(*max)
                 ),
             ),
             other => ("5", format!("journal commit failed: {other}")),

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::config::{OpcuaNodeConfig, OpcuaSourceConfig};
 use crate::event::{Class, NewEvent};
-use crate::status::rfc3339_us;
+use crate::units::rfc3339_us;
 
 /// CloudEvents `type` of every event of this source.
 pub const DATA_CHANGE_EVENT_TYPE: &str = "plantrelay.opcua.data_change";
