@@ -13,11 +13,11 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use url::Url;
 
-use super::units;
-use super::validate::{
-    Issues, check_json_pointer, check_node_id, check_sha256_fingerprint, check_template,
-    check_topic_filter, mqtt_tls_needs_mqtts,
+use super::checks::{
+    check_json_pointer, check_node_id, check_sha256_fingerprint, check_template, check_topic_filter,
 };
+use super::units;
+use super::validate::{Issues, mqtt_tls_needs_mqtts};
 use crate::event::Class;
 
 /// `[[sources.http]]`: the local ingest API (`POST /v1/events`), typically fed
