@@ -47,8 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use self::core::{
-    Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now,
-    PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
+    Action, Advanced, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now,
+    PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryBackoff, RetryPolicy, SendOutcome, Sent,
+    Step, linger,
 };
 use crate::event::{Class, StoredEvent};
 use crate::journal::{Journal, JournalError, Reader, unix_micros};
@@ -296,7 +297,7 @@ impl<S: Sink> Forwarder<S> {
 
     /// Connects the sink, retrying with backoff; false at shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(self.settings.retry);
+        let mut backoff = RetryBackoff::new(self.settings.retry);
         loop {
             let attempt = tokio::select! {
                 r = self.sink.connect() => r,

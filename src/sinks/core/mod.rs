@@ -29,7 +29,7 @@ use crate::journal::JournalError;
 pub use batching::{DEFAULT_BATCH_LINGER, ForwarderSettings, PER_EVENT_BATCH_MAX_BYTES, linger};
 pub use plan::{Plan, Step};
 pub use rate::RateLimiter;
-pub use retry::{Backoff, RetryPolicy};
+pub use retry::{RetryBackoff, RetryPolicy};
 
 /// What the upstream said about one batch.
 ///
@@ -207,7 +207,7 @@ struct Pending {
 pub struct Core {
     settings: ForwarderSettings,
     cursor: u64,
-    backoff: Backoff,
+    backoff: RetryBackoff,
     limiter: RateLimiter,
     hand: Hand,
     pending: Option<Pending>,
@@ -225,7 +225,7 @@ pub struct Core {
 impl Core {
     pub fn new(settings: ForwarderSettings, cursor: u64, now: Instant) -> Core {
         Core {
-            backoff: Backoff::new(settings.retry),
+            backoff: RetryBackoff::new(settings.retry),
             limiter: RateLimiter::new(settings.max_events_per_sec, now),
             settings,
             cursor,

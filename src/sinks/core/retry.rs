@@ -15,15 +15,17 @@ pub struct RetryPolicy {
 /// Capped exponential backoff with full jitter: the n-th consecutive failure
 /// waits a uniform random time in [0, min(max, initial × 2^n)], but never
 /// less than the upstream's `Retry-After` (itself capped at 10 × max).
+///
+/// Unlike the sources' `reconnect::Backoff`: full jitter down to zero, and `Retry-After` obeyed.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub struct RetryBackoff {
     policy: RetryPolicy,
     failures: u32,
 }
 
-impl Backoff {
-    pub fn new(policy: RetryPolicy) -> Backoff {
-        Backoff {
+impl RetryBackoff {
+    pub fn new(policy: RetryPolicy) -> RetryBackoff {
+        RetryBackoff {
             policy,
             failures: 0,
         }
@@ -64,7 +66,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_exponentially_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(RetryPolicy {
+        let mut b = RetryBackoff::new(RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(2),
         });
@@ -85,7 +87,7 @@ mod tests {
 
     #[test]
     fn backoff_honours_retry_after_within_reason() {
-        let mut b = Backoff::new(RetryPolicy {
+        let mut b = RetryBackoff::new(RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
         });
