@@ -7,7 +7,7 @@
 //! listeners) and the [`Issues`] collector with its shared helpers; the
 //! checks of one value each are in `checks.rs`, the stream-class analysis in
 //! `streams.rs`, and each source and sink kind's own checks live beside its
-//! config type (`sources.rs`, `sinks.rs`).
+//! config type (`sources/`, `sinks.rs`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -450,117 +450,5 @@ mod tests {
         assert!(!listen_overlap(addr("0.0.0.0:80"), addr("[::1]:80")));
         assert!(!listen_overlap(addr("127.0.0.1:80"), addr("127.0.0.1:81")));
         assert!(!listen_overlap(addr("127.0.0.1:0"), addr("127.0.0.1:0")));
-    }
-
-    #[test]
-    fn http_ingest_limits_default_sanely_and_out_of_range_values_name_key_and_bounds() {
-        let base = "[agent]\nid = \"gw-1\"\nstate_dir = \"/var/lib/plantrelay\"\n\
-                    [[sinks.https]]\nname = \"central\"\nurl = \"https://up.example.com/v1\"\n\
-                    [[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:8081\"\n";
-        let parse = |extra: &str| {
-            crate::config::Config::parse(
-                &format!("{base}{extra}"),
-                std::path::Path::new("plantrelay.toml"),
-            )
-        };
-        let c = parse("").unwrap();
-        let http = &c.sources.http[0];
-        assert_eq!(
-            (
-                http.max_events_per_request,
-                http.max_concurrent_requests,
-                http.max_depth,
-                http.max_attributes
-            ),
-            (10_000, 4, 32, 64)
-        );
-        for (line, key, bounds) in [
-            (
-                "max_events_per_request = 0",
-                "max_events_per_request",
-                "between 1 and 100000",
-            ),
-            (
-                "max_concurrent_requests = 65",
-                "max_concurrent_requests",
-                "between 1 and 64",
-            ),
-            ("max_depth = 121", "max_depth", "between 1 and 120"),
-            (
-                "max_attributes = 8",
-                "max_attributes",
-                "between 16 and 1024",
-            ),
-        ] {
-            let e = parse(line).unwrap_err().to_string();
-            assert!(e.contains(&format!("sources.http[0].{key}")), "{e}");
-            assert!(e.contains(bounds), "{e}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod sparkplug_limit_tests {
-    use std::path::Path;
-
-    use crate::config::Config;
-
-    fn mqtt(format: &str, extra: &str) -> String {
-        format!(
-            "[agent]\nid = \"gw-1\"\nstate_dir = \"/tmp/x\"\n\
-             [[sources.mqtt]]\nname = \"line3\"\nurl = \"mqtt://broker:1883\"\n\
-             topics = [\"spBv1.0/#\"]\nformat = \"{format}\"\n{extra}\n\
-             [[sinks.https]]\nname = \"central\"\nurl = \"https://ingest.example.com/v1/events\"\n"
-        )
-    }
-
-    fn messages(text: &str) -> Vec<String> {
-        match Config::parse(text, Path::new("p.toml")) {
-            Ok(_) => vec![],
-            Err(e) => e
-                .issues
-                .iter()
-                .map(|i| format!("{}: {}", i.key_path, i.message))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn sparkplug_limits_are_checked_against_their_bounds_and_format() {
-        assert!(
-            messages(&mqtt(
-                "sparkplug_b",
-                "sparkplug_max_metrics = 500\nsparkplug_alias_memory = \"8MiB\""
-            ))
-            .is_empty()
-        );
-        let c = Config::parse(
-            &mqtt("sparkplug_b", "sparkplug_max_nodes = 20"),
-            Path::new("p.toml"),
-        )
-        .unwrap();
-        let limits = c.sources.mqtt[0].sparkplug_limits();
-        assert_eq!(limits.max_nodes, 20);
-        assert_eq!(limits.max_metrics, 10_000, "the default");
-
-        let m = messages(&mqtt("sparkplug_b", "sparkplug_max_metrics = 0"));
-        assert!(
-            m.iter().any(|m| m.contains("sparkplug_max_metrics")
-                && m.contains("between 1 and 1000000, got 0")),
-            "{m:?}"
-        );
-        let m = messages(&mqtt("sparkplug_b", "sparkplug_max_event_size = \"100B\""));
-        assert!(
-            m.iter()
-                .any(|m| m.contains("sparkplug_max_event_size")
-                    && m.contains("between 1KiB and 256MiB")),
-            "{m:?}"
-        );
-        let m = messages(&mqtt("json", "sparkplug_max_aliases = 10"));
-        assert!(
-            m.iter().any(|m| m.contains("sparkplug_max_aliases")
-                && m.contains("only applies to format = \"sparkplug_b\"")),
-            "{m:?}"
-        );
     }
 }
