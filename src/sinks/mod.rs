@@ -31,6 +31,11 @@
 //! - [`mqtt`]: one publish per event into an upstream MQTT broker.
 //! - [`jetstream`]: one publish per event into NATS JetStream, deduplicated
 //!   by the server on the event id.
+//!
+//! Kept as one file: besides the [`Sink`] trait it is the forwarder, one
+//! loop (`run`, `schedule`, `run_lane`) over each lane's [`core::Core`] whose
+//! steps share the read-ahead and encoding state; split, that one control
+//! flow would have to be followed across files.
 
 pub mod core;
 pub mod https;
