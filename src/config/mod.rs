@@ -19,12 +19,15 @@
 //! create anything, and never read a secret's contents except through
 //! [`read_secret`], which the components call when they start.
 
+mod checks;
 mod error;
 mod files;
 mod locate;
 mod node_id;
+mod risk;
 mod sinks;
 mod sources;
+mod streams;
 pub mod units;
 mod validate;
 
@@ -38,6 +41,7 @@ use toml::de::DeTable;
 pub use error::{ConfigError, ConfigIssue};
 pub use files::{read_credentials, read_secret};
 pub use node_id::{NodeRef, parse_node_id};
+pub use risk::{RiskWarning, risky_settings};
 pub use sinks::{
     ClientTlsKeys, Compression, Forwarding, HttpsSinkConfig, JetStreamSinkConfig, MqttSinkConfig,
     MqttSinkFormat, OAuth2AuthMethod, OAuth2Config, Priority, SinkKeys, lanes,
@@ -46,7 +50,6 @@ pub use sources::{
     Deadband, HttpSourceConfig, MqttFormat, MqttProtocol, MqttSourceConfig, OnInvalid,
     OpcuaNodeConfig, OpcuaSourceConfig, SecurityMode, SecurityPolicy, TopicSubscription,
 };
-pub use validate::{RiskWarning, risky_settings};
 
 use locate::Locator;
 

@@ -8,11 +8,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use super::checks::{check_subject_literal, check_template};
 use super::sources::MqttProtocol;
 use super::units;
 use super::validate::{
-    Issues, MAX_BATCH_LINGER, SINK_PLACEHOLDERS, at_most, check_subject_literal, check_template,
-    classes, mqtt_tls_needs_mqtts, stream_filters,
+    Issues, MAX_BATCH_LINGER, SINK_PLACEHOLDERS, at_most, classes, mqtt_tls_needs_mqtts,
+    stream_filters,
 };
 use crate::event::Class;
 

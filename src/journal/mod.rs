@@ -98,6 +98,11 @@
 //! numbering where the old one can still be read (or from the clock), and the
 //! quarantine is reported in the status. The agent never crash-loops on a
 //! damaged file.
+//!
+//! Kept as one file: past these docs it is the journal's public face (its
+//! options, errors and stats, and the [`Journal`] handle whose methods each
+//! hand one request to the writer) and the file-system steps of
+//! [`Journal::open`]; the work itself is in `writer`, `reader` and `schema`.
 
 pub mod dedup;
 mod reader;

@@ -31,6 +31,11 @@
 //! - [`mqtt`]: one publish per event into an upstream MQTT broker.
 //! - [`jetstream`]: one publish per event into NATS JetStream, deduplicated
 //!   by the server on the event id.
+//!
+//! Kept as one file: besides the [`Sink`] trait it is the forwarder, one
+//! loop (`run`, `schedule`, `run_lane`) over each lane's [`core::Core`] whose
+//! steps share the read-ahead and encoding state; split, that one control
+//! flow would have to be followed across files.
 
 pub mod core;
 pub mod https;
@@ -47,8 +52,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub use self::core::{
-    Action, Advanced, Backoff, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now,
-    PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryPolicy, SendOutcome, Sent, Step, linger,
+    Action, Advanced, Core, DEFAULT_BATCH_LINGER, ForwarderSettings, Now,
+    PER_EVENT_BATCH_MAX_BYTES, Plan, RateLimiter, RetryBackoff, RetryPolicy, SendOutcome, Sent,
+    Step, linger,
 };
 use crate::event::{Class, StoredEvent};
 use crate::journal::{Journal, JournalError, Reader};
@@ -297,7 +303,7 @@ impl<S: Sink> Forwarder<S> {
 
     /// Connects the sink, retrying with backoff; false at shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(self.settings.retry);
+        let mut backoff = RetryBackoff::new(self.settings.retry);
         loop {
             let attempt = tokio::select! {
                 r = self.sink.connect() => r,

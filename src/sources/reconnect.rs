@@ -14,6 +14,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Jittered exponential reconnect delay.
+///
+/// Unlike the sinks' `RetryBackoff`: never below half a step, fixed steps, no `Retry-After`.
 pub(crate) struct Backoff {
     next: Duration,
 }

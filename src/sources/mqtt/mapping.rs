@@ -5,6 +5,10 @@
 //! Pure functions and one stateful piece (the Sparkplug alias table, see
 //! [`crate::sources::sparkplug`]); no I/O. The rules are the user contract
 //! written in the module docs of [`super`].
+//!
+//! Kept as one file: the formats share the [`Mapper`]'s state and helpers
+//! and read as one path from message to event; without its tests the file
+//! is about 600 lines.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -22,7 +22,7 @@
 //! an unnamed rejection (bisection), and a refusal for good of one event
 //! among events alike (the server refuses only a message too large, and the
 //! scenarios' events all have the same size; the mapping of that refusal
-//! is unit-tested in `src/sinks/jetstream.rs`). The server keeps each event
+//! is unit-tested in `src/sinks/jetstream/tests.rs`). The server keeps each event
 //! once however often it is sent, so `received()` never holds duplicates.
 
 use std::collections::VecDeque;
