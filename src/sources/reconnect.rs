@@ -16,13 +16,13 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Jittered exponential reconnect delay.
 ///
 /// Unlike the sinks' `RetryBackoff`: never below half a step, fixed steps, no `Retry-After`.
-pub(crate) struct Backoff {
+pub(crate) struct ReconnectBackoff {
     next: Duration,
 }
 
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
+impl ReconnectBackoff {
+    pub(crate) fn new() -> ReconnectBackoff {
+        ReconnectBackoff {
             next: BACKOFF_INITIAL,
         }
     }
@@ -45,7 +45,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {
-        let mut b = Backoff::new();
+        let mut b = ReconnectBackoff::new();
         let first = b.delay();
         assert!(first >= BACKOFF_INITIAL / 2 && first <= BACKOFF_INITIAL);
         for _ in 0..20 {

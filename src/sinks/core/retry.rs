@@ -16,7 +16,7 @@ pub struct RetryPolicy {
 /// waits a uniform random time in [0, min(max, initial × 2^n)], but never
 /// less than the upstream's `Retry-After` (itself capped at 10 × max).
 ///
-/// Unlike the sources' `reconnect::Backoff`: full jitter down to zero, and `Retry-After` obeyed.
+/// Unlike the sources' `reconnect::ReconnectBackoff`: full jitter down to zero, and `Retry-After` obeyed.
 #[derive(Debug, Clone)]
 pub struct RetryBackoff {
     policy: RetryPolicy,

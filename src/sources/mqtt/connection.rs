@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use super::mapping::Message;
 use super::{MqttSourceError, STABLE_AFTER};
 use crate::mqtt::link::{Conn, Incoming, IncomingPublish, LinkError, LinkSettings};
-use crate::sources::reconnect::Backoff;
+use crate::sources::reconnect::ReconnectBackoff;
 use crate::status::SourceStatus;
 
 /// The appender's report on one message: stored (or known, or rejected)
@@ -73,7 +73,7 @@ impl Connection {
         let mut live: Option<Live> = None;
         let mut epoch = 0u64;
         let mut inflight = 0usize;
-        let mut backoff = Backoff::new();
+        let mut backoff = ReconnectBackoff::new();
         let mut failures = 0u64;
         let mut subscribed_once = false;
         let mut subscribe_pkid = 0u16;
@@ -342,7 +342,7 @@ impl Connection {
         e: &LinkError,
         connected_since: Option<Instant>,
         failures: &mut u64,
-        backoff: &mut Backoff,
+        backoff: &mut ReconnectBackoff,
     ) -> Duration {
         self.status.connected.store(false, Ordering::Relaxed);
         self.status.record_error(e.0.clone());

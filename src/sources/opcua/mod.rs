@@ -141,13 +141,13 @@ use self::appender::{Appender, appender_result};
 use self::feed::{Driver, LoopEvent};
 use self::session::{connect_failure, user_identity_cert};
 use self::subscription::{Live, publish_bad_nodes};
+use super::reconnect::ReconnectBackoff;
 use crate::config::{OpcuaSourceConfig, read_secret};
 use crate::journal::Journal;
 use crate::status::SourceStatus;
 
 /// Most data changes in one journal append.
 pub const BATCH_MAX: usize = 2000;
-use super::reconnect::Backoff;
 pub use super::reconnect::{BACKOFF_INITIAL, BACKOFF_MAX, STABLE_AFTER};
 /// Added to the keep-alive window before the publish watchdog fires.
 pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
@@ -328,7 +328,7 @@ impl OpcuaSource {
             status: status.clone(),
         };
         let mut appender = tokio::spawn(appender.run(rx));
-        let mut backoff = Backoff::new();
+        let mut backoff = ReconnectBackoff::new();
         let mut generation = 0u64;
         info!(
             source = %self.name,
