@@ -178,12 +178,7 @@ impl Agent {
 
     /// One SIGTERM, as systemd sends it (kill(1) rather than a libc binding).
     fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {}", self.pid());
+        support::signal(self.pid(), "TERM");
     }
 
     /// Waits for the process to exit; fails after `timeout`.
