@@ -108,7 +108,8 @@ fn sigkilled_appenders_lose_nothing_that_was_answered() {
             resend.iter().map(|s| format!("{s}\n")).collect::<String>(),
         )
         .unwrap();
-        let mut child = spawn_child_test("crash_child_appender", CHILD_ENV, dir.path());
+        let mut child =
+            spawn_child_test("journal_crash::crash_child_appender", CHILD_ENV, dir.path());
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {

@@ -195,7 +195,7 @@ fn retention_child() {
 #[test]
 fn stream_sequences_continue_after_a_kill_once_retention_deleted_every_row() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_child_test("retention_child", CHILD_ENV, dir.path());
+    let mut child = spawn_child_test("plant_rates::retention_child", CHILD_ENV, dir.path());
     let stdout = child.stdout.take().unwrap();
     let ready = BufReader::new(stdout)
         .lines()

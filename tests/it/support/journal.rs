@@ -13,8 +13,10 @@ pub fn evicted(j: &Journal) -> (u64, u64) {
     )
 }
 
-/// Runs the test `name` of this test binary alone as a child process, with
-/// `env` set to `dir`; its stdout is piped, for the lines it prints.
+/// Runs the test `name` (its full path in the test binary, e.g.
+/// `journal_crash::crash_child_appender`: `--exact` matches nothing else)
+/// alone as a child process, with `env` set to `dir`; its stdout is piped,
+/// for the lines it prints.
 pub fn spawn_child_test(name: &str, env: &str, dir: &std::path::Path) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
