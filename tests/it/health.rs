@@ -240,6 +240,7 @@ async fn an_upstream_outage_shows_a_growing_backlog_then_a_stalled_sink_and_clea
     assert!(sink(&first)["last_success_time"].is_null());
     assert_eq!(first["ready"], true);
 
+    // The oldest event's age must grow: let time pass.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         post(&client, &ingest_url(&a), &mes_events("p", 20, 2))
@@ -995,6 +996,7 @@ async fn a_replay_over_the_api_redelivers_the_range_in_order_with_the_same_ids()
     {
         panic!("LOGS:\n{}", support::logs::text());
     }
+    // A quiet spell: nothing beyond the range may follow.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let events = h.receiver.events();

@@ -876,9 +876,12 @@ async fn graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(first.as_bytes()).await.unwrap();
+    // The source shows no sign of a request it is reading: give it time to
+    // accept the connection and take the head.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     ingest.stop.cancel();
+    // A quiet spell: serve must still be waiting for the request.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !ingest.task.is_finished(),

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::mosquitto::Mosquitto;
-use support::mqtt::{publish_pipelined, source_toml};
+use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Mosquitto takes up to max_inflight_messages (20) unacknowledged
@@ -124,7 +124,6 @@ async fn tls_with_a_client_certificate_against_mosquitto() {
         s.snapshot().last_error,
         m.log()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Mosquitto's TLS listener needs a TLS publisher too: publish through
     // mosquitto_pub would add a dependency; use rumqttc with our rustls.
@@ -172,22 +171,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
             &["per5/+/state"],
             "protocol = \"v5\"",
         );
-    let a = agent::start(&h.config_with_sources(&sources))
-        .await
-        .unwrap();
-    let s = source_status(&a, "line");
-    let s5 = source_status(&a, "line5");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    assert!(
-        wait_connected(&s5, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(&h, &sources, &["line", "line5"]).await;
 
     let mut acked = publish_pipelined(
         m.addr(),
@@ -255,21 +239,12 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
 async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent_resubscribes() {
     let mut m = Mosquitto::start(false, "").await;
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "line",
-        &m.url("mqtt"),
-        &["np/+/state"],
-        "",
-    )))
-    .await
-    .unwrap();
-    let s = source_status(&a, "line");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(
+        &h,
+        &source_toml("line", &m.url("mqtt"), &["np/+/state"], ""),
+        &["line"],
+    )
+    .await;
     publish_pipelined(
         m.addr(),
         "pub-np-1",
@@ -396,6 +371,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let mut rng = rand::rng();
     while !publisher.is_finished() {
         let mut child = spawn(&config_path);
+        // A random moment of the agent's life is the SIGKILL's subject.
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
         child.kill().unwrap();
         child.wait().unwrap();
@@ -433,26 +409,18 @@ async fn qos2_subscriptions_survive_connection_cuts() {
     let m = Mosquitto::start(false, "").await;
     let proxy = FaultProxy::start(m.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(
-        &h.config_with_sources(
-            &source_toml(
-                "q2",
-                &format!("mqtt://{}", proxy.addr()),
-                &[],
-                "topics = [{ filter = \"q2/#\", qos = 2 }]",
-            )
-            .replace("topics = []\n", ""),
-        ),
+    let a = start_subscribed(
+        &h,
+        &source_toml(
+            "q2",
+            &format!("mqtt://{}", proxy.addr()),
+            &[],
+            "topics = [{ filter = \"q2/#\", qos = 2 }]",
+        )
+        .replace("topics = []\n", ""),
+        &["q2"],
     )
-    .await
-    .unwrap();
-    let s = source_status(&a, "q2");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    .await;
     let publisher = tokio::spawn(publish_pipelined(
         m.addr(),
         "pub-q2",
@@ -461,6 +429,7 @@ async fn qos2_subscriptions_survive_connection_cuts() {
         json_messages("q2", 4, 0, 1500),
         Some(2000.0),
     ));
+    // The faults' pacing: 600 ms of traffic, then a 200 ms cut, four times.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         proxy.cut();

@@ -288,6 +288,7 @@ async fn cursors_advance_only_forward_and_rewind_for_replay() {
 
     // Since a time: every event received at or after it.
     let cut = SystemTime::now();
+    // The late event's receive time must be after the cut on the wall clock.
     tokio::time::sleep(Duration::from_millis(5)).await;
     j.append(vec![ev("mes", "late", "s", Class::Critical, 5)])
         .await
@@ -361,6 +362,7 @@ async fn retention_keeps_acked_rows_younger_than_retain_acked() {
     .await
     .unwrap();
     j.advance("central", None, 20).await.unwrap();
+    // A quiet spell: retention gets its chances to run and must delete nothing.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     j.close().await;
     assert_eq!(all_events(&dir.path().join("journal.db")).len(), 20);

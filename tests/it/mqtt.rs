@@ -27,7 +27,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
-use support::mqtt::{publish_pipelined, source_toml};
+use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Unacknowledged publishes the test publisher keeps in flight.
@@ -76,21 +76,12 @@ fn assert_stream_seqs_gap_free(events: &[StoredEvent]) {
 async fn ten_thousand_qos1_messages_over_ten_topics_are_journaled_in_per_topic_order() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "line",
-        &broker.url(),
-        &["plant/+/state"],
-        "",
-    )))
-    .await
-    .unwrap();
-    assert!(
-        wait_connected(&source_status(&a, "line"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    // The subscription is queued right after the CONNACK: give it a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(
+        &h,
+        &source_toml("line", &broker.url(), &["plant/+/state"], ""),
+        &["line"],
+    )
+    .await;
 
     let started = Instant::now();
     let acked = publish_pipelined(
@@ -145,21 +136,18 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let proxy = FaultProxy::start(broker.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "line",
-        &format!("mqtt://{}", proxy.addr()),
-        &["cut/+/state"],
-        "",
-    )))
-    .await
-    .unwrap();
+    let a = start_subscribed(
+        &h,
+        &source_toml(
+            "line",
+            &format!("mqtt://{}", proxy.addr()),
+            &["cut/+/state"],
+            "",
+        ),
+        &["line"],
+    )
+    .await;
     let s = source_status(&a, "line");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut acked = publish_pipelined(
         broker.addr(),
@@ -185,8 +173,12 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
         )
         .await,
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!s.connected.load(Ordering::Relaxed));
+    assert!(
+        wait_connected(&s, false, Duration::from_millis(500))
+            .await
+            .is_some(),
+        "the cut not noticed within 500 ms"
+    );
     let back = Instant::now();
     proxy.pass();
     let events = h
@@ -225,21 +217,12 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
 async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "line",
-        &broker.url(),
-        &["lost/+/state"],
-        "",
-    )))
-    .await
-    .unwrap();
-    let s = source_status(&a, "line");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(
+        &h,
+        &source_toml("line", &broker.url(), &["lost/+/state"], ""),
+        &["line"],
+    )
+    .await;
     publish_pipelined(
         broker.addr(),
         "pub-lost-1",
@@ -331,21 +314,18 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let proxy = FaultProxy::start(broker.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "line",
-        &format!("mqtt://{}", proxy.addr()),
-        &["dead/+/state"],
-        "keep_alive = \"2s\"",
-    )))
-    .await
-    .unwrap();
+    let a = start_subscribed(
+        &h,
+        &source_toml(
+            "line",
+            &format!("mqtt://{}", proxy.addr()),
+            &["dead/+/state"],
+            "keep_alive = \"2s\"",
+        ),
+        &["line"],
+    )
+    .await;
     let s = source_status(&a, "line");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
     publish_pipelined(
         broker.addr(),
         "pub-dead-1",
@@ -406,20 +386,7 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
         &["drop/#"],
         "on_invalid = \"drop\"",
     );
-    let a = agent::start(&h.config_with_sources(&sources))
-        .await
-        .unwrap();
-    assert!(
-        wait_connected(&source_status(&a, "line"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    assert!(
-        wait_connected(&source_status(&a, "dropper"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(&h, &sources, &["line", "dropper"]).await;
 
     let mut messages = Vec::new();
     let mut rng = rand::rng();
@@ -553,19 +520,7 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
         "\n[[schemas]]\ntype = \"plant.state.v1\"\nfile = \"{}\"\n",
         schema.display()
     );
-    let a = agent::start(&h.config_with_sources(&sources))
-        .await
-        .unwrap();
-    assert!(
-        wait_connected(&source_status(&a, "line"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    assert!(
-        wait_connected(&source_status(&a, "dropper"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
+    let a = start_subscribed(&h, &sources, &["line", "dropper"]).await;
     // Subscribed once a probe arrives (the same payload is one event).
     for (source, topic) in [
         ("line", "keep/probe/state"),
@@ -672,20 +627,17 @@ fn spb_payload(seq: u64, ts: u64, metrics: Vec<Metric>) -> Vec<u8> {
 async fn sparkplug_birth_and_data_are_decoded_with_metric_names_from_the_aliases() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "edge",
-        &broker.url(),
-        &["spBv1.0/plant/#"],
-        "format = \"sparkplug_b\"",
-    )))
-    .await
-    .unwrap();
-    assert!(
-        wait_connected(&source_status(&a, "edge"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(
+        &h,
+        &source_toml(
+            "edge",
+            &broker.url(),
+            &["spBv1.0/plant/#"],
+            "format = \"sparkplug_b\"",
+        ),
+        &["edge"],
+    )
+    .await;
     let mut p = AckedPublisher::new(broker.addr(), "edge-node");
     let ts = 1_764_409_200_000u64;
     let t = Duration::from_secs(10);
@@ -804,20 +756,17 @@ async fn mqtt_5_messages_are_journaled_and_acknowledged_with_their_properties_in
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
     let url = format!("mqtt://{}", broker.v5_addr());
-    let a = agent::start(&h.config_with_sources(&source_toml(
-        "v5",
-        &url,
-        &["five/#"],
-        "protocol = \"v5\"\nmax_inflight = 20",
-    )))
-    .await
-    .unwrap();
-    assert!(
-        wait_connected(&source_status(&a, "v5"), true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(
+        &h,
+        &source_toml(
+            "v5",
+            &url,
+            &["five/#"],
+            "protocol = \"v5\"\nmax_inflight = 20",
+        ),
+        &["v5"],
+    )
+    .await;
 
     let mut o = rumqttc::v5::MqttOptions::new(
         "pub-v5",
@@ -939,6 +888,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     while !publisher.is_finished() {
         let mut child = spawn(&config_path);
         let life = Duration::from_millis(rng.random_range(400..1200));
+        // A random moment of the agent's life is the SIGKILL's subject.
         tokio::time::sleep(life).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

@@ -145,6 +145,8 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
         wait_connected(&st, false, WAIT).await.is_some(),
         "loss not noticed"
     );
+    // The old session's last data changes may still be on their way to the
+    // journal, and nothing reports when that queue is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = h.source_events("press").len();
     opts.reorder = true;
@@ -278,6 +280,7 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
         rejected[0].sha256,
         server_cert_sha256(&opts.pki_dir).unwrap()
     );
+    // A quiet spell: no session with an untrusted server, no data.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!st.connected.load(Ordering::Relaxed));
     assert!(

@@ -188,6 +188,7 @@ fn retention_child() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         println!("\nREADY");
+        // Alive until the parent kills it.
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
 }

@@ -202,7 +202,9 @@ pub fn source_status(a: &RunningAgent, name: &str) -> Arc<SourceStatus> {
 }
 
 /// Waits until the source's `connected` is `want`, at most `timeout`;
-/// returns how long that took (None: it did not happen in time).
+/// returns how long that took (None: it did not happen in time). An MQTT
+/// source that subscribes is connected once the broker acknowledged the
+/// subscription: what is published after that reaches it.
 pub async fn wait_connected(s: &SourceStatus, want: bool, timeout: Duration) -> Option<Duration> {
     let t0 = Instant::now();
     while s.connected.load(Ordering::Relaxed) != want {

@@ -1,12 +1,16 @@
-//! What the tests of the MQTT source share: its config section and a
-//! pipelined QoS 1/2 publisher that returns what the broker acknowledged.
+//! What the tests of the MQTT source share: its config section, an agent
+//! started with it, and a pipelined QoS 1/2 publisher that returns what the
+//! broker acknowledged.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use plantrelay::agent::{self, RunningAgent};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use super::agent::{Harness, source_status, wait_connected};
 
 /// A `[[sources.mqtt]]` section.
 pub fn source_toml(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
@@ -77,4 +81,20 @@ pub async fn publish_pipelined(
     }
     let _client = producer.await.unwrap();
     acked
+}
+
+/// Starts an agent with the harness's config plus `sources` and waits until
+/// each source of `names` is connected (an MQTT source: subscribed), at
+/// most 10 s each.
+pub async fn start_subscribed(h: &Harness, sources: &str, names: &[&str]) -> RunningAgent {
+    let a = agent::start(&h.config_with_sources(sources)).await.unwrap();
+    for name in names {
+        assert!(
+            wait_connected(&source_status(&a, name), true, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "source {name} not connected within 10 s"
+        );
+    }
+    a
 }
