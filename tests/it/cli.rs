@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::agent::{Harness, http_client, mes_events, post};
 use support::free_port;
+use support::upstream::until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plantrelay");
 
@@ -178,12 +179,7 @@ impl Agent {
 
     /// One SIGTERM, as systemd sends it (kill(1) rather than a libc binding).
     fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {}", self.pid());
+        support::signal(self.pid(), "TERM");
     }
 
     /// Waits for the process to exit; fails after `timeout`.
@@ -751,9 +747,13 @@ async fn a_second_sigterm_during_a_slow_shutdown_exits_at_once_with_1() {
     let config = write_agent_config(&h, 0);
     let mut agent = start_agent(&h, &config, "twice").await;
     post_ok(&agent, &mes_events("slow", 3, 1)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("the batch in flight upstream", || {
+        h.receiver.stats().requests >= 1
+    })
+    .await;
 
     agent.sigterm();
+    // A quiet spell: the first SIGTERM must not end the agent yet.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         agent.child.try_wait().unwrap().is_none(),

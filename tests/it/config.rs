@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use plantrelay::config::{Config, ConfigError, ConfigIssue, read_secret};
 
+use crate::support::CONFIG_TABLES;
+
 /// A valid config; tests append keys (which land in `sinks.https[0]`, the
 /// last table) or whole tables.
 const BASE: &str = r#"[agent]
@@ -126,21 +128,7 @@ fn the_example_config_has_one_of_every_source_and_sink_kind() {
 fn the_example_config_shows_and_comments_every_key_of_every_table() {
     let path = config_dir().join("plantrelay.example.toml");
     let text = fs::read_to_string(path).unwrap();
-    let headers = [
-        "[agent]",
-        "[journal]",
-        "[health]",
-        "[[sources.http]]",
-        "[[sources.mqtt]]",
-        "[[sources.opcua]]",
-        "[[sources.opcua.nodes]]",
-        "[[sinks.https]]",
-        "[sinks.https.oauth2]",
-        "[[sinks.mqtt]]",
-        "[[sinks.jetstream]]",
-        "[[schemas]]",
-    ];
-    for header in headers {
+    for &header in CONFIG_TABLES {
         let at = text.find(&format!("\n{header}\n")).expect(header) + 1;
         let probe = format!(
             "{}{header}\nzz_probe = 1\n{}",

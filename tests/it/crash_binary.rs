@@ -7,35 +7,17 @@
 use crate::support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
-use support::agent::{Harness, http_client, mes_events, spawn};
+use support::agent::{Harness, http_client, mes_events, spawn, try_post, wait_listening};
 use support::free_port;
-
-async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "agent did not listen on {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Posts one batch; Some(true) on 202, Some(false) on another answer, None
 /// when the connection failed (the agent died).
 async fn post(client: &reqwest::Client, url: &str, events: &[Value]) -> Option<bool> {
-    let resp = client
-        .post(url)
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(Value::Array(events.to_vec()).to_string())
-        .send()
-        .await
-        .ok()?;
+    let resp = try_post(client, url, events).await.ok()?;
     Some(resp.status().as_u16() == 202)
 }
 
@@ -110,12 +92,8 @@ async fn sigkill_during_ingest_and_forwarding_loses_nothing_acknowledged() {
         .receiver
         .wait_until(Duration::from_secs(120), |s| s.unique_ids >= want)
         .await;
-    let pid = child.id() as i32;
     // kill(1) rather than a libc binding: one SIGTERM, as systemd sends.
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    support::signal(child.id(), "TERM");
     let status = child.wait().unwrap();
     assert!(delivered, "not everything acknowledged arrived");
     assert!(status.success(), "graceful stop on SIGTERM: {status}");

@@ -455,14 +455,7 @@ impl DiskAgent {
 
     /// SIGTERM; asserts a clean exit and returns the log.
     async fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        support::signal(self.child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {

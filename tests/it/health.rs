@@ -16,7 +16,7 @@ use plantrelay::config::Config;
 use plantrelay::demo::receiver::EphemeralPki;
 use plantrelay::tls::ClientTls;
 use serde_json::{Value, json};
-use support::agent::{Harness, http_client, mes_events, post};
+use support::agent::{Harness, http_client, mes_events, post, send};
 use support::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -124,18 +124,14 @@ impl Api {
         token: Option<&str>,
         body: Option<&str>,
     ) -> reqwest::Result<(u16, String)> {
-        let mut r = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let resp = r.send().await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.text().await?))
+        send(
+            &self.client,
+            method,
+            &format!("{}{path}", self.base),
+            token,
+            body,
+        )
+        .await
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Result<(u16, String)> {
@@ -244,6 +240,7 @@ async fn an_upstream_outage_shows_a_growing_backlog_then_a_stalled_sink_and_clea
     assert!(sink(&first)["last_success_time"].is_null());
     assert_eq!(first["ready"], true);
 
+    // The oldest event's age must grow: let time pass.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         post(&client, &ingest_url(&a), &mes_events("p", 20, 2))
@@ -999,6 +996,7 @@ async fn a_replay_over_the_api_redelivers_the_range_in_order_with_the_same_ids()
     {
         panic!("LOGS:\n{}", support::logs::text());
     }
+    // A quiet spell: nothing beyond the range may follow.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let events = h.receiver.events();
@@ -1409,14 +1407,7 @@ async fn sighup_to_a_running_agent_reloads_the_certificate_and_keeps_it_running(
         }
     }
     rot.rotate();
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::signal(child.id(), "HUP");
     let deadline = tokio::time::Instant::now() + WAIT;
     while presented(addr, &rot.bundle).await.unwrap() != new {
         assert!(
@@ -1429,13 +1420,7 @@ async fn sighup_to_a_running_agent_reloads_the_certificate_and_keeps_it_running(
         child.try_wait().unwrap().is_none(),
         "SIGHUP must not end the agent"
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::signal(child.id(), "TERM");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();

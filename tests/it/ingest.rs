@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::agent::{http_source_config, stop_source};
 use plantrelay::config::HttpSourceConfig;
 use plantrelay::config::SchemaConfig;
 use plantrelay::demo::receiver::EphemeralPki;
@@ -27,27 +28,6 @@ const SINGLE: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
 const NDJSON: &str = "application/x-ndjson";
 const TOKEN: &str = "mes-token-0123456789";
-
-fn source_config() -> HttpSourceConfig {
-    HttpSourceConfig {
-        name: "mes".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        class: Class::Critical,
-        token_file: None,
-        tls_cert: None,
-        tls_key: None,
-        max_body: 4 << 20,
-        max_connections: 256,
-        max_connections_per_ip: 64,
-        header_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(60),
-        max_events_per_request: 10_000,
-        max_concurrent_requests: 4,
-        max_depth: 32,
-        max_attributes: 64,
-        require_schema: false,
-    }
-}
 
 /// One running ingest source over a fresh journal.
 struct Ingest {
@@ -74,7 +54,7 @@ fn setup() -> Setup {
     journal.sinks = vec!["central".into()];
     Setup {
         dir,
-        cfg: source_config(),
+        cfg: http_source_config(),
         journal,
         schemas: Arc::new(Schemas::default()),
     }
@@ -178,12 +158,7 @@ impl Ingest {
 
     /// Cancels, checks that `serve` returned `Ok`, closes the journal.
     async fn finish(self) -> tempfile::TempDir {
-        self.stop.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("serve did not return after cancellation")
-            .expect("serve task panicked");
-        assert!(result.is_ok(), "serve failed: {result:?}");
+        stop_source(&self.stop, self.task).await;
         self.journal.close().await;
         self.dir
     }
@@ -829,7 +804,7 @@ async fn other_paths_are_404_and_other_methods_405() {
 #[tokio::test]
 async fn binding_an_address_in_use_names_the_source_the_address_and_the_cause() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut cfg = source_config();
+    let mut cfg = http_source_config();
     cfg.listen = taken.local_addr().unwrap();
     let err = HttpSource::bind(&cfg).await.unwrap_err().to_string();
     assert_eq!(
@@ -877,7 +852,7 @@ async fn a_tls_listener_answers_over_https_to_a_client_that_trusts_the_ca() {
 
 #[tokio::test]
 async fn a_tls_key_without_a_certificate_fails_bind() {
-    let mut cfg = source_config();
+    let mut cfg = http_source_config();
     cfg.tls_key = Some(PathBuf::from("/tmp/none.key"));
     let err = HttpSource::bind(&cfg).await.unwrap_err().to_string();
     assert!(
@@ -901,9 +876,12 @@ async fn graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(first.as_bytes()).await.unwrap();
+    // The source shows no sign of a request it is reading: give it time to
+    // accept the connection and take the head.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     ingest.stop.cancel();
+    // A quiet spell: serve must still be waiting for the request.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !ingest.task.is_finished(),

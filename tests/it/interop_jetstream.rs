@@ -14,7 +14,7 @@
 use crate::support;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use plantrelay::config::Config;
 use plantrelay::status::{SinkProgress, SinkStatus};
 use rand::Rng;
 use serde_json::Value;
-use support::agent::{http_client, mes_events, post};
+use support::agent::{agent_toml, http_client, mes_events, post, wait_listening, write_config};
 use support::free_port;
 use support::nats_server::{NatsServer, Stored};
 
@@ -34,19 +34,7 @@ const AGENT: &str = "gw-js";
 /// `central`; `sink_extra` is appended inside the sink table.
 fn config_text(state: &Path, listen: &str, url: &str, sink_extra: &str) -> String {
     format!(
-        r#"
-[agent]
-id = "{AGENT}"
-state_dir = "{state}"
-shutdown_timeout = "5s"
-
-[journal]
-sync = "normal"
-
-[[sources.http]]
-name = "mes"
-listen = "{listen}"
-
+        r#"{head}
 [[sinks.jetstream]]
 name = "central"
 url = "{url}"
@@ -55,14 +43,8 @@ retry_max = "1s"
 timeout = "5s"
 {sink_extra}
 "#,
-        state = state.display(),
+        head = agent_toml(AGENT, state, listen),
     )
-}
-
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("plantrelay.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 /// Waits until `stream` holds at least `n` messages.
@@ -139,17 +121,6 @@ fn spawn_agent(config: &Path, log: &Path) -> Child {
         .stderr(Stdio::from(err))
         .spawn()
         .unwrap()
-}
-
-async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "agent did not listen on {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Sum of the `duplicates` the sink logged (text or JSON log lines).

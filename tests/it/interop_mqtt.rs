@@ -13,149 +13,28 @@
 
 use crate::support;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use plantrelay::agent::{self, RunningAgent};
-use plantrelay::config::Config;
+use plantrelay::agent::{self};
 use plantrelay::event::StoredEvent;
 use plantrelay::journal::Reader;
 use plantrelay::sources::mqtt::content_id;
-use plantrelay::status::SourceStatus;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use support::agent::{Harness, spawn};
+use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::mosquitto::Mosquitto;
+use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn source_toml(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
-    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
-    format!(
-        "\n[[sources.mqtt]]\nname = \"{name}\"\nurl = \"{url}\"\ntopics = [{}]\n{extra}\n",
-        topics.join(", ")
-    )
-}
-
-fn config(h: &Harness, sources: &str) -> Config {
-    let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", sources);
-    Config::load(&h.write_config(&text)).unwrap()
-}
-
-fn journal_events(h: &Harness) -> Vec<StoredEvent> {
-    let path = h.state_dir().join("journal.db");
-    if !path.exists() {
-        return Vec::new();
-    }
-    // While the agent creates it, the file may not be readable yet.
-    Reader::open(&path)
-        .and_then(|r| r.events_from(0, 10_000_000))
-        .unwrap_or_default()
-}
-
-async fn wait_journal(
-    h: &Harness,
-    source: &str,
-    timeout: Duration,
-    done: impl Fn(&[StoredEvent]) -> bool,
-) -> Vec<StoredEvent> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events: Vec<StoredEvent> = journal_events(h)
-            .into_iter()
-            .filter(|e| e.source == source)
-            .collect();
-        if done(&events) || Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn status(a: &RunningAgent, name: &str) -> Arc<SourceStatus> {
-    a.view
-        .sources
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-        .unwrap()
-}
-
-async fn wait_connected(s: &SourceStatus, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !s.connected.load(Ordering::Relaxed) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
-}
-
-/// Publishes with `qos` over one connection, up to 20 in flight,
-/// optionally paced; returns what the broker acknowledged.
-async fn publish_pipelined(
-    broker: SocketAddr,
-    client_id: &str,
-    qos: QoS,
-    messages: Vec<(String, Vec<u8>)>,
-    per_sec: Option<f64>,
-) -> Vec<(String, Vec<u8>)> {
-    let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
-    // Mosquitto takes up to max_inflight_messages (20) unacknowledged
-    // publishes from a client and drops it when it sends more.
-    o.set_keep_alive(Duration::from_secs(10)).set_inflight(20);
-    let (client, mut eventloop) = AsyncClient::new(o, 1000);
-    let total = messages.len();
-    type Sent = Arc<Mutex<VecDeque<(String, Vec<u8>)>>>;
-    let order: Sent = Arc::new(Mutex::new(VecDeque::new()));
-    let producer = {
-        let order = order.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            for (i, (topic, payload)) in messages.into_iter().enumerate() {
-                if let Some(rate) = per_sec {
-                    let due = started + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                order
-                    .lock()
-                    .unwrap()
-                    .push_back((topic.clone(), payload.clone()));
-                client.publish(topic, qos, false, payload).await.unwrap();
-            }
-            client
-        })
-    };
-    let mut inflight: HashMap<u16, (String, Vec<u8>)> = HashMap::new();
-    let mut acked = Vec::with_capacity(total);
-    while acked.len() < total {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                let m = order.lock().unwrap().pop_front().unwrap();
-                inflight.insert(pkid, m);
-            }
-            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
-                acked.push(inflight.remove(&a.pkid).unwrap());
-            }
-            Ok(Ok(Event::Incoming(Packet::PubComp(c)))) => {
-                acked.push(inflight.remove(&c.pkid).unwrap());
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("publisher connection failed: {e}"),
-            Err(_) => panic!("publisher stalled"),
-        }
-    }
-    let _client = producer.await.unwrap();
-    acked
-}
+/// Mosquitto takes up to max_inflight_messages (20) unacknowledged
+/// publishes from a client and drops it when it sends more.
+const INFLIGHT: u16 = 20;
 
 fn json_messages(prefix: &str, topics: usize, from: usize, to: usize) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -233,15 +112,18 @@ async fn tls_with_a_client_certificate_against_mosquitto() {
             &["tls/#"],
             &format!("ca_file = {:?}", ca.display().to_string()),
         );
-    let a = agent::start(&config(&h, &sources)).await.unwrap();
-    let s = status(&a, "tls");
+    let a = agent::start(&h.config_with_sources(&sources))
+        .await
+        .unwrap();
+    let s = source_status(&a, "tls");
     assert!(
-        wait_connected(&s, Duration::from_secs(10)).await,
+        wait_connected(&s, true, Duration::from_secs(10))
+            .await
+            .is_some(),
         "mutual TLS: {:?}\n{}",
         s.snapshot().last_error,
         m.log()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Mosquitto's TLS listener needs a TLS publisher too: publish through
     // mosquitto_pub would add a dependency; use rumqttc with our rustls.
@@ -270,9 +152,9 @@ async fn tls_with_a_client_certificate_against_mosquitto() {
             acks += 1;
         }
     }
-    let events = wait_journal(&h, "tls", WAIT, |e| e.len() >= 50).await;
+    let events = h.wait_journal(Some("tls"), WAIT, |e| e.len() >= 50).await;
     assert_eq!(events.len(), 50);
-    let nocert = status(&a, "nocert");
+    let nocert = source_status(&a, "nocert");
     assert!(!nocert.connected.load(Ordering::Relaxed));
     assert!(nocert.snapshot().last_error.is_some());
     a.shutdown().await;
@@ -289,17 +171,13 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
             &["per5/+/state"],
             "protocol = \"v5\"",
         );
-    let a = agent::start(&config(&h, &sources)).await.unwrap();
-    let s = status(&a, "line");
-    let s5 = status(&a, "line5");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    assert!(wait_connected(&s5, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(&h, &sources, &["line", "line5"]).await;
 
     let mut acked = publish_pipelined(
         m.addr(),
         "pub-per-1",
         QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("per", 5, 0, 200),
         None,
     )
@@ -308,6 +186,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
         m.addr(),
         "pub-per5-1",
         QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("per5", 2, 0, 100),
         None,
     )
@@ -318,6 +197,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
         m.addr(),
         "pub-per-2",
         QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("per", 5, 200, 210),
         None,
     )
@@ -328,15 +208,20 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
             m.addr(),
             "pub-per5-2",
             QoS::AtLeastOnce,
+            INFLIGHT,
             json_messages("per5", 2, 100, 110),
             None,
         )
         .await,
     );
-    let events = wait_journal(&h, "line", Duration::from_secs(5), |e| e.len() >= 1050).await;
+    let events = h
+        .wait_journal(Some("line"), Duration::from_secs(5), |e| e.len() >= 1050)
+        .await;
     let flowing = up.elapsed();
     assert_eq!(events.len(), 1050, "flowing within 5 s of the restart");
-    let events5 = wait_journal(&h, "line5", Duration::from_secs(5), |e| e.len() >= 220).await;
+    let events5 = h
+        .wait_journal(Some("line5"), Duration::from_secs(5), |e| e.len() >= 220)
+        .await;
     assert_eq!(events5.len(), 220, "v5 session kept too");
     assert_all_journaled(&events, &acked);
     assert_all_journaled(&events5, &acked5);
@@ -354,24 +239,22 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
 async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent_resubscribes() {
     let mut m = Mosquitto::start(false, "").await;
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml("line", &m.url("mqtt"), &["np/+/state"], ""),
-    ))
-    .await
-    .unwrap();
-    let s = status(&a, "line");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["line"],
+    )
+    .await;
     publish_pipelined(
         m.addr(),
         "pub-np-1",
         QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("np", 2, 0, 100),
         None,
     )
     .await;
-    wait_journal(&h, "line", WAIT, |e| e.len() >= 200).await;
+    h.wait_journal(Some("line"), WAIT, |e| e.len() >= 200).await;
 
     m.restart().await;
     let up = Instant::now();
@@ -383,12 +266,15 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
             m.addr(),
             "pub-np-2",
             QoS::AtLeastOnce,
+            INFLIGHT,
             json_messages("np", 2, n, n + 1),
             None,
         )
         .await;
         n += 1;
-        let events = wait_journal(&h, "line", Duration::from_millis(100), |e| e.len() > 200).await;
+        let events = h
+            .wait_journal(Some("line"), Duration::from_millis(100), |e| e.len() > 200)
+            .await;
         if events.len() > 200 {
             break;
         }
@@ -402,17 +288,19 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
         m.addr(),
         "pub-np-3",
         QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("np", 2, 1000, 1100),
         None,
     )
     .await;
-    let events = wait_journal(&h, "line", WAIT, |e| {
-        e.iter()
-            .filter(|x| x.data.windows(8).any(|w| w == b"\"n\":1099"))
-            .count()
-            == 2
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("line"), WAIT, |e| {
+            e.iter()
+                .filter(|x| x.data.windows(8).any(|w| w == b"\"n\":1099"))
+                .count()
+                == 2
+        })
+        .await;
     assert_all_journaled(&events, &acked);
     eprintln!(
         "restart without persistence: resubscribed and flowing {:.2}s after the broker was back",
@@ -452,11 +340,13 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
             m.addr(),
             "probe",
             QoS::AtLeastOnce,
+            INFLIGHT,
             vec![probe.clone()],
             None,
         )
         .await;
-        if !wait_journal(&h, "line", Duration::from_millis(300), |e| !e.is_empty())
+        if !h
+            .wait_journal(Some("line"), Duration::from_millis(300), |e| !e.is_empty())
             .await
             .is_empty()
         {
@@ -473,6 +363,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
         m.addr(),
         "pub-crash",
         QoS::AtLeastOnce,
+        INFLIGHT,
         messages,
         Some(4000.0),
     ));
@@ -480,6 +371,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let mut rng = rand::rng();
     while !publisher.is_finished() {
         let mut child = spawn(&config_path);
+        // A random moment of the agent's life is the SIGKILL's subject.
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
         child.kill().unwrap();
         child.wait().unwrap();
@@ -488,11 +380,10 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     let acked = publisher.await.unwrap();
     assert_eq!(acked.len(), total);
     let mut child = spawn(&config_path);
-    let events = wait_journal(&h, "line", Duration::from_secs(120), |e| e.len() > total).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let events = h
+        .wait_journal(Some("line"), Duration::from_secs(120), |e| e.len() > total)
+        .await;
+    support::signal(child.id(), "TERM");
     assert!(child.wait().unwrap().success());
     let events: Vec<StoredEvent> = events
         .into_iter()
@@ -518,7 +409,7 @@ async fn qos2_subscriptions_survive_connection_cuts() {
     let m = Mosquitto::start(false, "").await;
     let proxy = FaultProxy::start(m.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml(
             "q2",
@@ -527,19 +418,18 @@ async fn qos2_subscriptions_survive_connection_cuts() {
             "topics = [{ filter = \"q2/#\", qos = 2 }]",
         )
         .replace("topics = []\n", ""),
-    ))
-    .await
-    .unwrap();
-    let s = status(&a, "q2");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["q2"],
+    )
+    .await;
     let publisher = tokio::spawn(publish_pipelined(
         m.addr(),
         "pub-q2",
         QoS::ExactlyOnce,
+        INFLIGHT,
         json_messages("q2", 4, 0, 1500),
         Some(2000.0),
     ));
+    // The faults' pacing: 600 ms of traffic, then a 200 ms cut, four times.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         proxy.cut();
@@ -550,7 +440,7 @@ async fn qos2_subscriptions_survive_connection_cuts() {
         Ok(acked) => acked,
         Err(e) => panic!("{e}\nmosquitto log:\n{}", m.log()),
     };
-    let events = wait_journal(&h, "q2", WAIT, |e| e.len() >= 6000).await;
+    let events = h.wait_journal(Some("q2"), WAIT, |e| e.len() >= 6000).await;
     assert_all_journaled(&events, &acked);
     assert_eq!(events.len(), 6000);
     for (stream, ns) in per_stream_n(&events) {

@@ -13,10 +13,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use plantrelay::agent;
-use plantrelay::config::Config;
 use rand::Rng;
 use serde_json::Value;
-use support::agent::{http_client, post, spawn};
+use support::agent::{http_client, load_config, minimal_config_text, post, spawn, write_config};
 use support::free_port;
 use support::mosquitto::Mosquitto;
 use support::upstream::{Inbox, check, cloudevents, events, subscribe};
@@ -24,16 +23,8 @@ use support::upstream::{Inbox, check, cloudevents, events, subscribe};
 const WAIT: Duration = Duration::from_secs(90);
 
 fn config_text(state: &std::path::Path, listen: &str, url: &str) -> String {
-    format!(
+    let sink = format!(
         r#"
-[agent]
-id = "gw-interop"
-state_dir = "{state}"
-
-[[sources.http]]
-name = "mes"
-listen = "{listen}"
-
 [[sinks.mqtt]]
 name = "uns"
 url = "{url}"
@@ -43,9 +34,9 @@ max_events_per_sec = 3000
 retry_initial = "50ms"
 retry_max = "500ms"
 timeout = "2s"
-"#,
-        state = state.display()
-    )
+"#
+    );
+    minimal_config_text("gw-interop", state, listen, &sink)
 }
 
 async fn until_all(inbox: &Inbox, expected: &HashSet<String>, m: &Mosquitto) {
@@ -74,13 +65,8 @@ async fn a_broker_restart_mid_run_resumes_in_order_without_loss() {
     let mut m = Mosquitto::start(true, "").await;
     let inbox = subscribe(m.addr(), "checker", true, "uns/#").await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("plantrelay.toml");
-    std::fs::write(
-        &path,
-        config_text(dir.path(), "127.0.0.1:0", &m.url("mqtt")),
-    )
-    .unwrap();
-    let a = agent::start(&Config::load(&path).unwrap()).await.unwrap();
+    let text = config_text(dir.path(), "127.0.0.1:0", &m.url("mqtt"));
+    let a = agent::start(&load_config(dir.path(), &text)).await.unwrap();
     let url = format!("http://{}/v1/events", a.http_addr("mes").unwrap());
     let client = http_client();
     let all = events("rst", 0..6000, 3);
@@ -125,12 +111,10 @@ async fn sigkills_of_the_agent_mid_batch_lose_nothing() {
     let inbox = subscribe(m.addr(), "checker", true, "uns/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let path = dir.path().join("plantrelay.toml");
-    std::fs::write(
-        &path,
-        config_text(dir.path(), &format!("127.0.0.1:{port}"), &m.url("mqtt")),
-    )
-    .unwrap();
+    let path = write_config(
+        dir.path(),
+        &config_text(dir.path(), &format!("127.0.0.1:{port}"), &m.url("mqtt")),
+    );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     let client = http_client();
     let mut accepted = HashSet::new();

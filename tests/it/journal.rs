@@ -10,6 +10,8 @@ use plantrelay::journal::{
     AppendOutcome, Journal, JournalError, JournalOptions, Reader, RewindTo, WhenFull,
 };
 
+use crate::support::journal::evicted;
+
 fn ev(source: &str, id: &str, stream: &str, class: Class, data_len: usize) -> NewEvent {
     NewEvent {
         source: source.into(),
@@ -286,6 +288,7 @@ async fn cursors_advance_only_forward_and_rewind_for_replay() {
 
     // Since a time: every event received at or after it.
     let cut = SystemTime::now();
+    // The late event's receive time must be after the cut on the wall clock.
     tokio::time::sleep(Duration::from_millis(5)).await;
     j.append(vec![ev("mes", "late", "s", Class::Critical, 5)])
         .await
@@ -359,6 +362,7 @@ async fn retention_keeps_acked_rows_younger_than_retain_acked() {
     .await
     .unwrap();
     j.advance("central", None, 20).await.unwrap();
+    // A quiet spell: retention gets its chances to run and must delete nothing.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     j.close().await;
     assert_eq!(all_events(&dir.path().join("journal.db")).len(), 20);
@@ -431,12 +435,7 @@ async fn block_refuses_appends_when_full_and_accepts_them_after_delivery() {
     let err = refused.expect("a 16 MiB journal cannot hold 20 MB");
     assert!(matches!(err, JournalError::Full { .. }), "{err}");
     assert!(err.to_string().contains("16.0 MiB limit reached"), "{err}");
-    assert_eq!(
-        j.stats()
-            .evicted_critical
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(evicted(&j).1, 0);
     assert_eq!(
         all_events(&dir.path().join("journal.db")).len() as u64,
         stored,
@@ -480,14 +479,7 @@ async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps()
             .collect();
         telemetry_sent += j.append(events).await.unwrap().len() as u64;
     }
-    let evicted_t = j
-        .stats()
-        .evicted_telemetry
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let evicted_c = j
-        .stats()
-        .evicted_critical
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let (evicted_t, evicted_c) = evicted(&j);
     j.close().await;
     assert!(evicted_t > 0);
     assert_eq!(evicted_c, 0, "critical events stay while telemetry can go");

@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{AppendOutcome, Journal, JournalOptions, Reader};
 use rand::Rng;
+
+use crate::support::journal::{child_runtime, spawn_child_test};
 
 const CHILD_ENV: &str = "PLANTRELAY_CRASH_CHILD_DIR";
 
@@ -25,15 +25,9 @@ fn options(dir: &std::path::Path) -> JournalOptions {
 /// The child: not a test of its own (returns at once without the env var).
 #[test]
 fn crash_child_appender() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
+    let Some((dir, rt)) = child_runtime(CHILD_ENV) else {
         return;
     };
-    let dir = PathBuf::from(dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async move {
         let journal = Journal::open(options(&dir)).unwrap();
         let mut out = std::io::stdout().lock();
@@ -104,7 +98,6 @@ fn event(id: &str) -> NewEvent {
 #[test]
 fn sigkilled_appenders_lose_nothing_that_was_answered() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
     let mut acked: HashMap<String, u64> = HashMap::new();
     let mut rng = rand::rng();
     let trials = 24;
@@ -115,18 +108,8 @@ fn sigkilled_appenders_lose_nothing_that_was_answered() {
             resend.iter().map(|s| format!("{s}\n")).collect::<String>(),
         )
         .unwrap();
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "journal_crash::crash_child_appender",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child =
+            spawn_child_test("journal_crash::crash_child_appender", CHILD_ENV, dir.path());
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {

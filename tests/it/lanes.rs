@@ -12,7 +12,8 @@ use plantrelay::config::Config;
 use plantrelay::demo::receiver::{ReceivedEvent, Receiver, ReceiverOptions};
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{Journal, JournalOptions};
-use support::agent::Harness;
+use support::agent::{Harness, agent_toml};
+use support::journal::evicted;
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -77,21 +78,8 @@ async fn fill(state_dir: &Path, events: Vec<NewEvent>) {
 
 fn config(h: &Harness, sinks: &str) -> Config {
     let text = format!(
-        r#"
-[agent]
-id = "gw-lanes"
-state_dir = "{state}"
-shutdown_timeout = "5s"
-
-[journal]
-sync = "normal"
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-{sinks}
-"#,
-        state = h.state_dir().display(),
+        "{}{sinks}\n",
+        agent_toml("gw-lanes", &h.state_dir(), "127.0.0.1:0")
     );
     Config::load(&h.write_config(&text)).unwrap()
 }
@@ -469,14 +457,7 @@ async fn evictions_reach_each_sink_as_gap_events_of_its_own_classes_only() {
         }
         j.append(batch).await.unwrap();
     }
-    let evicted_t = j
-        .stats()
-        .evicted_telemetry
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let evicted_c = j
-        .stats()
-        .evicted_critical
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let (evicted_t, evicted_c) = evicted(&j);
     j.close().await;
     drop(j);
     assert!(evicted_t > 0, "the journal had to evict");

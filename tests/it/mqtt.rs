@@ -6,14 +6,13 @@
 
 use crate::support;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use plantrelay::agent::{self, RunningAgent};
+use plantrelay::agent::{self};
 use plantrelay::config::Config;
 use plantrelay::demo::machines::{AckedPublisher, EmbeddedBroker};
 use plantrelay::event::StoredEvent;
@@ -22,139 +21,17 @@ use plantrelay::sources::mqtt::{REJECTED_EVENT_TYPE, content_id};
 use plantrelay::sources::sparkplug::proto::Payload;
 use plantrelay::sources::sparkplug::proto::payload::Metric;
 use plantrelay::sources::sparkplug::proto::payload::metric::Value as MetricValue;
-use plantrelay::status::SourceStatus;
 use prost::Message as _;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use support::agent::{Harness, spawn};
+use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
+use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// A `[[sources.mqtt]]` section.
-fn source_toml(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
-    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
-    format!(
-        "\n[[sources.mqtt]]\nname = \"{name}\"\nurl = \"{url}\"\ntopics = [{}]\n{extra}\n",
-        topics.join(", ")
-    )
-}
-
-fn config(h: &Harness, sources: &str) -> Config {
-    let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", sources);
-    Config::load(&h.write_config(&text)).unwrap()
-}
-
-/// Every event in the journal (none while it does not exist yet).
-fn journal_events(h: &Harness) -> Vec<StoredEvent> {
-    let path = h.state_dir().join("journal.db");
-    if !path.exists() {
-        return Vec::new();
-    }
-    // While the agent creates it, the file may not be readable yet.
-    Reader::open(&path)
-        .and_then(|r| r.events_from(0, 10_000_000))
-        .unwrap_or_default()
-}
-
-/// Polls the journal until `done` holds for the events of `source`.
-async fn wait_journal(
-    h: &Harness,
-    source: &str,
-    timeout: Duration,
-    done: impl Fn(&[StoredEvent]) -> bool,
-) -> Vec<StoredEvent> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events: Vec<StoredEvent> = journal_events(h)
-            .into_iter()
-            .filter(|e| e.source == source)
-            .collect();
-        if done(&events) || Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn status(a: &RunningAgent, name: &str) -> Arc<SourceStatus> {
-    a.view
-        .sources
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-        .unwrap()
-}
-
-async fn wait_connected(s: &SourceStatus, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !s.connected.load(Ordering::Relaxed) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
-}
-
-/// Publishes `messages` (topic, payload) with QoS 1 over one connection,
-/// up to 100 in flight, optionally paced; returns the payloads the broker
-/// acknowledged, in publish order per topic. Panics if the connection fails.
-async fn publish_pipelined(
-    broker: std::net::SocketAddr,
-    client_id: &str,
-    messages: Vec<(String, Vec<u8>)>,
-    per_sec: Option<f64>,
-) -> Vec<(String, Vec<u8>)> {
-    let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
-    o.set_keep_alive(Duration::from_secs(10))
-        .set_inflight(100)
-        .set_max_packet_size(32 << 20, 32 << 20);
-    let (client, mut eventloop) = AsyncClient::new(o, 1000);
-    let total = messages.len();
-    type Sent = Arc<Mutex<VecDeque<(String, Vec<u8>)>>>;
-    let order: Sent = Arc::new(Mutex::new(VecDeque::new()));
-    let producer = {
-        let order = order.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            for (i, (topic, payload)) in messages.into_iter().enumerate() {
-                if let Some(rate) = per_sec {
-                    let due = started + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                order
-                    .lock()
-                    .unwrap()
-                    .push_back((topic.clone(), payload.clone()));
-                client
-                    .publish(topic, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .unwrap();
-            }
-            client
-        })
-    };
-    let mut inflight: HashMap<u16, (String, Vec<u8>)> = HashMap::new();
-    let mut acked = Vec::with_capacity(total);
-    while acked.len() < total {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                let m = order.lock().unwrap().pop_front().unwrap();
-                inflight.insert(pkid, m);
-            }
-            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
-                acked.push(inflight.remove(&a.pkid).unwrap());
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("publisher connection failed: {e}"),
-            Err(_) => panic!("publisher stalled"),
-        }
-    }
-    let _client = producer.await.unwrap();
-    acked
-}
+/// Unacknowledged publishes the test publisher keeps in flight.
+const INFLIGHT: u16 = 100;
 
 fn json_messages(prefix: &str, topics: usize, per_topic: usize) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::with_capacity(topics * per_topic);
@@ -199,26 +76,27 @@ fn assert_stream_seqs_gap_free(events: &[StoredEvent]) {
 async fn ten_thousand_qos1_messages_over_ten_topics_are_journaled_in_per_topic_order() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml("line", &broker.url(), &["plant/+/state"], ""),
-    ))
-    .await
-    .unwrap();
-    assert!(wait_connected(&status(&a, "line"), Duration::from_secs(10)).await);
-    // The subscription is queued right after the CONNACK: give it a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["line"],
+    )
+    .await;
 
     let started = Instant::now();
     let acked = publish_pipelined(
         broker.addr(),
         "pub-10k",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("plant", 10, 1000),
         None,
     )
     .await;
     assert_eq!(acked.len(), 10_000);
-    let events = wait_journal(&h, "line", WAIT, |e| e.len() >= 10_000).await;
+    let events = h
+        .wait_journal(Some("line"), WAIT, |e| e.len() >= 10_000)
+        .await;
     let elapsed = started.elapsed();
     assert_eq!(events.len(), 10_000, "all journaled, none twice");
     let streams = per_stream_n(&events);
@@ -235,7 +113,7 @@ async fn ten_thousand_qos1_messages_over_ten_topics_are_journaled_in_per_topic_o
     for (topic, payload) in &acked {
         assert!(ids.contains(content_id(topic, payload, None).as_str()));
     }
-    let s = status(&a, "line");
+    let s = source_status(&a, "line");
     assert_eq!(s.events.load(Ordering::Relaxed), 10_000);
     assert!(s.last_event_us.load(Ordering::Relaxed) > 0);
     eprintln!(
@@ -258,7 +136,7 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let proxy = FaultProxy::start(broker.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml(
             "line",
@@ -266,16 +144,16 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
             &["cut/+/state"],
             "",
         ),
-    ))
-    .await
-    .unwrap();
-    let s = status(&a, "line");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["line"],
+    )
+    .await;
+    let s = source_status(&a, "line");
 
     let mut acked = publish_pipelined(
         broker.addr(),
         "pub-cut-1",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("cut", 2, 200),
         None,
     )
@@ -284,17 +162,45 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
     // Published while the agent is cut off: the broker keeps them for the
     // persistent session.
     let during: Vec<_> = json_messages("cut", 2, 400).split_off(400);
-    acked.extend(publish_pipelined(broker.addr(), "pub-cut-2", during, None).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!s.connected.load(Ordering::Relaxed));
+    acked.extend(
+        publish_pipelined(
+            broker.addr(),
+            "pub-cut-2",
+            QoS::AtLeastOnce,
+            INFLIGHT,
+            during,
+            None,
+        )
+        .await,
+    );
+    assert!(
+        wait_connected(&s, false, Duration::from_millis(500))
+            .await
+            .is_some(),
+        "the cut not noticed within 500 ms"
+    );
     let back = Instant::now();
     proxy.pass();
-    let events = wait_journal(&h, "line", Duration::from_secs(5), |e| e.len() >= 800).await;
+    let events = h
+        .wait_journal(Some("line"), Duration::from_secs(5), |e| e.len() >= 800)
+        .await;
     let flowing_after = back.elapsed();
     assert_eq!(events.len(), 800, "flowing again within 5 s");
     let after: Vec<_> = json_messages("cut", 2, 500).split_off(800);
-    acked.extend(publish_pipelined(broker.addr(), "pub-cut-3", after, None).await);
-    let events = wait_journal(&h, "line", WAIT, |e| e.len() >= 1000).await;
+    acked.extend(
+        publish_pipelined(
+            broker.addr(),
+            "pub-cut-3",
+            QoS::AtLeastOnce,
+            INFLIGHT,
+            after,
+            None,
+        )
+        .await,
+    );
+    let events = h
+        .wait_journal(Some("line"), WAIT, |e| e.len() >= 1000)
+        .await;
     assert_eq!(events.len(), 1000);
     for (stream, ns) in per_stream_n(&events) {
         assert_eq!(ns, (0..500).collect::<Vec<u64>>(), "{stream}");
@@ -311,23 +217,22 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
 async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml("line", &broker.url(), &["lost/+/state"], ""),
-    ))
-    .await
-    .unwrap();
-    let s = status(&a, "line");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["line"],
+    )
+    .await;
     publish_pipelined(
         broker.addr(),
         "pub-lost-1",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("lost", 1, 100),
         None,
     )
     .await;
-    wait_journal(&h, "line", WAIT, |e| e.len() >= 100).await;
+    h.wait_journal(Some("line"), WAIT, |e| e.len() >= 100).await;
 
     // Another client takes the agent's client id with a clean session: the
     // broker drops the agent and throws its session (and subscription) away.
@@ -353,16 +258,25 @@ async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     let mut published = 100;
     loop {
         let batch: Vec<_> = json_messages("lost", 1, published + 10).split_off(published);
-        publish_pipelined(broker.addr(), "pub-lost-2", batch, None).await;
-        published += 10;
-        let events = wait_journal(&h, "line", Duration::from_millis(500), |e| {
-            e.iter().any(|x| {
-                serde_json::from_slice::<Value>(&x.data).unwrap()["n"]
-                    .as_u64()
-                    .is_some_and(|n| n >= 100)
-            })
-        })
+        publish_pipelined(
+            broker.addr(),
+            "pub-lost-2",
+            QoS::AtLeastOnce,
+            INFLIGHT,
+            batch,
+            None,
+        )
         .await;
+        published += 10;
+        let events = h
+            .wait_journal(Some("line"), Duration::from_millis(500), |e| {
+                e.iter().any(|x| {
+                    serde_json::from_slice::<Value>(&x.data).unwrap()["n"]
+                        .as_u64()
+                        .is_some_and(|n| n >= 100)
+                })
+            })
+            .await;
         if events.len() > 100 {
             break;
         }
@@ -376,6 +290,8 @@ async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     let last = publish_pipelined(
         broker.addr(),
         "pub-lost-3",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         vec![(
             "lost/m0/state".into(),
             json!({"n": 100_000}).to_string().into_bytes(),
@@ -384,10 +300,11 @@ async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     )
     .await;
     assert_eq!(last.len(), 1);
-    let events = wait_journal(&h, "line", WAIT, |e| {
-        e.iter().any(|x| x.data == br#"{"n":100000}"#)
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("line"), WAIT, |e| {
+            e.iter().any(|x| x.data == br#"{"n":100000}"#)
+        })
+        .await;
     assert!(events.iter().any(|x| x.data == br#"{"n":100000}"#));
     a.shutdown().await;
 }
@@ -397,7 +314,7 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let proxy = FaultProxy::start(broker.addr()).await;
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml(
             "line",
@@ -405,20 +322,20 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
             &["dead/+/state"],
             "keep_alive = \"2s\"",
         ),
-    ))
-    .await
-    .unwrap();
-    let s = status(&a, "line");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["line"],
+    )
+    .await;
+    let s = source_status(&a, "line");
     publish_pipelined(
         broker.addr(),
         "pub-dead-1",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         json_messages("dead", 1, 50),
         None,
     )
     .await;
-    wait_journal(&h, "line", WAIT, |e| e.len() >= 50).await;
+    h.wait_journal(Some("line"), WAIT, |e| e.len() >= 50).await;
 
     // The far end looks alive (TCP stays up) but nothing comes back.
     proxy.blackhole();
@@ -435,9 +352,17 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
     // (the last PINGRESP), so 1.5 × keep_alive from then is at most 3 s.
     assert!(noticed <= Duration::from_millis(3_300), "{noticed:?}");
     let during: Vec<_> = json_messages("dead", 1, 100).split_off(50);
-    publish_pipelined(broker.addr(), "pub-dead-2", during, None).await;
+    publish_pipelined(
+        broker.addr(),
+        "pub-dead-2",
+        QoS::AtLeastOnce,
+        INFLIGHT,
+        during,
+        None,
+    )
+    .await;
     proxy.pass();
-    let events = wait_journal(&h, "line", WAIT, |e| e.len() >= 100).await;
+    let events = h.wait_journal(Some("line"), WAIT, |e| e.len() >= 100).await;
     assert_eq!(events.len(), 100);
     eprintln!(
         "dead link noticed after {:.2}s (keep_alive 2s)",
@@ -461,10 +386,7 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
         &["drop/#"],
         "on_invalid = \"drop\"",
     );
-    let a = agent::start(&config(&h, &sources)).await.unwrap();
-    assert!(wait_connected(&status(&a, "line"), Duration::from_secs(10)).await);
-    assert!(wait_connected(&status(&a, "dropper"), Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = start_subscribed(&h, &sources, &["line", "dropper"]).await;
 
     let mut messages = Vec::new();
     let mut rng = rand::rng();
@@ -495,10 +417,20 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
     messages.push(("bad/m0/state".into(), vec![b'['; 10 * 1024]));
     messages.push(("drop/x".into(), b"not json".to_vec()));
     messages.push(("drop/x".into(), b"{\"fine\":true}".to_vec()));
-    let acked = publish_pipelined(broker.addr(), "pub-bad", messages, None).await;
+    let acked = publish_pipelined(
+        broker.addr(),
+        "pub-bad",
+        QoS::AtLeastOnce,
+        INFLIGHT,
+        messages,
+        None,
+    )
+    .await;
     assert_eq!(acked.len(), 1103);
 
-    let events = wait_journal(&h, "line", WAIT, |e| e.len() >= 1101).await;
+    let events = h
+        .wait_journal(Some("line"), WAIT, |e| e.len() >= 1101)
+        .await;
     assert_eq!(events.len(), 1101);
     let rejected: Vec<&StoredEvent> = events
         .iter()
@@ -542,13 +474,21 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
     );
     // Per stream, rejected records keep their place in arrival order.
     assert_stream_seqs_gap_free(&events);
-    assert_eq!(status(&a, "line").rejects.load(Ordering::Relaxed), 101);
+    assert_eq!(
+        source_status(&a, "line").rejects.load(Ordering::Relaxed),
+        101
+    );
 
     // on_invalid = "drop": counted, not journaled, acknowledged.
-    let dropped = wait_journal(&h, "dropper", WAIT, |e| !e.is_empty()).await;
+    let dropped = h
+        .wait_journal(Some("dropper"), WAIT, |e| !e.is_empty())
+        .await;
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].data, b"{\"fine\":true}");
-    assert_eq!(status(&a, "dropper").rejects.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        source_status(&a, "dropper").rejects.load(Ordering::Relaxed),
+        1
+    );
     a.shutdown().await;
 }
 
@@ -580,9 +520,7 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
         "\n[[schemas]]\ntype = \"plant.state.v1\"\nfile = \"{}\"\n",
         schema.display()
     );
-    let a = agent::start(&config(&h, &sources)).await.unwrap();
-    assert!(wait_connected(&status(&a, "line"), Duration::from_secs(10)).await);
-    assert!(wait_connected(&status(&a, "dropper"), Duration::from_secs(10)).await);
+    let a = start_subscribed(&h, &sources, &["line", "dropper"]).await;
     // Subscribed once a probe arrives (the same payload is one event).
     for (source, topic) in [
         ("line", "keep/probe/state"),
@@ -591,8 +529,18 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let probe = vec![(topic.to_owned(), br#"{"state":"stopped"}"#.to_vec())];
-            publish_pipelined(broker.addr(), "pub-probe", probe, None).await;
-            let got = wait_journal(&h, source, Duration::from_millis(200), |e| !e.is_empty()).await;
+            publish_pipelined(
+                broker.addr(),
+                "pub-probe",
+                QoS::AtLeastOnce,
+                INFLIGHT,
+                probe,
+                None,
+            )
+            .await;
+            let got = h
+                .wait_journal(Some(source), Duration::from_millis(200), |e| !e.is_empty())
+                .await;
             if !got.is_empty() {
                 break;
             }
@@ -607,10 +555,18 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
         messages.push((format!("keep/m{}/state", i % 2), payload.clone()));
         messages.push((format!("drop/m{}/state", i % 2), payload));
     }
-    let acked = publish_pipelined(broker.addr(), "pub-schema", messages, None).await;
+    let acked = publish_pipelined(
+        broker.addr(),
+        "pub-schema",
+        QoS::AtLeastOnce,
+        INFLIGHT,
+        messages,
+        None,
+    )
+    .await;
     assert_eq!(acked.len(), 80, "every message is acknowledged");
 
-    let kept = wait_journal(&h, "line", WAIT, |e| e.len() >= 41).await;
+    let kept = h.wait_journal(Some("line"), WAIT, |e| e.len() >= 41).await;
     assert_eq!(kept.len(), 41);
     let rejected: Vec<&StoredEvent> = kept
         .iter()
@@ -626,11 +582,13 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
         );
     }
     assert_stream_seqs_gap_free(&kept);
-    let dropped = wait_journal(&h, "dropper", WAIT, |e| e.len() >= 31).await;
+    let dropped = h
+        .wait_journal(Some("dropper"), WAIT, |e| e.len() >= 31)
+        .await;
     assert_eq!(dropped.len(), 31, "30 valid and the probe");
     assert!(dropped.iter().all(|e| e.event_type == "plant.state.v1"));
     for (name, n) in [("line", 10), ("dropper", 10)] {
-        let s = status(&a, name).snapshot();
+        let s = source_status(&a, name).snapshot();
         assert_eq!(s.rejects, n, "{name}");
         assert_eq!(s.schema_rejects.len(), 1, "{name}");
         assert_eq!(
@@ -669,7 +627,7 @@ fn spb_payload(seq: u64, ts: u64, metrics: Vec<Metric>) -> Vec<u8> {
 async fn sparkplug_birth_and_data_are_decoded_with_metric_names_from_the_aliases() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml(
             "edge",
@@ -677,11 +635,9 @@ async fn sparkplug_birth_and_data_are_decoded_with_metric_names_from_the_aliases
             &["spBv1.0/plant/#"],
             "format = \"sparkplug_b\"",
         ),
-    ))
-    .await
-    .unwrap();
-    assert!(wait_connected(&status(&a, "edge"), Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["edge"],
+    )
+    .await;
     let mut p = AckedPublisher::new(broker.addr(), "edge-node");
     let ts = 1_764_409_200_000u64;
     let t = Duration::from_secs(10);
@@ -724,7 +680,7 @@ async fn sparkplug_birth_and_data_are_decoded_with_metric_names_from_the_aliases
     .await
     .unwrap();
     // The broker orders per topic only: let the births land first.
-    wait_journal(&h, "edge", WAIT, |e| e.len() >= 2).await;
+    h.wait_journal(Some("edge"), WAIT, |e| e.len() >= 2).await;
     p.publish(
         "spBv1.0/plant/DDATA/line3/press07",
         spb_payload(
@@ -763,7 +719,7 @@ async fn sparkplug_birth_and_data_are_decoded_with_metric_names_from_the_aliases
     .await
     .unwrap();
 
-    let events = wait_journal(&h, "edge", WAIT, |e| e.len() >= 5).await;
+    let events = h.wait_journal(Some("edge"), WAIT, |e| e.len() >= 5).await;
     assert_eq!(events.len(), 5);
     let by_id: HashMap<&str, &StoredEvent> = events.iter().map(|e| (e.id.as_str(), e)).collect();
     let ddata = by_id[format!("spb:plant/line3/press07:DDATA:2:{}", ts + 2).as_str()];
@@ -800,7 +756,7 @@ async fn mqtt_5_messages_are_journaled_and_acknowledged_with_their_properties_in
     let broker = EmbeddedBroker::start().await.unwrap();
     let h = Harness::new().await;
     let url = format!("mqtt://{}", broker.v5_addr());
-    let a = agent::start(&config(
+    let a = start_subscribed(
         &h,
         &source_toml(
             "v5",
@@ -808,11 +764,9 @@ async fn mqtt_5_messages_are_journaled_and_acknowledged_with_their_properties_in
             &["five/#"],
             "protocol = \"v5\"\nmax_inflight = 20",
         ),
-    ))
-    .await
-    .unwrap();
-    assert!(wait_connected(&status(&a, "v5"), Duration::from_secs(10)).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        &["v5"],
+    )
+    .await;
 
     let mut o = rumqttc::v5::MqttOptions::new(
         "pub-v5",
@@ -852,7 +806,7 @@ async fn mqtt_5_messages_are_journaled_and_acknowledged_with_their_properties_in
         }
     }
     let _client = publisher.await.unwrap();
-    let events = wait_journal(&h, "v5", WAIT, |e| e.len() >= n).await;
+    let events = h.wait_journal(Some("v5"), WAIT, |e| e.len() >= n).await;
     assert_eq!(events.len(), n);
     let props_in_id = plantrelay::sources::mqtt::Properties {
         content_type: Some("application/json".into()),
@@ -897,8 +851,18 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        publish_pipelined(broker.addr(), "pub-probe", vec![probe.clone()], None).await;
-        let seen = wait_journal(&h, "line", Duration::from_millis(500), |e| !e.is_empty()).await;
+        publish_pipelined(
+            broker.addr(),
+            "pub-probe",
+            QoS::AtLeastOnce,
+            INFLIGHT,
+            vec![probe.clone()],
+            None,
+        )
+        .await;
+        let seen = h
+            .wait_journal(Some("line"), Duration::from_millis(500), |e| !e.is_empty())
+            .await;
         if !seen.is_empty() {
             break;
         }
@@ -914,6 +878,8 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     let publisher = tokio::spawn(publish_pipelined(
         broker.addr(),
         "pub-crash",
+        QoS::AtLeastOnce,
+        INFLIGHT,
         messages,
         Some(3000.0),
     ));
@@ -922,6 +888,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
     while !publisher.is_finished() {
         let mut child = spawn(&config_path);
         let life = Duration::from_millis(rng.random_range(400..1200));
+        // A random moment of the agent's life is the SIGKILL's subject.
         tokio::time::sleep(life).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -932,7 +899,9 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
 
     // A last life drains what the broker still holds for the session.
     let mut child = spawn(&config_path);
-    let events = wait_journal(&h, "line", Duration::from_secs(120), |e| e.len() > total).await;
+    let events = h
+        .wait_journal(Some("line"), Duration::from_secs(120), |e| e.len() > total)
+        .await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -992,8 +961,12 @@ async fn a_full_journal_holds_the_acks_and_the_broker_keeps_the_rest_until_space
     let a = agent::start(&Config::load(&h.write_config(&text)).unwrap())
         .await
         .unwrap();
-    let s = status(&a, "line");
-    assert!(wait_connected(&s, Duration::from_secs(10)).await);
+    let s = source_status(&a, "line");
+    assert!(
+        wait_connected(&s, true, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
 
     let total = 1500u64;
     let messages: Vec<(String, Vec<u8>)> = (0..total)
@@ -1006,7 +979,15 @@ async fn a_full_journal_holds_the_acks_and_the_broker_keeps_the_rest_until_space
         })
         .collect();
     // The broker takes all of them (its PUBACKs to the publisher).
-    let acked = publish_pipelined(broker.addr(), "pub-full", messages, None).await;
+    let acked = publish_pipelined(
+        broker.addr(),
+        "pub-full",
+        QoS::AtLeastOnce,
+        INFLIGHT,
+        messages,
+        None,
+    )
+    .await;
     assert_eq!(acked.len() as u64, total);
 
     // The journal fills; the source holds its acks and stops reading.

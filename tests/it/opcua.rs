@@ -7,18 +7,15 @@
 use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use plantrelay::agent::{self, RunningAgent};
-use plantrelay::config::Config;
+use plantrelay::agent::{self};
 use plantrelay::event::StoredEvent;
-use plantrelay::journal::Reader;
 use plantrelay::sources::opcua::{DATA_CHANGE_EVENT_TYPE, pki};
 use plantrelay::status::SourceStatus;
 use serde_json::Value;
-use support::agent::Harness;
+use support::agent::{Harness, source_status, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::opcua_server::*;
 
@@ -27,60 +24,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// publishing_interval × (keep_alive_count + 2) + max(0.5 s, half of
 /// publishing_interval × keep_alive_count).
 const KEEP_ALIVE_WINDOW: Duration = Duration::from_millis(1900);
-
-fn config(h: &Harness, sources: &str) -> Config {
-    let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", sources);
-    Config::load(&h.write_config(&text)).unwrap()
-}
-
-fn journal_events(h: &Harness, source: &str) -> Vec<StoredEvent> {
-    let path = h.state_dir().join("journal.db");
-    if !path.exists() {
-        return Vec::new();
-    }
-    Reader::open(&path)
-        .and_then(|r| r.events_from(0, 10_000_000))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| e.source == source)
-        .collect()
-}
-
-async fn wait_journal(
-    h: &Harness,
-    source: &str,
-    timeout: Duration,
-    done: impl Fn(&[StoredEvent]) -> bool,
-) -> Vec<StoredEvent> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = journal_events(h, source);
-        if done(&events) || Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn status(a: &RunningAgent, name: &str) -> Arc<SourceStatus> {
-    a.view
-        .sources
-        .iter()
-        .find(|s| s.name == name)
-        .cloned()
-        .unwrap()
-}
-
-async fn wait_flag(s: &SourceStatus, want: bool, timeout: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    while s.connected.load(Ordering::Relaxed) != want {
-        if t0.elapsed() > timeout {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Some(t0.elapsed())
-}
 
 fn data(e: &StoredEvent) -> Value {
     serde_json::from_slice(&e.data).unwrap()
@@ -100,23 +43,21 @@ async fn three_nodes_arrive_typed_with_state_names_and_are_delivered() {
     let mut opts = press_options(h.dir.path());
     opts.tick = Duration::from_millis(100);
     let press = SimPress::start(&opts).await.unwrap();
-    let cfg = config(
-        &h,
-        &press_source_toml("press", &press.endpoint(), NO_SECURITY),
-    );
+    let cfg = h.config_with_sources(&press_source_toml("press", &press.endpoint(), NO_SECURITY));
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
+    let st = source_status(&a, "press");
     assert!(
-        wait_flag(&st, true, WAIT).await.is_some(),
+        wait_connected(&st, true, WAIT).await.is_some(),
         "{:?}",
         st.snapshot()
     );
 
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 20
-            && ev.iter().filter(|e| node_is(e, "State")).count() >= 3
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter().filter(|e| node_is(e, "Counter")).count() >= 20
+                && ev.iter().filter(|e| node_is(e, "State")).count() >= 3
+        })
+        .await;
     let counters: Vec<u64> = events
         .iter()
         .filter(|e| node_is(e, "Counter") && !is_resync(e))
@@ -189,13 +130,10 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
     opts.tick = Duration::from_millis(100);
     let press = SimPress::start(&opts).await.unwrap();
     let first_ns = press.namespace_index();
-    let cfg = config(
-        &h,
-        &press_source_toml("press", &press.endpoint(), NO_SECURITY),
-    );
+    let cfg = h.config_with_sources(&press_source_toml("press", &press.endpoint(), NO_SECURITY));
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
-    wait_journal(&h, "press", WAIT, |ev| {
+    let st = source_status(&a, "press");
+    h.wait_journal(Some("press"), WAIT, |ev| {
         ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
     })
     .await;
@@ -204,11 +142,13 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
     opts.port = press.addr().port();
     press.stop().await;
     assert!(
-        wait_flag(&st, false, WAIT).await.is_some(),
+        wait_connected(&st, false, WAIT).await.is_some(),
         "loss not noticed"
     );
+    // The old session's last data changes may still be on their way to the
+    // journal, and nothing reports when that queue is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = journal_events(&h, "press").len();
+    let before = h.source_events("press").len();
     opts.reorder = true;
     let press = SimPress::start(&opts).await.unwrap();
     let up = Instant::now();
@@ -219,12 +159,13 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
     );
 
     // Events of the new server: counter values restart at 1.
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev[before.min(ev.len())..]
-            .iter()
-            .any(|e| node_is(e, "Counter") && !is_resync(e))
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev[before.min(ev.len())..]
+                .iter()
+                .any(|e| node_is(e, "Counter") && !is_resync(e))
+        })
+        .await;
     let recovery = up.elapsed();
     println!(
         "OPC UA restart recovery: first data change {} ms after the server was back (keep-alive window {} ms)",
@@ -264,15 +205,18 @@ async fn a_server_that_stops_publishing_is_detected_within_the_keep_alive_window
     let press = SimPress::start(&opts).await.unwrap();
     let proxy = FaultProxy::start(press.addr()).await;
     let endpoint = format!("opc.tcp://127.0.0.1:{}/", proxy.addr().port());
-    let cfg = config(&h, &press_source_toml("press", &endpoint, NO_SECURITY));
+    let cfg = h.config_with_sources(&press_source_toml("press", &endpoint, NO_SECURITY));
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
-    wait_journal(&h, "press", WAIT, |ev| ev.len() >= 10).await;
+    let st = source_status(&a, "press");
+    h.wait_journal(Some("press"), WAIT, |ev| ev.len() >= 10)
+        .await;
     assert!(st.connected.load(Ordering::Relaxed));
 
     // TCP stays up, nothing is answered any more.
     proxy.blackhole();
-    let detected = wait_flag(&st, false, WAIT).await.expect("never detected");
+    let detected = wait_connected(&st, false, WAIT)
+        .await
+        .expect("never detected");
     println!(
         "OPC UA silent server detected after {} ms (keep-alive window {} ms)",
         detected.as_millis(),
@@ -288,11 +232,13 @@ async fn a_server_that_stops_publishing_is_detected_within_the_keep_alive_window
         "{err}"
     );
 
-    let before = journal_events(&h, "press").len();
+    let before = h.source_events("press").len();
     proxy.pass();
     let back = Instant::now();
-    assert!(wait_flag(&st, true, WAIT).await.is_some());
-    let events = wait_journal(&h, "press", WAIT, |ev| ev.len() > before + 5).await;
+    assert!(wait_connected(&st, true, WAIT).await.is_some());
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| ev.len() > before + 5)
+        .await;
     assert!(events.len() > before + 5);
     println!(
         "OPC UA reconnected {} ms after the link came back",
@@ -309,16 +255,13 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
     opts.secure = true;
     opts.tick = Duration::from_millis(100);
     let press = SimPress::start(&opts).await.unwrap();
-    let cfg = config(
-        &h,
-        &press_source_toml(
-            "press",
-            &press.endpoint(),
-            "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"SignAndEncrypt\"",
-        ),
-    );
+    let cfg = h.config_with_sources(&press_source_toml(
+        "press",
+        &press.endpoint(),
+        "security_policy = \"Basic256Sha256\"\nsecurity_mode = \"SignAndEncrypt\"",
+    ));
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
+    let st = source_status(&a, "press");
     let pki_dir = pki::source_dir(&h.state_dir(), "press");
     let deadline = Instant::now() + WAIT;
     let rejected = loop {
@@ -337,10 +280,11 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
         rejected[0].sha256,
         server_cert_sha256(&opts.pki_dir).unwrap()
     );
+    // A quiet spell: no session with an untrusted server, no data.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!st.connected.load(Ordering::Relaxed));
     assert!(
-        journal_events(&h, "press").is_empty(),
+        h.source_events("press").is_empty(),
         "nothing from an untrusted server"
     );
     let err = st.snapshot().last_error.unwrap_or_default();
@@ -349,11 +293,13 @@ async fn an_unknown_server_certificate_is_rejected_until_trusted() {
     // Plant IT checks the fingerprint and trusts it.
     pki::trust(&pki_dir, &rejected[0]).unwrap();
     assert!(
-        wait_flag(&st, true, WAIT).await.is_some(),
+        wait_connected(&st, true, WAIT).await.is_some(),
         "{:?}",
         st.snapshot()
     );
-    let events = wait_journal(&h, "press", WAIT, |ev| ev.len() >= 5).await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| ev.len() >= 5)
+        .await;
     assert!(events.len() >= 5);
     assert!(pki::list(&pki_dir, "rejected").unwrap().is_empty());
     assert!(pki_dir.join("own/cert.der").exists());
@@ -413,23 +359,24 @@ async fn every_change_of_many_items_is_journaled(
         "\n[[sources.opcua]]\nname = \"load\"\nendpoint = \"{}\"\n{NO_SECURITY}\npublishing_interval = \"200ms\"\nkeep_alive_count = 10\nlifetime_count = 30\n{nodes}",
         press.endpoint()
     );
-    let cfg = config(&h, &src);
+    let cfg = h.config_with_sources(&src);
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "load");
+    let st = source_status(&a, "load");
     assert!(
-        wait_flag(&st, true, WAIT).await.is_some(),
+        wait_connected(&st, true, WAIT).await.is_some(),
         "{:?}",
         st.snapshot()
     );
     let t0 = Instant::now();
     press.resume();
-    let events = wait_journal(&h, "load", Duration::from_secs(120), |ev| {
-        ev.iter()
-            .filter(|e| data(e)["value"].as_u64() == Some(ticks))
-            .count()
-            >= items
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("load"), Duration::from_secs(120), |ev| {
+            ev.iter()
+                .filter(|e| data(e)["value"].as_u64() == Some(ticks))
+                .count()
+                >= items
+        })
+        .await;
     let elapsed = t0.elapsed();
     let mut per_item: BTreeMap<String, HashSet<u64>> = BTreeMap::new();
     for e in events.iter().filter(|e| !is_resync(e)) {
@@ -495,14 +442,15 @@ async fn a_missing_node_is_shown_and_retried_without_blocking_the_others() {
         "\n[[sources.opcua.nodes]]\nnode_id = \"nsu=urn:nowhere;s=X\"\nstream = \"line1/x\"\n";
     let text =
         press_source_toml("press", &press.endpoint(), NO_SECURITY) + &extra_node + unknown_ns;
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
-    assert!(wait_flag(&st, true, WAIT).await.is_some());
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
-    })
-    .await;
+    let st = source_status(&a, "press");
+    assert!(wait_connected(&st, true, WAIT).await.is_some());
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter().filter(|e| node_is(e, "Counter")).count() >= 5
+        })
+        .await;
     assert!(events.iter().filter(|e| node_is(e, "Counter")).count() >= 5);
     let bad = st.snapshot().bad_nodes;
     assert_eq!(bad.len(), 2, "{bad:?}");
@@ -527,10 +475,11 @@ async fn a_missing_node_is_shown_and_retried_without_blocking_the_others() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(st.snapshot().bad_nodes.len(), 1, "{:?}", st.snapshot());
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter().any(|e| node_is(e, "Mode"))
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter().any(|e| node_is(e, "Mode"))
+        })
+        .await;
     let mode_event = events
         .iter()
         .find(|e| node_is(e, "Mode"))
@@ -553,16 +502,17 @@ async fn a_node_that_turns_bad_on_the_live_subscription_is_listed_until_good_aga
         + &format!(
             "\n[[sources.opcua.nodes]]\nnode_id = \"{mode}\"\nstream = \"line1/press/mode\"\nsampling_interval = \"0s\"\n"
         );
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
-    assert!(wait_flag(&st, true, WAIT).await.is_some());
+    let st = source_status(&a, "press");
+    assert!(wait_connected(&st, true, WAIT).await.is_some());
     // Its start-up value (the resync snapshot; the subscription's initial
     // value is the same change, a journal duplicate).
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter().any(|e| node_is(e, "Mode"))
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter().any(|e| node_is(e, "Mode"))
+        })
+        .await;
     assert!(events.iter().any(|e| node_is(e, "Mode")));
     assert!(st.snapshot().bad_nodes.is_empty(), "{:?}", st.snapshot());
 
@@ -578,13 +528,14 @@ async fn a_node_that_turns_bad_on_the_live_subscription_is_listed_until_good_aga
     assert!(bad[0].status.contains("BadNodeIdUnknown"), "{bad:?}");
     // The bad value itself is journaled with its status, and the other
     // nodes go on.
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter()
-            .any(|e| node_is(e, "Mode") && data(e)["status_code"] == "BadNodeIdUnknown")
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter()
+                .any(|e| node_is(e, "Mode") && data(e)["status_code"] == "BadNodeIdUnknown")
+        })
+        .await;
     let last_counter = events.iter().filter(|e| node_is(e, "Counter")).count();
-    wait_journal(&h, "press", WAIT, |ev| {
+    h.wait_journal(Some("press"), WAIT, |ev| {
         ev.iter().filter(|e| node_is(e, "Counter")).count() > last_counter + 3
     })
     .await;
@@ -598,11 +549,12 @@ async fn a_node_that_turns_bad_on_the_live_subscription_is_listed_until_good_aga
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(st.snapshot().bad_nodes.is_empty(), "{:?}", st.snapshot());
-    let events = wait_journal(&h, "press", WAIT, |ev| {
-        ev.iter()
-            .any(|e| node_is(e, "Mode") && data(e)["value"] == 4)
-    })
-    .await;
+    let events = h
+        .wait_journal(Some("press"), WAIT, |ev| {
+            ev.iter()
+                .any(|e| node_is(e, "Mode") && data(e)["value"] == 4)
+        })
+        .await;
     let back = events
         .iter()
         .find(|e| node_is(e, "Mode") && data(e)["value"] == 4)
@@ -647,22 +599,23 @@ async fn aes_policies_with_sign_and_encrypt_connect_and_deliver() {
         &press.endpoint(),
         &secure("Aes256_Sha256_RsaPss", "SignAndEncrypt", &opts.pki_dir),
     );
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
     for name in ["aes128", "aes256"] {
-        let st = status(&a, name);
+        let st = source_status(&a, name);
         assert!(
-            wait_flag(&st, true, WAIT).await.is_some(),
+            wait_connected(&st, true, WAIT).await.is_some(),
             "{name}: {:?}",
             st.snapshot()
         );
-        let events = wait_journal(&h, name, WAIT, |ev| {
-            ev.iter()
-                .filter(|e| node_is(e, "Counter") && !is_resync(e))
-                .count()
-                >= 3
-        })
-        .await;
+        let events = h
+            .wait_journal(Some(name), WAIT, |ev| {
+                ev.iter()
+                    .filter(|e| node_is(e, "Counter") && !is_resync(e))
+                    .count()
+                    >= 3
+            })
+            .await;
         assert!(
             events.iter().filter(|e| node_is(e, "Counter")).count() >= 3,
             "{name}: {:?}",
@@ -745,20 +698,20 @@ async fn user_identities_password_and_certificate_are_accepted_and_a_wrong_passw
             key_path.display()
         ),
     );
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
     for name in ["password", "certificate"] {
-        let st = status(&a, name);
+        let st = source_status(&a, name);
         assert!(
-            wait_flag(&st, true, WAIT).await.is_some(),
+            wait_connected(&st, true, WAIT).await.is_some(),
             "{name}: {:?}",
             st.snapshot()
         );
-        let events = wait_journal(&h, name, WAIT, |ev| ev.len() >= 5).await;
+        let events = h.wait_journal(Some(name), WAIT, |ev| ev.len() >= 5).await;
         assert!(events.len() >= 5, "{name}: {:?}", st.snapshot());
     }
 
-    let st = status(&a, "wrong-password");
+    let st = source_status(&a, "wrong-password");
     let err = wait_error(&st, "refused the user identity").await;
     assert!(err.contains("refused the user identity"), "{err}");
     assert!(err.contains(&press.endpoint()), "{err}");
@@ -772,8 +725,12 @@ async fn user_identities_password_and_certificate_are_accepted_and_a_wrong_passw
     let snap = st.snapshot();
     assert_ne!(snap.last_error_time, first, "no retry: {snap:?}");
     assert!(snap.started && !snap.connected, "{snap:?}");
-    assert!(journal_events(&h, "wrong-password").is_empty());
-    assert!(status(&a, "password").connected.load(Ordering::Relaxed));
+    assert!(h.source_events("wrong-password").is_empty());
+    assert!(
+        source_status(&a, "password")
+            .connected
+            .load(Ordering::Relaxed)
+    );
     a.shutdown().await;
     press.stop().await;
 }
@@ -788,9 +745,9 @@ async fn an_unreachable_server_leaves_the_agent_running_and_the_source_disconnec
     };
     let endpoint = format!("opc.tcp://127.0.0.1:{port}/");
     let text = press_source_toml("press", &endpoint, NO_SECURITY);
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
-    let st = status(&a, "press");
+    let st = source_status(&a, "press");
     let deadline = Instant::now() + WAIT;
     while st.snapshot().last_error.is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -827,16 +784,18 @@ async fn a_pinned_server_certificate_is_accepted_and_a_wrong_pin_refused() {
     };
     let text = press_source_toml("pinned", &press.endpoint(), &sign(&good))
         + &press_source_toml("mispinned", &press.endpoint(), &sign(&wrong));
-    let cfg = config(&h, &text);
+    let cfg = h.config_with_sources(&text);
     let a = agent::start(&cfg).await.unwrap();
-    let pinned = status(&a, "pinned");
-    let mispinned = status(&a, "mispinned");
+    let pinned = source_status(&a, "pinned");
+    let mispinned = source_status(&a, "mispinned");
     assert!(
-        wait_flag(&pinned, true, WAIT).await.is_some(),
+        wait_connected(&pinned, true, WAIT).await.is_some(),
         "{:?}",
         pinned.snapshot()
     );
-    let events = wait_journal(&h, "pinned", WAIT, |ev| ev.len() >= 5).await;
+    let events = h
+        .wait_journal(Some("pinned"), WAIT, |ev| ev.len() >= 5)
+        .await;
     assert!(events.len() >= 5);
     let deadline = Instant::now() + WAIT;
     while mispinned.snapshot().last_error.is_none() && Instant::now() < deadline {
@@ -845,7 +804,7 @@ async fn a_pinned_server_certificate_is_accepted_and_a_wrong_pin_refused() {
     let err = mispinned.snapshot().last_error.unwrap_or_default();
     assert!(err.contains("does not match server_cert_sha256"), "{err}");
     assert!(!mispinned.connected.load(Ordering::Relaxed));
-    assert!(journal_events(&h, "mispinned").is_empty());
+    assert!(h.source_events("mispinned").is_empty());
     a.shutdown().await;
     press.stop().await;
 }

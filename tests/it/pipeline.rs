@@ -10,6 +10,7 @@ use std::time::Duration;
 use plantrelay::agent;
 use serde_json::Value;
 use support::agent::{Harness, http_client, mes_events, post};
+use support::upstream::until;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -119,6 +120,7 @@ async fn a_429_with_retry_after_is_honoured() {
             .0,
         202
     );
+    // The attempts in a fixed span are what is measured.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let attempts = a.view.sinks[0].progress().attempts;
     // retry_max is 500 ms: without Retry-After there would be > 5 attempts.
@@ -229,6 +231,7 @@ async fn reposted_ids_are_acked_as_duplicates_and_not_forwarded_twice() {
         "duplicates answer with the original seqs"
     );
     assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 100).await);
+    // A quiet spell: a duplicate would arrive after the originals.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let v = h.receiver.verdict();
     assert_eq!((v.events_received, v.duplicates), (100, 0));
@@ -387,7 +390,11 @@ async fn the_health_listener_answers_over_https_with_the_token() {
             .0,
         202
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("the sink's first refused attempt", || {
+        let p = a.view.sinks[0].progress();
+        p.consecutive_failures > 0 && p.last_error.is_some()
+    })
+    .await;
     let status: Value = serde_json::from_str(
         &get("/api/v1/status", Some("s3cret"))
             .await
@@ -411,7 +418,11 @@ async fn the_health_listener_answers_over_https_with_the_token() {
 
     h.receiver.restart().await.unwrap();
     assert!(h.receiver.wait_until(WAIT, |s| s.unique_ids >= 50).await);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("the cursor over the delivered events", || {
+        let p = a.view.sinks[0].progress();
+        p.cursor >= 50 && p.consecutive_failures == 0
+    })
+    .await;
     let status: Value = serde_json::from_str(
         &get("/api/v1/status", Some("s3cret"))
             .await
@@ -507,6 +518,7 @@ async fn a_blackholed_then_cut_then_slow_wan_delivers_everything_once_it_passes(
         post(&client, &ingest, &mes_events("wan1", 300, 3)).await.0,
         202
     );
+    // Nothing may pass for a while: longer than two of the 1 s timeouts.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         h.receiver.verdict().unique_ids,
@@ -524,6 +536,7 @@ async fn a_blackholed_then_cut_then_slow_wan_delivers_everything_once_it_passes(
         post(&client, &ingest, &mes_events("wan2", 300, 3)).await.0,
         202
     );
+    // A quiet spell: nothing may pass the cut connection.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(h.receiver.verdict().unique_ids, 0);
 

@@ -9,14 +9,14 @@
 use crate::support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use plantrelay::agent;
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{AppendOutcome, Journal, JournalOptions, Reader, SyncMode};
 use support::agent::{Harness, http_client, mes_events, post};
+use support::journal::{child_runtime, spawn_child_test};
 
 const CHILD_ENV: &str = "PLANTRELAY_PLANT_RATES_CHILD_DIR";
 
@@ -158,15 +158,9 @@ async fn a_commit_window_of_zero_commits_every_arrival_at_once() {
 /// to be killed. Returns at once without the env var.
 #[test]
 fn retention_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
+    let Some((dir, rt)) = child_runtime(CHILD_ENV) else {
         return;
     };
-    let dir = PathBuf::from(dir);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async move {
         let mut o = options(&dir, 20);
         o.retain_acked = Duration::ZERO;
@@ -194,6 +188,7 @@ fn retention_child() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         println!("\nREADY");
+        // Alive until the parent kills it.
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
 }
@@ -201,18 +196,7 @@ fn retention_child() {
 #[test]
 fn stream_sequences_continue_after_a_kill_once_retention_deleted_every_row() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "plant_rates::retention_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child_test("plant_rates::retention_child", CHILD_ENV, dir.path());
     let stdout = child.stdout.take().unwrap();
     let ready = BufReader::new(stdout)
         .lines()

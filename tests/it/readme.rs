@@ -8,21 +8,7 @@ use std::path::Path;
 
 use plantrelay::config::Config;
 
-/// Every table of the config file, as written in TOML headers.
-const TABLES: &[&str] = &[
-    "[agent]",
-    "[journal]",
-    "[health]",
-    "[[sources.http]]",
-    "[[sources.mqtt]]",
-    "[[sources.opcua]]",
-    "[[sources.opcua.nodes]]",
-    "[[sinks.https]]",
-    "[sinks.https.oauth2]",
-    "[[sinks.mqtt]]",
-    "[[sinks.jetstream]]",
-    "[[schemas]]",
-];
+use crate::support::CONFIG_TABLES as TABLES;
 
 fn read(relative: &str) -> String {
     fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)).unwrap()

@@ -7,95 +7,31 @@
 use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plantrelay::agent;
-use plantrelay::config::Config;
 use plantrelay::demo::machines::EmbeddedBroker;
 use rand::Rng;
 use serde_json::{Value, json};
-use support::agent::{http_client, post, spawn};
+use support::agent::{http_client, load_config, minimal_config_text, post, spawn, write_config};
 use support::fault_proxy::FaultProxy;
 use support::free_port;
-use support::upstream::{Inbox, Received, check, cloudevents, events, subscribe, until};
+use support::upstream::{check, cloudevents, events, subscribe, subscribe_v5, until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// An MQTT 5 subscriber (user properties and content type kept).
-async fn subscribe_v5(addr: std::net::SocketAddr, filter: &str) -> Inbox {
-    use rumqttc::v5::mqttbytes::QoS as Q5;
-    use rumqttc::v5::{
-        AsyncClient as C5, Event as E5, MqttOptions as O5, mqttbytes::v5::Packet as P5,
-    };
-    let inbox: Inbox = Arc::default();
-    let mut opts = O5::new(
-        format!("check5-{}", rand::rng().random::<u32>()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = C5::new(opts, 1000);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let mut subscribed_tx = Some(subscribed_tx);
-    let sink = inbox.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(E5::Incoming(P5::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(E5::Incoming(P5::Publish(p))) => {
-                    let props = p.properties.clone().unwrap_or_default();
-                    sink.lock().unwrap().push(Received {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                        user_properties: props.user_properties,
-                        content_type: props.content_type,
-                    })
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    client.subscribe(filter, Q5::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(WAIT, subscribed)
-        .await
-        .unwrap()
-        .unwrap();
-    std::mem::forget(client);
-    inbox
-}
-
 fn config(state: &std::path::Path, listen: &str, sink: &str) -> String {
-    format!(
+    let sinks = format!(
         r#"
-[agent]
-id = "gw-mqtt"
-state_dir = "{state}"
-
-[[sources.http]]
-name = "mes"
-listen = "{listen}"
-
 [[sinks.mqtt]]
 name = "uns"
 retry_initial = "50ms"
 retry_max = "500ms"
 timeout = "2s"
 {sink}
-"#,
-        state = state.display()
-    )
-}
-
-fn load(dir: &std::path::Path, text: &str) -> Config {
-    let path = dir.join("plantrelay.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
+"#
+    );
+    minimal_config_text("gw-mqtt", state, listen, &sinks)
 }
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -105,7 +41,7 @@ async fn every_event_reaches_the_upstream_broker_once_and_in_order() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let inbox = subscribe(broker.addr(), "check-plants", false, "plants/#").await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = load_config(
         dir.path(),
         &config(
             dir.path(),
@@ -155,7 +91,7 @@ async fn data_format_over_mqtt5_carries_the_attributes_as_user_properties() {
     let broker = EmbeddedBroker::start().await.unwrap();
     let inbox = subscribe_v5(broker.v5_addr(), "raw/#").await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = load_config(
         dir.path(),
         &config(
             dir.path(),
@@ -214,7 +150,7 @@ async fn a_connection_cut_mid_run_resumes_in_order_and_loses_nothing() {
     let inbox = subscribe(broker.addr(), "check-cut", false, "cut/#").await;
     let proxy = FaultProxy::start(broker.addr()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = load(
+    let cfg = load_config(
         dir.path(),
         &config(
             dir.path(),
@@ -276,10 +212,9 @@ async fn sigkill_mid_batch_resends_only_the_same_ids_and_loses_nothing() {
     let inbox = subscribe(broker.addr(), "check-kill", false, "kill/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let path = dir.path().join("plantrelay.toml");
-    std::fs::write(
-        &path,
-        config(
+    let path = write_config(
+        dir.path(),
+        &config(
             dir.path(),
             &format!("127.0.0.1:{port}"),
             &format!(
@@ -287,8 +222,7 @@ async fn sigkill_mid_batch_resends_only_the_same_ids_and_loses_nothing() {
                 broker.url()
             ),
         ),
-    )
-    .unwrap();
+    );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     let client = http_client();
     let mut accepted = HashSet::new();

@@ -118,10 +118,7 @@ async fn notify_socket_sees_ready_watchdog_pings_that_stop_while_the_writer_is_w
     let recovered = collect(&sock, Instant::now() + Duration::from_secs(12));
     assert!(pings(&recovered) >= 3, "pings resume after recovery");
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    support::signal(child.id(), "TERM");
     let stopping = collect(&sock, Instant::now() + Duration::from_secs(5));
     assert!(
         stopping.iter().any(|(_, m)| m.contains("STOPPING=1")),

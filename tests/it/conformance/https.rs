@@ -9,7 +9,7 @@ use plantrelay::sinks::ForwarderSettings;
 use plantrelay::sinks::https::HttpsSink;
 
 use crate::conformance::rig::{Reply, SINK, Upstream};
-use crate::support::agent::Harness;
+use crate::support::agent::{Harness, load_config, minimal_config_text};
 
 /// The sink's request timeout in these scenarios.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -26,16 +26,8 @@ impl HttpsUpstream {
     }
 
     fn config(&self, batch_max_events: usize) -> Config {
-        let text = format!(
+        let sink = format!(
             r#"
-[agent]
-id = "gw-conformance"
-state_dir = "{state}"
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-
 [[sinks.https]]
 name = "{SINK}"
 url = "{url}"
@@ -47,12 +39,12 @@ timeout = "{timeout}ms"
 batch_linger = "0s"
 batch_max_events = {batch_max_events}
 "#,
-            state = self.h.state_dir().display(),
             url = self.h.receiver.url(),
             ca = self.h.paths.ca.display(),
             timeout = TIMEOUT.as_millis(),
         );
-        Config::load(&self.h.write_config(&text)).unwrap()
+        let text = minimal_config_text("gw-conformance", &self.h.state_dir(), "127.0.0.1:0", &sink);
+        load_config(self.h.dir.path(), &text)
     }
 }
 

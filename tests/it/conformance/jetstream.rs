@@ -36,6 +36,7 @@ use plantrelay::sinks::jetstream::{JetStreamSink, Outgoing};
 use plantrelay::sinks::{ForwarderSettings, SendOutcome, Sink};
 
 use crate::conformance::rig::{Reply, SINK, Upstream};
+use crate::support::agent::{load_config, minimal_config_text};
 use crate::support::fault_proxy::FaultProxy;
 use crate::support::nats_server::NatsServer;
 
@@ -65,16 +66,8 @@ impl JetStreamUpstream {
     }
 
     fn config(&self, batch_max_events: usize) -> Config {
-        let text = format!(
+        let sink = format!(
             r#"
-[agent]
-id = "gw-conformance"
-state_dir = "{state}"
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-
 [[sinks.jetstream]]
 name = "{SINK}"
 url = "nats://{proxy}"
@@ -87,13 +80,12 @@ timeout = "{timeout}ms"
 batch_linger = "0s"
 batch_max_events = {batch_max_events}
 "#,
-            state = self.dir.path().join("state").display(),
             proxy = self.proxy.addr(),
             timeout = TIMEOUT.as_millis(),
         );
-        let path = self.dir.path().join("plantrelay.toml");
-        std::fs::write(&path, text).unwrap();
-        Config::load(&path).unwrap()
+        let state = self.dir.path().join("state");
+        let text = minimal_config_text("gw-conformance", &state, "127.0.0.1:0", &sink);
+        load_config(self.dir.path(), &text)
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::conformance::rig::{Reply, SINK, Upstream};
+use crate::support::agent::{load_config, minimal_config_text};
 
 /// The sink's acknowledgement timeout in these scenarios.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,16 +65,8 @@ impl MqttUpstream {
     }
 
     fn config(&self, batch_max_events: usize) -> Config {
-        let text = format!(
+        let sink = format!(
             r#"
-[agent]
-id = "gw-conformance"
-state_dir = "{state}"
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-
 [[sinks.mqtt]]
 name = "{SINK}"
 url = "mqtt://{addr}"
@@ -84,13 +77,12 @@ timeout = "{timeout}ms"
 batch_linger = "0s"
 batch_max_events = {batch_max_events}
 "#,
-            state = self.dir.path().join("state").display(),
             addr = self.addr,
             timeout = TIMEOUT.as_millis(),
         );
-        let path = self.dir.path().join("plantrelay.toml");
-        std::fs::write(&path, text).unwrap();
-        Config::load(&path).unwrap()
+        let state = self.dir.path().join("state");
+        let text = minimal_config_text("gw-conformance", &state, "127.0.0.1:0", &sink);
+        load_config(self.dir.path(), &text)
     }
 }
 

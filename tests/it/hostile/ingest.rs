@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plantrelay::config::HttpSourceConfig;
-use plantrelay::event::{Class, StoredEvent};
+use plantrelay::event::StoredEvent;
 use plantrelay::journal::{Journal, JournalOptions};
 use plantrelay::sources::http::{HttpSource, HttpSourceError};
 use plantrelay::status::SourceStatus;
@@ -19,33 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::agent::{Harness, http_client};
-use crate::support::free_port;
+use crate::support::agent::{
+    Harness, KillOnDrop, http_client, http_source_config, spawn, stop_source,
+};
+use crate::support::{free_port, proc_status_kib};
 
 const BATCH: &str = "application/cloudevents-batch+json";
 const SINGLE: &str = "application/cloudevents+json";
 const MAX_BODY: usize = 4 << 20;
-
-fn source_config() -> HttpSourceConfig {
-    HttpSourceConfig {
-        name: "mes".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        class: Class::Critical,
-        token_file: None,
-        tls_cert: None,
-        tls_key: None,
-        max_body: MAX_BODY as u64,
-        max_events_per_request: 10_000,
-        max_concurrent_requests: 4,
-        max_depth: 32,
-        max_attributes: 64,
-        require_schema: false,
-        max_connections: 256,
-        max_connections_per_ip: 64,
-        header_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(60),
-    }
-}
 
 /// One running ingest source over a fresh journal.
 struct Source {
@@ -63,7 +44,8 @@ async fn start(edit: impl FnOnce(&mut HttpSourceConfig)) -> Source {
     let mut opts = JournalOptions::new(dir.path().join("journal.db"));
     opts.sinks = vec!["central".into()];
     let journal = Journal::open(opts).unwrap();
-    let mut cfg = source_config();
+    let mut cfg = http_source_config();
+    cfg.max_body = MAX_BODY as u64;
     edit(&mut cfg);
     let source = HttpSource::bind(&cfg).await.unwrap();
     let addr = source.local_addr();
@@ -117,12 +99,7 @@ impl Source {
     }
 
     async fn finish(self) {
-        self.stop.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("serve did not return after cancellation")
-            .expect("serve task panicked");
-        assert!(result.is_ok(), "serve failed: {result:?}");
+        stop_source(&self.stop, self.task).await;
         self.journal.close().await;
     }
 }
@@ -509,42 +486,13 @@ async fn a_duplicate_attribute_name_holding_newline_and_esc_is_escaped_in_the_an
 // ---------------------------------------------------------------------------
 // The real binary: memory under a storm of the probe's batches
 
-/// `VmRSS` / `VmHWM` of a process, in KiB.
-fn vm_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// Kills the agent when the test ends, however it ends.
-struct Agent(std::process::Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `plantrelay run` on a free port with the harness's config and
 /// waits until it acknowledges an event (id `ready`).
-async fn spawn_agent(h: &Harness) -> (Agent, String) {
+async fn spawn_agent(h: &Harness) -> (KillOnDrop, String) {
     let port = free_port();
     let text = h.config_text(&format!("127.0.0.1:{port}"), &h.receiver.url(), "", "");
     let config = h.write_config(&text);
-    let agent = Agent(
-        std::process::Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("PLANTRELAY_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = KillOnDrop(spawn(&config));
     let url = format!("http://127.0.0.1:{port}/v1/events");
     let client = http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -578,7 +526,7 @@ async fn four_parallel_4_mib_batches_of_tiny_events_keep_the_agent_under_its_mem
     let (agent, url) = spawn_agent(&h).await;
     let pid = agent.0.id();
     let client = http_client();
-    let baseline_kib = vm_kib(pid, "VmRSS");
+    let baseline_kib = proc_status_kib(pid, "VmRSS");
 
     let body = bytes::Bytes::from(tiny_event_batch("h"));
     let storm_end = Instant::now() + Duration::from_secs(60);
@@ -647,7 +595,7 @@ async fn four_parallel_4_mib_batches_of_tiny_events_keep_the_agent_under_its_mem
     for task in legit {
         acked.extend(task.await.unwrap());
     }
-    let hwm_kib = vm_kib(pid, "VmHWM");
+    let hwm_kib = proc_status_kib(pid, "VmHWM");
     let refused = answers.iter().filter(|a| a.status == 413).count();
     eprintln!(
         "ingest storm: baseline VmRSS {} MiB, VmHWM {} MiB ({refused} of {} batches of 262k events refused with 413, {} events acknowledged beside them)",
@@ -707,7 +655,7 @@ async fn four_parallel_batches_at_every_limit_are_stored_within_the_memory_bound
     let (agent, url) = spawn_agent(&h).await;
     let pid = agent.0.id();
     let client = http_client();
-    let baseline_kib = vm_kib(pid, "VmRSS");
+    let baseline_kib = proc_status_kib(pid, "VmRSS");
 
     let batch = |tag: usize| {
         let mut body = String::with_capacity(MAX_BODY);
@@ -758,7 +706,7 @@ async fn four_parallel_batches_at_every_limit_are_stored_within_the_memory_bound
     for t in tasks {
         statuses.extend(t.await.unwrap());
     }
-    let hwm_kib = vm_kib(pid, "VmHWM");
+    let hwm_kib = proc_status_kib(pid, "VmHWM");
     eprintln!(
         "widest valid batches: baseline VmRSS {} MiB, VmHWM {} MiB ({} batches of 10000 events x 51 attributes, ~{} KiB each)",
         baseline_kib / 1024,

@@ -18,8 +18,8 @@ use plantrelay::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::support::agent::{Harness, http_client, mes_events, post};
-use crate::support::free_port;
+use crate::support::agent::{Harness, http_client, mes_events, post, wait_listening};
+use crate::support::{free_port, proc_status_kib};
 
 const TOKEN: &str = "health-read-token-0123456789";
 
@@ -81,47 +81,24 @@ const SLOW_HANDSHAKE: &[u8] =
 /// An agent with one ingest source and a health listener, both with the
 /// given `[limits]` lines (caps and timeouts).
 async fn agent_with_limits(h: &Harness, ingest_limits: &str, health_limits: &str) -> RunningAgent {
-    let token = h.dir.path().join("health.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let text = format!(
-        r#"
-[agent]
-id = "gw-test"
-state_dir = "{state}"
-shutdown_timeout = "5s"
-
-[journal]
-sync = "normal"
-
-[health]
-listen = "127.0.0.1:0"
-tls_cert = "{cert}"
-tls_key = "{key}"
-token_file = "{token}"
-{health_limits}
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-{ingest_limits}
-
-[[sinks.https]]
-name = "central"
-url = "{url}"
-ca_file = "{ca}"
-ca_only = true
-retry_initial = "50ms"
-retry_max = "500ms"
-"#,
-        state = h.state_dir().display(),
-        cert = h.paths.server_cert.display(),
-        key = h.paths.server_key.display(),
-        token = token.display(),
-        url = h.receiver.url(),
-        ca = h.paths.ca.display(),
-    );
+    let health = format!("{}{health_limits}\n", health_toml(h, "127.0.0.1:0"));
+    let text =
+        h.config_text_with_source("127.0.0.1:0", ingest_limits, &h.receiver.url(), "", &health);
     let config = Config::load(&h.write_config(&text)).unwrap();
     agent::start(&config).await.unwrap()
+}
+
+/// A `[health]` table on `listen` with the test CA's server certificate and
+/// a token file holding `TOKEN`.
+fn health_toml(h: &Harness, listen: &str) -> String {
+    let token = h.dir.path().join("health.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    format!(
+        "\n[health]\nlisten = \"{listen}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntoken_file = \"{}\"\n",
+        h.paths.server_cert.display(),
+        h.paths.server_key.display(),
+        token.display()
+    )
 }
 
 /// An HTTPS client of the health listener, trusting the test CA.
@@ -340,14 +317,6 @@ async fn one_host_holding_slow_and_idle_health_connections_past_its_cap_does_not
 // ---------------------------------------------------------------------------
 // The real binary under systemd's default open-file limit.
 
-async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "agent did not listen on {port}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `plantrelay run` with RLIMIT_NOFILE 1024:1024 (systemd's default soft
 /// limit), logging to `log`.
 fn spawn_with_nofile_1024(config: &std::path::Path, log: &std::path::Path) -> Child {
@@ -374,15 +343,6 @@ fn spawn_with_nofile_1024(config: &std::path::Path, log: &std::path::Path) -> Ch
     cmd.spawn().unwrap()
 }
 
-fn proc_status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 async fn open_idle(from: &str, to: SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -396,14 +356,7 @@ async fn eleven_hundred_idle_connections_under_a_1024_file_limit_leave_ingest_st
  {
     let h = Harness::new().await;
     let (ingest_port, health_port) = (free_port(), free_port());
-    let token = h.dir.path().join("health.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let health = format!(
-        "[health]\nlisten = \"127.0.0.1:{health_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntoken_file = \"{}\"\n",
-        h.paths.server_cert.display(),
-        h.paths.server_key.display(),
-        token.display()
-    );
+    let health = health_toml(&h, &format!("127.0.0.1:{health_port}"));
     // Default caps and timeouts: this is what a packaged agent does.
     let text = h.config_text(
         &format!("127.0.0.1:{ingest_port}"),
@@ -445,8 +398,8 @@ async fn eleven_hundred_idle_connections_under_a_1024_file_limit_leave_ingest_st
     );
     eprintln!(
         "agent under 1,200 idle connections: VmHWM {} kB, VmRSS {} kB",
-        proc_status_kib(pid, "VmHWM:"),
-        proc_status_kib(pid, "VmRSS:")
+        proc_status_kib(pid, "VmHWM"),
+        proc_status_kib(pid, "VmRSS")
     );
 
     // The attacker goes away; the agent carries on.

@@ -15,7 +15,7 @@ use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::Journal;
 use serde_json::Value;
 
-use crate::support::agent::Harness;
+use crate::support::agent::{Harness, send};
 use crate::support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plantrelay");
@@ -121,18 +121,7 @@ impl Agent {
         token: Option<&str>,
         body: Option<&str>,
     ) -> reqwest::Result<(u16, String)> {
-        let mut r = self.api.request(method, self.url(path));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let resp = r.send().await?;
-        let code = resp.status().as_u16();
-        Ok((code, resp.text().await?))
+        send(&self.api, method, &self.url(path), token, body).await
     }
 
     async fn post_ingest(&self, body: String) -> u16 {

@@ -5,12 +5,10 @@
 //! /proc, and a well-behaved edge node publishes before, during and after
 //! the attack: every one of its messages must be journaled, decoded.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plantrelay::demo::machines::{AckedPublisher, EmbeddedBroker};
 use plantrelay::event::StoredEvent;
-use plantrelay::journal::Reader;
 use plantrelay::sources::mqtt::REJECTED_EVENT_TYPE;
 use plantrelay::sources::sparkplug::proto::Payload;
 use plantrelay::sources::sparkplug::proto::payload::Metric;
@@ -18,20 +16,14 @@ use plantrelay::sources::sparkplug::proto::payload::metric::Value as MetricValue
 use prost::Message as _;
 use serde_json::Value;
 
-use crate::support::agent::Harness;
+use crate::support::agent::{Harness, KillOnDrop, spawn};
+use crate::support::proc_status_kib;
 
 const TS: u64 = 1_764_409_200_000;
 const PUBLISH: Duration = Duration::from_secs(30);
 
-/// Kills the agent when a test ends, passed or not.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// The real binary with one Sparkplug B source `edge` on the broker.
+struct Agent(KillOnDrop);
 
 impl Agent {
     fn spawn(h: &Harness, broker: &EmbeddedBroker) -> Agent {
@@ -41,30 +33,13 @@ impl Agent {
             broker.url()
         );
         let text = h.config_text("127.0.0.1:0", &h.receiver.url(), "", &source);
-        let path = h.write_config(&text);
-        let child = Command::new(env!("CARGO_BIN_EXE_plantrelay"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("PLANTRELAY_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent(child)
+        Agent(KillOnDrop(spawn(&h.write_config(&text))))
     }
 
     /// (VmHWM, VmRSS) in MiB.
     fn memory_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .unwrap()
-                / 1024.0
-        };
-        (field("VmHWM:"), field("VmRSS:"))
+        let mib = |field| proc_status_kib(self.0.0.id(), field) as f64 / 1024.0;
+        (mib("VmHWM"), mib("VmRSS"))
     }
 }
 
@@ -125,31 +100,6 @@ impl GoodNode {
     }
 }
 
-fn journal(h: &Harness) -> Vec<StoredEvent> {
-    let path = h.state_dir().join("journal.db");
-    if !path.exists() {
-        return Vec::new();
-    }
-    Reader::open(&path)
-        .and_then(|r| r.events_from(0, 10_000_000))
-        .unwrap_or_default()
-}
-
-async fn wait_journal(
-    h: &Harness,
-    timeout: Duration,
-    done: impl Fn(&[StoredEvent]) -> bool,
-) -> Vec<StoredEvent> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = journal(h);
-        if done(&events) || Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Starts the agent and the good node; returns once the agent has journaled
 /// the good node's birth (so it is subscribed) and its memory has settled.
 async fn start(h: &Harness, broker: &EmbeddedBroker) -> (Agent, GoodNode) {
@@ -166,7 +116,9 @@ async fn start(h: &Harness, broker: &EmbeddedBroker) -> (Agent, GoodNode) {
             .publish("spBv1.0/plant/NBIRTH/good", GoodNode::birth(), PUBLISH)
             .await
             .unwrap();
-        let seen = wait_journal(h, Duration::from_millis(500), |e| !e.is_empty()).await;
+        let seen = h
+            .wait_journal(None, Duration::from_millis(500), |e| !e.is_empty())
+            .await;
         if !seen.is_empty() {
             break;
         }
@@ -199,7 +151,7 @@ async fn a_one_mib_ndata_of_empty_metrics_is_refused_before_it_is_expanded() {
     for _ in 0..3 {
         good.data().await;
     }
-    wait_journal(&h, PUBLISH, |e| e.len() >= 4).await;
+    h.wait_journal(None, PUBLISH, |e| e.len() >= 4).await;
     let (_, before_rss) = agent.memory_mib();
 
     // 524,280 empty metrics: 2 bytes each on the wire, just under 1 MiB
@@ -225,14 +177,15 @@ async fn a_one_mib_ndata_of_empty_metrics_is_refused_before_it_is_expanded() {
         good.data().await;
     }
     let expected = good.data;
-    let events = wait_journal(&h, Duration::from_secs(60), |e| {
-        e.iter()
-            .filter(|e| e.event_type == REJECTED_EVENT_TYPE)
-            .count() as u64
-            >= BOMBS
-            && e.iter().filter(|e| e.stream == "plant/good").count() as u64 > expected
-    })
-    .await;
+    let events = h
+        .wait_journal(None, Duration::from_secs(60), |e| {
+            e.iter()
+                .filter(|e| e.event_type == REJECTED_EVENT_TYPE)
+                .count() as u64
+                >= BOMBS
+                && e.iter().filter(|e| e.stream == "plant/good").count() as u64 > expected
+        })
+        .await;
     let (hwm, rss) = agent.memory_mib();
     eprintln!(
         "1 MiB NDATA bomb ×{BOMBS}: agent VmRSS {before_rss:.1} MiB before, VmHWM {hwm:.1} MiB, VmRSS {rss:.1} MiB after"
@@ -273,7 +226,7 @@ async fn births_to_sixty_edge_nodes_with_ten_thousand_aliases_each_keep_memory_b
     for _ in 0..3 {
         good.data().await;
     }
-    wait_journal(&h, PUBLISH, |e| e.len() >= 4).await;
+    h.wait_journal(None, PUBLISH, |e| e.len() >= 4).await;
     let (_, before_rss) = agent.memory_mib();
 
     // Each birth: 10,000 aliased metrics with 40-byte names, about 560 KB
@@ -307,11 +260,12 @@ async fn births_to_sixty_edge_nodes_with_ten_thousand_aliases_each_keep_memory_b
         good.data().await;
     }
     let expected = good.data;
-    let events = wait_journal(&h, Duration::from_secs(120), |e| {
-        e.iter().filter(|e| e.id.contains(":NBIRTH:")).count() as u64 > NODES
-            && e.iter().filter(|e| e.stream == "plant/good").count() as u64 > expected
-    })
-    .await;
+    let events = h
+        .wait_journal(None, Duration::from_secs(120), |e| {
+            e.iter().filter(|e| e.id.contains(":NBIRTH:")).count() as u64 > NODES
+                && e.iter().filter(|e| e.stream == "plant/good").count() as u64 > expected
+        })
+        .await;
     let (hwm, rss) = agent.memory_mib();
     eprintln!(
         "{NODES} NBIRTHs × 10,000 aliases: agent VmRSS {before_rss:.1} MiB before, VmHWM {hwm:.1} MiB, VmRSS {rss:.1} MiB after"

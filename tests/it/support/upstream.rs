@@ -65,6 +65,55 @@ pub async fn subscribe(addr: SocketAddr, client_id: &str, persistent: bool, filt
     inbox
 }
 
+/// A QoS 1 MQTT 5 subscriber to `filter` on `addr` (user properties and
+/// content type kept), subscribed when this returns.
+pub async fn subscribe_v5(addr: std::net::SocketAddr, filter: &str) -> Inbox {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{
+        AsyncClient as C5, Event as E5, MqttOptions as O5, mqttbytes::v5::Packet as P5,
+    };
+    let inbox: Inbox = Arc::default();
+    let mut opts = O5::new(
+        format!("check5-{}", rand::random::<u32>()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = C5::new(opts, 1000);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let sink = inbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(E5::Incoming(P5::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(E5::Incoming(P5::Publish(p))) => {
+                    let props = p.properties.clone().unwrap_or_default();
+                    sink.lock().unwrap().push(Received {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        user_properties: props.user_properties,
+                        content_type: props.content_type,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    client.subscribe(filter, Q5::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    std::mem::forget(client);
+    inbox
+}
+
 /// The payloads received, as CloudEvents.
 pub fn cloudevents(inbox: &Inbox) -> Vec<Value> {
     inbox

@@ -1,0 +1,100 @@
+//! What the tests of the MQTT source share: its config section, an agent
+//! started with it, and a pipelined QoS 1/2 publisher that returns what the
+//! broker acknowledged.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plantrelay::agent::{self, RunningAgent};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use super::agent::{Harness, source_status, wait_connected};
+
+/// A `[[sources.mqtt]]` section.
+pub fn source_toml(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
+    let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
+    format!(
+        "\n[[sources.mqtt]]\nname = \"{name}\"\nurl = \"{url}\"\ntopics = [{}]\n{extra}\n",
+        topics.join(", ")
+    )
+}
+
+/// Publishes `messages` (topic, payload) with `qos` over one connection, up
+/// to `inflight` unacknowledged, optionally paced; returns the messages the
+/// broker acknowledged (PUBACK, or PUBCOMP for QoS 2), in publish order per
+/// topic. Panics if the connection fails or nothing happens for 90 s.
+pub async fn publish_pipelined(
+    broker: SocketAddr,
+    client_id: &str,
+    qos: QoS,
+    inflight: u16,
+    messages: Vec<(String, Vec<u8>)>,
+    per_sec: Option<f64>,
+) -> Vec<(String, Vec<u8>)> {
+    const STALL: Duration = Duration::from_secs(90);
+    let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    o.set_keep_alive(Duration::from_secs(10))
+        .set_inflight(inflight)
+        .set_max_packet_size(32 << 20, 32 << 20);
+    let (client, mut eventloop) = AsyncClient::new(o, 1000);
+    let total = messages.len();
+    type Sent = Arc<Mutex<VecDeque<(String, Vec<u8>)>>>;
+    let order: Sent = Arc::new(Mutex::new(VecDeque::new()));
+    let producer = {
+        let order = order.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            for (i, (topic, payload)) in messages.into_iter().enumerate() {
+                if let Some(rate) = per_sec {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                order
+                    .lock()
+                    .unwrap()
+                    .push_back((topic.clone(), payload.clone()));
+                client.publish(topic, qos, false, payload).await.unwrap();
+            }
+            client
+        })
+    };
+    let mut pending: HashMap<u16, (String, Vec<u8>)> = HashMap::new();
+    let mut acked = Vec::with_capacity(total);
+    while acked.len() < total {
+        match tokio::time::timeout(STALL, eventloop.poll()).await {
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                let m = order.lock().unwrap().pop_front().unwrap();
+                pending.insert(pkid, m);
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                acked.push(pending.remove(&a.pkid).unwrap());
+            }
+            Ok(Ok(Event::Incoming(Packet::PubComp(c)))) => {
+                acked.push(pending.remove(&c.pkid).unwrap());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("publisher connection failed: {e}"),
+            Err(_) => panic!("publisher stalled"),
+        }
+    }
+    let _client = producer.await.unwrap();
+    acked
+}
+
+/// Starts an agent with the harness's config plus `sources` and waits until
+/// each source of `names` is connected (an MQTT source: subscribed), at
+/// most 10 s each.
+pub async fn start_subscribed(h: &Harness, sources: &str, names: &[&str]) -> RunningAgent {
+    let a = agent::start(&h.config_with_sources(sources)).await.unwrap();
+    for name in names {
+        assert!(
+            wait_connected(&source_status(&a, name), true, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "source {name} not connected within 10 s"
+        );
+    }
+    a
+}
