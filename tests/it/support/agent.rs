@@ -290,7 +290,7 @@ pub async fn post(client: &reqwest::Client, url: &str, events: &[Value]) -> (u16
 /// `Ok` within 10 s.
 pub async fn stop_source(
     stop: &tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), plantrelay::sources::http::SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), plantrelay::sources::http::HttpSourceError>>,
 ) {
     stop.cancel();
     let result = tokio::time::timeout(Duration::from_secs(10), task)
