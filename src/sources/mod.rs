@@ -12,6 +12,7 @@ pub mod mqtt;
 pub mod opcua;
 pub mod reconnect;
 pub mod sparkplug;
+pub(crate) mod warn_limit;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -10,9 +10,6 @@
 //! flood at `warn`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,42 +22,6 @@ use crate::text::escape_control;
 /// Longest reason, in bytes, in a `4xx`/`503` answer, a log line or the
 /// source's `last_error`.
 pub(super) const MAX_REASON: usize = 512;
-
-/// How often the same kind of rejection is logged at `warn`.
-const WARN_EVERY: Duration = Duration::from_secs(60);
-
-/// Logs a kind of rejection at `warn` at most once per [`WARN_EVERY`], with
-/// the number of rejections of that kind in between; the rest go to `debug`.
-#[derive(Default)]
-pub(super) struct WarnLimiter {
-    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
-}
-
-impl WarnLimiter {
-    /// `Some(suppressed since the last warning)` when this one should be a warning.
-    fn check(&self, kind: &'static str) -> Option<u64> {
-        let Ok(mut last) = self.last.lock() else {
-            return Some(0);
-        };
-        let now = Instant::now();
-        match last.get_mut(kind) {
-            Some((at, suppressed)) if now.duration_since(*at) < WARN_EVERY => {
-                *suppressed += 1;
-                None
-            }
-            Some((at, suppressed)) => {
-                let n = *suppressed;
-                *at = now;
-                *suppressed = 0;
-                Some(n)
-            }
-            None => {
-                last.insert(kind, (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
 
 /// A rejected request, before it becomes a response.
 pub(crate) struct Reject {

@@ -20,13 +20,14 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::answer::{WarnLimiter, not_found};
+use super::answer::not_found;
 use super::{HttpSourceError, INGEST_PATH, Ingest, Limits, post_events};
 use crate::config::{HttpSourceConfig, read_secret};
 use crate::event::Class;
 use crate::journal::Journal;
 use crate::schema::Schemas;
 use crate::serve;
+use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
 use crate::tls;
 

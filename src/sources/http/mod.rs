@@ -120,11 +120,12 @@ use crate::status::SourceStatus;
 use crate::text::{QUOTE_MAX, escape_control};
 use crate::tls::TlsError;
 
-use self::answer::{Reject, WarnLimiter};
+use self::answer::Reject;
 pub use self::listener::HttpSource;
 use self::listener::Token;
 pub(crate) use self::parse::{body_format, parse_events};
 use self::trace::TraceContext;
+use super::warn_limit::WarnLimiter;
 
 /// The one ingest path.
 pub const INGEST_PATH: &str = "/v1/events";

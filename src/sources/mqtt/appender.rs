@@ -8,9 +8,8 @@
 //! append, and never reorder or skip one (see the module docs of
 //! [`super`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -19,6 +18,7 @@ use super::connection::Done;
 use super::mapping::{Mapped, Mapper, Message};
 use super::{BATCH_MAX, MqttSourceError};
 use crate::journal::{AppendOutcome, Journal, JournalError};
+use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
 
 /// The task that maps, appends and reports, in arrival order.
@@ -208,39 +208,6 @@ impl Appender {
             }
             None => {
                 debug!(source = %self.name, topic = %topic, reason = %reason, "invalid MQTT payload {what}")
-            }
-        }
-    }
-}
-
-/// How often the same kind of problem is logged at `warn`.
-const WARN_EVERY: Duration = Duration::from_secs(60);
-
-/// Logs a kind of problem at `warn` at most once per [`WARN_EVERY`], with
-/// the number suppressed in between.
-#[derive(Default)]
-pub(super) struct WarnLimiter {
-    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
-}
-
-impl WarnLimiter {
-    fn check(&self, kind: &'static str) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match last.get_mut(kind) {
-            Some((at, suppressed)) if now.duration_since(*at) < WARN_EVERY => {
-                *suppressed += 1;
-                None
-            }
-            Some((at, suppressed)) => {
-                let n = *suppressed;
-                *at = now;
-                *suppressed = 0;
-                Some(n)
-            }
-            None => {
-                last.insert(kind, (now, 0));
-                Some(0)
             }
         }
     }

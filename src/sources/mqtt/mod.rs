@@ -96,9 +96,10 @@ pub use mapping::{
     MAX_ID_LEN, Properties, REJECT_KEEP_BYTES, REJECTED_EVENT_TYPE, StreamTemplate, content_id,
 };
 
-use self::appender::{Appender, WarnLimiter};
+use self::appender::Appender;
 use self::connection::Connection;
 use self::mapping::Mapper;
+use super::warn_limit::WarnLimiter;
 use crate::config::MqttSourceConfig;
 use crate::journal::Journal;
 use crate::mqtt::link::LinkSettings;
