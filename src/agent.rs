@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigIssue};
+use crate::config::Config;
 use crate::health::{HealthServer, TlsReloader};
 use crate::journal::{Journal, JournalOptions};
 use crate::status::AgentView;
@@ -43,12 +43,6 @@ impl AgentError {
             AgentError::Startup(_) => 1,
         }
     }
-}
-
-/// Sections of the contract that parse but are not built yet: none in
-/// this release (kept so that a later section can be refused clearly).
-pub fn unsupported(_config: &Config) -> Vec<ConfigIssue> {
-    Vec::new()
 }
 
 /// Opens the journal off the async threads (the integrity check is
@@ -83,7 +77,7 @@ pub struct RunningAgent {
 /// every listener is bound and every component runs.
 pub async fn start(config: &Config) -> Result<RunningAgent, AgentError> {
     crate::tls::install_crypto_provider();
-    let issues = unsupported(config);
+    let issues = crate::config::unsupported(config);
     if !issues.is_empty() {
         let text = issues
             .iter()

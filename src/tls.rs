@@ -309,11 +309,11 @@ fn add_system_roots(roots: &mut RootCertStore) {
 
 /// A `reqwest` client builder that uses `cfg` (and so ring, and exactly the
 /// trust configured) for every HTTPS connection. If `cfg` sets no ALPN
-/// protocols, `h2` and `http/1.1` are offered. Callers add timeouts, pool
-/// settings and headers before `build()`.
+/// protocols, `http/1.1` is offered (the client speaks nothing else).
+/// Callers add timeouts, pool settings and headers before `build()`.
 pub fn reqwest_client_builder(mut cfg: rustls::ClientConfig) -> reqwest::ClientBuilder {
     if cfg.alpn_protocols.is_empty() {
-        cfg.alpn_protocols = vec![b"h2".to_vec(), ALPN_HTTP11.to_vec()];
+        cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     }
     reqwest::Client::builder().tls_backend_preconfigured(cfg)
 }

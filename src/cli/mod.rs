@@ -57,7 +57,7 @@ pub fn load_config(path: &Path) -> Result<Config, CliError> {
 /// `check-config`: every problem, or a one-line summary.
 pub fn check_config(path: &Path, out: &mut impl Write) -> Result<(), CliError> {
     let config = load_config(path)?;
-    let unsupported = crate::agent::unsupported(&config);
+    let unsupported = crate::config::unsupported(&config);
     if !unsupported.is_empty() {
         let text = unsupported
             .iter()

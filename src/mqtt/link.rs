@@ -32,7 +32,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::MqttProtocol;
-use crate::sources::mqtt::Properties;
+
+/// The MQTT v5 PUBLISH properties that are part of the message as the
+/// publisher sent it, and so the same on every redelivery. Excluded: the
+/// message expiry interval (the broker counts it down), the topic alias and
+/// subscription identifiers (they belong to one connection or subscription).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub payload_format_indicator: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+}
 
 /// The largest MQTT packet (256 MiB): the source accepts everything the
 /// protocol allows so that an over-`max_payload` message can still be

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use crate::config::{OAuth2AuthMethod, OAuth2Config, read_secret};
@@ -47,20 +47,7 @@ struct Token {
     generation: u64,
 }
 
-/// What the status shows of the token (never the token).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct TokenState {
-    /// The token endpoint.
-    pub token_url: String,
-    /// When the token in hand expires (RFC 3339); `null` before the first
-    /// fetch, or when the server gave no lifetime.
-    pub valid_until: Option<String>,
-    /// Tokens fetched since start.
-    pub fetches: u64,
-    /// Why the last fetch failed, if it did (cleared by the next success).
-    pub last_error: Option<String>,
-    pub last_error_time: Option<String>,
-}
+pub use crate::status::TokenState;
 
 /// Why no token could be had: the reason for the sink's retry.
 #[derive(Debug, Clone, PartialEq)]

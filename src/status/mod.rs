@@ -212,7 +212,7 @@ pub struct SinkProgress {
     /// See [`crate::sinks::Sink::upstream_duplicates`].
     pub upstream_duplicates: u64,
     /// See [`crate::sinks::Sink::token_state`].
-    pub oauth2: Option<crate::sinks::oauth2::TokenState>,
+    pub oauth2: Option<TokenState>,
     pub last_success_us: Option<i64>,
     pub last_error: Option<(i64, String)>,
     pub running: bool,
@@ -251,6 +251,21 @@ impl SinkStatus {
     pub fn progress(&self) -> SinkProgress {
         self.progress.lock().map(|p| p.clone()).unwrap_or_default()
     }
+}
+
+/// What the status shows of an OAuth2 sink's token (never the token).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TokenState {
+    /// The token endpoint.
+    pub token_url: String,
+    /// When the token in hand expires (RFC 3339); `null` before the first
+    /// fetch, or when the server gave no lifetime.
+    pub valid_until: Option<String>,
+    /// Tokens fetched since start.
+    pub fetches: u64,
+    /// Why the last fetch failed, if it did (cleared by the next success).
+    pub last_error: Option<String>,
+    pub last_error_time: Option<String>,
 }
 
 #[cfg(test)]

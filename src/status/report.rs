@@ -121,7 +121,7 @@ pub struct SinkReport {
     /// The OAuth2 token of an HTTPS sink that uses one (never the token
     /// itself); omitted otherwise, and until its first send.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub oauth2: Option<crate::sinks::oauth2::TokenState>,
+    pub oauth2: Option<crate::status::TokenState>,
 }
 
 /// A sink's backlog in one class.

@@ -7,11 +7,7 @@ use std::time::Duration;
 
 use super::RetryPolicy;
 
-/// Default `batch_linger`: at most 4 requests (and 4 cursor writes) a
-/// second per sink below saturation instead of one per commit, for at most
-/// a quarter of a second of delivery delay, which MES workflows do not
-/// notice (peers default to 0.5–10 s).
-pub const DEFAULT_BATCH_LINGER: Duration = Duration::from_millis(250);
+pub use crate::config::DEFAULT_BATCH_LINGER;
 
 /// How long a batch just read should wait for more events before it goes
 /// out; `None`: send it now. `len` events of `bytes` bytes, the oldest

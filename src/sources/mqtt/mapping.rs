@@ -35,18 +35,7 @@ pub const REJECT_KEEP_BYTES: usize = 64 * 1024;
 /// Longest event id taken from a payload (`id_pointer`), in bytes.
 pub const MAX_ID_LEN: usize = 1024;
 
-/// The MQTT v5 PUBLISH properties that are part of the message as the
-/// publisher sent it, and so the same on every redelivery. Excluded: the
-/// message expiry interval (the broker counts it down), the topic alias and
-/// subscription identifiers (they belong to one connection or subscription).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Properties {
-    pub payload_format_indicator: Option<u8>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<(String, String)>,
-}
+pub use crate::mqtt::link::Properties;
 
 /// A message as received, tagged with the connection it came on.
 #[derive(Debug, Clone)]
