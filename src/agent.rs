@@ -21,8 +21,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::health::{HealthServer, TlsReloader};
 use crate::journal::{Journal, JournalOptions};
-use crate::status::AgentView;
-use crate::status::{SinkStatus, SourceStatus};
+use crate::status::{AgentView, SinkStatus, SourceStatus};
 use crate::supervise::Supervised;
 
 #[derive(Debug, thiserror::Error)]
