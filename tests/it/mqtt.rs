@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
+use support::upstream::until;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Unacknowledged publishes the test publisher keeps in flight.
@@ -113,8 +114,13 @@ async fn ten_thousand_qos1_messages_over_ten_topics_are_journaled_in_per_topic_o
     for (topic, payload) in &acked {
         assert!(ids.contains(content_id(topic, payload, None).as_str()));
     }
+    // The source counts after its append returns, so a reader of the
+    // journal can see the rows a moment before the counter moves.
     let s = source_status(&a, "line");
-    assert_eq!(s.events.load(Ordering::Relaxed), 10_000);
+    until("the source to count 10,000 events", || {
+        s.events.load(Ordering::Relaxed) == 10_000
+    })
+    .await;
     assert!(s.last_event_us.load(Ordering::Relaxed) > 0);
     eprintln!(
         "10,000 QoS 1 messages published and journaled in {:.2}s",
@@ -474,10 +480,11 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
     );
     // Per stream, rejected records keep their place in arrival order.
     assert_stream_seqs_gap_free(&events);
-    assert_eq!(
-        source_status(&a, "line").rejects.load(Ordering::Relaxed),
-        101
-    );
+    let line = source_status(&a, "line");
+    until("101 rejects counted", || {
+        line.rejects.load(Ordering::Relaxed) == 101
+    })
+    .await;
 
     // on_invalid = "drop": counted, not journaled, acknowledged.
     let dropped = h
@@ -485,10 +492,11 @@ async fn malformed_payloads_become_rejected_records_and_every_valid_one_arrives(
         .await;
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].data, b"{\"fine\":true}");
-    assert_eq!(
-        source_status(&a, "dropper").rejects.load(Ordering::Relaxed),
-        1
-    );
+    let dropper = source_status(&a, "dropper");
+    until("the drop counted", || {
+        dropper.rejects.load(Ordering::Relaxed) == 1
+    })
+    .await;
     a.shutdown().await;
 }
 
@@ -588,7 +596,17 @@ async fn data_failing_its_schema_follows_on_invalid_and_is_counted_per_type() {
     assert_eq!(dropped.len(), 31, "30 valid and the probe");
     assert!(dropped.iter().all(|e| e.event_type == "plant.state.v1"));
     for (name, n) in [("line", 10), ("dropper", 10)] {
-        let s = source_status(&a, name).snapshot();
+        let st = source_status(&a, name);
+        until(&format!("{name} to count {n} schema rejects"), || {
+            st.snapshot()
+                .schema_rejects
+                .iter()
+                .map(|r| r.events)
+                .sum::<u64>()
+                == n
+        })
+        .await;
+        let s = st.snapshot();
         assert_eq!(s.rejects, n, "{name}");
         assert_eq!(s.schema_rejects.len(), 1, "{name}");
         assert_eq!(
