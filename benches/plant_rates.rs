@@ -30,7 +30,9 @@
 //! `100,1000,sat`) picks rows; `PLANTRELAY_BENCH_BIN` runs another
 //! `plantrelay` binary (an earlier release, for the figures before); the
 //! knobs above must then stay unset, as it does not know them);
-//! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
+//! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".");
+//! `PLANTRELAY_BENCH_AGENT_LOG` (a log filter, e.g.
+//! `error,plantrelay::journal=trace`) keeps each row's agent log there.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,9 @@ const TOPICS: u64 = 10;
 /// pipeline bench).
 const SAT_CLIENTS: u64 = 6;
 const SAT_REQUEST_EVENTS: u64 = 500;
+/// Paced HTTP rows: at most this many requests in flight (the listener's
+/// default `max_connections_per_ip` is 64).
+const HTTP_POOL: usize = 48;
 
 // Targets of the issue, with the defaults.
 const BYTES_TARGET_100: f64 = 3.0 * 1024.0;
@@ -291,12 +296,28 @@ impl Agent {
     fn spawn(config: &Path) -> Agent {
         let bin = std::env::var("PLANTRELAY_BENCH_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_plantrelay").to_string());
+        // PLANTRELAY_BENCH_AGENT_LOG: the agent's log filter, its log then
+        // going to `<row>.agent.log` in PLANTRELAY_BENCH_DIR (to see inside
+        // a row; the row's own directory goes away with the run).
+        let log = std::env::var("PLANTRELAY_BENCH_AGENT_LOG").ok();
+        let stderr = match &log {
+            Some(_) => {
+                let row = config
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .expect("row dir");
+                let base = std::env::var("PLANTRELAY_BENCH_DIR").unwrap_or_else(|_| ".".into());
+                let path = Path::new(&base).join(format!("{}.agent.log", row.to_string_lossy()));
+                Stdio::from(std::fs::File::create(path).expect("agent log"))
+            }
+            None => Stdio::null(),
+        };
         let child = Command::new(bin)
             .args(["run", "-c"])
             .arg(config)
-            .env("PLANTRELAY_LOG", "error")
+            .env("PLANTRELAY_LOG", log.as_deref().unwrap_or("error"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn plantrelay");
         Agent { child }
@@ -508,13 +529,21 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
         SourceKind::Http => match rate {
             Some(r) => {
                 let mut tasks = Vec::with_capacity(count as usize);
+                // An MES client keeps a bounded pool: more requests in
+                // flight than the listener admits per address would be
+                // closed at once (`max_connections_per_ip`). Were the
+                // agent slower than the rate, the send times slip and the
+                // events/s column shows it.
+                let pool = Arc::new(tokio::sync::Semaphore::new(HTTP_POOL));
                 for i in 0..count {
                     let due = t0 + Duration::from_secs_f64(i as f64 / r as f64);
                     tokio::time::sleep_until(due.into()).await;
+                    let permit = pool.clone().acquire_owned().await.expect("pool");
                     let (client, url) = (client.clone(), ingest.clone());
                     let body = cloudevent(&name, i);
                     sent.push(Instant::now());
                     tasks.push(tokio::spawn(async move {
+                        let _permit = permit;
                         let t = Instant::now();
                         let resp = client
                             .post(&url)
@@ -522,13 +551,13 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
                             .body(body)
                             .send()
                             .await;
-                        let ok = resp.is_ok_and(|r| r.status().as_u16() == 202);
-                        (ok, t.elapsed().as_secs_f64() * 1e3)
+                        let status = resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+                        (status, t.elapsed().as_secs_f64() * 1e3)
                     }));
                 }
                 for t in tasks {
-                    let (ok, ms) = t.await.expect("post task");
-                    assert!(ok, "a POST was not accepted ({name})");
+                    let (status, ms) = t.await.expect("post task");
+                    assert_eq!(status, Ok(202), "a POST was not accepted ({name})");
                     acks.push(ms);
                 }
             }

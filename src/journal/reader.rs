@@ -254,6 +254,58 @@ impl Reader {
         Ok(out)
     }
 
+    /// [`Reader::read_after`] for one lane, bounded by the last row present
+    /// when the read began: when the read stops short of its limits it has
+    /// seen every row up to there, so `through` is that row and the lane's
+    /// next read starts after it. Without the bound an idle lane beside a
+    /// steady flow of the other class (telemetry beside MES events posted
+    /// one by one) would step over the same rows again after every commit,
+    /// from its cursor to the head. Rows are committed in seq order, so
+    /// none can appear at or below a seq already seen.
+    fn read_lane(
+        &self,
+        after: u64,
+        sink: &str,
+        lane: Option<Class>,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredEvent>, u64), JournalError> {
+        let last_row: Option<i64> = self
+            .conn
+            .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let Some(bound) = last_row.map(|s| s.max(0) as u64).filter(|s| *s > after) else {
+            return Ok((Vec::new(), after));
+        };
+        let class = class_clause(lane);
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE {class} seq > ?1 AND seq <= ?4 AND (only_sink IS NULL OR only_sink = ?2)
+             ORDER BY seq LIMIT ?3"
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut rows = st
+            .query(params![after as i64, sink, max_events as i64, bound as i64])
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            let ev = event_from_row(row).map_err(|e| self.err(e))?;
+            bytes += ev.size();
+            if bytes > max_bytes && !out.is_empty() {
+                let through = out.last().map_or(after, |e: &StoredEvent| e.seq);
+                return Ok((out, through));
+            }
+            out.push(ev);
+        }
+        let through = if out.len() >= max_events {
+            out.last().map_or(after, |e| e.seq)
+        } else {
+            bound
+        };
+        Ok((out, through))
+    }
+
     /// [`Reader::read_after`] for a sink with stream filters: the events
     /// after `after` that `filter` takes, looking at no more than
     /// `scan_limit` rows (a sink that wants 1 % of a backlog must not be
@@ -273,8 +325,14 @@ impl Reader {
         scan_limit: usize,
     ) -> Result<Routed, JournalError> {
         if filter.is_all() {
-            let events = self.read_after(after, sink, lane, max_events, max_bytes)?;
-            let through = events.last().map_or(after, |e| e.seq);
+            let (events, through) = match lane {
+                None => {
+                    let events = self.read_after(after, sink, None, max_events, max_bytes)?;
+                    let through = events.last().map_or(after, |e| e.seq);
+                    (events, through)
+                }
+                Some(_) => self.read_lane(after, sink, lane, max_events, max_bytes)?,
+            };
             return Ok(Routed {
                 events,
                 through,

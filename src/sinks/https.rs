@@ -44,6 +44,9 @@ pub struct HttpsSink {
     compression: Compression,
     auth: Option<HeaderValue>,
     oauth2: Option<OAuth2>,
+    /// No `client_cert`: a connection the upstream drops before it answers
+    /// gets a hint in the error (see [`closed_unanswered`]).
+    without_client_cert: bool,
 }
 
 /// Most bytes of an error body kept for logs and dead-letter reasons.
@@ -106,6 +109,7 @@ impl HttpsSink {
             compression: cfg.compression,
             auth,
             oauth2,
+            without_client_cert: cfg.client_cert.is_none(),
         })
     }
 
@@ -190,6 +194,19 @@ fn is_retryable(status: StatusCode) -> bool {
     ) || status.is_server_error()
 }
 
+/// How the HTTP client words a connection closed by the peer before any
+/// answer. Under TLS 1.3 the handshake ends on the client's side before
+/// the server has checked the client's certificate, so an upstream that
+/// requires one and gets none shows up like this, not as a handshake error.
+fn closed_unanswered(message: &str) -> bool {
+    [
+        "connection was not ready",
+        "connection closed before message completed",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 pub(super) fn describe(e: &reqwest::Error) -> String {
     // The chain holds the useful part (connection refused, certificate
     // unknown, …); reqwest's own text is generic.
@@ -234,10 +251,16 @@ impl HttpsSink {
         }
         match req.send().await {
             Ok(r) => Ok((r, generation)),
-            Err(e) => Err(SendOutcome::retry(
-                None,
-                format!("request failed: {}", describe(&e)),
-            )),
+            Err(e) => {
+                let mut message = format!("request failed: {}", describe(&e));
+                if self.without_client_cert && closed_unanswered(&message) {
+                    message.push_str(
+                        " (the upstream closed the connection without an answer; \
+                         one that requires a client certificate does so when none is sent: see client_cert)",
+                    );
+                }
+                Err(SendOutcome::retry(None, message))
+            }
         }
     }
 }

@@ -11,7 +11,8 @@ use plantrelay::agent;
 use plantrelay::config::Config;
 use plantrelay::demo::receiver::{ReceivedEvent, Receiver, ReceiverOptions};
 use plantrelay::event::{Class, NewEvent};
-use plantrelay::journal::{Journal, JournalOptions};
+use plantrelay::journal::{Journal, JournalOptions, Reader};
+use plantrelay::route::StreamFilter;
 use support::agent::{Harness, agent_toml};
 use support::journal::evicted;
 
@@ -564,4 +565,70 @@ async fn a_sink_with_stream_filters_gets_exactly_its_streams_in_order() {
     );
     assert_eq!(got.iter().filter(|e| e.duplicate).count(), 0);
     assert_per_stream_order(&got);
+}
+
+/// A lane's read looks at the rows present when it began: stopping short of
+/// its limits it reports the last of them as `through`, so an idle
+/// telemetry lane beside a flow of MES events starts its next read at the
+/// head instead of stepping over the same critical rows after every commit.
+#[tokio::test]
+async fn a_lane_read_that_stops_short_reports_the_head_as_read_through() {
+    let h = Harness::new().await;
+    let critical: Vec<NewEvent> = (0..1000)
+        .map(|i| event(Class::Critical, "mes/line1".into(), format!("c-{i}")))
+        .collect();
+    fill(&h.state_dir(), critical).await;
+    let db = h.state_dir().join("journal.db");
+    let reader = Reader::open(&db).unwrap();
+    let all = StreamFilter::all();
+    let telemetry = Some(Class::Telemetry);
+
+    let r = reader
+        .read_routed(0, "central", telemetry, &all, 100, 1 << 20, 10_000)
+        .unwrap();
+    assert!(r.events.is_empty());
+    assert_eq!(
+        (r.through, r.more),
+        (1000, false),
+        "nothing of the lane up to the head"
+    );
+
+    let mut more: Vec<NewEvent> = (0..3)
+        .map(|i| event(Class::Telemetry, "machines/m1".into(), format!("t-{i}")))
+        .collect();
+    more.extend((1000..1002).map(|i| event(Class::Critical, "mes/line1".into(), format!("c-{i}"))));
+    fill(&h.state_dir(), more).await;
+    let r = reader
+        .read_routed(1000, "central", telemetry, &all, 100, 1 << 20, 10_000)
+        .unwrap();
+    let seqs: Vec<u64> = r.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1001, 1002, 1003]);
+    assert_eq!(r.through, 1005, "short of its limits: through the head");
+
+    // Stopped by its limits, the read is through its last event only.
+    let r = reader
+        .read_routed(1000, "central", telemetry, &all, 2, 1 << 20, 10_000)
+        .unwrap();
+    assert_eq!(r.events.len(), 2);
+    assert_eq!(r.through, 1002, "full by count");
+    let r = reader
+        .read_routed(1000, "central", telemetry, &all, 100, 1, 10_000)
+        .unwrap();
+    assert_eq!(r.events.len(), 1);
+    assert_eq!(r.through, 1001, "full by bytes");
+    // The critical lane through its index, the same rule.
+    let r = reader
+        .read_routed(
+            1000,
+            "central",
+            Some(Class::Critical),
+            &all,
+            100,
+            1 << 20,
+            10_000,
+        )
+        .unwrap();
+    let seqs: Vec<u64> = r.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1004, 1005]);
+    assert_eq!(r.through, 1005);
 }

@@ -262,7 +262,8 @@ async fn an_mtls_upstream_works_with_the_client_certificate_and_fails_clearly_wi
         error.contains("certificate")
             || error.contains("handshake")
             || error.contains("reset")
-            || error.contains("CertificateRequired"),
+            || error.contains("CertificateRequired")
+            || error.contains("requires a client certificate"),
         "{error}"
     );
     without.shutdown().await;

@@ -353,6 +353,47 @@ async fn a_trickle_reaches_the_upstream_in_a_few_requests_a_second() {
     running.shutdown().await;
 }
 
+/// MES systems post one event per request: requests beyond
+/// `max_concurrent_requests` (4 here) share a commit too, as a request
+/// gives its slot back once parsed and waits for its commit without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_requests_beyond_max_concurrent_requests_share_commits() {
+    let h = Harness::new().await;
+    let (running, url) = start_agent(&h, "batch_linger = \"5s\"").await;
+    let client = http_client();
+    assert_eq!(post(&client, &url, &mes_events("warm", 1, 1)).await.0, 202);
+    let commits = || {
+        running
+            .journal
+            .stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = commits();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut posts = Vec::new();
+    for e in mes_events("burst", 200, 4) {
+        tick.tick().await;
+        let (client, url) = (client.clone(), url.clone());
+        posts.push(tokio::spawn(
+            async move { post(&client, &url, &[e]).await.0 },
+        ));
+    }
+    for p in posts {
+        assert_eq!(p.await.unwrap(), 202);
+    }
+    let took = commits() - before;
+    // Four requests a commit at most, as when a slot was held through the
+    // commit, would take at least 50.
+    assert!(took < 50, "200 one-event requests took {took} commits");
+    assert!(
+        h.receiver.wait_for(201, Duration::from_secs(30)).await,
+        "every event arrives"
+    );
+    assert!(h.receiver.verdict().is_complete_and_ordered());
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_batches_and_a_backlog_go_out_without_lingering() {
     let h = Harness::new().await;

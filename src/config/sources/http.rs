@@ -64,8 +64,9 @@ pub struct HttpSourceConfig {
     /// gets `413` and nothing of it is stored. Default: `10000`.
     #[serde(default = "default_max_events_per_request")]
     pub max_events_per_request: usize,
-    /// Most ingest requests handled at once, 1 to 64; a request that finds
-    /// no free slot within 2 s gets `503` with `Retry-After`. Default: `4`.
+    /// Most ingest requests read and parsed at once, 1 to 64; a request
+    /// that finds no free slot within 2 s gets `503` with `Retry-After`.
+    /// Parsed requests wait for their commit without a slot. Default: `4`.
     #[serde(default = "default_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
     /// Deepest nesting of arrays and objects in an event's `data`, 1 to 120;

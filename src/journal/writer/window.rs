@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{trace, warn};
 
 use super::event_count;
 use crate::journal::Request;
@@ -141,6 +141,17 @@ impl CommitWindow {
                 Ok(None) | Err(_) => break,
             }
         }
+        trace!(
+            requests = batch.len(),
+            appends = batch
+                .iter()
+                .filter(|r| matches!(r, Request::Append { .. }))
+                .count(),
+            events = batch.iter().map(event_count).sum::<usize>(),
+            waited_us = start.elapsed().as_micros() as u64,
+            window_us = len.as_micros() as u64,
+            "commit window closed"
+        );
         self.count(batch);
     }
 

@@ -392,7 +392,18 @@ impl Core {
         now: Instant,
     ) {
         let through = through.max(self.read_pos());
+        // Only rows of other streams are worth a cursor move of their own:
+        // what a sink with stream filters passes over would otherwise pin
+        // retention. A lane of an unfiltered sink passes over the other
+        // class's rows, which retention already counts as behind it, so its
+        // cursor stays at its own last event (what `status` shows for it)
+        // and only the next read starts further on.
+        let filtered = !self.settings.streams.is_all();
         if !events.is_empty() {
+            let through = match events.last() {
+                Some(last) if !filtered => last.seq.max(self.read_pos()),
+                _ => through,
+            };
             self.hand = Hand::Batch(Batch {
                 plan: Plan::new(events),
                 evictions_at_read,
@@ -412,7 +423,7 @@ impl Core {
         let due = self
             .last_skip
             .is_none_or(|t| now.saturating_duration_since(t) >= SKIP_ADVANCE_EVERY);
-        if behind > 0 && (behind >= SKIP_ADVANCE_ROWS || due) {
+        if filtered && behind > 0 && (behind >= SKIP_ADVANCE_ROWS || due) {
             self.last_skip = Some(now);
             self.pending = Some(Pending {
                 to: self.read_from,

@@ -462,10 +462,18 @@ fn the_rate_limiter_shortens_a_batch_before_it_is_sent() {
     assert!(matches!(core.next(&now), Action::Sleep(_)), "bucket empty");
 }
 
+/// A sink with stream filters: what its reads pass over must move its
+/// cursor, or retention could never delete those rows.
+fn filtered(max: usize) -> ForwarderSettings {
+    let mut s = settings(max);
+    s.streams = crate::route::StreamFilter::new(&["mes/#"]);
+    s
+}
+
 #[test]
 fn rows_passed_over_move_the_cursor_only_in_bulk_or_now_and_then() {
     let t0 = Instant::now();
-    let mut core = Core::new(settings(100), 0, t0);
+    let mut core = Core::new(filtered(100), 0, t0);
     let now = Now {
         at: t0,
         unix_us: 0,
@@ -502,7 +510,7 @@ fn rows_passed_over_move_the_cursor_only_in_bulk_or_now_and_then() {
 #[test]
 fn a_delivered_batch_moves_the_cursor_over_the_rows_its_read_passed_over() {
     let t0 = Instant::now();
-    let mut core = Core::new(settings(100), 0, t0);
+    let mut core = Core::new(filtered(100), 0, t0);
     let now = Now {
         at: t0,
         unix_us: 0,
@@ -514,4 +522,35 @@ fn a_delivered_batch_moves_the_cursor_over_the_rows_its_read_passed_over() {
     assert_eq!(core.next(&now), Action::Send { range: 0..2 });
     core.on_sent(SendOutcome::Ack, 0.5);
     assert!(matches!(core.next(&now), Action::Advance { to: 500, .. }));
+}
+
+/// A lane of an unfiltered sink passes over the other class's rows: its
+/// next read starts past them, but no cursor write is spent on them and a
+/// delivery moves its cursor to its own last event only.
+#[test]
+fn a_lane_reads_on_past_the_other_class_without_moving_its_cursor_over_it() {
+    let t0 = Instant::now();
+    let mut core = Core::new(settings(100), 0, t0);
+    let now = Now {
+        at: t0,
+        unix_us: 0,
+        evictions: 0,
+    };
+    assert_eq!(core.next(&now), Action::Read { after: 0 });
+    core.on_read_routed(Vec::new(), 20_000, false, 0, false, t0);
+    assert_eq!(core.next(&now), Action::WaitForCommit, "no cursor write");
+    core.on_woken();
+    assert_eq!(core.next(&now), Action::Read { after: 20_000 });
+    let later = t0 + SKIP_ADVANCE_EVERY;
+    core.on_read_routed(Vec::new(), 20_200, false, 0, false, later);
+    assert_eq!(core.next(&now), Action::WaitForCommit, "not later either");
+    core.on_woken();
+    assert_eq!(core.next(&now), Action::Read { after: 20_200 });
+    core.on_read_routed(vec![ev(20_301), ev(20_305)], 20_400, false, 0, false, later);
+    assert_eq!(core.next(&now), Action::Send { range: 0..2 });
+    core.on_sent(SendOutcome::Ack, 0.5);
+    assert!(matches!(
+        core.next(&now),
+        Action::Advance { to: 20_305, .. }
+    ));
 }

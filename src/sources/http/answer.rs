@@ -59,6 +59,23 @@ impl Reject {
         }
     }
 
+    /// The events of earlier requests fill the waiting budget (`max_body`)
+    /// and none was committed within [`SLOT_WAIT`]: the journal is behind.
+    pub(super) fn commits_behind(max_body: u64) -> Reject {
+        Reject {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "commits behind",
+            message: format!(
+                "earlier requests' events ({}, max_body) are still waiting for the journal \
+                 and none was committed within {} s; nothing was stored, retry later",
+                crate::units::fmt_bytes(max_body),
+                SLOT_WAIT.as_secs()
+            ),
+            index: None,
+            errors: None,
+        }
+    }
+
     pub(super) fn body_timeout() -> Reject {
         Reject {
             status: StatusCode::REQUEST_TIMEOUT,
