@@ -223,6 +223,15 @@ pub fn render(r: &StatusReport) -> String {
     );
     int_gauges(
         &mut reg,
+        "plantrelay_source_requests_in_flight",
+        "HTTP ingest requests being read, parsed or committed",
+        r.sources
+            .iter()
+            .filter(|s| s.kind == "http")
+            .map(|s| (source(&s.name), s.in_flight)),
+    );
+    int_gauges(
+        &mut reg,
         "plantrelay_source_connected",
         "1 if the source is connected (listening, for HTTP)",
         r.sources

@@ -38,6 +38,10 @@ pub struct SourceStatus {
     /// Events dropped before the journal (OPC UA: data changes superseded
     /// by a newer value of the same node while the queue was full).
     pub dropped: AtomicU64,
+    /// HTTP: ingest requests being read, parsed or committed right now (a
+    /// value that stays up while nothing is stored points at a stuck
+    /// sender or a journal that does not commit). 0 for other kinds.
+    pub in_flight: AtomicU64,
     /// µs since the epoch; 0 = never.
     pub last_event_us: AtomicI64,
     pub last_error: Mutex<Option<(i64, String)>>,
@@ -64,6 +68,7 @@ impl SourceStatus {
             duplicates: AtomicU64::new(0),
             rejects: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             last_event_us: AtomicI64::new(0),
             last_error: Mutex::new(None),
             bad_nodes: Mutex::new(Vec::new()),
@@ -128,6 +133,7 @@ impl SourceStatus {
                 })
                 .unwrap_or_default(),
             dropped: self.dropped.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
             last_event_time: (last_event > 0).then(|| rfc3339_us(last_event)),
             last_event_us: (last_event > 0).then_some(last_event),
             last_error: last_error.as_ref().map(|(_, m)| m.clone()),
@@ -162,6 +168,8 @@ pub struct SourceSnapshot {
     pub schema_rejects: Vec<SchemaRejects>,
     /// See [`SourceStatus::dropped`].
     pub dropped: u64,
+    /// See [`SourceStatus::in_flight`].
+    pub in_flight: u64,
     pub last_event_time: Option<String>,
     /// `last_event_time` as µs since the epoch, for the metrics.
     #[serde(skip)]

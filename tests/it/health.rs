@@ -515,6 +515,11 @@ async fn metrics_parse_as_prometheus_text_and_agree_with_the_status_json() {
     );
     assert_eq!(sample(&scrape, "plantrelay_source_connected", mes), 1.0);
     assert_eq!(
+        sample(&scrape, "plantrelay_source_requests_in_flight", mes),
+        0.0,
+        "every request answered"
+    );
+    assert_eq!(
         sample(
             &scrape,
             "plantrelay_evicted_events_total",

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::agent::{http_source_config, stop_source};
 use plantrelay::config::HttpSourceConfig;
@@ -876,9 +876,15 @@ async fn graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(first.as_bytes()).await.unwrap();
-    // The source shows no sign of a request it is reading: give it time to
-    // accept the connection and take the head.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The source has taken the head and is reading the body.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ingest.status.in_flight.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the source"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     ingest.stop.cancel();
     // A quiet spell: serve must still be waiting for the request.
@@ -897,6 +903,11 @@ async fn graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting()
     assert_eq!(status, 202, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(seqs(&answer), vec![1]);
+    assert_eq!(
+        ingest.status.in_flight.load(Ordering::Relaxed),
+        0,
+        "answered"
+    );
     drop(stream);
 
     let events = ingest.events();

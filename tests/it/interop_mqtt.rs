@@ -13,7 +13,7 @@
 
 use crate::support;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,41 +25,18 @@ use plantrelay::journal::Reader;
 use plantrelay::sources::mqtt::content_id;
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::mosquitto::Mosquitto;
-use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
+use support::mqtt::{
+    json_messages, per_stream_n, publish_pipelined, source_toml, start_subscribed,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Mosquitto takes up to max_inflight_messages (20) unacknowledged
 /// publishes from a client and drops it when it sends more.
 const INFLIGHT: u16 = 20;
-
-fn json_messages(prefix: &str, topics: usize, from: usize, to: usize) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for n in from..to {
-        for t in 0..topics {
-            let payload = json!({"machine": format!("m{t}"), "n": n, "pad": "x".repeat(120)});
-            out.push((
-                format!("{prefix}/m{t}/state"),
-                payload.to_string().into_bytes(),
-            ));
-        }
-    }
-    out
-}
-
-fn per_stream_n(events: &[StoredEvent]) -> BTreeMap<String, Vec<u64>> {
-    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in events {
-        let v: Value = serde_json::from_slice(&e.data).unwrap();
-        if let Some(n) = v["n"].as_u64() {
-            out.entry(e.stream.clone()).or_default().push(n);
-        }
-    }
-    out
-}
 
 fn assert_all_journaled(events: &[StoredEvent], acked: &[(String, Vec<u8>)]) {
     let ids: HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
@@ -178,7 +155,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
         "pub-per-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("per", 5, 0, 200),
+        json_messages("per", 5, 0..200),
         None,
     )
     .await;
@@ -187,7 +164,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
         "pub-per5-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("per5", 2, 0, 100),
+        json_messages("per5", 2, 0..100),
         None,
     )
     .await;
@@ -198,7 +175,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
         "pub-per-2",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("per", 5, 200, 210),
+        json_messages("per", 5, 200..210),
         None,
     )
     .await;
@@ -209,7 +186,7 @@ async fn mosquitto_restarted_with_persistence_keeps_the_session_and_flows_within
             "pub-per5-2",
             QoS::AtLeastOnce,
             INFLIGHT,
-            json_messages("per5", 2, 100, 110),
+            json_messages("per5", 2, 100..110),
             None,
         )
         .await,
@@ -250,7 +227,7 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
         "pub-np-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("np", 2, 0, 100),
+        json_messages("np", 2, 0..100),
         None,
     )
     .await;
@@ -267,7 +244,7 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
             "pub-np-2",
             QoS::AtLeastOnce,
             INFLIGHT,
-            json_messages("np", 2, n, n + 1),
+            json_messages("np", 2, n..n + 1),
             None,
         )
         .await;
@@ -289,7 +266,7 @@ async fn mosquitto_restarted_without_persistence_loses_the_session_and_the_agent
         "pub-np-3",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("np", 2, 1000, 1100),
+        json_messages("np", 2, 1000..1100),
         None,
     )
     .await;
@@ -357,7 +334,7 @@ async fn sigkill_of_the_agent_loses_nothing_mosquitto_acknowledged() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let messages = json_messages("crash", 10, 0, 4000);
+    let messages = json_messages("crash", 10, 0..4000);
     let total = messages.len();
     let publisher = tokio::spawn(publish_pipelined(
         m.addr(),
@@ -426,7 +403,7 @@ async fn qos2_subscriptions_survive_connection_cuts() {
         "pub-q2",
         QoS::ExactlyOnce,
         INFLIGHT,
-        json_messages("q2", 4, 0, 1500),
+        json_messages("q2", 4, 0..1500),
         Some(2000.0),
     ));
     // The faults' pacing: 600 ms of traffic, then a 200 ms cut, four times.

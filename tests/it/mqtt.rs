@@ -6,7 +6,7 @@
 
 use crate::support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,43 +27,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
-use support::mqtt::{publish_pipelined, source_toml, start_subscribed};
+use support::mqtt::{
+    json_messages, per_stream_n, publish_pipelined, source_toml, start_subscribed,
+};
 use support::upstream::until;
 
 const WAIT: Duration = Duration::from_secs(90);
 /// Unacknowledged publishes the test publisher keeps in flight.
 const INFLIGHT: u16 = 100;
-
-fn json_messages(prefix: &str, topics: usize, per_topic: usize) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::with_capacity(topics * per_topic);
-    for n in 0..per_topic {
-        for t in 0..topics {
-            let payload = json!({
-                "machine": format!("m{t}"),
-                "n": n,
-                "state": "running",
-                "pad": "x".repeat(120),
-            });
-            out.push((
-                format!("{prefix}/m{t}/state"),
-                payload.to_string().into_bytes(),
-            ));
-        }
-    }
-    out
-}
-
-/// Per stream, the `n` of the stored events in journal order.
-fn per_stream_n(events: &[StoredEvent]) -> BTreeMap<String, Vec<u64>> {
-    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in events {
-        let v: Value = serde_json::from_slice(&e.data).unwrap();
-        out.entry(e.stream.clone())
-            .or_default()
-            .push(v["n"].as_u64().unwrap());
-    }
-    out
-}
 
 fn assert_stream_seqs_gap_free(events: &[StoredEvent]) {
     let mut last: HashMap<&str, u64> = HashMap::new();
@@ -90,7 +61,7 @@ async fn ten_thousand_qos1_messages_over_ten_topics_are_journaled_in_per_topic_o
         "pub-10k",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("plant", 10, 1000),
+        json_messages("plant", 10, 0..1000),
         None,
     )
     .await;
@@ -160,14 +131,14 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
         "pub-cut-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("cut", 2, 200),
+        json_messages("cut", 2, 0..200),
         None,
     )
     .await;
     proxy.cut();
     // Published while the agent is cut off: the broker keeps them for the
     // persistent session.
-    let during: Vec<_> = json_messages("cut", 2, 400).split_off(400);
+    let during: Vec<_> = json_messages("cut", 2, 200..400);
     acked.extend(
         publish_pipelined(
             broker.addr(),
@@ -192,7 +163,7 @@ async fn a_cut_connection_is_re_established_and_flowing_again_within_5s() {
         .await;
     let flowing_after = back.elapsed();
     assert_eq!(events.len(), 800, "flowing again within 5 s");
-    let after: Vec<_> = json_messages("cut", 2, 500).split_off(800);
+    let after: Vec<_> = json_messages("cut", 2, 400..500);
     acked.extend(
         publish_pipelined(
             broker.addr(),
@@ -234,7 +205,7 @@ async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
         "pub-lost-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("lost", 1, 100),
+        json_messages("lost", 1, 0..100),
         None,
     )
     .await;
@@ -263,7 +234,7 @@ async fn a_session_lost_on_the_broker_is_noticed_and_resubscribed() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut published = 100;
     loop {
-        let batch: Vec<_> = json_messages("lost", 1, published + 10).split_off(published);
+        let batch: Vec<_> = json_messages("lost", 1, published..published + 10);
         publish_pipelined(
             broker.addr(),
             "pub-lost-2",
@@ -337,7 +308,7 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
         "pub-dead-1",
         QoS::AtLeastOnce,
         INFLIGHT,
-        json_messages("dead", 1, 50),
+        json_messages("dead", 1, 0..50),
         None,
     )
     .await;
@@ -357,7 +328,7 @@ async fn a_dead_link_is_detected_within_one_and_a_half_keep_alives() {
     // Nothing was received at most keep_alive (2 s) before the blackhole
     // (the last PINGRESP), so 1.5 × keep_alive from then is at most 3 s.
     assert!(noticed <= Duration::from_millis(3_300), "{noticed:?}");
-    let during: Vec<_> = json_messages("dead", 1, 100).split_off(50);
+    let during: Vec<_> = json_messages("dead", 1, 50..100);
     publish_pipelined(
         broker.addr(),
         "pub-dead-2",
@@ -891,7 +862,7 @@ async fn sigkill_between_receive_and_commit_loses_nothing_the_broker_acknowledge
 
     // The publisher streams 30,000 messages at ~3,000/s while the agent is
     // killed with SIGKILL every 0.4–1.2 s and restarted.
-    let messages = json_messages("crash", 10, 3000);
+    let messages = json_messages("crash", 10, 0..3000);
     let total = messages.len();
     let publisher = tokio::spawn(publish_pipelined(
         broker.addr(),

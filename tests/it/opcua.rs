@@ -145,10 +145,8 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
         wait_connected(&st, false, WAIT).await.is_some(),
         "loss not noticed"
     );
-    // The old session's last data changes may still be on their way to the
-    // journal, and nothing reports when that queue is empty.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = h.source_events("press").len();
+    // Everything before this is the old server's.
+    let at_loss = h.source_events("press").len();
     opts.reorder = true;
     let press = SimPress::start(&opts).await.unwrap();
     let up = Instant::now();
@@ -158,14 +156,25 @@ async fn a_restart_that_moves_the_namespace_index_is_recovered_via_nsu_with_one_
         "the test must move the index"
     );
 
-    // Events of the new server: counter values restart at 1.
+    // Events of the new server: its session's snapshot, then counter values
+    // from 1. The old session's last data changes may reach the journal
+    // after the loss was noticed, but before that snapshot.
+    let new_session = |ev: &[StoredEvent]| {
+        ev[at_loss.min(ev.len())..]
+            .iter()
+            .position(is_resync)
+            .map(|p| at_loss + p)
+    };
     let events = h
         .wait_journal(Some("press"), WAIT, |ev| {
-            ev[before.min(ev.len())..]
-                .iter()
-                .any(|e| node_is(e, "Counter") && !is_resync(e))
+            new_session(ev).is_some_and(|start| {
+                ev[start..]
+                    .iter()
+                    .any(|e| node_is(e, "Counter") && !is_resync(e))
+            })
         })
         .await;
+    let before = new_session(&events).unwrap();
     let recovery = up.elapsed();
     println!(
         "OPC UA restart recovery: first data change {} ms after the server was back (keep-alive window {} ms)",

@@ -279,9 +279,32 @@ impl Limits {
 }
 
 async fn post_events(State(ingest): State<Arc<Ingest>>, req: Request) -> Response {
+    let _in_flight = InFlight::enter(&ingest.status);
     match ingest_request(&ingest, req).await {
         Ok(response) => response,
         Err(reject) => ingest.rejected(reject),
+    }
+}
+
+/// Counts a request in [`SourceStatus::in_flight`] for as long as it is
+/// handled, however its handler ends (answered, or dropped with its
+/// connection).
+struct InFlight<'a>(&'a SourceStatus);
+
+impl<'a> InFlight<'a> {
+    fn enter(status: &'a SourceStatus) -> InFlight<'a> {
+        status
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(status)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -2,17 +2,55 @@
 //! started with it, and a pipelined QoS 1/2 publisher that returns what the
 //! broker acknowledged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plantrelay::agent::{self, RunningAgent};
+use plantrelay::event::StoredEvent;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde_json::{Value, json};
 
 use super::agent::{Harness, source_status, wait_connected};
 
 /// A `[[sources.mqtt]]` section.
+/// Machine-state messages `n` in `ns` over `topics` topics
+/// (`<prefix>/m<t>/state`), in publish order: every topic's `n` before the
+/// next `n`. About 180 bytes each.
+pub fn json_messages(prefix: &str, topics: usize, ns: Range<usize>) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::with_capacity(topics * ns.len());
+    for n in ns {
+        for t in 0..topics {
+            let payload = json!({
+                "machine": format!("m{t}"),
+                "n": n,
+                "state": "running",
+                "pad": "x".repeat(120),
+            });
+            out.push((
+                format!("{prefix}/m{t}/state"),
+                payload.to_string().into_bytes(),
+            ));
+        }
+    }
+    out
+}
+
+/// Per stream, the `n` of the stored [`json_messages`] in journal order
+/// (events without one, such as probes, left out).
+pub fn per_stream_n(events: &[StoredEvent]) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in events {
+        let v: Value = serde_json::from_slice(&e.data).unwrap();
+        if let Some(n) = v["n"].as_u64() {
+            out.entry(e.stream.clone()).or_default().push(n);
+        }
+    }
+    out
+}
+
 pub fn source_toml(name: &str, url: &str, topics: &[&str], extra: &str) -> String {
     let topics: Vec<String> = topics.iter().map(|t| format!("{t:?}")).collect();
     format!(
