@@ -21,45 +21,102 @@ pub struct Received {
 
 pub type Inbox = Arc<Mutex<Vec<Received>>>;
 
-/// A QoS 1 MQTT 3.1.1 subscriber to `filter` on `addr`, subscribed when
-/// this returns and connected until the test ends (it reconnects after a
-/// broker restart). With `persistent`, its session is kept by the broker:
-/// what arrives while it is away is delivered after.
-pub async fn subscribe(addr: SocketAddr, client_id: &str, persistent: bool, filter: &str) -> Inbox {
+/// One turn of a subscriber's event loop, whatever its MQTT version.
+enum Polled {
+    SubAck,
+    Message(Received),
+    Other,
+    /// The broker went away (or restarts): polling again reconnects.
+    Lost,
+}
+
+/// rumqttc's v3.1.1 and v5 event loops, polled alike.
+trait SubscriberLoop: Send + 'static {
+    fn turn(&mut self) -> impl std::future::Future<Output = Polled> + Send;
+}
+
+impl SubscriberLoop for rumqttc::EventLoop {
+    async fn turn(&mut self) -> Polled {
+        match self.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => Polled::SubAck,
+            Ok(Event::Incoming(Packet::Publish(p))) => Polled::Message(Received {
+                topic: p.topic.clone(),
+                payload: p.payload.to_vec(),
+                user_properties: Vec::new(),
+                content_type: None,
+            }),
+            Ok(_) => Polled::Other,
+            Err(_) => Polled::Lost,
+        }
+    }
+}
+
+impl SubscriberLoop for rumqttc::v5::EventLoop {
+    async fn turn(&mut self) -> Polled {
+        use rumqttc::v5::{Event as E5, mqttbytes::v5::Packet as P5};
+        match self.poll().await {
+            Ok(E5::Incoming(P5::SubAck(_))) => Polled::SubAck,
+            Ok(E5::Incoming(P5::Publish(p))) => {
+                let props = p.properties.clone().unwrap_or_default();
+                Polled::Message(Received {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: p.payload.to_vec(),
+                    user_properties: props.user_properties,
+                    content_type: props.content_type,
+                })
+            }
+            Ok(_) => Polled::Other,
+            Err(_) => Polled::Lost,
+        }
+    }
+}
+
+/// Runs `eventloop` for the rest of the test, keeping what arrives;
+/// `subscribe` sends the SUBSCRIBE, and this returns once it is acknowledged.
+async fn run_subscriber<F>(mut eventloop: impl SubscriberLoop, subscribe: F) -> Inbox
+where
+    F: std::future::Future<Output = ()>,
+{
     let inbox: Inbox = Arc::default();
-    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-    opts.set_clean_session(!persistent);
-    opts.set_keep_alive(Duration::from_secs(5));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
     let mut subscribed_tx = Some(subscribed_tx);
     let sink = inbox.clone();
     tokio::spawn(async move {
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
+            match eventloop.turn().await {
+                Polled::SubAck => {
                     if let Some(tx) = subscribed_tx.take() {
                         let _ = tx.send(());
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push(Received {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                    user_properties: Vec::new(),
-                    content_type: None,
-                }),
-                Ok(_) => {}
-                // The broker restarts: poll again, which reconnects.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Polled::Message(m) => sink.lock().unwrap().push(m),
+                Polled::Other => {}
+                Polled::Lost => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     });
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    subscribe.await;
     tokio::time::timeout(Duration::from_secs(60), subscribed)
         .await
         .unwrap()
         .unwrap();
+    inbox
+}
+
+/// A QoS 1 MQTT 3.1.1 subscriber to `filter` on `addr`, subscribed when
+/// this returns and connected until the test ends (it reconnects after a
+/// broker restart). With `persistent`, its session is kept by the broker:
+/// what arrives while it is away is delivered after.
+pub async fn subscribe(addr: SocketAddr, client_id: &str, persistent: bool, filter: &str) -> Inbox {
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    opts.set_clean_session(!persistent);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, eventloop) = AsyncClient::new(opts, 1000);
+    let inbox = run_subscriber(eventloop, async {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    })
+    .await;
     // The client lives as long as its event loop.
     std::mem::forget(client);
     inbox
@@ -68,48 +125,18 @@ pub async fn subscribe(addr: SocketAddr, client_id: &str, persistent: bool, filt
 /// A QoS 1 MQTT 5 subscriber to `filter` on `addr` (user properties and
 /// content type kept), subscribed when this returns.
 pub async fn subscribe_v5(addr: std::net::SocketAddr, filter: &str) -> Inbox {
-    use rumqttc::v5::mqttbytes::QoS as Q5;
-    use rumqttc::v5::{
-        AsyncClient as C5, Event as E5, MqttOptions as O5, mqttbytes::v5::Packet as P5,
-    };
-    let inbox: Inbox = Arc::default();
+    use rumqttc::v5::{AsyncClient as C5, MqttOptions as O5, mqttbytes::QoS as Q5};
     let mut opts = O5::new(
         format!("check5-{}", rand::random::<u32>()),
         addr.ip().to_string(),
         addr.port(),
     );
     opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = C5::new(opts, 1000);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let mut subscribed_tx = Some(subscribed_tx);
-    let sink = inbox.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(E5::Incoming(P5::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(E5::Incoming(P5::Publish(p))) => {
-                    let props = p.properties.clone().unwrap_or_default();
-                    sink.lock().unwrap().push(Received {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                        user_properties: props.user_properties,
-                        content_type: props.content_type,
-                    })
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    client.subscribe(filter, Q5::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), subscribed)
-        .await
-        .unwrap()
-        .unwrap();
+    let (client, eventloop) = C5::new(opts, 1000);
+    let inbox = run_subscriber(eventloop, async {
+        client.subscribe(filter, Q5::AtLeastOnce).await.unwrap();
+    })
+    .await;
     std::mem::forget(client);
     inbox
 }
