@@ -49,14 +49,6 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// 200 bytes of JSON carrying its publish time.
 fn payload(i: u64) -> Vec<u8> {
     let head = format!(
@@ -91,7 +83,7 @@ struct Mosquitto {
 impl Mosquitto {
     fn start(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = support::free_port();
         let conf = format!(
             "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
              max_queued_messages 0\npersistence_location {}/\nlog_dest none\n{extra}\n",

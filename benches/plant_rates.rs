@@ -72,14 +72,6 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// 200 bytes of JSON carrying its publish time.
 fn payload(i: u64) -> Vec<u8> {
     let mut s = format!(
@@ -231,7 +223,7 @@ impl Env {
     fn config(&self, name: &str, source: SourceKind) -> (PathBuf, PathBuf, u16) {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).expect("dir");
-        let port = free_port();
+        let port = support::free_port();
         let source_toml = match source {
             SourceKind::Mqtt => format!(
                 r#"

@@ -20,6 +20,16 @@ pub fn scaled(x: u64, at_least: u64) -> u64 {
     ((x as f64) * scale()).max(at_least as f64) as u64
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released: a peer started next
+/// can take it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
 /// The journal's highest committed seq (0 while it cannot be read).
 pub fn head_seq(db: &Path) -> u64 {
     Reader::open(db).and_then(|r| r.head_seq()).unwrap_or(0)
