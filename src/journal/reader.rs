@@ -231,15 +231,32 @@ impl Reader {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>, JournalError> {
+        self.read_range(after, None, sink, lane, max_events, max_bytes)
+            .map(|(events, _)| events)
+    }
+
+    /// [`Reader::read_after`] up to seq `until` if given; the flag says
+    /// whether the read stopped at `max_events` or `max_bytes` (rather than
+    /// at the end of what it may read).
+    fn read_range(
+        &self,
+        after: u64,
+        until: Option<u64>,
+        sink: &str,
+        lane: Option<Class>,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<StoredEvent>, bool), JournalError> {
         let class = class_clause(lane);
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events
-             WHERE {class} seq > ?1 AND (only_sink IS NULL OR only_sink = ?2)
+             WHERE {class} seq > ?1 AND seq <= ?4 AND (only_sink IS NULL OR only_sink = ?2)
              ORDER BY seq LIMIT ?3"
         );
+        let until = until.map_or(i64::MAX, |u| i64::try_from(u).unwrap_or(i64::MAX));
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let mut rows = st
-            .query(params![after as i64, sink, max_events as i64])
+            .query(params![after as i64, sink, max_events as i64, until])
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -247,11 +264,12 @@ impl Reader {
             let ev = event_from_row(row).map_err(|e| self.err(e))?;
             bytes += ev.size();
             if bytes > max_bytes && !out.is_empty() {
-                break;
+                return Ok((out, true));
             }
             out.push(ev);
         }
-        Ok(out)
+        let full = out.len() >= max_events;
+        Ok((out, full))
     }
 
     /// [`Reader::read_after`] for one lane, bounded by the last row present
@@ -277,33 +295,13 @@ impl Reader {
         let Some(bound) = last_row.map(|s| s.max(0) as u64).filter(|s| *s > after) else {
             return Ok((Vec::new(), after));
         };
-        let class = class_clause(lane);
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE {class} seq > ?1 AND seq <= ?4 AND (only_sink IS NULL OR only_sink = ?2)
-             ORDER BY seq LIMIT ?3"
-        );
-        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
-        let mut rows = st
-            .query(params![after as i64, sink, max_events as i64, bound as i64])
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-            let ev = event_from_row(row).map_err(|e| self.err(e))?;
-            bytes += ev.size();
-            if bytes > max_bytes && !out.is_empty() {
-                let through = out.last().map_or(after, |e: &StoredEvent| e.seq);
-                return Ok((out, through));
-            }
-            out.push(ev);
-        }
-        let through = if out.len() >= max_events {
-            out.last().map_or(after, |e| e.seq)
-        } else {
-            bound
+        let (events, full) =
+            self.read_range(after, Some(bound), sink, lane, max_events, max_bytes)?;
+        let through = match events.last() {
+            Some(last) if full => last.seq,
+            _ => bound,
         };
-        Ok((out, through))
+        Ok((events, through))
     }
 
     /// [`Reader::read_after`] for a sink with stream filters: the events

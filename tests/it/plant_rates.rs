@@ -318,19 +318,19 @@ async fn start_agent(h: &Harness, sink_extra: &str) -> (agent::RunningAgent, Str
     (running, format!("http://{addr}/v1/events"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trickle_reaches_the_upstream_in_a_few_requests_a_second() {
-    let h = Harness::new().await;
-    // The default batch_linger (250 ms).
-    let (running, url) = start_agent(&h, "").await;
-    let client = http_client();
-    let events = mes_events("trickle", 200, 4);
-    let t0 = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
+/// Posts each of `events` in a request of its own, `every_ms` apart, each
+/// on its own task (as MES systems post), and checks every one gets 202.
+async fn post_one_by_one(
+    client: &reqwest::Client,
+    url: &str,
+    events: Vec<serde_json::Value>,
+    every_ms: u64,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
     let mut posts = Vec::new();
     for e in events {
         tick.tick().await;
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url) = (client.clone(), url.to_owned());
         posts.push(tokio::spawn(
             async move { post(&client, &url, &[e]).await.0 },
         ));
@@ -338,6 +338,16 @@ async fn a_trickle_reaches_the_upstream_in_a_few_requests_a_second() {
     for p in posts {
         assert_eq!(p.await.unwrap(), 202);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_reaches_the_upstream_in_a_few_requests_a_second() {
+    let h = Harness::new().await;
+    // The default batch_linger (250 ms).
+    let (running, url) = start_agent(&h, "").await;
+    let client = http_client();
+    let t0 = Instant::now();
+    post_one_by_one(&client, &url, mes_events("trickle", 200, 4), 10).await;
     assert!(
         h.receiver.wait_for(200, Duration::from_secs(20)).await,
         "every event arrives"
@@ -370,18 +380,7 @@ async fn one_event_requests_beyond_max_concurrent_requests_share_commits() {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     let before = commits();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    let mut posts = Vec::new();
-    for e in mes_events("burst", 200, 4) {
-        tick.tick().await;
-        let (client, url) = (client.clone(), url.clone());
-        posts.push(tokio::spawn(
-            async move { post(&client, &url, &[e]).await.0 },
-        ));
-    }
-    for p in posts {
-        assert_eq!(p.await.unwrap(), 202);
-    }
+    post_one_by_one(&client, &url, mes_events("burst", 200, 4), 1).await;
     let took = commits() - before;
     // Four requests a commit at most, as when a slot was held through the
     // commit, would take at least 50.
