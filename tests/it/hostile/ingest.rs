@@ -308,6 +308,71 @@ async fn requests_past_max_concurrent_requests_get_503_with_retry_after_and_noth
     s.finish().await;
 }
 
+/// Parsed requests wait for their commit without a slot, holding at most
+/// `max_body` between them: with the journal held up (another process has
+/// its write lock), a request past that is told to come back and nothing of
+/// it is stored; those within it are stored once the journal moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_held_up_journal_hold_at_most_max_body_and_the_next_gets_503() {
+    // A 2 KiB budget: two one-event requests (1 KiB each, with the
+    // per-event overhead) fit, a third does not.
+    let s = Arc::new(start(|c| c.max_body = 2048).await);
+    let warm = s
+        .post(SINGLE, json!({"id": "warm", "data": 1}).to_string())
+        .await;
+    assert_eq!(warm.status, 202, "{}", brief(&warm.body));
+
+    let db = rusqlite::Connection::open(s._dir.path().join("journal.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let posts: Vec<_> = (0..3)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let id = format!("held-{i}");
+                let a = s
+                    .post(SINGLE, json!({"id": id, "data": i}).to_string())
+                    .await;
+                (id, a)
+            })
+        })
+        .collect();
+    // The one past the budget is answered while the journal is still held.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !posts.iter().any(|p| p.is_finished()) {
+        assert!(Instant::now() < deadline, "nobody was turned away");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.execute_batch("ROLLBACK").unwrap();
+    drop(db);
+
+    let mut stored_ids = HashSet::from(["warm".to_owned()]);
+    let mut refused = Vec::new();
+    for p in posts {
+        let (id, a) = p.await.unwrap();
+        match a.status {
+            202 => {
+                stored_ids.insert(id);
+            }
+            503 => refused.push(a),
+            other => panic!("unexpected {other}: {}", brief(&a.body)),
+        }
+    }
+    assert_eq!(refused.len(), 1, "one of three past the budget");
+    assert_eq!(refused[0].retry_after.as_deref(), Some("1"));
+    assert!(
+        refused[0].error().contains("still waiting for the journal"),
+        "{}",
+        brief(&refused[0].body)
+    );
+    let stored: HashSet<String> = s.stored().into_iter().map(|e| e.id).collect();
+    assert_eq!(stored, stored_ids);
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.finish().await,
+        Err(_) => panic!("a request task still holds the source"),
+    }
+}
+
 #[tokio::test]
 async fn a_sender_that_trickles_its_body_loses_its_slot_with_408_and_the_next_request_is_served() {
     let s = start(|c| c.max_concurrent_requests = 1).await;
