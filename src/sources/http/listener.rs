@@ -194,7 +194,6 @@ impl HttpSource {
             status: status.clone(),
             warnings: WarnLimiter::default(),
             slots: tokio::sync::Semaphore::new(limits.max_concurrent_requests),
-            waiting_budget_kib: super::waiting_budget_kib(max_body),
             waiting: tokio::sync::Semaphore::new(super::waiting_budget_kib(max_body) as usize),
             limits,
             schemas,

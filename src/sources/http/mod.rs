@@ -218,10 +218,8 @@ struct Ingest {
     /// all requests together hold to about `max_concurrent_requests` times
     /// that of one.
     slots: tokio::sync::Semaphore,
-    /// The size of `waiting`, in KiB.
-    waiting_budget_kib: u32,
     /// Parsed events waiting for (or in) their commit, in KiB of
-    /// [`waiting_kib`], at most `max_body` in all. A request takes its share
+    /// [`waiting_kib`], at most `max_body` in all ([`waiting_budget_kib`]). A request takes its share
     /// before it gives its slot back, so the slots bound the reading and
     /// parsing, this the waiting, and requests of a few events each can
     /// share a commit whatever `max_concurrent_requests` is (with the slot
@@ -368,7 +366,7 @@ async fn ingest_request(ingest: &Ingest, req: Request) -> Result<Response, Rejec
     drop(body);
     // 7. A share of the waiting budget, then the slot goes back: the next
     // request is read while this one waits for its commit.
-    let share = waiting_kib(&events, ingest.waiting_budget_kib);
+    let share = waiting_kib(&events, waiting_budget_kib(ingest.max_body));
     let _waiting = match tokio::time::timeout(SLOT_WAIT, ingest.waiting.acquire_many(share)).await {
         Ok(Ok(permit)) => permit,
         // The semaphore is never closed; either way there is no room.
