@@ -86,7 +86,7 @@ pub async fn watch(
         let now_us = unix_micros(SystemTime::now());
         for (status, w) in sinks.iter().zip(watches.iter_mut()) {
             let p = status.progress();
-            let backlog = head.saturating_sub(p.cursor);
+            let backlog = journal.stats().backlog(head, p.cursor);
             if p.consecutive_failures > 0 {
                 let f = w.failing.get_or_insert_with(|| Failing {
                     // The first failure of the run, when the status has it.

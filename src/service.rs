@@ -73,7 +73,7 @@ pub fn summary(view: &AgentView) -> String {
             format!(
                 "{} backlog {} ({state})",
                 s.name,
-                head.saturating_sub(p.cursor)
+                stats.backlog(head, p.cursor)
             )
         })
         .collect();

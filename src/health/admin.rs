@@ -194,7 +194,7 @@ pub(crate) async fn replay(
         "sink": sink,
         "cursor": cursor,
         "from_seq": cursor + 1,
-        "backlog_events": head.saturating_sub(cursor),
+        "backlog_events": view.journal.stats().backlog(head, cursor),
     }))
     .into_response())
 }

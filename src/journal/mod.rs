@@ -8,8 +8,13 @@
 //!   source_time, recv_time, data, attrs, size, only_sink)`: one row per
 //!   stored event. `seq` is assigned by the writer: strictly increasing over
 //!   the journal's whole life (the high-water mark is kept in `meta`, so it
-//!   never restarts, not even after every row was deleted). Without
-//!   evictions, retention or dead-letter retries, seqs are gap-free.
+//!   never restarts, not even after every row was deleted), and never given
+//!   to two events, not even when the WAL loses its last commits: seqs are
+//!   reserved in `journal.db.seq` first, and after a stop that was not
+//!   clean they go on past the reservation (`seqmark.rs`; the range skipped
+//!   is kept in `meta` as `skipped_seqs.<first>` so backlogs leave it out).
+//!   Without those jumps, evictions, retention or dead-letter retries, seqs
+//!   are gap-free.
 //!   `stream_seq` counts per `(source, stream)` and is gap-free: an evicted
 //!   range is replaced by a `plantrelay.gap` row that names it. `recv_time`
 //!   (µs since the epoch) never decreases with `seq` (the writer clamps a
@@ -108,7 +113,22 @@ pub mod dedup;
 mod reader;
 mod reserve;
 mod schema;
+mod seqmark;
 mod writer;
+
+pub use seqmark::mark_path as seq_mark_path;
+
+/// Seqs of `skips` (ranges `first..=last`) after `after` and up to `through`.
+pub(crate) fn skipped_between(skips: &[(u64, u64)], after: u64, through: u64) -> u64 {
+    skips
+        .iter()
+        .map(|&(first, last)| {
+            let lo = first.max(after.saturating_add(1));
+            let hi = last.min(through);
+            if hi >= lo { hi - lo + 1 } else { 0 }
+        })
+        .sum()
+}
 
 pub use reserve::DEFAULT_DISK_RESERVE;
 pub(crate) use writer::WINDOW_ENOUGH_EVENTS;
@@ -279,9 +299,23 @@ pub struct SharedStats {
     pub writer_heartbeat_us: AtomicI64,
     pub writer_alive: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// Seq ranges a crashed run may have handed out and this journal
+    /// jumped over (`first..=last`, see `seqmark.rs`): no event has them.
+    pub skipped_seqs: Mutex<Vec<(u64, u64)>>,
 }
 
 impl SharedStats {
+    /// Events between `cursor` (exclusive) and `head` (inclusive), for a
+    /// cursor that moves over every event: seqs less the ranges skipped.
+    pub fn backlog(&self, head: u64, cursor: u64) -> u64 {
+        let skipped = self
+            .skipped_seqs
+            .lock()
+            .map(|s| skipped_between(&s, cursor, head))
+            .unwrap_or(0);
+        head.saturating_sub(cursor).saturating_sub(skipped)
+    }
+
     /// Events evicted so far under `drop_oldest`, both classes: it changes
     /// exactly when eviction has put gap events in the journal.
     pub fn evictions(&self) -> u64 {
@@ -735,7 +769,7 @@ fn restrict_journal_files(path: &Path) -> Result<(), JournalError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        for suffix in ["", "-wal", "-shm", ".lock"] {
+        for suffix in ["", "-wal", "-shm", ".lock", ".seq"] {
             let mut file = path.as_os_str().to_owned();
             file.push(suffix);
             let file = PathBuf::from(file);

@@ -473,6 +473,30 @@ impl Reader {
         Ok(meta.unwrap_or(0).max(rows.unwrap_or(0)).max(0) as u64)
     }
 
+    /// The seq ranges a restart jumped over (see `seqmark.rs`): no event
+    /// has them, so backlogs leave them out.
+    pub fn skipped_seqs(&self) -> Result<Vec<(u64, u64)>, JournalError> {
+        let prefix = super::writer::SKIP_KEY_PREFIX;
+        let hi = format!("{}~", prefix.trim_end_matches('.'));
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT key, value FROM meta WHERE key > ?1 AND key < ?2")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(rusqlite::params![prefix, hi], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, last) = row.map_err(|e| self.err(e))?;
+            if let Some(first) = key.strip_prefix(prefix).and_then(|f| f.parse().ok()) {
+                out.push((first, last.max(0) as u64));
+            }
+        }
+        Ok(out)
+    }
+
     /// Where `sink` stands, over its `lanes` (see
     /// [`crate::config::lanes`]).
     pub fn position(
@@ -481,13 +505,19 @@ impl Reader {
         lanes: &[Option<Class>],
         head_seq: u64,
     ) -> Result<SinkPosition, JournalError> {
+        let skips = self.skipped_seqs()?;
+        let seqs_after = |cursor: u64| {
+            head_seq
+                .saturating_sub(cursor)
+                .saturating_sub(super::skipped_between(&skips, cursor, head_seq))
+        };
         if lanes.iter().all(Option::is_none) {
             let cursor = self.cursor(sink)?;
             let oldest = self.oldest_after(sink, cursor, None)?;
             return Ok(SinkPosition {
                 sink: sink.to_string(),
                 cursor,
-                backlog: head_seq.saturating_sub(cursor),
+                backlog: seqs_after(cursor),
                 oldest_undelivered_us: oldest,
                 classes: Vec::new(),
             });
@@ -498,9 +528,7 @@ impl Reader {
             let critical_after = self.critical_after(cursor)?;
             let backlog = match class {
                 Class::Critical => critical_after,
-                Class::Telemetry => head_seq
-                    .saturating_sub(cursor)
-                    .saturating_sub(critical_after),
+                Class::Telemetry => seqs_after(cursor).saturating_sub(critical_after),
             };
             // Nothing of the class waiting: no need to look for its oldest
             // event (for telemetry, a read of every row after the cursor).

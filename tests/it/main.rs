@@ -28,6 +28,7 @@ mod interop_status_page;
 mod journal;
 mod journal_crash;
 mod lanes;
+mod lost_tail;
 mod mqtt;
 mod oauth2;
 mod opcua;

@@ -14,7 +14,9 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
-use super::{Fatal, INSERT_EVENT, Signals, Undo, WriterState, bind_event, meta_add};
+use super::{
+    Fatal, INSERT_EVENT, Signals, Undo, WriterState, bind_event, meta_add, meta_set, take_seq,
+};
 use crate::event::NewEvent;
 use crate::journal::dedup::{Verified, key_hash};
 use crate::journal::schema::sqlite_err;
@@ -371,6 +373,15 @@ impl WriterState {
         {
             failed = Some(e);
         }
+        // The seqs this commit makes visible must be reserved outside the
+        // WAL first (see `seqmark.rs`).
+        let top = self.next_seq - 1;
+        if failed.is_none()
+            && !self.mark.covers(top)
+            && let Err(e) = self.mark.reserve(top)
+        {
+            failed = Some(e);
+        }
         let outcome = match failed {
             None => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
             Some(e) => Err(e),
@@ -416,6 +427,14 @@ impl WriterState {
             self.unsynced_cursors = false;
         }
         self.streams_committed();
+        if let Some((first, last)) = self.jump
+            && self.next_seq > last
+        {
+            self.jump = None;
+            if let Ok(mut skips) = self.stats.skipped_seqs.lock() {
+                skips.push((first, last));
+            }
+        }
         if self.next_seq != undo.next_seq {
             signals.committed.send_replace(self.next_seq - 1);
         }
@@ -487,11 +506,11 @@ impl WriterState {
                 out.push(AppendOutcome::Duplicate { seq });
                 continue;
             }
-            let seq = self.next_seq;
+            let seq = take_seq(&mut self.next_seq, self.jump);
             let stream_seq = bump_stream(&mut self.streams, &ev.source, &ev.stream, undo);
-            bind_event(&mut st, seq, ev, stream_seq, recv_us, None)
-                .map_err(|e| sqlite_err(path, e))?;
-            self.next_seq += 1;
+            if let Err(e) = bind_event(&mut st, seq, ev, stream_seq, recv_us, None) {
+                return Err(sqlite_err(path, e));
+            }
             self.dedup.insert(hash, seq, recv_us);
             out.push(AppendOutcome::Stored { seq, stream_seq });
         }
@@ -520,6 +539,13 @@ impl WriterState {
         }
         if duplicates > 0 {
             meta_add(&self.conn, "duplicates", duplicates as i64).map_err(|e| self.err(e))?;
+        }
+        if let Some((first, last)) = self.jump
+            && self.next_seq > last
+        {
+            // This batch jumped: the range it skipped is kept so that a
+            // backlog counts events, not seqs (`Reader::skipped_between`).
+            meta_set(&self.conn, &super::skip_key(first), last as i64).map_err(|e| self.err(e))?;
         }
         Ok(())
     }

@@ -84,7 +84,7 @@ impl WriterState {
                 what: format!("no dead letter with id {id}"),
             }));
         };
-        let seq = self.next_seq;
+        let seq = self.take_seq();
         // The event keeps its stream sequence: it is the same event, late.
         self.insert_row(seq, &ev, stream_seq.max(0) as u64, recv_us, Some(&sink))
             .and_then(|_| {
@@ -93,7 +93,6 @@ impl WriterState {
                     .map(|_| ())
             })
             .map_err(|e| Fatal(self.err(e)))?;
-        self.next_seq += 1;
         meta_set(&self.conn, "last_seq", seq as i64).map_err(|e| Fatal(self.err(e)))?;
         info!(
             dead_letter = id,

@@ -14,9 +14,9 @@ use std::time::{Instant, SystemTime};
 
 use hashbrown::{HashMap, HashSet};
 use rusqlite::{Connection, OptionalExtension, params};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{WriterState, meta_get};
+use super::{SKIP_KEY_PREFIX, WriterState, meta_get};
 use crate::event::GAP_EVENT_TYPE;
 use crate::journal::dedup::{DedupIndex, key_hash};
 use crate::journal::reader::first_seq_at_or_after;
@@ -24,6 +24,7 @@ use crate::journal::reserve::Reserve;
 use crate::journal::schema::{
     STARTUP_CACHE_KIB, STREAM_HEADS, WRITER_CACHE_KIB, open_reader, sqlite_err,
 };
+use crate::journal::seqmark::SeqMark;
 use crate::journal::{JournalError, JournalOptions, SharedStats};
 use crate::units::unix_micros;
 
@@ -226,6 +227,7 @@ impl WriterState {
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(e)?;
+        let (mark, jump) = open_seq_mark(&path, head)?;
 
         // The dedup index of a large journal takes seconds to read (about
         // 1 s per million ids). Forwarders need none of it: it is read on
@@ -277,9 +279,53 @@ impl WriterState {
             flushing_streams: false,
             reserve: Reserve::open(&path, opts.disk_reserve),
             disk_short: false,
+            mark,
+            jump,
         };
         state.refresh_used().map_err(e)?;
+        state.load_skipped_seqs();
         Ok(state)
+    }
+
+    /// Reads the seq ranges earlier runs skipped into the shared stats, and
+    /// forgets those every sink has passed.
+    fn load_skipped_seqs(&mut self) {
+        let floor = self.min_cursor();
+        let lo = SKIP_KEY_PREFIX;
+        let hi = format!("{}~", SKIP_KEY_PREFIX.trim_end_matches('.'));
+        let r = self
+            .conn
+            .execute(
+                "DELETE FROM meta WHERE key > ?1 AND key < ?2 AND value <= ?3",
+                params![lo, hi, floor as i64],
+            )
+            .and_then(|_| {
+                let mut st = self
+                    .conn
+                    .prepare("SELECT key, value FROM meta WHERE key > ?1 AND key < ?2")?;
+                let rows = st.query_map(params![lo, hi], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?;
+                let mut skips = Vec::new();
+                for row in rows {
+                    let (k, last) = row?;
+                    if let Some(first) = k.strip_prefix(lo).and_then(|f| f.parse::<u64>().ok()) {
+                        skips.push((first, last.max(0) as u64));
+                    }
+                }
+                Ok(skips)
+            });
+        match r {
+            Ok(skips) => {
+                if let Ok(mut s) = self.stats.skipped_seqs.lock() {
+                    *s = skips;
+                }
+            }
+            // Only backlog figures depend on it.
+            Err(e) => {
+                warn!(journal = %self.path.display(), error = %e, "cannot read the skipped seq ranges; backlogs may count them")
+            }
+        }
     }
 
     /// Makes sure the dedup index is loaded: waits for the start-up rebuild,
@@ -335,4 +381,37 @@ impl WriterState {
             .store(self.dedup.len() as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Opens the seq mark and decides where seqs go on: past the journal's
+/// `head`, and past every seq the previous run may have handed out.
+fn open_seq_mark(path: &Path, head: u64) -> Result<(SeqMark, Option<(u64, u64)>), JournalError> {
+    let (mark, record) = SeqMark::open(path)?;
+    let jump = match record {
+        Some(r) if r.through > head && r.clean => {
+            error!(
+                journal = %path.display(),
+                head_seq = head,
+                stopped_at_seq = r.through,
+                "the journal has lost its last commits: it ends at seq {head} but the agent stopped at seq {}; \
+                 the events after {head} are gone (a damaged or cut WAL, or an older copy of the file). \
+                 New events start at seq {}, so no seq names two events",
+                r.through,
+                r.through + 1
+            );
+            Some((head + 1, r.through))
+        }
+        Some(r) if r.through > head => {
+            info!(
+                journal = %path.display(),
+                head_seq = head,
+                next_seq = r.through + 1,
+                "the previous run did not stop cleanly: new events start past every seq it may have handed out, \
+                 so that none that a lost commit had is used again"
+            );
+            Some((head + 1, r.through))
+        }
+        _ => None,
+    };
+    Ok((mark, jump))
 }

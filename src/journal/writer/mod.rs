@@ -36,6 +36,7 @@ mod load;
 mod upkeep;
 mod window;
 
+use super::seqmark::SeqMark;
 use load::DedupLoad;
 use window::CommitWindow;
 pub(crate) use window::WINDOW_ENOUGH_EVENTS;
@@ -94,6 +95,12 @@ pub(crate) struct WriterState {
     /// retention then deletes delivered events without waiting for
     /// `retain_acked`, so that delivering frees room for new events.
     disk_short: bool,
+    /// The seqs handed out, reserved outside the WAL (see `seqmark.rs`).
+    mark: SeqMark,
+    /// Seqs the previous run may have handed out beyond the journal's head
+    /// (`first..=last`): the first seq taken jumps over them, and the
+    /// commit that holds it records the skipped range.
+    jump: Option<(u64, u64)>,
 }
 
 /// What the probe found for a lane at `cursor`: the first event of its
@@ -159,6 +166,26 @@ struct Undo {
     retention_through: u64,
 }
 
+/// The `meta` key of a skipped seq range that starts at `first`; its value
+/// is the range's last seq.
+pub(crate) fn skip_key(first: u64) -> String {
+    format!("{SKIP_KEY_PREFIX}{first:020}")
+}
+
+pub(crate) const SKIP_KEY_PREFIX: &str = "skipped_seqs.";
+
+/// Takes the next seq from `next`, jumping over `jump` when it starts there.
+fn take_seq(next: &mut u64, jump: Option<(u64, u64)>) -> u64 {
+    if let Some((first, last)) = jump
+        && *next == first
+    {
+        *next = last + 1;
+    }
+    let seq = *next;
+    *next += 1;
+    seq
+}
+
 /// A request-level failure that aborts the whole transaction.
 struct Fatal(JournalError);
 
@@ -188,6 +215,12 @@ fn meta_add(conn: &Connection, key: &str, delta: i64) -> rusqlite::Result<()> {
 impl WriterState {
     pub(crate) fn head_seq(&self) -> u64 {
         self.next_seq - 1
+    }
+
+    /// The seq for the next stored row, past any seqs a crashed run may
+    /// have handed out.
+    fn take_seq(&mut self) -> u64 {
+        take_seq(&mut self.next_seq, self.jump)
     }
 
     fn err(&self, e: rusqlite::Error) -> JournalError {

@@ -140,5 +140,12 @@ impl WriterState {
         if let Err(e) = r {
             debug!(error = %e, "final checkpoint failed");
         }
+        // A jump still to be taken keeps the reservation that called for it:
+        // the next run must still step over those seqs.
+        if self.jump.is_none()
+            && let Err(e) = self.mark.close(self.next_seq - 1)
+        {
+            warn!(error = %e, "cannot record the clean stop in the seq mark; the next start skips the seqs reserved");
+        }
     }
 }
