@@ -172,6 +172,12 @@ pub fn render(r: &StatusReport) -> String {
     );
     counters(
         &mut reg,
+        "plantrelay_journal_damaged_rows",
+        "Damaged event rows (failing their checksum) skipped, not delivered, since start",
+        one(crate::journal::DAMAGED_ROWS.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    counters(
+        &mut reg,
         "plantrelay_evicted_events",
         "Undelivered events evicted from a full journal, by class",
         [

@@ -5,7 +5,7 @@
 //! # Layout (`<state_dir>/journal.db`, schema version in `PRAGMA user_version`)
 //!
 //! - `events(seq PK, source, event_id, stream, stream_seq, class, type,
-//!   source_time, recv_time, data, attrs, size, only_sink)`: one row per
+//!   source_time, recv_time, data, attrs, size, only_sink, crc)`: one row per
 //!   stored event. `seq` is assigned by the writer: strictly increasing over
 //!   the journal's whole life (the high-water mark is kept in `meta`, so it
 //!   never restarts, not even after every row was deleted), and never given
@@ -19,7 +19,9 @@
 //!   range is replaced by a `plantrelay.gap` row that names it. `recv_time`
 //!   (µs since the epoch) never decreases with `seq` (the writer clamps a
 //!   clock that steps back), so time lookups are binary searches on `seq`.
-//!   `only_sink` is set on a dead letter put back for one sink.
+//!   `only_sink` is set on a dead letter put back for one sink. `crc` is a
+//!   checksum of the other columns (`rowcheck.rs`, schema 4): a row that
+//!   fails it is skipped by every read, never delivered.
 //! - `streams(source, stream, last_seq)`: the per-stream counters, as of
 //!   `meta.streams_through`. They are written with an event commit about
 //!   once a second, not with each one (under a trickle they were two of the
@@ -112,6 +114,7 @@
 pub mod dedup;
 mod reader;
 mod reserve;
+mod rowcheck;
 mod schema;
 mod seqmark;
 mod writer;
@@ -143,6 +146,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 pub use reader::{
     ClassPosition, DeadLetter, GapRecord, JournalStats, Reader, Routed, SinkPosition,
 };
+pub use rowcheck::DAMAGED_ROWS;
 pub use schema::SCHEMA_VERSION;
 
 use crate::event::{NewEvent, StoredEvent};

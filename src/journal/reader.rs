@@ -3,11 +3,14 @@
 //! short read transaction so that checkpoints can complete. A reader must
 //! never write.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::rowcheck::checked_event;
 use super::schema::{open_reader, sqlite_err};
 use super::{JournalError, SCHEMA_VERSION};
 use crate::event::{Class, StoredEvent};
@@ -170,10 +173,11 @@ pub struct JournalStats {
 pub struct Reader {
     conn: Connection,
     path: PathBuf,
+    /// Damaged rows this reader has logged (see [`checked_event`]).
+    damaged: RefCell<HashSet<i64>>,
 }
 
-const EVENT_COLUMNS: &str =
-    "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs";
+const EVENT_COLUMNS: &str = "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs, size, only_sink, crc";
 
 /// The condition on `class` that starts a `WHERE` for a lane: a literal,
 /// which is what lets SQLite read the critical lane through its partial
@@ -186,7 +190,7 @@ fn class_clause(lane: Option<Class>) -> &'static str {
     }
 }
 
-fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
         source: r.get(1)?,
@@ -207,6 +211,7 @@ impl Reader {
         Ok(Reader {
             conn: open_reader(path)?,
             path: path.to_path_buf(),
+            damaged: RefCell::new(HashSet::new()),
         })
     }
 
@@ -255,21 +260,35 @@ impl Reader {
         );
         let until = until.map_or(i64::MAX, |u| i64::try_from(u).unwrap_or(i64::MAX));
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
-        let mut rows = st
-            .query(params![after as i64, sink, max_events as i64, until])
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-            let ev = event_from_row(row).map_err(|e| self.err(e))?;
-            bytes += ev.size();
-            if bytes > max_bytes && !out.is_empty() {
-                return Ok((out, true));
+        let mut after = after as i64;
+        loop {
+            let mut rows = st
+                .query(params![after, sink, max_events as i64, until])
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            // Rows, damaged ones among them: the query's LIMIT counts those.
+            let mut scanned = 0usize;
+            while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+                scanned += 1;
+                after = row.get(0).map_err(|e| self.err(e))?;
+                let Some(ev) = checked_event(row, &self.damaged) else {
+                    continue;
+                };
+                bytes += ev.size();
+                if bytes > max_bytes && !out.is_empty() {
+                    return Ok((out, true));
+                }
+                out.push(ev);
             }
-            out.push(ev);
+            let full = scanned >= max_events.max(1);
+            // A read of damaged rows alone must not pass for the end of
+            // the journal: read on past them.
+            if out.is_empty() && full {
+                continue;
+            }
+            return Ok((out, full));
         }
-        let full = out.len() >= max_events;
-        Ok((out, full))
     }
 
     /// [`Reader::read_after`] for one lane, bounded by the last row present
@@ -351,9 +370,14 @@ impl Reader {
         while let Some(row) = rows.next().map_err(|e| self.err(e))? {
             scanned += 1;
             let seq = row.get::<_, i64>(0).map_err(|e| self.err(e))?.max(0) as u64;
-            let stream: String = row.get(3).map_err(|e| self.err(e))?;
-            if filter.matches(&stream) {
-                let ev = event_from_row(row).map_err(|e| self.err(e))?;
+            // A row whose stream does not decode is damaged: looked at (so
+            // `through` passes it), never delivered.
+            let taken = row
+                .get_ref(3)
+                .ok()
+                .and_then(|v| v.as_str().ok())
+                .is_none_or(|stream| filter.matches(stream));
+            if taken && let Some(ev) = checked_event(row, &self.damaged) {
                 bytes += ev.size();
                 if bytes > max_bytes && !events.is_empty() {
                     return Ok(Routed {
@@ -609,9 +633,20 @@ impl Reader {
         );
         let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![stream, n as i64], event_from_row)
+            .query(params![stream, n as i64])
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        self.checked_events(rows)
+    }
+
+    fn checked_events(
+        &self,
+        mut rows: rusqlite::Rows<'_>,
+    ) -> Result<Vec<StoredEvent>, JournalError> {
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            out.extend(checked_event(row, &self.damaged));
+        }
+        Ok(out)
     }
 
     /// Every stored event from `from_seq` on, in order (tests, tools).
@@ -624,9 +659,9 @@ impl Reader {
             format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq >= ?1 ORDER BY seq LIMIT ?2");
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![from_seq as i64, limit as i64], event_from_row)
+            .query(params![from_seq as i64, limit as i64])
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        self.checked_events(rows)
     }
 
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, JournalError> {

@@ -135,7 +135,11 @@ impl SeqMark {
     fn write(&mut self, through: u64, clean: bool) -> Result<(), JournalError> {
         let generation = self.generation + 1;
         let line = format_slot(generation, through, clean);
-        let at = if generation.is_multiple_of(2) { 0 } else { SLOT as u64 };
+        let at = if generation.is_multiple_of(2) {
+            0
+        } else {
+            SLOT as u64
+        };
         let r = self
             .file
             .seek(SeekFrom::Start(at))

@@ -14,6 +14,7 @@ mod support;
 mod cli;
 mod config;
 mod conformance;
+mod corruption;
 mod crash_binary;
 mod disk_full;
 mod fleet;

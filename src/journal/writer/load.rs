@@ -122,8 +122,11 @@ fn build_dedup(
         {
             return Ok(None);
         }
-        let (seq, source, id, recv) = dedup_row(row).map_err(e)?;
-        dedup.insert(key_hash(source, id), seq as u64, recv);
+        // A row whose columns do not decode is damaged: reads skip it and
+        // it was never delivered, so it has no id to remember.
+        if let Ok((seq, source, id, recv)) = dedup_row(row) {
+            dedup.insert(key_hash(source, id), seq as u64, recv);
+        }
     }
     Ok(Some(dedup))
 }

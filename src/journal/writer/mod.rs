@@ -36,6 +36,7 @@ mod load;
 mod upkeep;
 mod window;
 
+use super::rowcheck::RowColumns;
 use super::seqmark::SeqMark;
 use load::DedupLoad;
 use window::CommitWindow;
@@ -134,6 +135,22 @@ fn bind_event(
     recv_us: i64,
     only_sink: Option<&str>,
 ) -> rusqlite::Result<()> {
+    let crc = RowColumns {
+        seq: seq as i64,
+        source: &ev.source,
+        id: &ev.id,
+        stream: &ev.stream,
+        stream_seq: stream_seq as i64,
+        class: ev.class.as_i64(),
+        event_type: &ev.event_type,
+        source_time: ev.source_time.as_deref(),
+        recv_us,
+        data: &ev.data,
+        attrs: ev.attrs.as_deref(),
+        size: ev.size() as i64,
+        only_sink,
+    }
+    .check();
     st.execute(params![
         seq as i64,
         ev.source,
@@ -148,14 +165,15 @@ fn bind_event(
         ev.attrs,
         ev.size() as i64,
         only_sink,
+        crc,
     ])?;
     Ok(())
 }
 
 const INSERT_EVENT: &str =
     "INSERT INTO events (seq, source, event_id, stream, stream_seq, class, type,
-                             source_time, recv_time, data, attrs, size, only_sink)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+                             source_time, recv_time, data, attrs, size, only_sink, crc)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 struct Undo {
     next_seq: u64,
