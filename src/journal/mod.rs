@@ -119,7 +119,7 @@ mod schema;
 mod seqmark;
 mod writer;
 
-pub use seqmark::mark_path as seq_mark_path;
+pub use seqmark::{mark_path as seq_mark_path, read_mark as read_seq_mark};
 
 /// Seqs of `skips` (ranges `first..=last`) after `after` and up to `through`.
 pub(crate) fn skipped_between(skips: &[(u64, u64)], after: u64, through: u64) -> u64 {

@@ -24,7 +24,7 @@
 //! and never lowers a reservation except at a clean stop.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -140,11 +140,7 @@ impl SeqMark {
         } else {
             SLOT as u64
         };
-        let r = self
-            .file
-            .seek(SeekFrom::Start(at))
-            .and_then(|_| self.file.write_all(&line))
-            .and_then(|_| self.file.sync_data());
+        let r = write_at(&self.file, &line, at).and_then(|_| self.file.sync_data());
         r.map_err(|e| JournalError::Io {
             path: self.path.clone(),
             what: format!("cannot reserve seqs through {through} in the seq mark"),
@@ -154,6 +150,29 @@ impl SeqMark {
         self.through = through;
         Ok(())
     }
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, at)
+}
+
+#[cfg(not(unix))]
+fn write_at(mut file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    file.seek(SeekFrom::Start(at))?;
+    file.write_all(bytes)
+}
+
+/// What the seq mark beside `journal` holds, read without opening the
+/// journal: `(through, clean)`, or `None` when it is absent or unreadable.
+pub fn read_mark(journal: &Path) -> Option<(u64, bool)> {
+    let bytes = std::fs::read(mark_path(journal)).ok()?;
+    [0, SLOT]
+        .iter()
+        .filter_map(|&at| parse_slot(bytes.get(at..(at + SLOT).min(bytes.len()))?))
+        .max_by_key(|s| s.0)
+        .map(|(_, r)| (r.through, r.clean))
 }
 
 fn check(text: &str) -> u64 {

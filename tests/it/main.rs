@@ -25,6 +25,7 @@ mod ingest;
 mod interop_jetstream;
 mod interop_mqtt;
 mod interop_mqtt_sink;
+mod interop_power_loss;
 mod interop_status_page;
 mod journal;
 mod journal_crash;
