@@ -2,6 +2,10 @@
 //! endpoint and the CLI read positions and statistics. Every call is its own
 //! short read transaction so that checkpoints can complete. A reader must
 //! never write.
+//!
+//! Kept as one file (a little over 800 lines): every query that reads
+//! events is here, so that their index use, their bounds and the rule for
+//! damaged rows (`rowcheck.rs`) can be checked side by side.
 
 use std::cell::RefCell;
 use std::collections::HashSet;

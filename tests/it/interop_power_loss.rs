@@ -153,6 +153,12 @@ fn fd_name(args: &str) -> Option<String> {
     file_name(&unhex(&args[open + 1..close]))
 }
 
+/// The last argument of a call, `…, 4096) = 4120`: an offset or a length.
+fn last_int_arg(args: &str) -> usize {
+    let (_, last) = args.rsplit_once(", ").unwrap();
+    last.split(')').next().unwrap().trim().parse().unwrap()
+}
+
 /// Replays `trace` and checks the durable state at every acknowledgement.
 fn replay(trace: &str, scratch: &Path) -> Outcome {
     let mut files: HashMap<String, FileModel> = HashMap::new();
@@ -185,16 +191,7 @@ fn replay(trace: &str, scratch: &Path) -> Outcome {
         match call {
             "pwrite64" if ours => {
                 let bytes = hex_arg(args);
-                let offset: usize = args
-                    .rsplit_once(", ")
-                    .unwrap()
-                    .1
-                    .split(')')
-                    .next()
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
+                let offset = last_int_arg(args);
                 let f = files.entry(name.unwrap()).or_default();
                 if f.current.len() < offset + bytes.len() {
                     f.current.resize(offset + bytes.len(), 0);
@@ -202,16 +199,7 @@ fn replay(trace: &str, scratch: &Path) -> Outcome {
                 f.current[offset..offset + bytes.len()].copy_from_slice(&bytes);
             }
             "ftruncate" if ours => {
-                let len: usize = args
-                    .rsplit_once(", ")
-                    .unwrap()
-                    .1
-                    .split(')')
-                    .next()
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
+                let len = last_int_arg(args);
                 files
                     .entry(name.unwrap())
                     .or_default()
