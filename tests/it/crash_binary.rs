@@ -232,3 +232,111 @@ async fn sigkill_during_a_lane_drain_loses_nothing_and_keeps_every_stream_in_ord
         events.len()
     );
 }
+
+/// The WAL loses its last commits after a SIGKILL (a power cut under
+/// `sync = "normal"` does that; here the file is cut), after the upstream
+/// already had their events: new events must not come with the `sequence`
+/// or the `Idempotency-Key` of the lost ones, which an upstream that
+/// deduplicates by key would drop as re-sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_wal_lost_delivered_commits_no_sequence_or_key_names_two_events() {
+    let h = Harness::new().await;
+    let port = free_port();
+    let text = h.config_text(
+        &format!("127.0.0.1:{port}"),
+        &h.receiver.url(),
+        "batch_max_events = 20\nbatch_linger = \"0s\"",
+        "",
+    );
+    assert!(text.contains("sync = \"normal\""));
+    let config = h.write_config(&text);
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    let client = http_client();
+
+    let mut child = spawn(&config);
+    wait_listening(port).await;
+    let first = mes_events("before", 300, 4);
+    for chunk in first.chunks(10) {
+        assert_eq!(post(&client, &url, chunk).await, Some(true));
+    }
+    assert!(
+        h.receiver
+            .wait_until(Duration::from_secs(60), |s| s.unique_ids >= 300)
+            .await,
+        "the first 300 were delivered"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // Cut the WAL to a third: its last commits, delivered upstream, are gone.
+    let db = h.state_dir().join("journal.db");
+    let wal = h.state_dir().join("journal.db-wal");
+    let len = std::fs::metadata(&wal).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let _ = std::fs::remove_file(h.state_dir().join("journal.db-shm"));
+    let head = plantrelay::journal::Reader::open(&db)
+        .unwrap()
+        .head_seq()
+        .unwrap();
+    assert!(head < 300, "the cut lost commits (head {head})");
+
+    let mut child = spawn(&config);
+    wait_listening(port).await;
+    let second = mes_events("after", 200, 4);
+    for chunk in second.chunks(10) {
+        assert_eq!(post(&client, &url, chunk).await, Some(true));
+    }
+    let delivered = h
+        .receiver
+        .wait_until(Duration::from_secs(60), |s| s.unique_ids >= 500)
+        .await;
+    support::signal(child.id(), "TERM");
+    child.wait().unwrap();
+    assert!(delivered, "the 200 new events were delivered");
+
+    // One event per sequence, one set of events per key.
+    let events = h.receiver.events();
+    let mut by_sequence: HashMap<u64, HashSet<String>> = HashMap::new();
+    let mut by_batch: HashMap<usize, Vec<String>> = HashMap::new();
+    for e in &events {
+        by_sequence
+            .entry(e.sequence.unwrap())
+            .or_default()
+            .insert(e.id.clone());
+        by_batch.entry(e.batch).or_default().push(e.id.clone());
+    }
+    let reused: Vec<_> = by_sequence
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .collect();
+    assert!(
+        reused.is_empty(),
+        "{} sequences name two events, e.g. {:?}",
+        reused.len(),
+        reused.iter().take(3).collect::<Vec<_>>()
+    );
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+    for (i, b) in h.receiver.batches().iter().enumerate() {
+        let key = b.idempotency_key.clone().expect("every batch has a key");
+        let mut ids = by_batch.remove(&i).unwrap_or_default();
+        ids.sort();
+        if let Some(before) = by_key.insert(key.clone(), ids.clone()) {
+            assert_eq!(before, ids, "key {key} sent for two sets of events");
+        }
+    }
+    let new_min = events
+        .iter()
+        .filter(|e| e.id.starts_with("after"))
+        .filter_map(|e| e.sequence)
+        .min()
+        .unwrap();
+    assert!(
+        new_min > 300,
+        "new events start past every seq handed out: {new_min}"
+    );
+}
