@@ -102,9 +102,11 @@
 //!
 //! At open, `PRAGMA quick_check` runs. A file SQLite calls corrupt is renamed
 //! to `journal.db.corrupt-<utc time>`, a fresh journal continues the seq
-//! numbering where the old one can still be read (or from the clock), and the
+//! numbering where the old one can still be read (or from the clock), the
+//! intact events and the cursors are copied into it (`salvage.rs`), and the
 //! quarantine is reported in the status. The agent never crash-loops on a
-//! damaged file.
+//! damaged file. Rows damaged where SQLite cannot see it fail their checksum
+//! (`rowcheck.rs`) and are skipped by every read.
 //!
 //! Kept as one file: past these docs it is the journal's public face (its
 //! options, errors and stats, and the [`Journal`] handle whose methods each
@@ -115,6 +117,7 @@ pub mod dedup;
 mod reader;
 mod reserve;
 mod rowcheck;
+pub mod salvage;
 mod schema;
 mod seqmark;
 mod writer;
@@ -255,6 +258,8 @@ pub struct Quarantine {
     pub time: SystemTime,
     pub salvaged_last_seq: Option<u64>,
     pub salvaged_streams: Vec<(String, String, u64)>,
+    /// The damaged file's intact events copied into the fresh journal.
+    pub salvaged: salvage::Salvaged,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]

@@ -142,7 +142,7 @@ pub fn open_writer(
     match try_open(path, sync, true) {
         Ok(conn) => Ok((conn, None)),
         Err(OpenFailure::Corrupt(reason)) => {
-            let q = quarantine(path, &reason)?;
+            let mut q = quarantine(path, &reason)?;
             let conn = try_open(path, sync, false).map_err(|f| match f {
                 OpenFailure::Corrupt(r)
                 | OpenFailure::Other(JournalError::Sqlite { detail: r, .. }) => {
@@ -154,6 +154,11 @@ pub fn open_writer(
                 OpenFailure::Other(e) => e,
             })?;
             seed_after_quarantine(&conn, path, &q)?;
+            q.salvaged = super::salvage::salvage_events(
+                &conn,
+                &q.moved_to,
+                q.salvaged_last_seq.unwrap_or(u64::MAX),
+            );
             Ok((conn, Some(q)))
         }
         Err(OpenFailure::Other(e)) => Err(e),
@@ -305,6 +310,7 @@ fn quarantine(path: &Path, reason: &str) -> Result<Quarantine, JournalError> {
         time: now,
         salvaged_last_seq: salvage.as_ref().map(|s| s.last_seq),
         salvaged_streams: salvage.map(|s| s.streams).unwrap_or_default(),
+        salvaged: Default::default(),
     })
 }
 

@@ -89,11 +89,7 @@ impl SeqMark {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .map_err(|e| io("cannot read the seq mark", e))?;
-        let best = [0, SLOT]
-            .iter()
-            .filter_map(|&at| parse_slot(buf.get(at..(at + SLOT).min(buf.len()))?))
-            .max_by_key(|s| s.0);
-        let (generation, record) = match best {
+        let (generation, record) = match best_slot(&buf) {
             Some((g, r)) => (g, Some(r)),
             None => (0, None),
         };
@@ -168,11 +164,15 @@ fn write_at(mut file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
 /// journal: `(through, clean)`, or `None` when it is absent or unreadable.
 pub fn read_mark(journal: &Path) -> Option<(u64, bool)> {
     let bytes = std::fs::read(mark_path(journal)).ok()?;
+    best_slot(&bytes).map(|(_, r)| (r.through, r.clean))
+}
+
+/// The readable slot of the newest generation in the file's bytes.
+fn best_slot(bytes: &[u8]) -> Option<(u64, MarkRecord)> {
     [0, SLOT]
         .iter()
         .filter_map(|&at| parse_slot(bytes.get(at..(at + SLOT).min(bytes.len()))?))
         .max_by_key(|s| s.0)
-        .map(|(_, r)| (r.through, r.clean))
 }
 
 fn check(text: &str) -> u64 {

@@ -93,6 +93,8 @@ pub struct QuarantineReport {
     pub moved_to: String,
     pub reason: String,
     pub time: String,
+    /// Intact events of the damaged file copied into the fresh journal.
+    pub salvaged_events: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -425,13 +427,14 @@ impl AgentView {
             moved_to: q.moved_to.display().to_string(),
             reason: q.reason.clone(),
             time: humantime::format_rfc3339_seconds(q.time).to_string(),
+            salvaged_events: q.salvaged.events,
         });
         if let Some(q) = &quarantined {
             warnings.push(Warning {
                 kind: WarningKind::JournalQuarantined,
                 message: format!(
-                    "the journal was found damaged at start-up and replaced; the damaged file is {}",
-                    q.moved_to
+                    "the journal was found damaged at start-up and replaced; {} intact events were copied into the new one; the damaged file is {}",
+                    q.salvaged_events, q.moved_to
                 ),
             });
         }

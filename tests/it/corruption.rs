@@ -1,8 +1,9 @@
 //! Seeded damage to the journal and its WAL: truncations, bit flips and
 //! overwritten ranges, as failing flash or a power cut leaves them. Every
-//! case must start (quarantine and a fresh journal, or recovery of what is
-//! intact), never crash-loop, take new events, and deliver from the damaged
-//! journal only events that were stored, unchanged, per stream in order.
+//! case must start (recovery of what is intact: in place, or by quarantine
+//! and a fresh journal into which the intact events are salvaged), never
+//! crash-loop, take new events, and deliver from the damaged journal only
+//! events that were stored, unchanged, per stream in order.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -220,6 +221,10 @@ async fn damaged_journals_start_every_time_and_deliver_only_what_was_stored_in_o
             .events_from(0, usize::MAX >> 1)
             .unwrap_or_else(|e| panic!("{case}: cannot read: {e}"));
         check_events(&present, &stored, &case);
+        if let Some(q) = j.quarantine() {
+            // A quarantined journal starts with what the salvage copied.
+            assert_eq!(q.salvaged.events, present.len() as u64, "{case}");
+        }
         let head_before = present.last().map_or(0, |e| e.seq);
 
         // Deliver it all, as a sink does: read after the cursor, move it.
@@ -288,4 +293,12 @@ async fn damaged_journals_start_every_time_and_deliver_only_what_was_stored_in_o
         DAMAGED_ROWS.load(std::sync::atomic::Ordering::Relaxed) - damaged_before
     );
     assert_eq!(kinds.iter().map(|(_, t)| t.cases).sum::<u64>(), CASES);
+    // A file too damaged to open still gives up what is intact in it.
+    for kind in ["TruncateDb", "OverwriteDb"] {
+        let t = &kinds.iter().find(|(k, _)| k == kind).unwrap().1;
+        assert!(
+            t.quarantined > 0 && t.recovered_events > 0,
+            "{kind}: nothing salvaged"
+        );
+    }
 }

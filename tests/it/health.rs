@@ -595,6 +595,8 @@ async fn a_journal_replaced_at_start_up_because_it_was_damaged_is_a_warning() {
             .contains("journal.db.corrupt-"),
         "{s:#}"
     );
+    // Garbage holds no events to salvage.
+    assert_eq!(q["salvaged_events"], json!(0), "{s:#}");
     let kinds: Vec<&Value> = s["warnings"]
         .as_array()
         .unwrap()
