@@ -144,7 +144,6 @@ pub(crate) fn salvage_events(fresh: &Connection, damaged: &Path, last_seq: u64) 
             },
             Err(_) => failed = true,
         }
-        let before = after;
         if let Some(last) = rows.last() {
             after = after.max(last.seq);
         }
@@ -156,7 +155,7 @@ pub(crate) fn salvage_events(fresh: &Connection, damaged: &Path, last_seq: u64) 
             // Past the damage, in growing steps.
             after = after.saturating_add(step);
             step = step.saturating_mul(2);
-        } else if after == before {
+        } else if after == from {
             // The end of what the file holds.
             break;
         } else {

@@ -89,6 +89,9 @@ impl SeqMark {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .map_err(|e| io("cannot read the seq mark", e))?;
+        if buf.is_empty() {
+            same_owner_as(&file, journal);
+        }
         let (generation, record) = match best_slot(&buf) {
             Some((g, r)) => (g, Some(r)),
             None => (0, None),
@@ -146,6 +149,22 @@ impl SeqMark {
         self.through = through;
         Ok(())
     }
+}
+
+/// A new mark gets the journal's owner, as SQLite gives its `-wal` and
+/// `-shm` files: a command run as root beside the service (which runs as
+/// its own user) must not leave a file the service cannot write. Only
+/// root can change an owner; for anyone else this does nothing.
+fn same_owner_as(file: &File, journal: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(journal) {
+            let _ = std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid()));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (file, journal);
 }
 
 #[cfg(unix)]

@@ -544,7 +544,7 @@ impl WriterState {
             && self.next_seq > last
         {
             // This batch jumped: the range it skipped is kept so that a
-            // backlog counts events, not seqs (`Reader::skipped_between`).
+            // backlog counts events, not seqs (`journal::skipped_between`).
             meta_set(&self.conn, &super::skip_key(first), last as i64).map_err(|e| self.err(e))?;
         }
         Ok(())
