@@ -11,8 +11,11 @@
 //! drop as duplicates. So the writer reserves seqs here, fsynced, before
 //! any commit that uses them; at start the next seq is past both the
 //! journal's head and the reservation. A clean stop writes the exact head,
-//! so only a crash leaves unused seqs behind (at most about two seconds'
-//! worth of the rate, at least [`MIN_BLOCK`]).
+//! so only a crash leaves unused seqs behind: at most a block, a quarter
+//! second's worth of the rate between [`MIN_BLOCK`] and [`MAX_BLOCK`], and
+//! never more than 1/64 of `dedup_max_ids`. The bound matters beyond tidy
+//! numbers: the dedup index's count limit is a span of seqs (the newest
+//! `dedup_max_ids`), so every seq skipped shortens what it remembers.
 //!
 //! The file has two fixed slots written in turn, each a line with a
 //! generation and a checksum: a write torn by power loss spoils only the
@@ -32,8 +35,9 @@ use super::JournalError;
 
 /// The fewest seqs one reservation covers.
 pub(crate) const MIN_BLOCK: u64 = 1024;
-/// The most: about two seconds at the fastest rate the journal takes.
-const MAX_BLOCK: u64 = 1 << 20;
+/// The most: at saturation (~200k events/s) about 25 reservations a
+/// second, each one small write and one `fdatasync`.
+pub(crate) const MAX_BLOCK: u64 = 8192;
 /// Bytes per slot; a slot is well within one disk sector's worth of
 /// alignment so a torn write spoils at most the slot it was writing.
 const SLOT: usize = 256;
@@ -57,6 +61,8 @@ pub(crate) struct SeqMark {
     /// that sizes the next one.
     reserved_at: Instant,
     reserved_from: u64,
+    /// The largest block (see the module docs).
+    max_block: u64,
 }
 
 /// The mark's path for the journal at `journal`.
@@ -103,8 +109,15 @@ impl SeqMark {
             through: record.map_or(0, |r| r.through),
             reserved_at: Instant::now(),
             reserved_from: record.map_or(0, |r| r.through),
+            max_block: MAX_BLOCK,
         };
         Ok((mark, record))
+    }
+
+    /// Keeps every block within 1/64 of the dedup index's count limit.
+    pub(crate) fn fit_dedup(mut self, dedup_max_ids: usize) -> SeqMark {
+        self.max_block = (dedup_max_ids as u64 / 64).clamp(MIN_BLOCK, MAX_BLOCK);
+        self
     }
 
     /// Whether a commit whose highest seq is `seq` may go ahead.
@@ -112,13 +125,14 @@ impl SeqMark {
         seq <= self.through
     }
 
-    /// Reserves seqs through `head` and a block beyond it, sized to about
-    /// two seconds of the rate since the last reservation. Durable on
+    /// Reserves seqs through `head` and a block beyond it, sized to a
+    /// quarter second of the rate since the last reservation. Durable on
     /// return.
     pub(crate) fn reserve(&mut self, head: u64) -> Result<(), JournalError> {
         let used = head.saturating_sub(self.reserved_from);
         let secs = self.reserved_at.elapsed().as_secs_f64().max(0.001);
-        let block = ((used as f64 / secs) * 2.0).clamp(MIN_BLOCK as f64, MAX_BLOCK as f64) as u64;
+        let block =
+            ((used as f64 / secs) / 4.0).clamp(MIN_BLOCK as f64, self.max_block as f64) as u64;
         let through = head.saturating_add(block).max(self.through);
         self.write(through, false)?;
         self.reserved_at = Instant::now();
@@ -313,5 +327,10 @@ mod tests {
         assert_eq!(m.through, 500_000 + MAX_BLOCK);
         m.reserve(10).unwrap();
         assert_eq!(m.through, 500_000 + MAX_BLOCK, "never lowered");
+        // A small dedup count limit keeps the blocks small.
+        let (m, _) = SeqMark::open(&j).unwrap();
+        let mut m = m.fit_dedup(100_000);
+        m.reserve(1_000_000).unwrap();
+        assert_eq!(m.through, 1_000_000 + 100_000 / 64);
     }
 }

@@ -231,6 +231,7 @@ impl WriterState {
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(e)?;
         let (mark, jump) = open_seq_mark(&path, head)?;
+        let mark = mark.fit_dedup(opts.dedup_max_ids);
 
         // The dedup index of a large journal takes seconds to read (about
         // 1 s per million ids). Forwarders need none of it: it is read on
