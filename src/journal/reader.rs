@@ -21,6 +21,27 @@ use crate::event::{Class, StoredEvent};
 
 /// The first seq whose `recv_time` is at or after `t_us`, by binary search
 /// on seq (receive times never decrease with seq).
+/// The skipped seq ranges kept in `meta` (`first..=last`), for the writer
+/// at start and for [`Reader::skipped_seqs`].
+pub(crate) fn skipped_seqs(conn: &Connection) -> rusqlite::Result<Vec<(u64, u64)>> {
+    use super::writer::{SKIP_KEY_END, SKIP_KEY_PREFIX};
+    let mut st = conn.prepare_cached("SELECT key, value FROM meta WHERE key > ?1 AND key < ?2")?;
+    let rows = st.query_map(params![SKIP_KEY_PREFIX, SKIP_KEY_END], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (key, last) = row?;
+        if let Some(first) = key
+            .strip_prefix(SKIP_KEY_PREFIX)
+            .and_then(|f| f.parse().ok())
+        {
+            out.push((first, last.max(0) as u64));
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::Result<Option<u64>> {
     let bounds: Option<(i64, i64)> =
         // Two index probes: `min(seq), max(seq)` in one query is a full scan.
@@ -504,25 +525,7 @@ impl Reader {
     /// The seq ranges a restart jumped over (see `seqmark.rs`): no event
     /// has them, so backlogs leave them out.
     pub fn skipped_seqs(&self) -> Result<Vec<(u64, u64)>, JournalError> {
-        let prefix = super::writer::SKIP_KEY_PREFIX;
-        let hi = format!("{}~", prefix.trim_end_matches('.'));
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT key, value FROM meta WHERE key > ?1 AND key < ?2")
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(rusqlite::params![prefix, hi], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (key, last) = row.map_err(|e| self.err(e))?;
-            if let Some(first) = key.strip_prefix(prefix).and_then(|f| f.parse().ok()) {
-                out.push((first, last.max(0) as u64));
-            }
-        }
-        Ok(out)
+        skipped_seqs(&self.conn).map_err(|e| self.err(e))
     }
 
     /// Where `sink` stands, over its `lanes` (see

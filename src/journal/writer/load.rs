@@ -16,10 +16,10 @@ use hashbrown::{HashMap, HashSet};
 use rusqlite::{Connection, OptionalExtension, params};
 use tracing::{debug, error, info, warn};
 
-use super::{SKIP_KEY_PREFIX, WriterState, meta_get};
+use super::{SKIP_KEY_END, SKIP_KEY_PREFIX, WriterState, meta_get};
 use crate::event::GAP_EVENT_TYPE;
 use crate::journal::dedup::{DedupIndex, key_hash};
-use crate::journal::reader::first_seq_at_or_after;
+use crate::journal::reader::{first_seq_at_or_after, skipped_seqs};
 use crate::journal::reserve::Reserve;
 use crate::journal::schema::{
     STARTUP_CACHE_KIB, STREAM_HEADS, WRITER_CACHE_KIB, open_reader, sqlite_err,
@@ -295,30 +295,13 @@ impl WriterState {
     /// forgets those every sink has passed.
     fn load_skipped_seqs(&mut self) {
         let floor = self.min_cursor();
-        let lo = SKIP_KEY_PREFIX;
-        let hi = format!("{}~", SKIP_KEY_PREFIX.trim_end_matches('.'));
         let r = self
             .conn
             .execute(
                 "DELETE FROM meta WHERE key > ?1 AND key < ?2 AND value <= ?3",
-                params![lo, hi, floor as i64],
+                params![SKIP_KEY_PREFIX, SKIP_KEY_END, floor as i64],
             )
-            .and_then(|_| {
-                let mut st = self
-                    .conn
-                    .prepare("SELECT key, value FROM meta WHERE key > ?1 AND key < ?2")?;
-                let rows = st.query_map(params![lo, hi], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })?;
-                let mut skips = Vec::new();
-                for row in rows {
-                    let (k, last) = row?;
-                    if let Some(first) = k.strip_prefix(lo).and_then(|f| f.parse::<u64>().ok()) {
-                        skips.push((first, last.max(0) as u64));
-                    }
-                }
-                Ok(skips)
-            });
+            .and_then(|_| skipped_seqs(&self.conn));
         match r {
             Ok(skips) => {
                 if let Ok(mut s) = self.stats.skipped_seqs.lock() {

@@ -191,6 +191,8 @@ pub(crate) fn skip_key(first: u64) -> String {
 }
 
 pub(crate) const SKIP_KEY_PREFIX: &str = "skipped_seqs.";
+/// Above every skip key (`~` sorts after `.` and the digits).
+pub(crate) const SKIP_KEY_END: &str = "skipped_seqs~";
 
 /// Takes the next seq from `next`, jumping over `jump` when it starts there.
 fn take_seq(next: &mut u64, jump: Option<(u64, u64)>) -> u64 {
