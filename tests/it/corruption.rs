@@ -69,7 +69,7 @@ async fn build_base(base: &Path, work: &Path) -> Stored {
     }
     j.close().await;
     drop(j);
-    let j = Journal::open(opts(work)).unwrap();
+    let j = reopen(work).await;
     for chunk in (EVENTS / 2..EVENTS).collect::<Vec<_>>().chunks(20) {
         let events: Vec<_> = chunk.iter().map(|&i| ev(i, "e")).collect();
         let out = j.append(events.clone()).await.unwrap();
@@ -93,6 +93,24 @@ async fn build_base(base: &Path, work: &Path) -> Stored {
     );
     j.close().await;
     stored
+}
+
+/// Opens the journal in `dir` again. The lock of the one just dropped can
+/// outlive it for a moment: a process another test forks meanwhile holds a
+/// copy of its descriptor until it execs.
+async fn reopen(dir: &Path) -> Journal {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Journal::open(opts(dir)) {
+            Ok(j) => return j,
+            Err(plantrelay::journal::JournalError::Locked { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("cannot reopen the journal: {e}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -265,7 +283,7 @@ async fn damaged_journals_start_every_time_and_deliver_only_what_was_stored_in_o
         j.close().await;
         drop(j);
         // No crash loop: the next start is clean.
-        let j = Journal::open(opts(&dir)).unwrap_or_else(|e| panic!("{case}: no restart: {e}"));
+        let j = reopen(&dir).await;
         assert!(j.quarantine().is_none(), "{case}: quarantined again");
         j.close().await;
         drop(j);
