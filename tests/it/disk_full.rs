@@ -8,7 +8,12 @@
 //! What must hold when the disk fills: the append that does not fit is
 //! answered `DiskFull` (never a panic, never a hang, never `Closed`), every
 //! append answered Ok is in the file, and once space is freed appends succeed
-//! again on the same handle: the writer recovers by itself.
+//! again on the same handle: the writer recovers by itself. Through the
+//! real binary and sources: HTTP ingest answers 503 and takes events again
+//! once there is room; an MQTT source holds its acknowledgements (the
+//! broker keeps the messages); the drain frees the disk by itself; and
+//! under `when_full = "drop_oldest"` new events keep coming in while the
+//! oldest make way behind gap events.
 
 use crate::support;
 
@@ -367,6 +372,11 @@ struct DiskAgent {
 impl DiskAgent {
     /// Starts the agent with its state on `fs` and waits until it listens.
     async fn start(fs: &Tmpfs, h: &Harness) -> DiskAgent {
+        DiskAgent::start_with(fs, h, "").await
+    }
+
+    /// [`DiskAgent::start`] with `journal` lines in `[journal]`.
+    async fn start_with(fs: &Tmpfs, h: &Harness, journal: &str) -> DiskAgent {
         let state = fs.path().join("state");
         let port = support::free_port();
         let text = h
@@ -379,7 +389,7 @@ impl DiskAgent {
             .replace(h.state_dir().to_str().unwrap(), state.to_str().unwrap())
             .replace(
                 "sync = \"normal\"",
-                "sync = \"normal\"\nmax_size = \"1GiB\"",
+                &format!("sync = \"normal\"\nmax_size = \"1GiB\"\n{journal}"),
             );
         let config = h.write_config(&text);
         let log = h.dir.path().join("agent.log");
@@ -585,4 +595,192 @@ async fn a_full_disk_drains_by_itself_once_the_upstream_is_back() {
         text.contains("reserve"),
         "the log tells of the reserve: {text}"
     );
+}
+
+/// `when_full = "drop_oldest"` on a disk that fills long before
+/// `max_size`: the journal holds at its size, the oldest undelivered events
+/// make way for new ones behind gap events, and once the upstream is back
+/// every stream sequence it did not receive is announced by a gap event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_drop_oldest_takes_new_events_and_announces_every_evicted_one() {
+    let fs = tmpfs_or_skip!("24m");
+    let h = Harness::new().await;
+    write_filler(&fs.path().join("filler"), 4 << 20).unwrap();
+    let mut a = DiskAgent::start_with(&fs, &h, "when_full = \"drop_oldest\"").await;
+
+    // The upstream is down while the disk fills: nothing can be delivered,
+    // so only eviction makes room.
+    h.receiver.set_fail(503, Some(1), 1.0);
+    let (filled, refusal) = a.fill_until_refused().await;
+    assert_eq!(refusal.0, 503, "{refusal:?}");
+    assert!(a.running(), "{}", a.read_log());
+
+    // Three times as many again (more than the disk reserve, which the
+    // first disk-full error gives back, could hold): each batch is taken,
+    // at most after a refusal or two while an eviction runs.
+    let client = http_client();
+    let mut posted = filled;
+    let mut refusals = 0;
+    let rounds = 3 * filled / 50;
+    for round in 0..rounds {
+        let mut batch = mes_events(&format!("more{round}"), 50, 4);
+        for e in &mut batch {
+            e["data"]["pad"] = Value::String("p".repeat(1000));
+        }
+        let mut tries = 0;
+        loop {
+            let (status, body) = post(&client, &a.url, &batch).await;
+            if status == 202 {
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+            tries += 1;
+            refusals += 1;
+            assert!(
+                tries < 20,
+                "a batch refused 20 times on a full disk under drop_oldest: {body}\n{}",
+                a.read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        posted += 50;
+    }
+    eprintln!(
+        "{filled} events filled the disk; {posted} posted in all, {refusals} refusals after that"
+    );
+
+    // The WAN is back: every stream sequence arrives or is announced.
+    h.receiver.clear_faults();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = h.receiver.verdict();
+        let accounted: u64 = v
+            .per_stream
+            .values()
+            .map(|s| s.unique + s.gap_covered)
+            .sum();
+        if accounted as usize >= posted || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let received: u64 = v.per_stream.values().map(|s| s.unique).sum();
+    assert_eq!(
+        (received + v.gap_covered) as usize,
+        posted,
+        "every event arrives or is announced: {v:?}"
+    );
+    assert_eq!((v.missing, v.out_of_order), (0, 0), "{v:?}");
+    assert!(v.gap_covered > 0, "the full disk evicted nothing: {v:?}");
+    // The newest events were kept.
+    let ids: HashSet<String> = h.receiver.ids().into_iter().map(|(_, id)| id).collect();
+    let last = rounds - 1;
+    assert!(
+        (0..50).all(|i| ids.contains(&format!("more{last}-{i}"))),
+        "the last batch was delivered"
+    );
+    let text = a.stop().await;
+    assert!(text.contains("drop_oldest"), "the log says why: {text}");
+}
+
+/// An MQTT source on a disk that fills (`when_full = "block"`): the source
+/// holds its acknowledgements and retries, the broker keeps what it
+/// acknowledged to the publisher, and once the upstream is back (delivered
+/// events are then deleted at once) every message arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_source_on_a_full_disk_holds_its_acks_and_loses_nothing() {
+    use plantrelay::demo::machines::EmbeddedBroker;
+    use plantrelay::sources::mqtt::content_id;
+    use rumqttc::QoS;
+    use support::agent::{source_status, wait_connected};
+    use support::mqtt::{publish_pipelined, source_toml};
+
+    let fs = tmpfs_or_skip!("24m");
+    write_filler(&fs.path().join("filler"), 4 << 20).unwrap();
+    let broker = EmbeddedBroker::start().await.unwrap();
+    let h = Harness::new().await;
+    h.receiver.stop().await;
+    let state = fs.path().join("state");
+    let text = h
+        .config_text(
+            "127.0.0.1:0",
+            &h.receiver.url(),
+            "",
+            &source_toml("line", &broker.url(), &["full/+/state"], ""),
+        )
+        .replace(h.state_dir().to_str().unwrap(), state.to_str().unwrap())
+        .replace(
+            "sync = \"normal\"",
+            "sync = \"normal\"\nmax_size = \"1GiB\"\nretain_acked = \"1h\"",
+        );
+    let a = plantrelay::agent::start(
+        &plantrelay::config::Config::load(&h.write_config(&text)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let s = source_status(&a, "line");
+    assert!(
+        wait_connected(&s, true, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+
+    // 1,500 messages of 16 KiB: more than the 20 MiB the filesystem has.
+    let total = 1500u64;
+    let messages: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|n| {
+            let payload = serde_json::json!({"n": n, "pad": "x".repeat(16 * 1024)});
+            (
+                format!("full/m{}/state", n % 3),
+                payload.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    let acked = publish_pipelined(
+        broker.addr(),
+        "pub-full",
+        QoS::AtLeastOnce,
+        100,
+        messages,
+        None,
+    )
+    .await;
+    assert_eq!(acked.len() as u64, total);
+
+    // The disk fills: the source holds its acks and retries.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let err = s.snapshot().last_error.unwrap_or_default();
+        if err.contains("disk full") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disk never filled: {err:?}, {} stored",
+            s.events.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored_while_full = s.events.load(Ordering::Relaxed);
+    assert!(stored_while_full < total, "{stored_while_full}");
+
+    // Upstream back, nobody frees anything: delivering frees the disk.
+    h.receiver.restart().await.unwrap();
+    assert!(
+        h.receiver
+            .wait_until(Duration::from_secs(180), |v| v.unique_ids >= total)
+            .await,
+        "everything the broker acknowledged arrives upstream: {:?}",
+        h.receiver.stats()
+    );
+    let received: HashSet<String> = h.receiver.ids().into_iter().map(|(_, id)| id).collect();
+    for (topic, payload) in &acked {
+        assert!(received.contains(&content_id(topic, payload, None)));
+    }
+    let v = h.receiver.verdict();
+    assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+    eprintln!(
+        "disk full: {stored_while_full} of {total} stored before the disk filled; all {total} delivered once the upstream was back"
+    );
+    a.shutdown().await;
 }

@@ -81,7 +81,7 @@ impl WriterState {
     /// Frees space for `need` more bytes, by the capacity rules of the module
     /// doc. Runs its own transactions, before the batch's.
     pub(super) fn make_room(&mut self, need: u64) -> Result<(), JournalError> {
-        let max = self.opts.max_size;
+        let max = self.opts.max_size.min(self.disk_cap.unwrap_or(u64::MAX));
         let used = self.stats.used_bytes.load(Ordering::Relaxed);
         if used + need <= max {
             self.full_logged = false;
@@ -339,12 +339,26 @@ impl WriterState {
 
     /// A commit found the disk full: give the reserve back, so that the
     /// next cursor moves, checkpoint and retention fit, and let retention
-    /// delete what is delivered at once.
+    /// delete what is delivered at once. With `when_full = "drop_oldest"`
+    /// the journal is also capped at its live size until the disk has room:
+    /// the next append evicts as at `max_size` (pages freed inside the file
+    /// take the new rows without growing it).
     pub(super) fn disk_full(&mut self) {
         if !self.disk_short {
             self.disk_short = true;
             self.retention_pending = true;
             warn!(journal = %self.path.display(), "disk full: delivered events are deleted at once (not after retain_acked) until the disk has room again");
+        }
+        if self.opts.when_full == WhenFull::DropOldest && self.disk_cap.is_none() {
+            let used = self
+                .refresh_used()
+                .unwrap_or_else(|_| self.stats.used_bytes.load(Ordering::Relaxed));
+            self.disk_cap = Some(used);
+            warn!(
+                journal = %self.path.display(),
+                cap = %crate::units::fmt_bytes(used),
+                "disk full (when_full = \"drop_oldest\"): the journal is held at its present size until the disk has room; the oldest undelivered events make way for new ones, a plantrelay.gap event in their place"
+            );
         }
         if self.reserve.release() {
             warn!(

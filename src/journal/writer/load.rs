@@ -283,6 +283,7 @@ impl WriterState {
             flushing_streams: false,
             reserve: Reserve::open(&path, opts.disk_reserve),
             disk_short: false,
+            disk_cap: None,
             mark,
             jump,
         };

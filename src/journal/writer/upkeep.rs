@@ -72,6 +72,9 @@ impl WriterState {
         if self.disk_short && self.reserve.restore() {
             self.disk_short = false;
             info!(journal = %self.path.display(), "the disk has room again: delivered events are kept for retain_acked again");
+            if self.disk_cap.take().is_some() {
+                info!(journal = %self.path.display(), max_size = %crate::units::fmt_bytes(self.opts.max_size), "the disk has room again: the journal may grow to max_size again");
+            }
         }
         self.retention_pending = true;
     }
