@@ -50,6 +50,8 @@ use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptio
 use plantrelay::event::{Class, NewEvent};
 use plantrelay::journal::{Journal, SyncMode};
 
+// The bench uses only part of it.
+#[allow(dead_code)]
 #[path = "../tests/it/support/nats_server.rs"]
 mod nats_server;
 #[path = "support/mod.rs"]

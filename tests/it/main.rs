@@ -22,6 +22,7 @@ mod fuzz_regressions;
 mod health;
 mod hostile;
 mod ingest;
+mod interop_chaos;
 mod interop_jetstream;
 mod interop_mqtt;
 mod interop_mqtt_sink;

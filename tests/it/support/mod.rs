@@ -2,12 +2,15 @@
 //! fault injection, used by the modules of the one test binary.
 
 pub mod agent;
+#[cfg(feature = "interop")]
+pub mod chaos;
 pub mod fault_proxy;
 pub mod journal;
 pub mod logs;
 #[cfg(feature = "interop")]
 pub mod mosquitto;
 pub mod mqtt;
+#[cfg(feature = "interop")]
 pub mod nats_server;
 pub mod opcua_server;
 pub mod upstream;

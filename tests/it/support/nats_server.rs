@@ -2,13 +2,10 @@
 //! `nats-server`, v2.9) with JetStream, on a free loopback port, its store
 //! in a temp dir. It is started by a test, waited for until JetStream
 //! answers (no fixed sleeps), and only this child is ever killed: on
-//! [`NatsServer::kill`], [`NatsServer::restart`] and drop.
+//! [`NatsServer::kill`], [`NatsServer::stop`] and drop.
 //!
 //! It also reads a stream back ([`NatsServer::stored`]): what the server
 //! kept, in stream order, with the headers the sink set.
-
-// The pipeline bench uses only part of it.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,8 +19,6 @@ use futures_util::StreamExt;
 /// One message as the stream holds it.
 #[derive(Debug, Clone)]
 pub struct Stored {
-    /// Its sequence in the stream.
-    pub stream_seq: u64,
     pub subject: String,
     /// `Nats-Msg-Id`.
     pub msg_id: String,
@@ -32,7 +27,6 @@ pub struct Stored {
     pub ce_subject: String,
     /// `ce-traceparent` ("" when absent).
     pub ce_traceparent: String,
-    pub payload: Vec<u8>,
 }
 
 pub struct NatsServer {
@@ -144,10 +138,14 @@ impl NatsServer {
         }
     }
 
-    /// Kill, then start again on the same port and store.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
+    /// SIGTERM of our own child (the server flushes its store), waited for.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
     }
 
     pub async fn client(&self) -> async_nats::Client {
@@ -193,13 +191,11 @@ impl NatsServer {
             let h = m.headers.clone().unwrap_or_default();
             let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
             out.push(Stored {
-                stream_seq: m.info().unwrap().stream_sequence,
                 subject: m.subject.to_string(),
                 msg_id: get("Nats-Msg-Id"),
                 ce_sequence: get("ce-sequence").parse().unwrap_or(0),
                 ce_subject: get("ce-subject"),
                 ce_traceparent: get("ce-traceparent"),
-                payload: m.payload.to_vec(),
             });
         }
         out
