@@ -784,3 +784,116 @@ async fn an_mqtt_source_on_a_full_disk_holds_its_acks_and_loses_nothing() {
     );
     a.shutdown().await;
 }
+
+/// ENOSPC at a checkpoint: the WAL holds 6 MiB of acknowledged events that
+/// `journal.db` has yet to take (a reader's snapshot held them back) when
+/// the disk fills, so copying them in needs room the disk no longer has.
+/// No reserve here, so nothing else makes room. Every acknowledged event
+/// stays readable, an append is refused as disk full (the WAL cannot be
+/// restarted, nor grow), and once space is freed the appends go on, the
+/// checkpoint completes and a reopen finds an intact journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_on_a_full_disk_loses_nothing_and_completes_once_space_is_freed() {
+    use rusqlite::{Connection, OpenFlags};
+
+    let fs = tmpfs_or_skip!("24m");
+    let path = fs.path().join("journal.db");
+    let wal = fs.path().join("journal.db-wal");
+    let mut opts = journal_options(path.clone());
+    opts.disk_reserve = 0;
+    let journal = Journal::open(opts.clone()).unwrap();
+    journal.append(vec![ev("first".into(), 100)]).await.unwrap();
+
+    // A snapshot from before the appends: no checkpoint can copy them.
+    let pin = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    pin.execute_batch("BEGIN").unwrap();
+    let _: i64 = pin
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    let mut acked = 1usize;
+    for b in 0..375 {
+        let batch: Vec<NewEvent> = (0..16).map(|i| ev(format!("w{b}-{i}"), 1000)).collect();
+        journal.append(batch).await.unwrap();
+        acked += 16;
+    }
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let (wal_before, db_before) = (len(&wal), len(&path));
+    assert!(
+        wal_before > 6 << 20 && db_before < 1 << 20,
+        "the appends stay in the WAL: wal {wal_before}, db {db_before}"
+    );
+    let filled = fill_up(fs.path());
+    pin.execute_batch("COMMIT").unwrap();
+    drop(pin);
+
+    // The checkpoint cannot copy the frames: the disk is full.
+    let probe = Connection::open(&path).unwrap();
+    let r: rusqlite::Result<(i64, i64, i64)> =
+        probe.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        });
+    match &r {
+        Err(e) => assert!(e.to_string().contains("full"), "{e}"),
+        Ok((_, log, done)) => assert!(done < log, "the checkpoint found room: {r:?}"),
+    }
+    drop(probe);
+    eprintln!("disk filled with {filled} bytes; checkpoint on the full disk: {r:?}");
+
+    // The journal answers, refuses what does not fit, and keeps the rest.
+    let refused = journal
+        .append((0..16).map(|i| ev(format!("full-{i}"), 1000)).collect())
+        .await;
+    match refused {
+        Err(JournalError::DiskFull { .. }) => {}
+        Ok(_) => acked += 16,
+        Err(other) => panic!("expected DiskFull, got {other:?}"),
+    }
+    assert!(journal.stats().writer_alive.load(Ordering::Relaxed));
+    let rows = Reader::open(&path)
+        .unwrap()
+        .events_from(0, usize::MAX >> 1)
+        .unwrap();
+    assert_eq!(rows.len(), acked, "every acknowledged event is readable");
+
+    // Space back: appends go on and the checkpoint completes.
+    for i in 0.. {
+        if std::fs::remove_file(fs.path().join(format!("fill-{i}"))).is_err() {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match journal
+            .append((0..16).map(|i| ev(format!("after-{i}"), 1000)).collect())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no append after freeing space: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    acked += 16;
+    journal.close().await;
+    drop(journal);
+    assert!(
+        len(&path) > 6 << 20,
+        "the checkpoint copied the WAL into journal.db: db {}",
+        len(&path)
+    );
+
+    let reopened = Journal::open(opts).unwrap();
+    assert!(reopened.quarantine().is_none(), "intact after the episode");
+    let rows = reopened
+        .reader()
+        .unwrap()
+        .events_from(0, usize::MAX >> 1)
+        .unwrap();
+    assert_eq!(rows.len(), acked);
+    assert_eq!(rows[0].id, "first");
+    assert_eq!(rows.last().unwrap().id, "after-15");
+}
