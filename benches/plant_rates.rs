@@ -31,6 +31,8 @@
 //! `plantrelay` binary (an earlier release, for the figures before); the
 //! knobs above must then stay unset, as it does not know them);
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".");
+//! `PLANTRELAY_BENCH_BROKER` (`host:port`) puts another broker (e.g. a
+//! Mosquitto of one's own) in place of the in-process one;
 //! `PLANTRELAY_BENCH_AGENT_LOG` (a log filter, e.g.
 //! `error,plantrelay::journal=trace`) keeps each row's agent log there.
 
@@ -186,7 +188,9 @@ struct Env {
     _pki: EphemeralPki,
     paths: PkiPaths,
     receiver: Arc<Receiver>,
-    broker: EmbeddedBroker,
+    /// The in-process broker, unless `PLANTRELAY_BENCH_BROKER` names another.
+    _broker: Option<EmbeddedBroker>,
+    broker_addr: SocketAddr,
     linger: Option<String>,
     window: Option<String>,
 }
@@ -206,13 +210,21 @@ impl Env {
         let mut opts = ReceiverOptions::new(&pki);
         opts.record_data = false;
         let receiver = Receiver::start(opts).await.expect("receiver");
-        let broker = EmbeddedBroker::start().await.expect("broker");
+        let (broker, broker_addr) = match std::env::var("PLANTRELAY_BENCH_BROKER") {
+            Ok(addr) => (None, addr.parse().expect("PLANTRELAY_BENCH_BROKER: host:port")),
+            Err(_) => {
+                let b = EmbeddedBroker::start().await.expect("broker");
+                let addr = b.addr();
+                (Some(b), addr)
+            }
+        };
         Env {
             dir,
             _pki: pki,
             paths,
             receiver: Arc::new(receiver),
-            broker,
+            _broker: broker,
+            broker_addr,
             linger: std::env::var("PLANTRELAY_BENCH_LINGER").ok(),
             window: std::env::var("PLANTRELAY_BENCH_WINDOW").ok(),
         }
@@ -229,10 +241,10 @@ impl Env {
                 r#"
 [[sources.mqtt]]
 name = "line"
-url = "{}"
+url = "mqtt://{}"
 topics = ["bench/#"]
 "#,
-                self.broker.url()
+                self.broker_addr
             ),
             SourceKind::Http => format!(
                 r#"
@@ -457,7 +469,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
         );
         match source {
             SourceKind::Mqtt => {
-                publish(env.broker.addr(), 1, None, 1_000_000_000 + seq_base).await;
+                publish(env.broker_addr, 1, None, 1_000_000_000 + seq_base).await;
                 seq_base += 1;
             }
             SourceKind::Http => {
@@ -516,7 +528,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
         SourceKind::Mqtt => {
             // Send times of MQTT rows come from the payloads (below); here
             // only the pacing.
-            publish(env.broker.addr(), count, rate, 0).await;
+            publish(env.broker_addr, count, rate, 0).await;
         }
         SourceKind::Http => match rate {
             Some(r) => {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::connection::Done;
 use super::mapping::{Mapped, Mapper, Message};
@@ -54,7 +54,14 @@ impl Appender {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
             self.gather(&mut rx, &mut batch).await;
+            let age = |b: &[Message]| {
+                b.first()
+                    .and_then(|m| std::time::SystemTime::now().duration_since(m.received).ok())
+                    .map_or(0, |d| d.as_micros())
+            };
+            trace!(source = %self.name, messages = batch.len(), first_age_us = age(&batch), "MQTT batch gathered");
             self.commit(&batch).await?;
+            trace!(source = %self.name, messages = batch.len(), first_age_us = age(&batch), "MQTT batch committed");
             for m in batch.drain(..) {
                 let _ = done.send(Done {
                     epoch: m.epoch,
