@@ -37,8 +37,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt;
 use plantrelay::demo::press::{PressOptions, SimPress, load_node, press_node};
 use plantrelay::demo::receiver::{EphemeralPki, Receiver, ReceiverOptions};
 use plantrelay::journal::Reader;
@@ -852,37 +850,11 @@ retry_max = "1s"
 /// Reads the whole JetStream stream back into a tally, in stream order.
 async fn read_jetstream(nats: &NatsServer) -> Tally {
     let mut tally = Tally::default();
-    let js = jetstream::new(nats.client().await);
-    let mut s = js.get_stream(JS_STREAM).await.unwrap();
-    let total = s.info().await.unwrap().state.messages;
-    if total == 0 {
-        return tally;
-    }
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = c.messages().await.unwrap();
-    for _ in 0..total {
-        let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
-            .await
-            .expect("reading the stream back stalled")
-            .expect("the stream of messages ended")
-            .unwrap();
-        let h = m.headers.clone().unwrap_or_default();
-        let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
-        let source = get("ce-source");
-        let key = format!("{}/{}", source_name(&source), get("ce-id"));
-        tally.add(
-            key,
-            &get("ce-subject"),
-            get("ce-streamsequence").parse().unwrap_or(0),
-        );
-    }
+    nats.each_stored(JS_STREAM, |m| {
+        let key = format!("{}/{}", source_name(&m.ce_source), m.ce_id);
+        tally.add(key, &m.ce_subject, m.ce_streamsequence);
+    })
+    .await;
     tally
 }
 

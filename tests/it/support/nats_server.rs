@@ -24,7 +24,10 @@ pub struct Stored {
     pub msg_id: String,
     /// `ce-sequence`: the journal seq of the event.
     pub ce_sequence: u64,
+    pub ce_id: String,
+    pub ce_source: String,
     pub ce_subject: String,
+    pub ce_streamsequence: u64,
     /// `ce-traceparent` ("" when absent).
     pub ce_traceparent: String,
 }
@@ -166,39 +169,48 @@ impl NatsServer {
 
     /// Everything `stream` holds, in stream order.
     pub async fn stored(&self, stream: &str) -> Vec<Stored> {
+        let mut out = Vec::new();
+        self.each_stored(stream, |m| out.push(m)).await;
+        out
+    }
+
+    /// Hands every message `stream` holds to `f`, in stream order, without
+    /// keeping them (a stream of a million messages).
+    pub async fn each_stored(&self, stream: &str, mut f: impl FnMut(Stored)) {
         let js = self.jetstream().await;
         let mut s = js.get_stream(stream).await.unwrap();
         let total = s.info().await.unwrap().state.messages;
         if total == 0 {
-            return Vec::new();
+            return;
         }
         let c = s
             .create_consumer(consumer::pull::Config {
                 ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
+                inactive_threshold: Duration::from_secs(60),
                 ..Default::default()
             })
             .await
             .unwrap();
         let mut msgs = c.messages().await.unwrap();
-        let mut out = Vec::with_capacity(total as usize);
-        while (out.len() as u64) < total {
-            let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+        for _ in 0..total {
+            let m = tokio::time::timeout(Duration::from_secs(60), msgs.next())
                 .await
                 .expect("reading the stream back stalled")
                 .expect("the stream of messages ended")
                 .unwrap();
             let h = m.headers.clone().unwrap_or_default();
             let get = |k: &str| h.get(k).map(|v| v.as_str().to_string()).unwrap_or_default();
-            out.push(Stored {
+            f(Stored {
                 subject: m.subject.to_string(),
                 msg_id: get("Nats-Msg-Id"),
                 ce_sequence: get("ce-sequence").parse().unwrap_or(0),
+                ce_id: get("ce-id"),
+                ce_source: get("ce-source"),
                 ce_subject: get("ce-subject"),
+                ce_streamsequence: get("ce-streamsequence").parse().unwrap_or(0),
                 ce_traceparent: get("ce-traceparent"),
             });
         }
-        out
     }
 }
 
