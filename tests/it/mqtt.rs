@@ -28,7 +28,8 @@ use serde_json::{Value, json};
 use support::agent::{Harness, source_status, spawn, wait_connected};
 use support::fault_proxy::FaultProxy;
 use support::mqtt::{
-    json_messages, per_stream_n, publish_pipelined, source_toml, start_subscribed,
+    fill_hold_and_drain, json_messages, per_stream_n, publish_pipelined, source_toml,
+    start_subscribed,
 };
 use support::upstream::until;
 
@@ -950,63 +951,7 @@ async fn a_full_journal_holds_the_acks_and_the_broker_keeps_the_rest_until_space
     let a = agent::start(&Config::load(&h.write_config(&text)).unwrap())
         .await
         .unwrap();
-    let s = source_status(&a, "line");
-    assert!(
-        wait_connected(&s, true, Duration::from_secs(10))
-            .await
-            .is_some()
-    );
-
-    let total = 1500u64;
-    let messages: Vec<(String, Vec<u8>)> = (0..total)
-        .map(|n| {
-            let payload = json!({"n": n, "pad": "x".repeat(16 * 1024)});
-            (
-                format!("full/m{}/state", n % 3),
-                payload.to_string().into_bytes(),
-            )
-        })
-        .collect();
-    // The broker takes all of them (its PUBACKs to the publisher).
-    let acked = publish_pipelined(
-        broker.addr(),
-        "pub-full",
-        QoS::AtLeastOnce,
-        INFLIGHT,
-        messages,
-        None,
-    )
-    .await;
-    assert_eq!(acked.len() as u64, total);
-
-    // The journal fills; the source holds its acks and stops reading.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let err = s.snapshot().last_error.unwrap_or_default();
-        if err.contains("full") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the journal never filled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stored_while_full = s.events.load(Ordering::Relaxed);
-    assert!(stored_while_full < total, "{stored_while_full}");
-
-    // Upstream back: delivered rows are deleted, the appends go through,
-    // the acks go out, the broker sends the rest.
-    h.receiver.restart().await.unwrap();
-    assert!(
-        h.receiver
-            .wait_until(Duration::from_secs(180), |v| v.unique_ids >= total)
-            .await,
-        "everything the broker acknowledged arrives upstream"
-    );
-    let received: HashSet<String> = h.receiver.ids().into_iter().map(|(_, id)| id).collect();
-    for (topic, payload) in &acked {
-        assert!(received.contains(&content_id(topic, payload, None)));
-    }
-    let v = h.receiver.verdict();
-    assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+    let (stored_while_full, total) = fill_hold_and_drain(&h, &a, broker.addr(), "full").await;
     eprintln!(
         "journal full: {stored_while_full} of {total} stored before the journal filled; all {total} delivered after space was freed"
     );

@@ -118,6 +118,12 @@ impl WriterState {
                 return Ok(());
             }
         }
+        if self.disk_cap.is_some_and(|cap| cap < self.opts.max_size) {
+            // The disk, not max_size, is what is full.
+            return Err(JournalError::DiskFull {
+                path: self.path.clone(),
+            });
+        }
         if !self.full_logged {
             warn!(
                 journal = %self.path.display(),
@@ -339,25 +345,34 @@ impl WriterState {
 
     /// A commit found the disk full: give the reserve back, so that the
     /// next cursor moves, checkpoint and retention fit, and let retention
-    /// delete what is delivered at once. With `when_full = "drop_oldest"`
-    /// the journal is also capped at its live size until the disk has room:
-    /// the next append evicts as at `max_size` (pages freed inside the file
-    /// take the new rows without growing it).
+    /// delete what is delivered at once. The journal is also held at its
+    /// live size until the disk has room, as if that were `max_size`: new
+    /// events go only into pages that deliveries (or, with `when_full =
+    /// "drop_oldest"`, evictions) free inside the file. Were they let grow
+    /// the files, they would take the reserve's room too, and once the
+    /// WAL could neither grow nor be checkpointed into a file that cannot
+    /// grow, no commit, not even a cursor move or a deletion, would fit.
     pub(super) fn disk_full(&mut self) {
         if !self.disk_short {
             self.disk_short = true;
             self.retention_pending = true;
             warn!(journal = %self.path.display(), "disk full: delivered events are deleted at once (not after retain_acked) until the disk has room again");
         }
-        if self.opts.when_full == WhenFull::DropOldest && self.disk_cap.is_none() {
+        if self.disk_cap.is_none() {
             let used = self
                 .refresh_used()
                 .unwrap_or_else(|_| self.stats.used_bytes.load(Ordering::Relaxed));
             self.disk_cap = Some(used);
+            let then = match self.opts.when_full {
+                WhenFull::Block => "new events are taken as deliveries free room inside it",
+                WhenFull::DropOldest => {
+                    "the oldest undelivered events make way for new ones, a plantrelay.gap event in their place"
+                }
+            };
             warn!(
                 journal = %self.path.display(),
                 cap = %crate::units::fmt_bytes(used),
-                "disk full (when_full = \"drop_oldest\"): the journal is held at its present size until the disk has room; the oldest undelivered events make way for new ones, a plantrelay.gap event in their place"
+                "disk full: the journal is held at its present size until the disk has room; {then}"
             );
         }
         if self.reserve.release() {

@@ -96,11 +96,9 @@ pub(crate) struct WriterState {
     /// retention then deletes delivered events without waiting for
     /// `retain_acked`, so that delivering frees room for new events.
     disk_short: bool,
-    /// With `when_full = "drop_oldest"`, the live size the journal had when
-    /// a commit found the disk full: until the disk has room again the
-    /// journal is kept under it as under `max_size` (the oldest undelivered
-    /// events make way for new ones, behind gap events), so a full disk
-    /// does not refuse new events any more than a full journal does.
+    /// The live size the journal had when a commit found the disk full:
+    /// until the disk has room again the journal is kept under it as under
+    /// `max_size` (see `capacity.rs`, `disk_full`).
     disk_cap: Option<u64>,
     /// The seqs handed out, reserved outside the WAL (see `seqmark.rs`).
     mark: SeqMark,

@@ -136,3 +136,78 @@ pub async fn start_subscribed(h: &Harness, sources: &str, names: &[&str]) -> Run
     }
     a
 }
+
+/// A journal that fills under an MQTT source `line` (of agent `a`, on
+/// `broker`) while the harness's receiver is stopped: publishes 1,500
+/// messages of 16 KiB (the broker acknowledges every one), waits until the
+/// source reports an error containing `full` (it holds its acks and
+/// retries), restarts the receiver and checks that every acknowledged
+/// message arrives, in order. Returns how many were stored before the
+/// journal filled, and the total.
+pub async fn fill_hold_and_drain(
+    h: &Harness,
+    a: &RunningAgent,
+    broker: SocketAddr,
+    full: &str,
+) -> (u64, u64) {
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+
+    let s = source_status(a, "line");
+    assert!(
+        wait_connected(&s, true, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    let total = 1500u64;
+    let messages: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|n| {
+            let payload = json!({"n": n, "pad": "x".repeat(16 * 1024)});
+            (
+                format!("full/m{}/state", n % 3),
+                payload.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    let acked = publish_pipelined(broker, "pub-full", QoS::AtLeastOnce, 100, messages, None).await;
+    assert_eq!(acked.len() as u64, total);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let err = s.snapshot().last_error.unwrap_or_default();
+        if err.contains(full) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the journal never filled ({full:?}): {err:?}, {} stored",
+            s.events.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored_while_full = s.events.load(Ordering::Relaxed);
+    assert!(stored_while_full < total, "{stored_while_full}");
+
+    // Upstream back: delivered rows are deleted, the appends go through,
+    // the acks go out, the broker sends the rest.
+    h.receiver.restart().await.unwrap();
+    assert!(
+        h.receiver
+            .wait_until(Duration::from_secs(180), |v| v.unique_ids >= total)
+            .await,
+        "everything the broker acknowledged arrives upstream: {:?}\n{}",
+        h.receiver.stats(),
+        {
+            let t = super::logs::text();
+            let l: Vec<&str> = t.lines().collect();
+            l[l.len().saturating_sub(60)..].join("\n")
+        }
+    );
+    let received: HashSet<String> = h.receiver.ids().into_iter().map(|(_, id)| id).collect();
+    for (topic, payload) in &acked {
+        assert!(received.contains(&plantrelay::sources::mqtt::content_id(topic, payload, None)));
+    }
+    let v = h.receiver.verdict();
+    assert_eq!((v.out_of_order, v.missing), (0, 0), "{v:?}");
+    (stored_while_full, total)
+}
