@@ -211,7 +211,10 @@ impl Env {
         opts.record_data = false;
         let receiver = Receiver::start(opts).await.expect("receiver");
         let (broker, broker_addr) = match std::env::var("PLANTRELAY_BENCH_BROKER") {
-            Ok(addr) => (None, addr.parse().expect("PLANTRELAY_BENCH_BROKER: host:port")),
+            Ok(addr) => (
+                None,
+                addr.parse().expect("PLANTRELAY_BENCH_BROKER: host:port"),
+            ),
             Err(_) => {
                 let b = EmbeddedBroker::start().await.expect("broker");
                 let addr = b.addr();

@@ -165,6 +165,8 @@ pub(crate) struct Conn {
     /// The TCP socket again (a duplicate descriptor), to set
     /// `TCP_QUICKACK` on; see [`LinkSettings::quickack`].
     quickack: Option<socket2::Socket>,
+    /// Whether reads set `TCP_QUICKACK` now ([`Conn::set_quickack`]).
+    quickack_on: bool,
     protocol: MqttProtocol,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -242,6 +244,7 @@ impl Conn {
         };
         let mut conn = Conn {
             io,
+            quickack_on: quickack.is_some(),
             quickack,
             protocol: s.protocol,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -327,6 +330,12 @@ impl Conn {
             .map_err(|e| LinkError(format!("cannot encode CONNECT: {e}")))
     }
 
+    /// Turns the immediate TCP ACKs of a link set up with
+    /// [`LinkSettings::quickack`] off or on again (a no-op on one without).
+    pub fn set_quickack(&mut self, on: bool) {
+        self.quickack_on = on && self.quickack.is_some();
+    }
+
     /// The next packet from the broker. Cancel-safe: bytes read stay in
     /// the buffer until a whole packet is there.
     pub async fn read(&mut self) -> Result<Incoming, LinkError> {
@@ -344,7 +353,9 @@ impl Conn {
             if n == 0 {
                 return Err(LinkError("the broker closed the connection".into()));
             }
-            if let Some(sock) = &self.quickack {
+            if self.quickack_on
+                && let Some(sock) = &self.quickack
+            {
                 // Linux clears the flag as it sees fit: set it every time.
                 let _ = sock.set_tcp_quickack(true);
             }

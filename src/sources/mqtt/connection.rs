@@ -49,7 +49,22 @@ struct Live {
     last_rx: Instant,
     last_tx: Instant,
     ping_outstanding: bool,
+    /// When the last PUBLISH came, and the mean time between them (a
+    /// moving average): the link's immediate TCP ACKs follow it.
+    last_publish: Option<Instant>,
+    spacing: Option<Duration>,
 }
+
+/// Messages further apart than this on average get immediate TCP ACKs
+/// (`TCP_QUICKACK`). Our PUBACKs wait for the commit and its window, so
+/// they cannot carry the TCP ACKs back in time, and a broker with Nagle's
+/// algorithm on (Mosquitto's default, rumqttd too) holds each next message
+/// until one comes: at 100 messages/s that doubled the time to the commit
+/// (p50 32 ms with a 20 ms window, 12 ms with quick ACKs). Closer together
+/// the broker's bunching costs no latency worth the name (the kernel ACKs
+/// every second segment anyway) and saves reads: quick ACKs at 1,000
+/// messages/s cost ~20 µs of CPU per message.
+const QUICKACK_SPACING: Duration = Duration::from_millis(2);
 
 /// The task that owns the socket.
 pub(super) struct Connection {
@@ -135,6 +150,8 @@ impl Connection {
                             last_rx: now,
                             last_tx: now,
                             ping_outstanding: false,
+                            last_publish: None,
+                            spacing: None,
                         });
                     }
                     Err(e) => {
@@ -302,6 +319,14 @@ impl Connection {
         l.ping_outstanding = false;
         match incoming {
             Incoming::Publish(p) => {
+                let now = l.last_rx;
+                if let Some(gap) = l.last_publish.map(|t| now - t) {
+                    let gap = gap.min(Duration::from_secs(1));
+                    let spacing = l.spacing.map_or(gap, |avg| (avg * 7 + gap) / 8);
+                    l.spacing = Some(spacing);
+                    l.conn.set_quickack(spacing >= QUICKACK_SPACING);
+                }
+                l.last_publish = Some(now);
                 if let Some(tx) = tx {
                     *inflight += 1;
                     self.forward(tx, epoch, p);

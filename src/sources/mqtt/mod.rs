@@ -202,10 +202,7 @@ impl MqttSource {
             tls,
             max_inflight: cfg.max_inflight.max(1),
             io_timeout: (cfg.keep_alive * 2).clamp(Duration::from_secs(3), Duration::from_secs(10)),
-            // Our PUBACKs wait for the commit (and its window), so they
-            // cannot carry the TCP ACKs back in time: a broker with Nagle's
-            // algorithm on (Mosquitto's default, rumqttd too) would hold
-            // each next message until they come.
+            // Under a trickle only (see connection.rs, QUICKACK_SPACING).
             quickack: true,
             topics: cfg
                 .topics
