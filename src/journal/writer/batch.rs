@@ -232,9 +232,7 @@ impl WriterState {
             retention_through: self.retention_through,
         };
         self.dedup.begin();
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| self.err(e))?;
+        self.exec("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
         Ok((undo, self.recv_now()))
     }
 
@@ -383,7 +381,7 @@ impl WriterState {
             failed = Some(e);
         }
         let outcome = match failed {
-            None => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
+            None => self.exec("COMMIT").map_err(|e| self.err(e)),
             Some(e) => Err(e),
         };
         if relaxed && let Err(e) = self.relax_sync(false) {

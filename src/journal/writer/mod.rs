@@ -254,13 +254,24 @@ impl WriterState {
     fn refresh_used(&mut self) -> rusqlite::Result<u64> {
         let pages: i64 = self
             .conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))?;
+            .prepare_cached("PRAGMA page_count")?
+            .query_row([], |r| r.get(0))?;
         let free: i64 = self
             .conn
-            .pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+            .prepare_cached("PRAGMA freelist_count")?
+            .query_row([], |r| r.get(0))?;
         let used = (pages - free).max(0) as u64 * self.page_size;
         self.stats.used_bytes.store(used, Ordering::Relaxed);
         Ok(used)
+    }
+
+    /// Runs a statement without rows (`BEGIN IMMEDIATE`, `COMMIT`) from the
+    /// statement cache: on the commit path, compiling it anew every time is
+    /// CPU for nothing. Never a pragma that sets something (`synchronous`):
+    /// SQLite applies those while compiling, so a cached one would do
+    /// nothing the second time.
+    fn exec(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
     }
 
     fn insert_row(
