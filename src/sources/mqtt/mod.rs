@@ -96,7 +96,7 @@ pub use mapping::{
     MAX_ID_LEN, Properties, REJECT_KEEP_BYTES, REJECTED_EVENT_TYPE, StreamTemplate, content_id,
 };
 
-use self::appender::Appender;
+use self::appender::{Appender, Window};
 use self::connection::Connection;
 use self::mapping::Mapper;
 use super::warn_limit::WarnLimiter;
@@ -246,14 +246,11 @@ impl MqttSource {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let appender = Appender {
             name: self.name.clone(),
-            window: journal.commit_window(),
+            window: Window::new(journal.commit_window(), self.max_inflight),
             journal,
             mapper: self.mapper,
             status: status.clone(),
             warnings: WarnLimiter::default(),
-            max_inflight: self.max_inflight,
-            spacing: None,
-            last_received: None,
         };
         let appender = tokio::spawn(appender.run(rx, done_tx));
         let connection = Connection {
