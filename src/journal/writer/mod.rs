@@ -331,6 +331,17 @@ impl WriterState {
     }
 }
 
+/// How many event bytes may be appended between two looks at the WAL's
+/// size (see `run`): its limit is then overshot by a few MB at most.
+const WAL_CHECK_BYTES: u64 = 4 << 20;
+
+fn event_bytes(r: &Request) -> u64 {
+    match r {
+        Request::Append { events, .. } => events.iter().map(|e| e.size() as u64).sum(),
+        _ => 0,
+    }
+}
+
 fn event_count(r: &Request) -> usize {
     match r {
         Request::Append { events, .. } => events.len(),
@@ -351,6 +362,8 @@ pub(crate) struct Signals {
 pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     let mut window = CommitWindow::new(state.opts.commit_window);
+    // Event bytes appended since the WAL's size was last looked at.
+    let mut since_wal_check = 0u64;
     loop {
         state
             .stats
@@ -397,10 +410,19 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
             window.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
         }
         if !batch.is_empty() {
+            since_wal_check += batch.iter().map(event_bytes).sum::<u64>();
             state.process(batch, &signals);
         }
         if maintain {
+            since_wal_check = 0;
             state.maintain();
+        } else if since_wal_check >= WAL_CHECK_BYTES {
+            // Not only at upkeep: under a fast append stream with readers
+            // that read back to back (a sink draining a backlog), SQLite
+            // rarely finds the moment to start the WAL over, and a second
+            // of appends can add tens of MB to it.
+            since_wal_check = 0;
+            state.check_wal();
         }
         if shutdown.is_some() {
             break;

@@ -111,7 +111,7 @@ impl WriterState {
         }
     }
 
-    fn check_wal(&mut self) {
+    pub(super) fn check_wal(&mut self) {
         let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");
         let size = std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len());
