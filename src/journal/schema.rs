@@ -110,6 +110,9 @@ pub(crate) const WRITER_CACHE_KIB: i64 = 16 * 1024;
 /// writer's while it opens the journal, the dedup index rebuild's.
 pub(crate) const STARTUP_CACHE_KIB: i64 = 1024;
 
+/// How long a connection waits for a lock another holds.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// WAL frames beyond this are truncated after a checkpoint.
 pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -196,7 +199,7 @@ fn try_open(path: &Path, sync: SyncMode, check: bool) -> Result<Connection, Open
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
-    conn.busy_timeout(Duration::from_secs(10))
+    conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| classify(path, e))?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
@@ -417,7 +420,7 @@ pub fn open_reader(path: &Path) -> Result<Connection, JournalError> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| sqlite_err(path, e))?;
-    conn.busy_timeout(Duration::from_secs(10))
+    conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| sqlite_err(path, e))?;
     conn.pragma_update(None, "query_only", "ON")
         .map_err(|e| sqlite_err(path, e))?;

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 // foldhash, not SipHash: stream keys are looked up several times per event.
 use hashbrown::{HashMap, HashSet};
@@ -334,6 +334,11 @@ impl WriterState {
 /// How many event bytes may be appended between two looks at the WAL's
 /// size (see `run`): its limit is then overshot by a few MB at most.
 const WAL_CHECK_BYTES: u64 = 4 << 20;
+/// How long such a look between commits waits for readers: appends wait
+/// with it, and one long reader must not stall them every 4 MiB.
+const WAL_CHECK_PATIENCE: Duration = Duration::from_millis(200);
+/// The writer connection's busy timeout (as opened, see `schema`).
+pub(super) const BUSY_TIMEOUT: Duration = crate::journal::schema::BUSY_TIMEOUT;
 
 fn event_bytes(r: &Request) -> u64 {
     match r {
@@ -422,7 +427,7 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
             // rarely finds the moment to start the WAL over, and a second
             // of appends can add tens of MB to it.
             since_wal_check = 0;
-            state.check_wal();
+            state.check_wal(WAL_CHECK_PATIENCE);
         }
         if shutdown.is_some() {
             break;

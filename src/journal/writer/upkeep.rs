@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tracing::{debug, info, warn};
 
@@ -68,7 +68,7 @@ impl WriterState {
             .dedup_ids
             .store(self.dedup.len() as u64, Ordering::Relaxed);
         self.sync_cursors();
-        self.check_wal();
+        self.check_wal(super::BUSY_TIMEOUT);
         if self.disk_short && self.reserve.restore() {
             self.disk_short = false;
             info!(journal = %self.path.display(), "the disk has room again: delivered events are kept for retain_acked again");
@@ -111,16 +111,22 @@ impl WriterState {
         }
     }
 
-    pub(super) fn check_wal(&mut self) {
+    /// Checkpoints and truncates the WAL once it is over its limit,
+    /// waiting at most `patience` for readers to leave old snapshots (the
+    /// writer answers nobody meanwhile: between commits the wait is kept
+    /// short, and a WAL that stays over its limit is tried again).
+    pub(super) fn check_wal(&mut self, patience: Duration) {
         let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");
         let size = std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len());
         if size as i64 > WAL_SIZE_LIMIT {
+            let _ = self.conn.busy_timeout(patience);
             let r: rusqlite::Result<(i64, i64, i64)> =
                 self.conn
                     .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     });
+            let _ = self.conn.busy_timeout(super::BUSY_TIMEOUT);
             match r {
                 Ok((busy, log, done)) => debug!(
                     wal_bytes = size,
