@@ -337,8 +337,6 @@ const WAL_CHECK_BYTES: u64 = 4 << 20;
 /// How long such a look between commits waits for readers: appends wait
 /// with it, and one long reader must not stall them every 4 MiB.
 const WAL_CHECK_PATIENCE: Duration = Duration::from_millis(200);
-/// The writer connection's busy timeout (as opened, see `schema`).
-pub(super) const BUSY_TIMEOUT: Duration = crate::journal::schema::BUSY_TIMEOUT;
 
 fn event_bytes(r: &Request) -> u64 {
     match r {

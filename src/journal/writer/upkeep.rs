@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::WriterState;
 use crate::journal::reader::first_seq_at_or_after;
-use crate::journal::schema::WAL_SIZE_LIMIT;
+use crate::journal::schema::{BUSY_TIMEOUT, WAL_SIZE_LIMIT};
 use crate::units::unix_micros;
 
 impl WriterState {
@@ -68,7 +68,7 @@ impl WriterState {
             .dedup_ids
             .store(self.dedup.len() as u64, Ordering::Relaxed);
         self.sync_cursors();
-        self.check_wal(super::BUSY_TIMEOUT);
+        self.check_wal(BUSY_TIMEOUT);
         if self.disk_short && self.reserve.restore() {
             self.disk_short = false;
             info!(journal = %self.path.display(), "the disk has room again: delivered events are kept for retain_acked again");
@@ -126,7 +126,7 @@ impl WriterState {
                     .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     });
-            let _ = self.conn.busy_timeout(super::BUSY_TIMEOUT);
+            let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
             match r {
                 Ok((busy, log, done)) => debug!(
                     wal_bytes = size,

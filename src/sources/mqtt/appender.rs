@@ -35,8 +35,8 @@ pub(super) struct Appender {
 pub(super) struct Window {
     /// `journal.commit_window`: how long the first message of a batch may
     /// wait for others to share its commit.
-    pub(super) len: Duration,
-    pub(super) max_inflight: usize,
+    len: Duration,
+    max_inflight: usize,
     /// Mean time between messages (a moving average), and when the last
     /// one arrived.
     spacing: Option<Duration>,
