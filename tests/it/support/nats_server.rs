@@ -16,6 +16,10 @@ use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 
+// The tests' support and the benches' (which include this file by path)
+// each have one.
+use crate::support::free_port;
+
 /// One message as the stream holds it.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -38,14 +42,6 @@ pub struct NatsServer {
     /// Extra config (a `tls { }` block), written to `nats.conf`.
     conf: Option<String>,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl NatsServer {
