@@ -29,6 +29,11 @@
 //!   rows, before it deletes them: the rows after `streams_through` hold the
 //!   newer counters, and start-up takes the greater of both (`last_seq` in
 //!   `meta` likewise, against the highest row).
+//! - `critical(seq)`: the seqs of the critical rows, for the critical lane,
+//!   through `meta.streams_through`, written with the stream counters (an
+//!   index would cost a page in every commit of MES events); the critical
+//!   rows after it are read from `events`. Deleting a row deletes its entry
+//!   (a trigger).
 //! - `cursors(sink, seq)`: per sink, the highest seq the upstream acknowledged.
 //! - `dead_letters(id, sink, seq, reason, time, <a copy of the event>)`:
 //!   events a sink rejected for good; a copy, so retention cannot take them.

@@ -90,25 +90,28 @@ pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::R
 }
 
 /// The first seq of `class` after `after`: where a lane of that class
-/// stands for retention and status. Literal classes, so that the critical
-/// probe uses the partial index `events_critical`.
+/// stands for retention and status. A critical seq in `critical` comes
+/// before any after [`CRITICAL_THROUGH`].
 pub(crate) fn first_of_class_after(
     conn: &Connection,
     class: Class,
     after: u64,
 ) -> rusqlite::Result<Option<u64>> {
     let sql = match class {
-        Class::Critical => {
-            "SELECT seq FROM events WHERE class = 0 AND seq > ?1 ORDER BY seq LIMIT 1"
-        }
+        Class::Critical => format!(
+            "SELECT coalesce(
+                 (SELECT seq FROM critical WHERE seq > ?1 ORDER BY seq LIMIT 1),
+                 (SELECT seq FROM events WHERE class = 0 AND seq > max(?1, {CRITICAL_THROUGH})
+                  ORDER BY seq LIMIT 1))"
+        ),
         Class::Telemetry => {
-            "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1"
+            "SELECT seq FROM events WHERE class = 1 AND seq > ?1 ORDER BY seq LIMIT 1".to_string()
         }
     };
-    conn.prepare_cached(sql)?
-        .query_row([after as i64], |r| r.get::<_, i64>(0))
+    conn.prepare_cached(&sql)?
+        .query_row([after as i64], |r| r.get::<_, Option<i64>>(0))
         .optional()
-        .map(|s| s.map(|s| s.max(0) as u64))
+        .map(|s| s.flatten().map(|s| s.max(0) as u64))
 }
 
 /// A sink's position in the journal.
@@ -214,14 +217,52 @@ const EVENT_COLUMNS: &str = "seq, source, event_id, stream, stream_seq, class, t
 /// parameters of `LIMIT`: one cached statement per sink and lane.
 const FOR_SINK: &str = "coalesce(only_sink, ?2) = ?2";
 
-/// The condition on `class` that starts a `WHERE` for a lane: a literal,
-/// which is what lets SQLite read the critical lane through its partial
-/// index `events_critical`.
+/// [`EVENT_COLUMNS`] of `events e` in a join.
+const EVENT_COLUMNS_E: &str = "e.seq, e.source, e.event_id, e.stream, e.stream_seq, e.class, e.type, e.source_time, e.recv_time, e.data, e.attrs, e.size, e.only_sink, e.crc";
+
+/// The seq through which `critical` lists every critical row (schema 5):
+/// the writer adds the rows after it when it writes the stream counters,
+/// about once a second. Critical rows after it are found in `events`
+/// itself, a few thousand rows at most.
+const CRITICAL_THROUGH: &str =
+    "coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)";
+
+/// The condition on `class` that starts a `WHERE` for the telemetry lane
+/// (or none); the critical lane is read by [`lane_select`].
 fn class_clause(lane: Option<Class>) -> &'static str {
     match lane {
         None => "",
         Some(Class::Critical) => "class = 0 AND",
         Some(Class::Telemetry) => "class = 1 AND",
+    }
+}
+
+/// The rows of `lane` (both classes for `None`) after seq `?1` and at or
+/// below `?3`, for sink `?2` (see [`FOR_SINK`]), in seq order, at most
+/// `limit`, as [`EVENT_COLUMNS`]. The critical lane looks its seqs up in
+/// `critical` and reads only the rows after [`CRITICAL_THROUGH`] one by
+/// one: never row by row through a telemetry backlog. Both parts are one
+/// statement, so one snapshot: a flush of `critical` between two
+/// statements would hide the rows it moved.
+fn lane_select(lane: Option<Class>, limit: usize) -> String {
+    let limit = limit.max(1);
+    match lane {
+        Some(Class::Critical) => format!(
+            "SELECT * FROM (SELECT {EVENT_COLUMNS_E} FROM critical c CROSS JOIN events e ON e.seq = c.seq
+                 WHERE c.seq > ?1 AND c.seq <= ?3 AND coalesce(e.only_sink, ?2) = ?2
+                 ORDER BY c.seq LIMIT {limit})
+             UNION ALL
+             SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events
+                 WHERE class = 0 AND seq > max(?1, {CRITICAL_THROUGH}) AND seq <= ?3 AND {FOR_SINK}
+                 ORDER BY seq LIMIT {limit})
+             ORDER BY 1 LIMIT {limit}"
+        ),
+        _ => format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE {} seq > ?1 AND seq <= ?3 AND {FOR_SINK}
+             ORDER BY seq LIMIT {limit}",
+            class_clause(lane)
+        ),
     }
 }
 
@@ -259,10 +300,9 @@ impl Reader {
     /// `max_events`, and no more than `max_bytes` unless a single event is
     /// larger (it then comes alone).
     ///
-    /// The critical lane reads through the partial index `events_critical`
-    /// (the literal `class = 0` is what lets SQLite use it), never row by
-    /// row through a telemetry backlog; the telemetry lane steps over the
-    /// few critical rows in its range.
+    /// The critical lane reads through the table `critical` (see
+    /// [`lane_select`]), never row by row through a telemetry backlog; the
+    /// telemetry lane steps over the few critical rows in its range.
     pub fn read_after(
         &self,
         after: u64,
@@ -287,13 +327,7 @@ impl Reader {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<(Vec<StoredEvent>, bool), JournalError> {
-        let class = class_clause(lane);
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE {class} seq > ?1 AND seq <= ?3 AND {FOR_SINK}
-             ORDER BY seq LIMIT {}",
-            max_events.max(1)
-        );
+        let sql = lane_select(lane, max_events);
         let until = until.map_or(i64::MAX, |u| i64::try_from(u).unwrap_or(i64::MAX));
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let mut after = after as i64;
@@ -393,16 +427,10 @@ impl Reader {
                 more: false,
             });
         }
-        let class = class_clause(lane);
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE {class} seq > ?1 AND {FOR_SINK}
-             ORDER BY seq LIMIT {}",
-            scan_limit.max(1)
-        );
+        let sql = lane_select(lane, scan_limit);
         let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let mut rows = st
-            .query(params![after as i64, sink])
+            .query(params![after as i64, sink, i64::MAX])
             .map_err(|e| self.err(e))?;
         let (mut events, mut bytes, mut through, mut scanned) = (Vec::new(), 0usize, after, 0usize);
         while let Some(row) = rows.next().map_err(|e| self.err(e))? {
@@ -614,10 +642,15 @@ impl Reader {
         })
     }
 
-    /// Critical events after `after`, counted through the partial index.
+    /// Critical events after `after`: `critical`, and the rows after what
+    /// it lists.
     fn critical_after(&self, after: u64) -> Result<u64, JournalError> {
         self.conn
-            .prepare_cached("SELECT count(*) FROM events WHERE class = 0 AND seq > ?1")
+            .prepare_cached(&format!(
+                "SELECT (SELECT count(*) FROM critical WHERE seq > ?1)
+                      + (SELECT count(*) FROM events
+                         WHERE class = 0 AND seq > max(?1, {CRITICAL_THROUGH}))"
+            ))
             .and_then(|mut st| st.query_row([after as i64], |r| r.get::<_, i64>(0)))
             .map(|n| n.max(0) as u64)
             .map_err(|e| self.err(e))
@@ -630,15 +663,11 @@ impl Reader {
         after: u64,
         class: Option<Class>,
     ) -> Result<Option<i64>, JournalError> {
-        let class = class_clause(class);
-        let sql = format!(
-            "SELECT recv_time FROM events WHERE {class} seq > ?1
-             AND {FOR_SINK} ORDER BY seq LIMIT 1"
-        );
+        let sql = format!("SELECT recv_time FROM ({})", lane_select(class, 1));
         self.conn
             .prepare_cached(&sql)
             .and_then(|mut st| {
-                st.query_row(params![after as i64, sink], |r| r.get(0))
+                st.query_row(params![after as i64, sink, i64::MAX], |r| r.get(0))
                     .optional()
             })
             .map_err(|e| self.err(e))

@@ -266,12 +266,13 @@ async fn a_journal_of_the_previous_schema_with_one_cursor_resends_nothing_delive
     let h = Harness::new().await;
     let state = h.state_dir();
     fill(&state, backlog(900, 100)).await;
-    // What the previous release left: schema 2 (no lane index, no row
-    // checksums) and one cursor row for the sink, at 600.
+    // What the previous release left: schema 2 (no lane index or table,
+    // no row checksums) and one cursor row for the sink, at 600.
     {
         let conn = rusqlite::Connection::open(state.join("journal.db")).unwrap();
         conn.execute_batch(
-            "DROP INDEX events_critical;
+            "DROP TRIGGER critical_row_deleted;
+             DROP TABLE critical;
              ALTER TABLE events DROP COLUMN crc;
              INSERT INTO cursors(sink, seq, updated_us) VALUES ('central', 600, 0);
              PRAGMA user_version = 2;",
@@ -632,4 +633,125 @@ async fn a_lane_read_that_stops_short_reports_the_head_as_read_through() {
     let seqs: Vec<u64> = r.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1004, 1005]);
     assert_eq!(r.through, 1005);
+}
+
+/// Every critical row, in seq order, straight from the table.
+fn critical_rows(path: &Path) -> Vec<u64> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut st = conn
+        .prepare("SELECT seq FROM events WHERE class = 0 ORDER BY seq")
+        .unwrap();
+    st.query_map([], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|s| s.unwrap() as u64)
+        .collect()
+}
+
+fn lane_seqs(r: &Reader, after: u64, max: usize) -> Vec<u64> {
+    r.read_after(after, "central", Some(Class::Critical), max, 1 << 20)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_critical_lane_reads_the_rows_its_table_lists_and_those_after_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    fill(dir.path(), backlog(90, 10)).await;
+    let all = critical_rows(&path);
+    assert_eq!(all.len(), 10);
+    // As between two writes of the stream counters: `critical` lists the
+    // rows through `streams_through`, the later ones are only in `events`.
+    let through = all[4] + 1;
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'streams_through'",
+            [through as i64],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM critical WHERE seq > ?1", [through as i64])
+            .unwrap();
+        let listed: i64 = conn
+            .query_row("SELECT count(*) FROM critical", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(listed, 5);
+    }
+    let r = Reader::open(&path).unwrap();
+    for max in 1..=12 {
+        assert_eq!(lane_seqs(&r, 0, max), all[..max.min(10)], "max {max}");
+    }
+    for (i, after) in all.iter().enumerate() {
+        assert_eq!(lane_seqs(&r, *after, 100), all[i + 1..], "after {after}");
+    }
+    let head = *critical_rows(&path).last().unwrap().max(&100);
+    let lanes = [Some(Class::Critical), Some(Class::Telemetry)];
+    let p = r.position("central", &lanes, head).unwrap();
+    assert_eq!(p.classes[0].backlog, 10);
+    assert_eq!(p.classes[1].backlog, 90);
+
+    // A deleted row takes its entry in `critical` with it.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM events WHERE seq <= ?1", [all[1] as i64])
+            .unwrap();
+        let listed: i64 = conn
+            .query_row("SELECT count(*) FROM critical", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(listed, 3);
+    }
+    assert_eq!(lane_seqs(&r, 0, 100), all[2..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_events_in_the_place_of_evicted_critical_rows_stay_in_the_critical_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mut o = JournalOptions::new(path.clone());
+    o.max_size = 16 << 20;
+    o.when_full = plantrelay::journal::WhenFull::DropOldest;
+    o.commit_window = Duration::ZERO;
+    let j = Journal::open(o).unwrap();
+    let payload = format!("\"{}\"", "x".repeat(900)).into_bytes();
+    for round in 0..50 {
+        let batch = (0..500)
+            .map(|i| {
+                let mut e = event(
+                    Class::Critical,
+                    format!("mes/line{}", i % 3),
+                    format!("{round}-{i}"),
+                );
+                e.data = payload.clone();
+                e
+            })
+            .collect();
+        j.append(batch).await.unwrap();
+    }
+    let (_, evicted_c) = evicted(&j);
+    j.close().await;
+    drop(j);
+    assert!(evicted_c > 0, "the journal had to evict critical events");
+    let rows = critical_rows(&path);
+    let r = Reader::open(&path).unwrap();
+    let mut read = Vec::new();
+    let mut after = 0;
+    loop {
+        let got = lane_seqs(&r, after, 1000);
+        let Some(last) = got.last() else { break };
+        after = *last;
+        read.extend(got);
+    }
+    assert_eq!(
+        read, rows,
+        "the lane reads every critical row, gaps among them"
+    );
+    let gaps = r
+        .events_from(0, 1 << 20)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "plantrelay.gap")
+        .count();
+    assert!(gaps > 0);
 }

@@ -283,7 +283,18 @@ impl WriterState {
         only_sink: Option<&str>,
     ) -> rusqlite::Result<()> {
         let mut st = self.conn.prepare_cached(INSERT_EVENT)?;
-        bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)
+        bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)?;
+        if ev.class == Class::Critical {
+            // A row below `streams_through` (a gap row in the place of an
+            // evicted one) is past the flush that would have listed it.
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO critical(seq) SELECT ?1
+                     WHERE ?1 <= coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)",
+                )?
+                .execute([seq as i64])?;
+        }
+        Ok(())
     }
 
     /// Writes the changed stream counters, `last_seq` and `last_recv_us`
@@ -311,6 +322,13 @@ impl WriterState {
                 }
             }
         }
+        // The critical lane's seqs committed since the last flush (schema
+        // 5): `critical` must hold every one through `streams_through`.
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO critical(seq) SELECT seq FROM events
+             WHERE class = 0 AND seq > coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)",
+        )?
+        .execute([])?;
         let head = (self.next_seq - 1) as i64;
         meta_set(conn, "last_seq", head)?;
         meta_set(conn, "last_recv_us", self.last_recv_us)?;
