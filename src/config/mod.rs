@@ -163,7 +163,7 @@ pub struct JournalConfig {
     /// fsync, one page write) after an event arrives under light traffic,
     /// 0 to 100ms; `"0s"` commits each arrival at once. Acks wait for the
     /// commit, so this is the most it adds to a source's ack; under load
-    /// commits group by themselves and do not wait. Default: `"20ms"`.
+    /// commits group by themselves and do not wait. Default: `"40ms"`.
     #[serde(
         default = "default_commit_window",
         deserialize_with = "units::duration"

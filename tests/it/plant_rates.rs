@@ -83,6 +83,31 @@ async fn trickle(journal: &Journal) -> (u64, Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_that_waits_for_each_answer_is_not_held_to_one_append_per_window() {
+    // An MES posting its events one by one: nothing can join its window,
+    // which would only hold it to one append per 100 ms (4 s for these 40).
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(options(dir.path(), 100)).unwrap();
+    let t0 = Instant::now();
+    for i in 0..40 {
+        let out = journal
+            .append(vec![event(&format!("s-{i}"), "line/0")])
+            .await
+            .unwrap();
+        assert_eq!(stored(&out[0]).1, i + 1);
+    }
+    let took = t0.elapsed();
+    // The first windows and one retry in eight wait: about 1 s. Never
+    // less than 4 s if every append waited its window.
+    assert!(took < Duration::from_secs(3), "40 appends took {took:?}");
+    // A trickle from many tasks still shares commits afterwards: the
+    // windows gather again.
+    let (commits, _) = trickle(&journal).await;
+    assert!(commits <= 60, "200 trickled appends took {commits} commits");
+    journal.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_under_a_trickle_share_commits_and_are_acked_within_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let journal = Journal::open(options(dir.path(), 20)).unwrap();

@@ -23,6 +23,12 @@ const WINDOW_ENOUGH_BYTES: u64 = 16 * 1024;
 /// The shortest quiet time that ends a commit window early (see
 /// `CommitWindow::gather`).
 const WINDOW_QUIET: Duration = Duration::from_millis(2);
+/// After this many windows in a row that gathered nothing, batches commit
+/// at once (see `CommitWindow::gather`) ...
+const FRUITLESS_LIMIT: u32 = 3;
+/// ... but every this many-th of them waits again, to see whether others
+/// would now join.
+const FRUITLESS_RETRY: u32 = 8;
 
 /// `commit_window`: under a trickle, the appends that arrive shortly after
 /// a first one share its commit (one fsync and one page write for several
@@ -38,6 +44,10 @@ pub(super) struct CommitWindow {
     spacing: Option<Duration>,
     /// Events per committed batch of appends (a moving average).
     events: Option<f64>,
+    /// Windows in a row that no request joined, and the batches committed
+    /// at once since.
+    fruitless: u32,
+    skipped: u32,
 }
 
 impl CommitWindow {
@@ -57,6 +67,8 @@ impl CommitWindow {
                 last_start: None,
                 spacing: None,
                 events: None,
+                fruitless: 0,
+                skipped: 0,
             }),
             Err(e) => {
                 warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
@@ -81,7 +93,12 @@ impl CommitWindow {
     /// longer than, at the rate appends arrive, it takes to gather
     /// [`WINDOW_ENOUGH_EVENTS`]: a source with a bounded number of
     /// unacknowledged messages (MQTT `max_inflight`) could otherwise send no
-    /// faster than that number per window.
+    /// faster than that number per window. Nor, after [`FRUITLESS_LIMIT`]
+    /// windows in a row that no request joined, until one of the retries
+    /// (every [`FRUITLESS_RETRY`]-th batch) gathers again: such a window
+    /// only delays, and one client that waits for each answer before it
+    /// posts again (an MES posting its events one by one) would be held to
+    /// one request per window.
     pub(super) fn gather(
         &mut self,
         rx: &mut mpsc::Receiver<Request>,
@@ -107,6 +124,14 @@ impl CommitWindow {
             self.count(batch);
             return;
         };
+        if self.fruitless >= FRUITLESS_LIMIT {
+            self.skipped = self.skipped.wrapping_add(1);
+            if !self.skipped.is_multiple_of(FRUITLESS_RETRY) {
+                self.count(batch);
+                return;
+            }
+        }
+        let initial = batch.len();
         let len = match self.events {
             Some(per_batch) if per_batch > 0.0 => self
                 .len
@@ -140,6 +165,12 @@ impl CommitWindow {
                 // Closed (the journal is going away) or the window passed.
                 Ok(None) | Err(_) => break,
             }
+        }
+        if batch.len() > initial {
+            self.fruitless = 0;
+            self.skipped = 0;
+        } else {
+            self.fruitless = self.fruitless.saturating_add(1);
         }
         trace!(
             requests = batch.len(),
