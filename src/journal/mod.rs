@@ -21,7 +21,11 @@
 //!   clock that steps back), so time lookups are binary searches on `seq`.
 //!   `only_sink` is set on a dead letter put back for one sink. `crc` is a
 //!   checksum of the other columns (`rowcheck.rs`, schema 4): a row that
-//!   fails it is skipped by every read, never delivered.
+//!   fails it is skipped by every read, never delivered. `type`,
+//!   `source_time` and `attrs` hold the values the sources repeat (the MQTT
+//!   source's type, arrival time and attributes) in short stored forms
+//!   (`compact.rs`, schema 5), read back as the same text; the checksum is
+//!   over the text.
 //! - `streams(source, stream, last_seq)`: the per-stream counters, as of
 //!   `meta.streams_through`. They are written with an event commit about
 //!   once a second, not with each one (under a trickle they were two of the
@@ -118,6 +122,7 @@
 //! hand one request to the writer) and the file-system steps of
 //! [`Journal::open`]; the work itself is in `writer`, `reader` and `schema`.
 
+mod compact;
 pub mod dedup;
 mod reader;
 mod reserve;

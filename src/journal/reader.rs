@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::compact;
 use super::rowcheck::checked_event;
 use super::schema::{open_reader, sqlite_err};
 use super::{JournalError, SCHEMA_VERSION};
@@ -243,7 +244,11 @@ fn class_clause(lane: Option<Class>) -> &'static str {
 /// `critical` and reads only the rows after [`CRITICAL_THROUGH`] one by
 /// one: never row by row through a telemetry backlog. Both parts are one
 /// statement, so one snapshot: a flush of `critical` between two
-/// statements would hide the rows it moved.
+/// statements would hide the rows it moved. Every seq of the first part
+/// is at or below [`CRITICAL_THROUGH`] and every one of the second above
+/// it, so `UNION ALL`, which SQLite runs part after part, keeps seq order
+/// without an `ORDER BY` over both (that one sorted up to twice the limit
+/// of rows, payloads and all, in a temporary B-tree on every read).
 fn lane_select(lane: Option<Class>, limit: usize) -> String {
     let limit = limit.max(1);
     match lane {
@@ -255,7 +260,7 @@ fn lane_select(lane: Option<Class>, limit: usize) -> String {
              SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events
                  WHERE class = 0 AND seq > max(?1, {CRITICAL_THROUGH}) AND seq <= ?3 AND {FOR_SINK}
                  ORDER BY seq LIMIT {limit})
-             ORDER BY 1 LIMIT {limit}"
+             LIMIT {limit}"
         ),
         _ => format!(
             "SELECT {EVENT_COLUMNS} FROM events
@@ -267,18 +272,37 @@ fn lane_select(lane: Option<Class>, limit: usize) -> String {
 }
 
 pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let stream: String = r.get(3)?;
     Ok(StoredEvent {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
         source: r.get(1)?,
         id: r.get(2)?,
-        stream: r.get(3)?,
         stream_seq: r.get::<_, i64>(4)?.max(0) as u64,
         class: Class::from_i64(r.get(5)?),
-        event_type: r.get(6)?,
-        source_time: r.get(7)?,
+        event_type: stored_column(r, 6, compact::read_type)?,
+        source_time: stored_column(r, 7, compact::read_time)?,
         recv_time_us: r.get(8)?,
         data: r.get(9)?,
-        attrs: r.get(10)?,
+        attrs: stored_column(r, 10, |v| compact::read_attrs(v, &stream))?,
+        stream,
+    })
+}
+
+/// Column `i` of `r`, in its stored form (see `compact.rs`), read by `read`.
+pub(super) fn stored_column<T>(
+    r: &rusqlite::Row<'_>,
+    i: usize,
+    read: impl FnOnce(rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<T>,
+) -> rusqlite::Result<T> {
+    let v = r.get_ref(i)?;
+    let kind = v.data_type();
+    read(v).map_err(|e| match e {
+        rusqlite::types::FromSqlError::InvalidType => rusqlite::Error::InvalidColumnType(
+            i,
+            r.as_ref().column_name(i).unwrap_or("?").to_string(),
+            kind,
+        ),
+        e => rusqlite::Error::FromSqlConversionFailure(i, kind, Box::new(e)),
     })
 }
 

@@ -14,12 +14,15 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, params};
 use tracing::{info, warn};
 
+use super::compact;
+use super::reader::stored_column;
 use super::rowcheck::RowColumns;
 
 /// Rows read per query.
 const CHUNK: i64 = 1024;
 
-/// One stored row, its columns as they are in the file.
+/// One stored row, its columns as they are in the file (the short forms
+/// of `compact.rs` read as their text).
 struct Row {
     seq: i64,
     source: String,
@@ -39,18 +42,19 @@ struct Row {
 
 impl Row {
     fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+        let stream: String = r.get(3)?;
         Ok(Row {
             seq: r.get(0)?,
             source: r.get(1)?,
             id: r.get(2)?,
-            stream: r.get(3)?,
             stream_seq: r.get(4)?,
             class: r.get(5)?,
-            event_type: r.get(6)?,
-            source_time: r.get(7)?,
+            event_type: stored_column(r, 6, compact::read_type)?,
+            source_time: stored_column(r, 7, compact::read_time)?,
             recv_us: r.get(8)?,
             data: r.get(9)?,
-            attrs: r.get(10)?,
+            attrs: stored_column(r, 10, |v| compact::read_attrs(v, &stream))?,
+            stream,
             size: r.get(11)?,
             only_sink: r.get(12)?,
             crc: r.get(13)?,
@@ -196,11 +200,11 @@ fn copy(fresh: &Connection, rows: Vec<Row>, out: &mut Salvaged) -> rusqlite::Res
                 row.stream,
                 row.stream_seq,
                 row.class,
-                row.event_type,
-                row.source_time,
+                compact::store_type(&row.event_type),
+                compact::store_time(row.source_time.as_deref()),
                 row.recv_us,
                 row.data,
-                row.attrs,
+                compact::store_attrs(row.attrs.as_deref(), &row.stream),
                 row.size,
                 row.only_sink,
                 row.crc,

@@ -106,7 +106,9 @@ const MIGRATIONS: &[&str] = &[
     // `critical` holds every critical seq through `meta.streams_through`;
     // the rows after it are read from `events` (see `reader::CRITICAL_*`).
     // A deleted row takes its entry with it (the trigger), so the table
-    // never names a row that is gone.
+    // never names a row that is gone. Rows from schema 5 on may hold the
+    // short stored forms of `compact.rs` in `type`, `source_time` and
+    // `attrs`, which a release of schema 4 would read as damaged rows.
     r#"
     CREATE TABLE critical (seq INTEGER PRIMARY KEY);
     INSERT INTO critical(seq) SELECT seq FROM events WHERE class = 0 AND seq <= coalesce(

@@ -26,28 +26,43 @@ fn opts(dir: &Path) -> JournalOptions {
 }
 
 fn ev(i: u32, tag: &str) -> NewEvent {
+    let stream = format!("line{}", i % 4);
+    // Every third as the MQTT source writes it: a type, a time and
+    // attributes that the journal keeps in their short stored forms.
+    let mqtt = i.is_multiple_of(3);
     NewEvent {
         source: "plc".into(),
         id: format!("{tag}-{i}"),
-        stream: format!("line{}", i % 4),
         class: if i.is_multiple_of(5) {
             Class::Critical
         } else {
             Class::Telemetry
         },
-        event_type: "test.state".into(),
-        source_time: None,
+        event_type: if mqtt {
+            "plantrelay.mqtt.message".into()
+        } else {
+            "test.state".into()
+        },
+        source_time: mqtt.then(|| {
+            humantime::format_rfc3339_micros(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_micros(1_796_000_000_000_000 + u64::from(i) * 7),
+            )
+            .to_string()
+        }),
         data: format!(
             r#"{{"i":{i},"pad":"{}"}}"#,
             "p".repeat(120 + (i as usize % 60))
         )
         .into_bytes(),
-        attrs: None,
+        attrs: mqtt
+            .then(|| format!(r#"{{"mqtttopic":"{stream}","datacontenttype":"application/json"}}"#)),
+        stream,
     }
 }
 
-/// What was stored: id → (stream, stream seq, data).
-type Stored = HashMap<String, (String, u64, Vec<u8>)>;
+/// What was stored: id → (stream, stream seq, data, type, time, attrs).
+type Stored = HashMap<String, (String, u64, Vec<u8>, String, Option<String>, Option<String>)>;
 
 /// The journal every case damages: half its events checkpointed into the
 /// main file, half still in the WAL, as a running agent leaves it.
@@ -58,7 +73,17 @@ async fn build_base(base: &Path, work: &Path) -> Stored {
             let AppendOutcome::Stored { stream_seq, .. } = o else {
                 panic!("{} was a duplicate", e.id);
             };
-            stored.insert(e.id.clone(), (e.stream.clone(), stream_seq, e.data.clone()));
+            stored.insert(
+                e.id.clone(),
+                (
+                    e.stream.clone(),
+                    stream_seq,
+                    e.data.clone(),
+                    e.event_type.clone(),
+                    e.source_time.clone(),
+                    e.attrs.clone(),
+                ),
+            );
         }
     };
     let j = Journal::open(opts(work)).unwrap();
@@ -183,12 +208,18 @@ fn check_events(events: &[StoredEvent], stored: &Stored, case: &str) {
     let mut last_seq = 0;
     let mut per_stream: HashMap<&str, u64> = HashMap::new();
     for e in events {
-        let Some((stream, stream_seq, data)) = stored.get(&e.id) else {
+        let Some((stream, stream_seq, data, event_type, time, attrs)) = stored.get(&e.id) else {
             panic!("{case}: seq {} has id {:?}, never stored", e.seq, e.id);
         };
         assert_eq!(
             (&e.stream, e.stream_seq, &e.data),
             (stream, *stream_seq, data),
+            "{case}: {} changed",
+            e.id
+        );
+        assert_eq!(
+            (&e.event_type, &e.source_time, &e.attrs),
+            (event_type, time, attrs),
             "{case}: {} changed",
             e.id
         );

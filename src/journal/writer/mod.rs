@@ -21,6 +21,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::info;
 
+use super::compact;
 use super::dedup::DedupIndex;
 use super::reserve::Reserve;
 use super::schema::sqlite_err;
@@ -155,6 +156,7 @@ fn bind_event(
         only_sink,
     }
     .check();
+    // The checksum is over the values; the row holds their stored forms.
     st.execute(params![
         seq as i64,
         ev.source,
@@ -162,11 +164,11 @@ fn bind_event(
         ev.stream,
         stream_seq as i64,
         ev.class.as_i64(),
-        ev.event_type,
-        ev.source_time,
+        compact::store_type(&ev.event_type),
+        compact::store_time(ev.source_time.as_deref()),
         recv_us,
         ev.data,
-        ev.attrs,
+        compact::store_attrs(ev.attrs.as_deref(), &ev.stream),
         ev.size() as i64,
         only_sink,
         crc,
