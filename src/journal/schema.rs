@@ -104,7 +104,7 @@ const MIGRATIONS: &[&str] = &[
     // index entry in every commit: under a trickle of MES events the index
     // leaf was one page more in each commit, a third of what it wrote.
     // `critical` holds every critical seq through `meta.streams_through`;
-    // the rows after it are read from `events` (see `reader::CRITICAL_*`).
+    // the rows after it are read from `events` (`reader::lane_select`).
     // A deleted row takes its entry with it (the trigger), so the table
     // never names a row that is gone. Rows from schema 5 on may hold the
     // short stored forms of `compact.rs` in `type`, `source_time` and

@@ -32,8 +32,8 @@ const ROW_OVERHEAD: u64 = 64;
 /// they were two of the three pages each commit wrote. Start-up reads the
 /// rows committed since (see
 /// [`STREAM_HEADS`](crate::journal::schema::STREAM_HEADS)), so this bounds
-/// that scan; so it does the rows a read of the critical lane looks at one
-/// by one (those after what `critical` lists, which the same flush extends).
+/// that scan. The same flush extends `critical`, so it also bounds the rows
+/// a read of the critical lane looks at one by one (those after it).
 const STREAMS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const STREAMS_FLUSH_EVENTS: u64 = 16_384;
 
