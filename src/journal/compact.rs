@@ -85,7 +85,7 @@ pub(crate) fn store_time(t: Option<&str>) -> Stored<'_> {
     let Ok(us) = u64::try_from(since.as_micros()) else {
         return Stored::Text(t);
     };
-    if humantime::format_rfc3339_micros(at).to_string() != t {
+    if format_time(at) != t {
         return Stored::Text(t);
     }
     let mut b = [0u8; 9];
@@ -114,6 +114,25 @@ pub(crate) fn store_attrs<'a>(attrs: Option<&'a str>, stream: &str) -> Stored<'a
         return Stored::Static(&[TAG_MQTT_ATTRS]);
     }
     Stored::Text(a)
+}
+
+/// Column `i` of `r`, in its stored form, read by `read` (one of the
+/// `read_*` below).
+pub(crate) fn column<T>(
+    r: &rusqlite::Row<'_>,
+    i: usize,
+    read: impl FnOnce(ValueRef<'_>) -> FromSqlResult<T>,
+) -> rusqlite::Result<T> {
+    let v = r.get_ref(i)?;
+    let kind = v.data_type();
+    read(v).map_err(|e| match e {
+        FromSqlError::InvalidType => rusqlite::Error::InvalidColumnType(
+            i,
+            r.as_ref().column_name(i).unwrap_or("?").to_string(),
+            kind,
+        ),
+        e => rusqlite::Error::FromSqlConversionFailure(i, kind, Box::new(e)),
+    })
 }
 
 fn unknown(what: &str, b: &[u8]) -> FromSqlError {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::compact;
 use super::rowcheck::checked_event;
-use super::schema::{open_reader, sqlite_err};
+use super::schema::{CRITICAL_THROUGH, open_reader, sqlite_err};
 use super::{JournalError, SCHEMA_VERSION};
 use crate::event::{Class, StoredEvent};
 
@@ -221,23 +221,6 @@ const FOR_SINK: &str = "coalesce(only_sink, ?2) = ?2";
 /// [`EVENT_COLUMNS`] of `events e` in a join.
 const EVENT_COLUMNS_E: &str = "e.seq, e.source, e.event_id, e.stream, e.stream_seq, e.class, e.type, e.source_time, e.recv_time, e.data, e.attrs, e.size, e.only_sink, e.crc";
 
-/// The seq through which `critical` lists every critical row (schema 5):
-/// the writer adds the rows after it when it writes the stream counters,
-/// about once a second. Critical rows after it are found in `events`
-/// itself, a few thousand rows at most.
-const CRITICAL_THROUGH: &str =
-    "coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)";
-
-/// The condition on `class` that starts a `WHERE` for the telemetry lane
-/// (or none); the critical lane is read by [`lane_select`].
-fn class_clause(lane: Option<Class>) -> &'static str {
-    match lane {
-        None => "",
-        Some(Class::Critical) => "class = 0 AND",
-        Some(Class::Telemetry) => "class = 1 AND",
-    }
-}
-
 /// The rows of `lane` (both classes for `None`) after seq `?1` and at or
 /// below `?3`, for sink `?2` (see [`FOR_SINK`]), in seq order, at most
 /// `limit`, as [`EVENT_COLUMNS`]. The critical lane looks its seqs up in
@@ -262,11 +245,15 @@ fn lane_select(lane: Option<Class>, limit: usize) -> String {
                  ORDER BY seq LIMIT {limit})
              LIMIT {limit}"
         ),
-        _ => format!(
+        Some(Class::Telemetry) => format!(
             "SELECT {EVENT_COLUMNS} FROM events
-             WHERE {} seq > ?1 AND seq <= ?3 AND {FOR_SINK}
-             ORDER BY seq LIMIT {limit}",
-            class_clause(lane)
+             WHERE class = 1 AND seq > ?1 AND seq <= ?3 AND {FOR_SINK}
+             ORDER BY seq LIMIT {limit}"
+        ),
+        None => format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE seq > ?1 AND seq <= ?3 AND {FOR_SINK}
+             ORDER BY seq LIMIT {limit}"
         ),
     }
 }
@@ -279,30 +266,12 @@ pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEv
         id: r.get(2)?,
         stream_seq: r.get::<_, i64>(4)?.max(0) as u64,
         class: Class::from_i64(r.get(5)?),
-        event_type: stored_column(r, 6, compact::read_type)?,
-        source_time: stored_column(r, 7, compact::read_time)?,
+        event_type: compact::column(r, 6, compact::read_type)?,
+        source_time: compact::column(r, 7, compact::read_time)?,
         recv_time_us: r.get(8)?,
         data: r.get(9)?,
-        attrs: stored_column(r, 10, |v| compact::read_attrs(v, &stream))?,
+        attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream))?,
         stream,
-    })
-}
-
-/// Column `i` of `r`, in its stored form (see `compact.rs`), read by `read`.
-pub(super) fn stored_column<T>(
-    r: &rusqlite::Row<'_>,
-    i: usize,
-    read: impl FnOnce(rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<T>,
-) -> rusqlite::Result<T> {
-    let v = r.get_ref(i)?;
-    let kind = v.data_type();
-    read(v).map_err(|e| match e {
-        rusqlite::types::FromSqlError::InvalidType => rusqlite::Error::InvalidColumnType(
-            i,
-            r.as_ref().column_name(i).unwrap_or("?").to_string(),
-            kind,
-        ),
-        e => rusqlite::Error::FromSqlConversionFailure(i, kind, Box::new(e)),
     })
 }
 

@@ -15,7 +15,6 @@ use rusqlite::{Connection, OpenFlags, params};
 use tracing::{info, warn};
 
 use super::compact;
-use super::reader::stored_column;
 use super::rowcheck::RowColumns;
 
 /// Rows read per query.
@@ -49,11 +48,11 @@ impl Row {
             id: r.get(2)?,
             stream_seq: r.get(4)?,
             class: r.get(5)?,
-            event_type: stored_column(r, 6, compact::read_type)?,
-            source_time: stored_column(r, 7, compact::read_time)?,
+            event_type: compact::column(r, 6, compact::read_type)?,
+            source_time: compact::column(r, 7, compact::read_time)?,
             recv_us: r.get(8)?,
             data: r.get(9)?,
-            attrs: stored_column(r, 10, |v| compact::read_attrs(v, &stream))?,
+            attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream))?,
             stream,
             size: r.get(11)?,
             only_sink: r.get(12)?,

@@ -414,6 +414,13 @@ fn seed_after_quarantine(
     tx.commit().map_err(|e| sqlite_err(path, e))
 }
 
+/// The seq through which `critical` lists every critical row (schema 5),
+/// as an SQL expression: `meta.streams_through`, which the writer moves
+/// when it adds the rows after it (`write_streams`). Critical rows after it
+/// are read from `events` itself (`reader::lane_select`).
+pub(crate) const CRITICAL_THROUGH: &str =
+    "coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)";
+
 /// Every stream's last stream sequence: the `streams` table, raised by the
 /// rows committed after it was last written (`meta.streams_through`).
 /// Gap rows and retried dead letters carry stream sequences at or below

@@ -24,7 +24,7 @@ use tracing::info;
 use super::compact;
 use super::dedup::DedupIndex;
 use super::reserve::Reserve;
-use super::schema::sqlite_err;
+use super::schema::{CRITICAL_THROUGH, sqlite_err};
 use super::{JournalError, JournalOptions, Request, SharedStats};
 use crate::event::{Class, NewEvent};
 use crate::units::unix_micros;
@@ -290,10 +290,9 @@ impl WriterState {
             // A row below `streams_through` (a gap row in the place of an
             // evicted one) is past the flush that would have listed it.
             self.conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO critical(seq) SELECT ?1
-                     WHERE ?1 <= coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)",
-                )?
+                .prepare_cached(&format!(
+                    "INSERT OR IGNORE INTO critical(seq) SELECT ?1 WHERE ?1 <= {CRITICAL_THROUGH}"
+                ))?
                 .execute([seq as i64])?;
         }
         Ok(())
@@ -326,10 +325,10 @@ impl WriterState {
         }
         // The critical lane's seqs committed since the last flush (schema
         // 5): `critical` must hold every one through `streams_through`.
-        conn.prepare_cached(
+        conn.prepare_cached(&format!(
             "INSERT OR IGNORE INTO critical(seq) SELECT seq FROM events
-             WHERE class = 0 AND seq > coalesce((SELECT value FROM meta WHERE key = 'streams_through'), 0)",
-        )?
+             WHERE class = 0 AND seq > {CRITICAL_THROUGH}"
+        ))?
         .execute([])?;
         let head = (self.next_seq - 1) as i64;
         meta_set(conn, "last_seq", head)?;
