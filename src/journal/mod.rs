@@ -162,7 +162,7 @@ pub use reader::{
 pub use rowcheck::DAMAGED_ROWS;
 pub use schema::SCHEMA_VERSION;
 
-use crate::event::{NewEvent, StoredEvent};
+use crate::event::{Class, NewEvent, StoredEvent};
 use crate::units::fmt_bytes;
 
 /// The key of a sink's cursor in the `cursors` table: the sink's name for a
@@ -300,6 +300,46 @@ pub enum JournalError {
     Closed,
 }
 
+/// What the writer has committed, as forwarders wait on it: the highest
+/// seq, and the highest seq of each class. A lane that found its class
+/// drained waits for its own class to move, not for every commit: an MES
+/// lane is not read again for each commit of telemetry, nor the other way
+/// round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub head: u64,
+    /// Indexed by [`Class::as_i64`]; never above `head`.
+    classes: [u64; 2],
+}
+
+impl Committed {
+    /// Nothing known per class yet: every class counts as at `head`.
+    pub fn at(head: u64) -> Committed {
+        Committed {
+            head,
+            classes: [head; 2],
+        }
+    }
+
+    /// `classes` are the highest seqs the writer gave each class; a value
+    /// above `head` (seqs taken by a batch that rolled back) counts as
+    /// `head`, so a reader that saw `head` never waits on it in vain.
+    pub(crate) fn new(head: u64, classes: [u64; 2]) -> Committed {
+        Committed {
+            head,
+            classes: classes.map(|c| c.min(head)),
+        }
+    }
+
+    /// The highest committed seq of `class`, or of any class.
+    pub fn of(&self, class: Option<Class>) -> u64 {
+        match class {
+            Some(c) => self.classes[c.as_i64() as usize],
+            None => self.head,
+        }
+    }
+}
+
 /// Counters the writer keeps current for status and metrics; lock-free reads.
 #[derive(Debug, Default)]
 pub struct SharedStats {
@@ -397,7 +437,7 @@ pub(crate) enum Request {
 struct Inner {
     opts: JournalOptions,
     tx: mpsc::Sender<Request>,
-    committed: watch::Receiver<u64>,
+    committed: watch::Receiver<Committed>,
     rewinds: watch::Receiver<u64>,
     space: Arc<Notify>,
     stats: Arc<SharedStats>,
@@ -445,7 +485,7 @@ impl Journal {
         restrict_journal_files(&opts.path)?;
         let stats = Arc::new(SharedStats::default());
         let state = writer::WriterState::load(conn, &opts, stats.clone())?;
-        let (committed_tx, committed) = watch::channel(state.head_seq());
+        let (committed_tx, committed) = watch::channel(Committed::at(state.head_seq()));
         let (rewinds_tx, rewinds) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let space = Arc::new(Notify::new());
@@ -498,8 +538,8 @@ impl Journal {
         self.inner.quarantine.as_ref()
     }
 
-    /// A watch of the highest committed seq: forwarders wait on it for work.
-    pub fn committed(&self) -> watch::Receiver<u64> {
+    /// A watch of what is committed: forwarders wait on it for work.
+    pub fn committed(&self) -> watch::Receiver<Committed> {
         self.inner.committed.clone()
     }
 

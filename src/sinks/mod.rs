@@ -57,7 +57,7 @@ pub use self::core::{
     Step, linger,
 };
 use crate::event::{Class, StoredEvent};
-use crate::journal::{Journal, JournalError, Reader};
+use crate::journal::{Committed, Journal, JournalError, Reader};
 use crate::status::SinkStatus;
 use crate::units::unix_micros;
 
@@ -397,7 +397,7 @@ impl<S: Sink> Forwarder<S> {
             let now = tokio::time::Instant::now();
             for l in lanes.iter_mut() {
                 if let Some((until, fill_at)) = l.linger
-                    && (now >= until || committed_now >= fill_at)
+                    && (now >= until || committed_now.of(l.lane) >= fill_at)
                 {
                     l.linger = None;
                     l.core.on_woken();
@@ -425,7 +425,7 @@ impl<S: Sink> Forwarder<S> {
                     continue;
                 }
                 let run = self.run_lane(&mut lanes[i], io).await;
-                self.publish_cursor(lanes);
+                self.publish_cursor(lanes, *io.committed.borrow());
                 match run {
                     LaneRun::Progress => {
                         progressed = true;
@@ -454,11 +454,18 @@ impl<S: Sink> Forwarder<S> {
             if progressed || io.stopping {
                 continue;
             }
-            // Every lane waits: for a commit it has not seen, a replay, the
-            // end of a linger, or shutdown.
-            let head = *io.committed.borrow_and_update();
+            // Every lane waits: for a commit of its class it has not seen,
+            // a replay, the end of a linger, or shutdown. A lane is not
+            // read again for commits of the other class: at plant rates
+            // that would be a read (and its wake-ups) per commit for a
+            // lane with nothing to send.
+            let committed_now = *io.committed.borrow_and_update();
+            let rewound = *io.rewinds.borrow() != *io.rewinds_seen;
             let mut woke = false;
-            for l in lanes.iter_mut().filter(|l| l.idle && l.seen < head) {
+            for l in lanes
+                .iter_mut()
+                .filter(|l| l.idle && (rewound || l.seen < committed_now.of(l.lane)))
+            {
                 l.idle = false;
                 l.core.on_woken();
                 woke = true;
@@ -479,24 +486,25 @@ impl<S: Sink> Forwarder<S> {
                 _ = linger_end => {}
                 _ = io.shutdown.cancelled() => io.stopping = true,
             }
-            for l in lanes.iter_mut().filter(|l| l.idle) {
-                l.idle = false;
-                l.core.on_woken();
-            }
         }
     }
 
     /// The sink's cursor in its status: the lowest of its lanes', where a
     /// lane that found nothing to send counts as caught up with what was
-    /// committed when it looked.
-    fn publish_cursor(&self, lanes: &[LaneState<S::Encoded>]) {
+    /// committed when it looked, or with all that is committed when none
+    /// of its class came since (it is not read again until some does).
+    fn publish_cursor(&self, lanes: &[LaneState<S::Encoded>], committed: Committed) {
         let cursor = lanes
             .iter()
             .map(|l| {
-                if l.idle {
-                    l.core.cursor().max(l.seen)
-                } else {
+                if !l.idle {
                     l.core.cursor()
+                } else if committed.of(l.lane) <= l.seen {
+                    // Nothing of its class since it looked: caught up with
+                    // everything committed.
+                    l.core.cursor().max(committed.head)
+                } else {
+                    l.core.cursor().max(l.seen)
                 }
             })
             .min()
@@ -558,7 +566,7 @@ impl<S: Sink> Forwarder<S> {
                         return LaneRun::Rewound;
                     }
                     // What was committed before the read is in it.
-                    lane.seen = *io.committed.borrow();
+                    lane.seen = io.committed.borrow().head;
                     let (evictions_at_read, read, from_ahead) = match lane.ahead.take() {
                         Some(a) if a.after == after => {
                             (a.evictions_at_read, self.join_read(a.task).await, true)
@@ -809,7 +817,7 @@ enum LaneRun {
 /// The forwarder's handles on the journal's signals and the shutdown.
 struct Io<'a> {
     reader: &'a Arc<Mutex<Reader>>,
-    committed: &'a mut tokio::sync::watch::Receiver<u64>,
+    committed: &'a mut tokio::sync::watch::Receiver<crate::journal::Committed>,
     rewinds: &'a mut tokio::sync::watch::Receiver<u64>,
     rewinds_seen: &'a mut u64,
     shutdown: &'a CancellationToken,

@@ -755,3 +755,80 @@ async fn gap_events_in_the_place_of_evicted_critical_rows_stay_in_the_critical_l
         .count();
     assert!(gaps > 0);
 }
+
+/// The sink's cursor in its status, read off the agent's view.
+async fn status_cursor(a: &agent::RunningAgent, sink: &str) -> u64 {
+    let view = a.view.clone();
+    let status = tokio::task::spawn_blocking(move || view.status())
+        .await
+        .unwrap();
+    status
+        .sinks
+        .iter()
+        .find(|s| s.name == sink)
+        .map(|s| s.cursor)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_waits_for_its_own_class_and_counts_as_caught_up_meanwhile() {
+    let h = Harness::new().await;
+    let cfg = config(&h, &sink(&h, "central", &h.receiver.url(), ""));
+    let a = agent::start(&cfg).await.unwrap();
+    // Telemetry alone, commit by commit: the critical lane has nothing.
+    for i in 0..20 {
+        let batch = (0..5)
+            .map(|k| {
+                event(
+                    Class::Telemetry,
+                    format!("machines/m{k}"),
+                    format!("t-{i}-{k}"),
+                )
+            })
+            .collect();
+        a.journal.append(batch).await.unwrap();
+    }
+    assert!(h.receiver.wait_for(100, WAIT).await);
+    let committed = *a.journal.committed().borrow();
+    assert_eq!(committed.head, 100);
+    assert_eq!(committed.of(Some(Class::Telemetry)), 100);
+    assert!(committed.of(Some(Class::Critical)) < 100);
+    // The idle critical lane does not hold the sink's cursor back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status_cursor(&a, "central").await < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sink's cursor stays at {}",
+            status_cursor(&a, "central").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A critical event wakes its lane.
+    let stored = a
+        .journal
+        .append(vec![event(
+            Class::Critical,
+            "mes/line1".into(),
+            "c-0".into(),
+        )])
+        .await
+        .unwrap();
+    assert!(matches!(
+        stored[..],
+        [plantrelay::journal::AppendOutcome::Stored { seq: 101, .. }]
+    ));
+    assert!(h.receiver.wait_for(101, WAIT).await);
+    let events = h.receiver.events();
+    assert_eq!(events.iter().filter(|e| is_critical(e)).count(), 1);
+    assert_eq!(events.last().and_then(|e| e.sequence), Some(101));
+    let committed = *a.journal.committed().borrow();
+    assert_eq!(
+        (
+            committed.head,
+            committed.of(Some(Class::Critical)),
+            committed.of(Some(Class::Telemetry))
+        ),
+        (101, 101, 100)
+    );
+    a.shutdown().await;
+}

@@ -18,6 +18,7 @@ use super::{
     Fatal, INSERT_EVENT, Signals, Undo, WriterState, bind_event, meta_add, meta_set, take_seq,
 };
 use crate::event::NewEvent;
+use crate::journal::Committed;
 use crate::journal::dedup::{Verified, key_hash};
 use crate::journal::schema::sqlite_err;
 use crate::journal::{self, AppendOutcome, AppendReply, JournalError, Request};
@@ -435,7 +436,9 @@ impl WriterState {
             }
         }
         if self.next_seq != undo.next_seq {
-            signals.committed.send_replace(self.next_seq - 1);
+            signals
+                .committed
+                .send_replace(Committed::new(self.next_seq - 1, self.class_heads));
         }
         if rewound {
             signals.rewinds.send_modify(|n| *n += 1);
@@ -506,6 +509,7 @@ impl WriterState {
                 continue;
             }
             let seq = take_seq(&mut self.next_seq, self.jump);
+            self.class_heads[ev.class.as_i64() as usize] = seq;
             let stream_seq = bump_stream(&mut self.streams, &ev.source, &ev.stream, undo);
             if let Err(e) = bind_event(&mut st, seq, ev, stream_seq, recv_us, None) {
                 return Err(sqlite_err(path, e));

@@ -85,6 +85,7 @@ impl WriterState {
             }));
         };
         let seq = self.take_seq();
+        self.class_heads[ev.class.as_i64() as usize] = seq;
         // The event keeps its stream sequence: it is the same event, late.
         self.insert_row(seq, &ev, stream_seq.max(0) as u64, recv_us, Some(&sink))
             .and_then(|_| {

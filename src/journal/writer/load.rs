@@ -261,6 +261,7 @@ impl WriterState {
             path: path.clone(),
             opts: opts.clone(),
             next_seq: head + 1,
+            class_heads: [head; 2],
             last_recv_us,
             streams,
             cursors,

@@ -51,6 +51,10 @@ pub(crate) struct WriterState {
     path: PathBuf,
     opts: JournalOptions,
     next_seq: u64,
+    /// The highest seq given to each class (by [`Class::as_i64`]), for
+    /// [`crate::journal::Committed`]; may run ahead of what is committed
+    /// after a rollback, which the signal clamps.
+    class_heads: [u64; 2],
     last_recv_us: i64,
     /// Last stream sequence per source, per stream.
     streams: HashMap<String, HashMap<String, u64>>,
@@ -373,8 +377,8 @@ fn event_count(r: &Request) -> usize {
 
 /// How the writer tells the rest of the agent what it committed.
 pub(crate) struct Signals {
-    /// Highest committed seq.
-    pub committed: watch::Sender<u64>,
+    /// What is committed.
+    pub committed: watch::Sender<crate::journal::Committed>,
     /// Bumped after each committed rewind.
     pub rewinds: watch::Sender<u64>,
     /// Woken when cursors move (space may be freed for blocked appends).
