@@ -15,6 +15,7 @@ use plantrelay::journal::{Journal, JournalOptions, Reader};
 use plantrelay::route::StreamFilter;
 use support::agent::{Harness, agent_toml};
 use support::journal::evicted;
+use support::upstream::until_within;
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -756,20 +757,6 @@ async fn gap_events_in_the_place_of_evicted_critical_rows_stay_in_the_critical_l
     assert!(gaps > 0);
 }
 
-/// The sink's cursor in its status, read off the agent's view.
-async fn status_cursor(a: &agent::RunningAgent, sink: &str) -> u64 {
-    let view = a.view.clone();
-    let status = tokio::task::spawn_blocking(move || view.status())
-        .await
-        .unwrap();
-    status
-        .sinks
-        .iter()
-        .find(|s| s.name == sink)
-        .map(|s| s.cursor)
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_waits_for_its_own_class_and_counts_as_caught_up_meanwhile() {
     let h = Harness::new().await;
@@ -794,15 +781,14 @@ async fn a_lane_waits_for_its_own_class_and_counts_as_caught_up_meanwhile() {
     assert_eq!(committed.of(Some(Class::Telemetry)), 100);
     assert!(committed.of(Some(Class::Critical)) < 100);
     // The idle critical lane does not hold the sink's cursor back.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while status_cursor(&a, "central").await < 100 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the sink's cursor stays at {}",
-            status_cursor(&a, "central").await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_within("the sink's cursor at the head", WAIT, || {
+        a.view
+            .status()
+            .sinks
+            .iter()
+            .any(|s| s.name == "central" && s.cursor == 100)
+    })
+    .await;
     // A critical event wakes its lane.
     let stored = a
         .journal

@@ -210,11 +210,8 @@ impl Window {
         let Some(first) = batch.first().map(|m| m.received) else {
             return;
         };
-        let enough = self
-            .max_inflight
-            .min(BATCH_MAX)
-            .min(crate::journal::WINDOW_ENOUGH_EVENTS);
         let limit = self.max_inflight.min(BATCH_MAX);
+        let enough = limit.min(crate::journal::WINDOW_ENOUGH_EVENTS);
         let at_limit = std::mem::replace(&mut self.last_len, batch.len()) + batch.len() >= limit;
         if at_limit || self.len.is_zero() || self.spacing.is_none_or(|s| s > self.len) {
             return;
@@ -229,14 +226,12 @@ impl Window {
         while batch.len() < enough {
             let before = batch.len();
             match tokio::time::timeout_at(deadline, rx.recv_many(batch, BATCH_MAX - before)).await {
-                Ok(n) if n > 0 => {
-                    self.note_arrivals(&batch[before..]);
-                    self.last_len = batch.len();
-                }
+                Ok(n) if n > 0 => self.note_arrivals(&batch[before..]),
                 // Closed (the source is stopping) or the window passed.
                 _ => break,
             }
         }
+        self.last_len = batch.len();
     }
 
     /// Keeps the moving average of the time between messages.
