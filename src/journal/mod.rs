@@ -27,9 +27,11 @@
 //!   (`compact.rs`, schema 5), read back as the same text; the checksum is
 //!   over the text.
 //! - `streams(source, stream, last_seq)`: the per-stream counters, as of
-//!   `meta.streams_through`. They are written with an event commit about
-//!   once a second, not with each one (under a trickle they were two of the
-//!   three pages every commit wrote), and by every transaction that deletes
+//!   `meta.streams_through`. They are written with an event commit once
+//!   1,024 events have come and a second has passed (or a minute, or 16,384
+//!   events: `writer::batch::streams_due`), not with each one (under a
+//!   trickle they were two of the three pages every commit wrote), and by
+//!   every transaction that deletes
 //!   rows, before it deletes them: the rows after `streams_through` hold the
 //!   newer counters, and start-up takes the greater of both (`last_seq` in
 //!   `meta` likewise, against the highest row).

@@ -367,7 +367,7 @@ fn salvage(path: &Path) -> Option<Salvage> {
             .collect::<Result<Vec<_>, _>>()
         })
     };
-    // The table is written about once a second; the rows after
+    // The table is written now and then (`streams_due`); the rows after
     // `streams_through` hold the newer heads. When those cannot be read,
     // the table alone is better than nothing.
     let streams = heads(STREAM_HEADS)

@@ -160,6 +160,13 @@ impl WriterState {
             .map_err(e)?
             .unwrap_or((None, None));
         let head = meta_last.max(max_seq.unwrap_or(0).max(0) as u64);
+        // The rows the counters trail by count toward their next flush, so
+        // that restarts do not stretch the start-up scan it bounds.
+        let streams_through = meta_get(&conn, "streams_through")
+            .map_err(e)?
+            .unwrap_or(0)
+            .max(0) as u64;
+        let unflushed = head.saturating_sub(streams_through);
         let last_recv_us = last_recv
             .unwrap_or(0)
             .max(meta_get(&conn, "last_recv_us").map_err(e)?.unwrap_or(0));
@@ -280,7 +287,8 @@ impl WriterState {
             unsynced_cursors: false,
             dirty_streams,
             streams_flushed_at: Instant::now(),
-            events_since_flush: 0,
+            events_since_flush: unflushed,
+            streams_through_bound: streams_through,
             flushing_streams: false,
             reserve: Reserve::open(&path, opts.disk_reserve),
             disk_short: false,
