@@ -31,10 +31,10 @@
 //!   1,024 events have come and a second has passed (or a minute, or 16,384
 //!   events: `writer::batch::streams_due`), not with each one (under a
 //!   trickle they were two of the three pages every commit wrote), and by
-//!   every transaction that deletes
-//!   rows, before it deletes them: the rows after `streams_through` hold the
-//!   newer counters, and start-up takes the greater of both (`last_seq` in
-//!   `meta` likewise, against the highest row).
+//!   every transaction that deletes rows, before it deletes them: the rows
+//!   after `streams_through` hold the newer counters, and start-up takes the
+//!   greater of both (`last_seq` in `meta` likewise, against the highest
+//!   row).
 //! - `critical(seq)`: the seqs of the critical rows, for the critical lane,
 //!   through `meta.streams_through`, written with the stream counters (an
 //!   index would cost a page in every commit of MES events); the critical
