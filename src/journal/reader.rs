@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::compact;
 use super::rowcheck::checked_event;
-use super::schema::{CRITICAL_THROUGH, open_reader, sqlite_err};
+use super::schema::{CRITICAL_THROUGH, STREAM_HEADS, open_reader, sqlite_err};
 use super::{JournalError, SCHEMA_VERSION};
 use crate::event::{Class, StoredEvent};
 
@@ -784,7 +784,9 @@ impl Reader {
                 .map_err(e)
         };
         let events = count("SELECT count(*) FROM events")?;
-        let streams = count("SELECT count(*) FROM streams")?;
+        // The table trails the rows by up to a minute (`streams_due`): the
+        // streams only the newer rows have count too.
+        let streams = count(&format!("SELECT count(*) FROM ({STREAM_HEADS})"))?;
         let gaps = count("SELECT count(*) FROM gaps")?;
         let dead_letters = count("SELECT count(*) FROM dead_letters")?;
         let first_seq: Option<i64> = tx

@@ -251,6 +251,55 @@ async fn seqs_and_stream_seqs_stay_gap_free_across_restarts() {
     );
 }
 
+/// The stream counters are written with a commit only now and then (after
+/// 1,024 events and a second, or a minute): until then the rows after
+/// `streams_through` hold them, and what reads them counts those too.
+#[tokio::test]
+async fn stream_counters_wait_for_their_write_and_are_counted_from_the_rows_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let j = Journal::open(opts(dir.path())).unwrap();
+    for i in 0..30 {
+        let stream = format!("line/{}", i % 3);
+        j.append(vec![ev(
+            "mes",
+            &format!("e{i}"),
+            &stream,
+            Class::Critical,
+            5,
+        )])
+        .await
+        .unwrap();
+    }
+    let table_rows = || -> i64 {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM streams", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(table_rows(), 0, "30 events do not write the counters");
+    let stats = Reader::open(&path).unwrap().stats().unwrap();
+    assert_eq!(stats.streams, 3);
+    assert_eq!(stats.events, 30);
+    // An orderly stop writes them.
+    j.close().await;
+    drop(j);
+    assert_eq!(table_rows(), 3);
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let out = j
+        .append(vec![ev("mes", "e30", "line/0", Class::Critical, 5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![AppendOutcome::Stored {
+            seq: 31,
+            stream_seq: 11
+        }]
+    );
+    j.close().await;
+}
+
 #[tokio::test]
 async fn cursors_advance_only_forward_and_rewind_for_replay() {
     let dir = tempfile::tempdir().unwrap();
