@@ -288,7 +288,6 @@ impl WriterState {
             dirty_streams,
             streams_flushed_at: Instant::now(),
             events_since_flush: unflushed,
-            streams_through_bound: streams_through,
             flushing_streams: false,
             reserve: Reserve::open(&path, opts.disk_reserve),
             disk_short: false,

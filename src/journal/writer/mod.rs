@@ -86,10 +86,6 @@ pub(crate) struct WriterState {
     /// When the `streams` table was last written, and events stored since.
     streams_flushed_at: Instant,
     events_since_flush: u64,
-    /// Never below `meta.streams_through`: the highest value written to
-    /// it, committed or not. A critical row after it needs no entry in
-    /// `critical` (the next flush adds it), so appends skip that statement.
-    streams_through_bound: u64,
     /// The current transaction writes the `streams` table: `dirty_streams`
     /// is cleared once it commits.
     flushing_streams: bool,
@@ -294,7 +290,7 @@ impl WriterState {
     ) -> rusqlite::Result<()> {
         let mut st = self.conn.prepare_cached(INSERT_EVENT)?;
         bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)?;
-        if ev.class == Class::Critical && seq <= self.streams_through_bound {
+        if ev.class == Class::Critical {
             // A row below `streams_through` (a gap row in the place of an
             // evicted one) is past the flush that would have listed it.
             self.conn
@@ -342,7 +338,6 @@ impl WriterState {
         meta_set(conn, "last_seq", head)?;
         meta_set(conn, "last_recv_us", self.last_recv_us)?;
         meta_set(conn, "streams_through", head)?;
-        self.streams_through_bound = self.streams_through_bound.max(head as u64);
         self.flushing_streams = true;
         Ok(())
     }
