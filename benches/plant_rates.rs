@@ -25,7 +25,8 @@
 //! Knobs: `PLANTRELAY_BENCH_SCALE` (default 1) scales the run time of every
 //! row; `PLANTRELAY_BENCH_LINGER` and `PLANTRELAY_BENCH_WINDOW` set
 //! `batch_linger` and `commit_window` (unset: the defaults; `"0s"` for both
-//! behaves as the releases before them did); `PLANTRELAY_BENCH_ONLY`
+//! behaves as the releases before them did); `PLANTRELAY_BENCH_PAGE_SIZE`
+//! sets `journal.page_size` (e.g. `"2KiB"`); `PLANTRELAY_BENCH_ONLY`
 //! (`mqtt` or `http`) runs one source; `PLANTRELAY_BENCH_RATES` (e.g.
 //! `100,1000,sat`) picks rows; `PLANTRELAY_BENCH_BIN` runs another
 //! `plantrelay` binary (an earlier release, for the figures before); the
@@ -193,6 +194,7 @@ struct Env {
     broker_addr: SocketAddr,
     linger: Option<String>,
     window: Option<String>,
+    page_size: Option<String>,
 }
 
 impl Env {
@@ -230,6 +232,7 @@ impl Env {
             broker_addr,
             linger: std::env::var("PLANTRELAY_BENCH_LINGER").ok(),
             window: std::env::var("PLANTRELAY_BENCH_WINDOW").ok(),
+            page_size: std::env::var("PLANTRELAY_BENCH_PAGE_SIZE").ok(),
         }
     }
 
@@ -262,6 +265,11 @@ listen = "127.0.0.1:{port}"
             .as_ref()
             .map(|w| format!("commit_window = \"{w}\"\n"))
             .unwrap_or_default();
+        let page_size = self
+            .page_size
+            .as_ref()
+            .map(|p| format!("page_size = \"{p}\"\n"))
+            .unwrap_or_default();
         let linger = self
             .linger
             .as_ref()
@@ -277,7 +285,7 @@ shutdown_timeout = "10s"
 
 [journal]
 sync = "full"
-{window}
+{window}{page_size}
 {source_toml}
 [[sinks.https]]
 name = "central"
@@ -684,10 +692,11 @@ async fn main() {
     let tck = clk_tck();
     let only = std::env::var("PLANTRELAY_BENCH_ONLY").ok();
     println!(
-        "plant_rates: scale {}, batch_linger {}, commit_window {}, load {} at start",
+        "plant_rates: scale {}, batch_linger {}, commit_window {}, page_size {}, load {} at start",
         support::scale(),
         env.linger.as_deref().unwrap_or("default"),
         env.window.as_deref().unwrap_or("default"),
+        env.page_size.as_deref().unwrap_or("default"),
         loadavg()
     );
     let rates: Vec<Rate> = match std::env::var("PLANTRELAY_BENCH_RATES") {

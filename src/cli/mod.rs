@@ -141,12 +141,13 @@ pub fn journal_stats(config: &Config, json: bool, out: &mut impl Write) -> Resul
         vec![
             "size".into(),
             format!(
-                "{} live of {} max ({:.1}%), file {}, WAL {}",
+                "{} live of {} max ({:.1}%), file {}, WAL {}, pages of {} bytes",
                 fmt_bytes(s.used_bytes),
                 fmt_bytes(max),
                 100.0 * s.used_bytes as f64 / max.max(1) as f64,
                 fmt_bytes(s.file_bytes),
-                fmt_bytes(s.wal_bytes)
+                fmt_bytes(s.wal_bytes),
+                s.page_size
             ),
         ],
         vec!["events".into(), s.events.to_string()],

@@ -320,6 +320,15 @@ fn journal(issues: &mut Issues<'_>, journal: &JournalConfig) {
             ),
         );
     }
+    if !(1024..=65536).contains(&journal.page_size) || !journal.page_size.is_power_of_two() {
+        issues.push(
+            "journal.page_size",
+            format!(
+                "must be a power of two from 1024 to 65536 bytes (SQLite's page size), got {}",
+                journal.page_size
+            ),
+        );
+    }
     at_most(
         issues,
         "journal.commit_window".into(),

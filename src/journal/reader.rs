@@ -185,6 +185,8 @@ pub struct JournalStats {
     pub wal_bytes: u64,
     /// Live bytes: pages in use × page size.
     pub used_bytes: u64,
+    /// SQLite's page size of this journal (set when it was created).
+    pub page_size: u64,
     pub events: u64,
     pub first_seq: Option<u64>,
     pub last_seq: u64,
@@ -841,6 +843,7 @@ impl Reader {
             file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
             wal_bytes: std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len()),
             used_bytes: ((pages - free).max(0) * page_size) as u64,
+            page_size: page_size.max(0) as u64,
             events,
             first_seq: first_seq.map(|s| s.max(0) as u64),
             last_seq: self.head_seq()?,

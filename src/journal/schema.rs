@@ -161,12 +161,13 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
 pub fn open_writer(
     path: &Path,
     sync: SyncMode,
+    page_size: u32,
 ) -> Result<(Connection, Option<Quarantine>), JournalError> {
-    match try_open(path, sync, true) {
+    match try_open(path, sync, true, Some(page_size)) {
         Ok(conn) => Ok((conn, None)),
         Err(OpenFailure::Corrupt(reason)) => {
             let mut q = quarantine(path, &reason)?;
-            let conn = try_open(path, sync, false).map_err(|f| match f {
+            let conn = try_open(path, sync, false, Some(page_size)).map_err(|f| match f {
                 OpenFailure::Corrupt(r)
                 | OpenFailure::Other(JournalError::Sqlite { detail: r, .. }) => {
                     JournalError::Sqlite {
@@ -192,7 +193,7 @@ pub fn open_writer(
 /// the file was healthy a moment ago, and a full check of a large journal
 /// would stall the writer (and must never move the live file aside).
 pub fn reopen_writer(path: &Path, sync: SyncMode) -> Result<Connection, JournalError> {
-    try_open(path, sync, false).map_err(|f| match f {
+    try_open(path, sync, false, None).map_err(|f| match f {
         OpenFailure::Corrupt(detail) => JournalError::Sqlite {
             path: path.to_path_buf(),
             detail,
@@ -214,13 +215,25 @@ fn classify(path: &Path, e: rusqlite::Error) -> OpenFailure {
     }
 }
 
-fn try_open(path: &Path, sync: SyncMode, check: bool) -> Result<Connection, OpenFailure> {
+/// `page_size` is the page size a new file gets (`None`: SQLite's).
+fn try_open(
+    path: &Path,
+    sync: SyncMode,
+    check: bool,
+    page_size: Option<u32>,
+) -> Result<Connection, OpenFailure> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| classify(path, e))?;
+    if let Some(size) = page_size {
+        // Takes effect only while the file is empty, so before WAL mode
+        // (which writes the header); an existing journal keeps its own.
+        conn.pragma_update(None, "page_size", size)
+            .map_err(|e| classify(path, e))?;
+    }
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
         .map_err(|e| classify(path, e))?;

@@ -870,6 +870,11 @@ async fn journal_stats_shows_events_and_the_sink_cursor_beside_a_running_agent_a
         .split_whitespace()
         .collect();
     assert_eq!(sink_row, ["central", "5", "0"], "{}", out.stdout);
+    assert!(
+        table_value(&out.stdout, "size").is_some_and(|v| v.ends_with("pages of 4096 bytes")),
+        "{}",
+        out.stdout
+    );
 
     agent.stop().await;
 

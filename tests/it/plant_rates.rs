@@ -338,9 +338,111 @@ async fn a_schema_1_journal_is_upgraded_and_keeps_its_stream_counters() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, plantrelay::journal::SCHEMA_VERSION);
+    let page_size: i64 = conn
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap();
+    assert_eq!(page_size, 4096, "an existing journal keeps its page size");
     let r = Reader::open(&db).unwrap();
     assert_eq!(r.head_seq().unwrap(), 14);
     assert_eq!(r.cursor("central").unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_journal_takes_the_configured_page_size_and_keeps_it_when_reconfigured() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("journal.db");
+    let page_size = |db: &Path| -> i64 {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap()
+    };
+    let mut opts = options(dir.path(), 20);
+    opts.page_size = 2048;
+    let journal = Journal::open(opts.clone()).unwrap();
+    let mut big = event("big", "line/0");
+    big.data = format!("{{\"blob\":\"{}\"}}", "x".repeat(9_000)).into_bytes();
+    let out = journal
+        .append(vec![event("small", "line/0"), big.clone()])
+        .await
+        .unwrap();
+    assert_eq!(stored(&out[1]), (2, 2));
+    journal.close().await;
+    drop(journal);
+    assert_eq!(page_size(&db), 2048);
+    let r = Reader::open(&db).unwrap();
+    assert_eq!(r.stats().unwrap().page_size, 2048, "journal stats show it");
+    let rows = r.tail(10, None).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].id, "big");
+    assert_eq!(
+        rows[1].data, big.data,
+        "a row over several pages reads back whole"
+    );
+    drop(r);
+
+    // Another setting later: the journal keeps its pages and its events.
+    opts.page_size = 8192;
+    let journal = Journal::open(opts).unwrap();
+    let out = journal
+        .append(vec![event("after", "line/0")])
+        .await
+        .unwrap();
+    assert_eq!(stored(&out[0]), (3, 3));
+    journal.close().await;
+    assert_eq!(page_size(&db), 2048);
+
+    // The default is SQLite's own.
+    let other = tempfile::tempdir().unwrap();
+    let journal = Journal::open(options(other.path(), 20)).unwrap();
+    journal.close().await;
+    assert_eq!(page_size(&other.path().join("journal.db")), 4096);
+}
+
+#[test]
+fn a_page_size_sqlite_cannot_use_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plantrelay.toml");
+    for (value, shown) in [("3000", "3000"), ("512", "512"), ("\"128KiB\"", "131072")] {
+        std::fs::write(
+            &file,
+            format!(
+                r#"
+[agent]
+id = "gw-test"
+state_dir = "state"
+
+[journal]
+page_size = {value}
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+
+[[sinks.https]]
+name = "central"
+url = "https://ingest.example.com/v1/events"
+"#
+            ),
+        )
+        .unwrap();
+        let err = plantrelay::config::Config::load(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("journal.page_size")
+                && err.contains("power of two from 1024 to 65536")
+                && err.contains(&format!("got {shown}")),
+            "{value}: {err}"
+        );
+    }
+    std::fs::write(
+        &file,
+        "[agent]\nid = \"gw-test\"\nstate_dir = \"state\"\n[journal]\npage_size = \"2KiB\"\n[[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:0\"\n[[sinks.https]]\nname = \"central\"\nurl = \"https://ingest.example.com/v1/events\"\n",
+    )
+    .unwrap();
+    let config = plantrelay::config::Config::load(&file).unwrap();
+    assert_eq!(config.journal_options().page_size, 2048);
 }
 
 /// An agent with an HTTP source and the HTTPS sink of `h`; returns it and

@@ -35,7 +35,7 @@ const ROW_OVERHEAD: u64 = 64;
 /// `critical`, so it also bounds the rows a read of the critical lane looks
 /// at one by one (those after it and after the lane's cursor).
 ///
-/// A flush costs three pages (the counters, `meta`, `critical`): about 12
+/// A flush costs three pages (the counters, `meta`, `critical`): up to 12
 /// KB with the fsync. Every second, that was 1.2 KB per event at 10
 /// events/s and 0.1 KB at 100/s; so a flush waits for
 /// [`STREAMS_FLUSH_MIN_EVENTS`] events (at 100/s, one every ~10 s), for

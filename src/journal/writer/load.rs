@@ -237,6 +237,16 @@ impl WriterState {
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(e)?;
+        if page_size != i64::from(opts.page_size) {
+            // Not an error: the setting waits for the next new journal.
+            warn!(
+                journal = %path.display(),
+                page_size,
+                configured = opts.page_size,
+                "the journal keeps the page size it was created with ({page_size} bytes): journal.page_size = {} applies to a journal created anew, e.g. after this one is moved aside once its events are delivered",
+                opts.page_size
+            );
+        }
         let (mark, jump) = open_seq_mark(&path, head)?;
         let mark = mark.fit_dedup(opts.dedup_max_ids);
 
