@@ -97,6 +97,10 @@
 //! [`schema::WAL_SIZE_LIMIT`] after checkpoints and force-checkpointed when it
 //! grows past it.
 //!
+//! SQLite's page size is `journal.page_size` when the file is created and
+//! stays what it was then (WAL mode cannot change it); see
+//! [`DEFAULT_PAGE_SIZE`] for what it trades.
+//!
 //! # Capacity
 //!
 //! Used bytes are the file's live pages (page count less free pages). When an
@@ -471,8 +475,8 @@ pub const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(40);
 /// "full"` writes at least one WAL frame (a page and a 24-byte header), and
 /// its fsync makes the next commit dirty the same file pages again, so
 /// under a trickle a commit's bytes follow the page size, not its events:
-/// 2 KiB pages write ~25 % less per event at 10 events/s and ~10–15 %
-/// less at 100. But every whole-file pass costs about twice the time (the
+/// 2 KiB pages write ~25 % less per event at 10 events/s and 6–15 % less
+/// at 100. But every whole-file pass costs about twice the time (the
 /// integrity check at start, a full scan; it is per page, not per row),
 /// which delays the first critical events of a 2M-event backlog by ~0.8 s
 /// (BENCHMARKS.md, the page-size entries). So 4 KiB stays the default, and
