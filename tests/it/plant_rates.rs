@@ -402,30 +402,8 @@ async fn a_new_journal_takes_the_configured_page_size_and_keeps_it_when_reconfig
 #[test]
 fn a_page_size_sqlite_cannot_use_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("plantrelay.toml");
     for (value, shown) in [("3000", "3000"), ("512", "512"), ("\"128KiB\"", "131072")] {
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-[agent]
-id = "gw-test"
-state_dir = "state"
-
-[journal]
-page_size = {value}
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-
-[[sinks.https]]
-name = "central"
-url = "https://ingest.example.com/v1/events"
-"#
-            ),
-        )
-        .unwrap();
+        let file = config_file(dir.path(), &format!("page_size = {value}"), "");
         let err = plantrelay::config::Config::load(&file)
             .unwrap_err()
             .to_string();
@@ -436,13 +414,36 @@ url = "https://ingest.example.com/v1/events"
             "{value}: {err}"
         );
     }
-    std::fs::write(
-        &file,
-        "[agent]\nid = \"gw-test\"\nstate_dir = \"state\"\n[journal]\npage_size = \"2KiB\"\n[[sources.http]]\nname = \"mes\"\nlisten = \"127.0.0.1:0\"\n[[sinks.https]]\nname = \"central\"\nurl = \"https://ingest.example.com/v1/events\"\n",
-    )
-    .unwrap();
+    let file = config_file(dir.path(), "page_size = \"2KiB\"", "");
     let config = plantrelay::config::Config::load(&file).unwrap();
     assert_eq!(config.journal_options().page_size, 2048);
+}
+
+/// Writes `plantrelay.toml` in `dir`: an HTTP source and an HTTPS sink, with
+/// `journal` lines in `[journal]` and `sink` lines in the sink's table.
+fn config_file(dir: &Path, journal: &str, sink: &str) -> std::path::PathBuf {
+    let file = dir.join("plantrelay.toml");
+    let text = format!(
+        r#"
+[agent]
+id = "gw-test"
+state_dir = "state"
+
+[journal]
+{journal}
+
+[[sources.http]]
+name = "mes"
+listen = "127.0.0.1:0"
+
+[[sinks.https]]
+name = "central"
+url = "https://ingest.example.com/v1/events"
+{sink}
+"#
+    );
+    std::fs::write(&file, text).unwrap();
+    file
 }
 
 /// An agent with an HTTP source and the HTTPS sink of `h`; returns it and
@@ -574,28 +575,11 @@ async fn full_batches_and_a_backlog_go_out_without_lingering() {
 #[test]
 fn commit_window_and_batch_linger_beyond_their_bounds_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("plantrelay.toml");
-    std::fs::write(
-        &file,
-        r#"
-[agent]
-id = "gw-test"
-state_dir = "state"
-
-[journal]
-commit_window = "200ms"
-
-[[sources.http]]
-name = "mes"
-listen = "127.0.0.1:0"
-
-[[sinks.https]]
-name = "central"
-url = "https://ingest.example.com/v1/events"
-batch_linger = "11s"
-"#,
-    )
-    .unwrap();
+    let file = config_file(
+        dir.path(),
+        "commit_window = \"200ms\"",
+        "batch_linger = \"11s\"",
+    );
     let err = plantrelay::config::Config::load(&file)
         .unwrap_err()
         .to_string();
