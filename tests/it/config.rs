@@ -427,6 +427,24 @@ fn dedup_max_ids_outside_its_range_is_rejected() {
 }
 
 #[test]
+fn a_page_size_sqlite_cannot_use_is_refused_by_name() {
+    for (value, shown) in [("3000", "3000"), ("512", "512"), ("\"128KiB\"", "131072")] {
+        let text = format!("{BASE}\n[journal]\npage_size = {value}\n");
+        let issues = issues(&text);
+        assert_issue(
+            &issues,
+            "journal.page_size",
+            Some(line_of(&text, "", "page_size")),
+            &format!(
+                "must be a power of two from 1024 to 65536 bytes (SQLite's page size), got {shown}"
+            ),
+        );
+    }
+    let text = format!("{BASE}\n[journal]\npage_size = \"2KiB\"\n");
+    assert_eq!(parse(&text).unwrap().journal_options().page_size, 2048);
+}
+
+#[test]
 fn a_malformed_url_names_the_key_and_line() {
     let text = BASE.replace("https://ingest.example.com/v1/events", "ingest.example.com");
     let issues = issues(&text);
