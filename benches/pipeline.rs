@@ -35,7 +35,9 @@
 //! `PLANTRELAY_BENCH_ONLY=lanes` runs (d) alone, `=jetstream` (e) alone,
 //! `=schema` (f) alone, `=process` (c) alone; `PLANTRELAY_BENCH_BIN` is
 //! the binary (c) runs (default: the one cargo built for the bench);
-//! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".").
+//! `PLANTRELAY_BENCH_PAGE_SIZE` sets `journal.page_size` of every row
+//! (e.g. `"2KiB"`); `PLANTRELAY_BENCH_DIR` is where the temp dirs go
+//! (default ".").
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -179,7 +181,7 @@ shutdown_timeout = "10s"
 
 [journal]
 sync = "{sync}"
-
+{page_size}
 [[sources.http]]
 name = "mes"
 listen = "127.0.0.1:0"
@@ -195,6 +197,9 @@ batch_max_events = 1000
 "#,
             state = dir.join("state").display(),
             ca = self.paths.ca.display(),
+            page_size = std::env::var("PLANTRELAY_BENCH_PAGE_SIZE")
+                .map(|p| format!("page_size = \"{p}\"\n"))
+                .unwrap_or_default(),
         );
         let path = dir.join("plantrelay.toml");
         std::fs::write(&path, text).expect("write config");
