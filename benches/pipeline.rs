@@ -36,7 +36,8 @@
 //! `=schema` (f) alone, `=process` (c) alone; `PLANTRELAY_BENCH_BIN` is
 //! the binary (c) runs (default: the one cargo built for the bench);
 //! `PLANTRELAY_BENCH_PAGE_SIZE` sets `journal.page_size` of every row
-//! (e.g. `"2KiB"`); `PLANTRELAY_BENCH_DIR` is where the temp dirs go
+//! (e.g. `"2KiB"`; with `PLANTRELAY_BENCH_BIN`, only for a binary that
+//! knows the setting); `PLANTRELAY_BENCH_DIR` is where the temp dirs go
 //! (default ".").
 
 use std::io::Write;
