@@ -427,6 +427,25 @@ fn dedup_max_ids_outside_its_range_is_rejected() {
 }
 
 #[test]
+fn commit_window_and_batch_linger_beyond_their_bounds_are_refused_by_name() {
+    // The first line lands in the sink, the last table of BASE.
+    let text = format!("{BASE}batch_linger = \"11s\"\n\n[journal]\ncommit_window = \"200ms\"\n");
+    let issues = issues(&text);
+    assert_issue(
+        &issues,
+        "journal.commit_window",
+        Some(line_of(&text, "", "commit_window")),
+        "between 0s and 100ms",
+    );
+    assert_issue(
+        &issues,
+        "sinks.https[0].batch_linger",
+        Some(line_of(&text, "", "batch_linger")),
+        "between 0s and 10s",
+    );
+}
+
+#[test]
 fn a_page_size_sqlite_cannot_use_is_refused_by_name() {
     for (value, shown) in [("3000", "3000"), ("512", "512"), ("\"128KiB\"", "131072")] {
         let text = format!("{BASE}\n[journal]\npage_size = {value}\n");
