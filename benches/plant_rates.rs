@@ -46,7 +46,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use plantrelay::demo::machines::EmbeddedBroker;
 use plantrelay::demo::receiver::{EphemeralPki, PkiPaths, Receiver, ReceiverOptions};
-use plantrelay::journal::Reader;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[path = "support/mod.rs"]
@@ -443,14 +442,15 @@ async fn wait_received(receiver: &Receiver, want: u64, limit: Duration) -> bool 
 /// The MQTT rows' send times: the `t_ns` each payload carries, and the
 /// commit times, from the journal after `from_seq`.
 fn committed(db: &Path, from_seq: u64) -> Vec<(i64, Option<u64>)> {
-    let Ok(r) = Reader::open(db) else {
-        return Vec::new();
-    };
-    r.events_from(from_seq, 10_000_000)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| (e.recv_time_us, t_ns_of(&e.data)))
+    let read = |c: rusqlite::Connection| -> rusqlite::Result<Vec<(i64, Option<u64>)>> {
+        let mut st =
+            c.prepare("SELECT recv_time, data FROM events WHERE seq >= ?1 ORDER BY seq")?;
+        st.query_map([from_seq as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, t_ns_of(&r.get::<_, Vec<u8>>(1)?)))
+        })?
         .collect()
+    };
+    support::open_ro(db).and_then(read).unwrap_or_default()
 }
 
 async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {

@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use plantrelay::journal::Reader;
-
 /// `PLANTRELAY_BENCH_SCALE` (default 1): every count is multiplied by it.
 pub fn scale() -> f64 {
     std::env::var("PLANTRELAY_BENCH_SCALE")
@@ -30,9 +28,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The journal's highest committed seq (0 while it cannot be read).
+/// The journal's highest committed seq (0 while it cannot be read). Plain
+/// SQL rather than `Reader`, which takes only its own schema version: the
+/// benches also run earlier releases (`PLANTRELAY_BENCH_BIN`).
 pub fn head_seq(db: &Path) -> u64 {
-    Reader::open(db).and_then(|r| r.head_seq()).unwrap_or(0)
+    open_ro(db)
+        .and_then(|c| c.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0)))
+        .map_or(0, |s: i64| s.max(0) as u64)
+}
+
+/// The journal opened read-only, whatever its schema version.
+pub fn open_ro(db: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(c)
 }
 
 /// Clock ticks per second for `/proc/.../stat` times.

@@ -23,9 +23,14 @@
 //!   checksum of the other columns (`rowcheck.rs`, schema 4): a row that
 //!   fails it is skipped by every read, never delivered. `type`,
 //!   `source_time` and `attrs` hold the values the sources repeat (the MQTT
-//!   source's type, arrival time and attributes) in short stored forms
-//!   (`compact.rs`, schema 5), read back as the same text; the checksum is
-//!   over the text.
+//!   source's type, arrival time and attributes, times in UTC with six,
+//!   three or no decimals) in short stored forms (`compact.rs`, schemas 5
+//!   and 6), read back as the same text; the checksum is over the text.
+//! - `texts(id, value)`: types and attributes that repeat without a fixed
+//!   short form (an MES's event types, its `originsource`), each stored
+//!   once; a row names its entry by id (schema 6). Entries are made on a
+//!   value's second sighting, in the transaction of the row that first
+//!   names them, and never change or go (at most 4,096 of ≤ 256 bytes).
 //! - `streams(source, stream, last_seq)`: the per-stream counters, as of
 //!   `meta.streams_through`. They are written with an event commit once
 //!   1,024 events have come and a second has passed (or a minute, or 16,384

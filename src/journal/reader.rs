@@ -206,6 +206,8 @@ pub struct Reader {
     path: PathBuf,
     /// Damaged rows this reader has logged (see [`checked_event`]).
     damaged: RefCell<HashSet<i64>>,
+    /// The entries of table `texts` its rows named (`compact.rs`).
+    texts: compact::TextCache,
 }
 
 const EVENT_COLUMNS: &str = "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs, size, only_sink, crc";
@@ -260,7 +262,10 @@ fn lane_select(lane: Option<Class>, limit: usize) -> String {
     }
 }
 
-pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+pub(super) fn event_from_row(
+    r: &rusqlite::Row<'_>,
+    texts: compact::Texts<'_>,
+) -> rusqlite::Result<StoredEvent> {
     let stream: String = r.get(3)?;
     Ok(StoredEvent {
         seq: r.get::<_, i64>(0)?.max(0) as u64,
@@ -268,11 +273,11 @@ pub(super) fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEv
         id: r.get(2)?,
         stream_seq: r.get::<_, i64>(4)?.max(0) as u64,
         class: Class::from_i64(r.get(5)?),
-        event_type: compact::column(r, 6, compact::read_type)?,
+        event_type: compact::column(r, 6, |v| compact::read_type(v, texts))?,
         source_time: compact::column(r, 7, compact::read_time)?,
         recv_time_us: r.get(8)?,
         data: r.get(9)?,
-        attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream))?,
+        attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream, texts))?,
         stream,
     })
 }
@@ -283,11 +288,19 @@ impl Reader {
             conn: open_reader(path)?,
             path: path.to_path_buf(),
             damaged: RefCell::new(HashSet::new()),
+            texts: compact::TextCache::default(),
         })
     }
 
     fn err(&self, e: rusqlite::Error) -> JournalError {
         sqlite_err(&self.path, e)
+    }
+
+    fn texts(&self) -> compact::Texts<'_> {
+        compact::Texts {
+            conn: &self.conn,
+            cache: &self.texts,
+        }
     }
 
     /// Events after `after` in seq order, for `sink` (rows put back for
@@ -337,7 +350,7 @@ impl Reader {
             while let Some(row) = rows.next().map_err(|e| self.err(e))? {
                 scanned += 1;
                 after = row.get(0).map_err(|e| self.err(e))?;
-                let Some(ev) = checked_event(row, &self.damaged) else {
+                let Some(ev) = checked_event(row, self.texts(), &self.damaged) else {
                     continue;
                 };
                 bytes += ev.size();
@@ -438,7 +451,7 @@ impl Reader {
                 .ok()
                 .and_then(|v| v.as_str().ok())
                 .is_none_or(|stream| filter.matches(stream));
-            if taken && let Some(ev) = checked_event(row, &self.damaged) {
+            if taken && let Some(ev) = checked_event(row, self.texts(), &self.damaged) {
                 bytes += ev.size();
                 if bytes > max_bytes && !events.is_empty() {
                     return Ok(Routed {
@@ -688,7 +701,7 @@ impl Reader {
     ) -> Result<Vec<StoredEvent>, JournalError> {
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-            out.extend(checked_event(row, &self.damaged));
+            out.extend(checked_event(row, self.texts(), &self.damaged));
         }
         Ok(out)
     }

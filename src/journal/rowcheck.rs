@@ -26,6 +26,7 @@ pub static DAMAGED_ROWS: AtomicU64 = AtomicU64::new(0);
 /// seq) and counted, and never handed on.
 pub(crate) fn checked_event(
     r: &rusqlite::Row<'_>,
+    texts: super::compact::Texts<'_>,
     logged: &RefCell<HashSet<i64>>,
 ) -> Option<StoredEvent> {
     // The event, then the columns it does not carry: class as stored,
@@ -33,7 +34,7 @@ pub(crate) fn checked_event(
     type Decoded = (StoredEvent, i64, i64, Option<String>, Option<i64>);
     let decoded = (|| -> rusqlite::Result<Decoded> {
         Ok((
-            event_from_row(r)?,
+            event_from_row(r, texts)?,
             r.get(5)?,
             r.get(11)?,
             r.get(12)?,

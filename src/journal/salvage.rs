@@ -40,7 +40,7 @@ struct Row {
 }
 
 impl Row {
-    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    fn read(r: &rusqlite::Row<'_>, texts: compact::Texts<'_>) -> rusqlite::Result<Row> {
         let stream: String = r.get(3)?;
         Ok(Row {
             seq: r.get(0)?,
@@ -48,11 +48,11 @@ impl Row {
             id: r.get(2)?,
             stream_seq: r.get(4)?,
             class: r.get(5)?,
-            event_type: compact::column(r, 6, compact::read_type)?,
+            event_type: compact::column(r, 6, |v| compact::read_type(v, texts))?,
             source_time: compact::column(r, 7, compact::read_time)?,
             recv_us: r.get(8)?,
             data: r.get(9)?,
-            attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream))?,
+            attrs: compact::column(r, 10, |v| compact::read_attrs(v, &stream, texts))?,
             stream,
             size: r.get(11)?,
             only_sink: r.get(12)?,
@@ -119,6 +119,13 @@ pub(crate) fn salvage_events(fresh: &Connection, damaged: &Path, last_seq: u64) 
             return out;
         }
     };
+    // The damaged file's own `texts` entries; a row naming one that cannot
+    // be read counts as damaged.
+    let cache = compact::TextCache::default();
+    let texts = compact::Texts {
+        conn: &old,
+        cache: &cache,
+    };
     let last_seq = i64::try_from(last_seq).unwrap_or(i64::MAX);
     let mut after = 0i64;
     let mut step = 1i64;
@@ -129,7 +136,7 @@ pub(crate) fn salvage_events(fresh: &Connection, damaged: &Path, last_seq: u64) 
         match st.query(params![from, CHUNK]) {
             Ok(mut q) => loop {
                 match q.next() {
-                    Ok(Some(r)) => match Row::read(r) {
+                    Ok(Some(r)) => match Row::read(r, texts) {
                         Ok(row) => rows.push(row),
                         Err(_) => {
                             out.damaged += 1;

@@ -119,6 +119,14 @@ const MIGRATIONS: &[&str] = &[
         DELETE FROM critical WHERE seq = old.seq;
     END;
     "#,
+    // 6: types and attributes that repeat, stored once (`compact.rs`,
+    // `TextTable`): an MES's event types and its `originsource` were a
+    // fifth of each of its rows. Rows from schema 6 on may name an entry
+    // here, and hold times with three decimals or none in a short form,
+    // which a release of schema 5 would read as damaged rows.
+    r#"
+    CREATE TABLE texts (id INTEGER PRIMARY KEY, value TEXT NOT NULL);
+    "#,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -953,6 +953,33 @@ async fn relaxed_cursor_moves_are_synced_by_the_next_tick() {
     assert_eq!(all_events(&path).len(), 21);
 }
 
+/// How each row holds `type`, `source_time` and `attrs` (SQLite's
+/// `typeof`: text, or a short stored form, a blob), in seq order.
+fn stored_kinds(conn: &rusqlite::Connection) -> Vec<String> {
+    conn.prepare(
+        "SELECT typeof(type) || ' ' || typeof(source_time) || ' ' || typeof(attrs)
+         FROM events ORDER BY seq",
+    )
+    .unwrap()
+    .query_map([], |r| r.get(0))
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The journal at `path` reads back exactly `sent`: ids, types, times,
+/// attributes.
+fn assert_read_back(path: &Path, sent: &[NewEvent]) {
+    let read = all_events(path);
+    assert_eq!(read.len(), sent.len());
+    for (got, sent) in read.iter().zip(sent) {
+        assert_eq!(
+            (&got.id, &got.event_type, &got.source_time, &got.attrs),
+            (&sent.id, &sent.event_type, &sent.source_time, &sent.attrs)
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchanged() {
     let dir = tempfile::tempdir().unwrap();
@@ -971,9 +998,9 @@ async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchan
         mqtt("m-1", topic),
         // A stream other than the topic: the attributes stay text.
         mqtt("m-2", "press07"),
-        // A time in another form than the source's: text.
+        // A time in another form than the short ones: text.
         NewEvent {
-            source_time: Some("2026-12-06T14:11:00.123Z".into()),
+            source_time: Some("2026-12-06T14:11:00.1234Z".into()),
             ..mqtt("m-3", topic)
         },
         ev("mes", "h-1", "orders", Class::Critical, 200),
@@ -982,31 +1009,16 @@ async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchan
     j.close().await;
 
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let kinds: Vec<(String, String, String)> = conn
-        .prepare("SELECT typeof(type), typeof(source_time), typeof(attrs) FROM events ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let k = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
     assert_eq!(
-        kinds,
+        stored_kinds(&conn),
         [
-            k("blob", "blob", "blob"),
-            k("blob", "blob", "text"),
-            k("blob", "text", "blob"),
-            k("text", "null", "null"),
+            "blob blob blob",
+            "blob blob text",
+            "blob text blob",
+            "text null null",
         ]
     );
-    let read = all_events(&path);
-    assert_eq!(read.len(), 4);
-    for (got, sent) in read.iter().zip(&events) {
-        assert_eq!(
-            (&got.id, &got.event_type, &got.source_time, &got.attrs),
-            (&sent.id, &sent.event_type, &sent.source_time, &sent.attrs)
-        );
-    }
+    assert_read_back(&path, &events);
     // Their checksums hold (no row was skipped as damaged), and a row whose
     // short form means nothing to this release is skipped, not delivered.
     conn.execute("UPDATE events SET type = x'01ff' WHERE seq = 1", [])
@@ -1015,5 +1027,91 @@ async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchan
     assert_eq!(
         read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["m-2", "m-3", "h-1"]
+    );
+}
+
+#[tokio::test]
+async fn repeated_types_and_attributes_are_stored_once_and_read_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mes = |id: &str, time: &str| NewEvent {
+        event_type: "com.example.mes.confirmation".into(),
+        source_time: Some(time.into()),
+        attrs: Some(r#"{"originsource":"urn:mes:plant-hamburg"}"#.into()),
+        ..ev("mes", id, "line3/press07", Class::Critical, 200)
+    };
+    let first = vec![
+        // The first sighting: text.
+        mes("h-1", "2026-11-29T10:00:00.123Z"),
+        // The second: an entry in `texts`, and the row names it.
+        mes("h-2", "2026-11-29T10:00:01Z"),
+        mes("h-3", "2026-11-29T10:00:00.123+01:00"),
+        // Too short for an entry, and the gap type never gets one: SQL
+        // compares it as text.
+        NewEvent {
+            event_type: "short".into(),
+            ..mes("h-4", "2026-11-29T10:00:00.123Z")
+        },
+        NewEvent {
+            event_type: "short".into(),
+            ..mes("h-5", "2026-11-29T10:00:00.123Z")
+        },
+        NewEvent {
+            event_type: plantrelay::event::GAP_EVENT_TYPE.into(),
+            ..mes("h-6", "2026-11-29T10:00:00.123Z")
+        },
+        NewEvent {
+            event_type: plantrelay::event::GAP_EVENT_TYPE.into(),
+            ..mes("h-7", "2026-11-29T10:00:00.123Z")
+        },
+    ];
+    let j = Journal::open(opts(dir.path())).unwrap();
+    j.append(first.clone()).await.unwrap();
+    j.close().await;
+    drop(j);
+    // A restart reads the table: the entry serves at once.
+    let j = Journal::open(opts(dir.path())).unwrap();
+    let second = vec![mes("h-8", "2026-11-29T10:00:00.999Z")];
+    j.append(second.clone()).await.unwrap();
+    j.close().await;
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(
+        stored_kinds(&conn),
+        [
+            "text blob text",
+            "blob blob blob",
+            "blob text blob",
+            "text blob blob",
+            "text blob blob",
+            "text blob blob",
+            "text blob blob",
+            "blob blob blob",
+        ]
+    );
+    let entries: Vec<String> = conn
+        .prepare("SELECT value FROM texts ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            "com.example.mes.confirmation",
+            r#"{"originsource":"urn:mes:plant-hamburg"}"#
+        ]
+    );
+    let sent: Vec<NewEvent> = first.into_iter().chain(second).collect();
+    assert_read_back(&path, &sent);
+    // A row naming an entry the table does not hold is skipped as damaged,
+    // never delivered with another value.
+    conn.execute("UPDATE events SET type = x'04ff' WHERE seq = 2", [])
+        .unwrap();
+    let read = all_events(&path);
+    assert_eq!(
+        read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["h-1", "h-3", "h-4", "h-5", "h-6", "h-7", "h-8"]
     );
 }

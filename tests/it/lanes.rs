@@ -268,11 +268,14 @@ async fn a_journal_of_the_previous_schema_with_one_cursor_resends_nothing_delive
     let state = h.state_dir();
     fill(&state, backlog(900, 100)).await;
     // What the previous release left: schema 2 (no lane index or table,
-    // no row checksums) and one cursor row for the sink, at 600.
+    // no row checksums, no table of texts) and one cursor row for the
+    // sink, at 600.
     {
         let conn = rusqlite::Connection::open(state.join("journal.db")).unwrap();
         conn.execute_batch(
-            "DROP TRIGGER critical_row_deleted;
+            "UPDATE events SET type = 'com.example.mes.confirmation' WHERE class = 0;
+             DROP TABLE texts;
+             DROP TRIGGER critical_row_deleted;
              DROP TABLE critical;
              ALTER TABLE events DROP COLUMN crc;
              INSERT INTO cursors(sink, seq, updated_us) VALUES ('central', 600, 0);

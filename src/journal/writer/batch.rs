@@ -250,6 +250,7 @@ impl WriterState {
             retention_through: self.retention_through,
         };
         self.dedup.begin();
+        self.texts.begin();
         self.exec("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
         Ok((undo, self.recv_now()))
     }
@@ -535,7 +536,13 @@ impl WriterState {
             let seq = take_seq(&mut self.next_seq, self.jump);
             self.class_heads[ev.class.as_i64() as usize] = seq;
             let stream_seq = bump_stream(&mut self.streams, &ev.source, &ev.stream, undo);
-            if let Err(e) = bind_event(&mut st, seq, ev, stream_seq, recv_us, None) {
+            let stored = self.texts.store_type(conn, &ev.event_type).and_then(|t| {
+                let a = self
+                    .texts
+                    .store_attrs(conn, ev.attrs.as_deref(), &ev.stream)?;
+                bind_event(&mut st, seq, ev, stream_seq, recv_us, None, t, a)
+            });
+            if let Err(e) = stored {
                 return Err(sqlite_err(path, e));
             }
             self.dedup.insert(hash, seq, recv_us);
@@ -596,6 +603,7 @@ impl WriterState {
             };
         }
         self.dedup.rollback();
+        self.texts.rollback();
         self.retention_through = undo.retention_through;
     }
 }

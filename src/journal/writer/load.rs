@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{SKIP_KEY_END, SKIP_KEY_PREFIX, WriterState, meta_get};
 use crate::event::GAP_EVENT_TYPE;
+use crate::journal::compact;
 use crate::journal::dedup::{DedupIndex, key_hash};
 use crate::journal::reader::{first_seq_at_or_after, skipped_seqs};
 use crate::journal::reserve::Reserve;
@@ -247,6 +248,7 @@ impl WriterState {
                 opts.page_size
             );
         }
+        let texts = compact::TextTable::load(&conn).map_err(e)?;
         let (mark, jump) = open_seq_mark(&path, head)?;
         let mark = mark.fit_dedup(opts.dedup_max_ids);
 
@@ -304,6 +306,7 @@ impl WriterState {
             disk_cap: None,
             mark,
             jump,
+            texts,
         };
         state.refresh_used().map_err(e)?;
         state.load_skipped_seqs();

@@ -111,6 +111,9 @@ pub(crate) struct WriterState {
     /// (`first..=last`): the first seq taken jumps over them, and the
     /// commit that holds it records the skipped range.
     jump: Option<(u64, u64)>,
+    /// Repeated types and attributes stored once (`compact.rs`); only the
+    /// batch's appends add to it.
+    texts: compact::TextTable,
 }
 
 /// What the probe found for a lane at `cursor`: the first event of its
@@ -135,7 +138,9 @@ struct EvictionRound {
 /// flight across more rounds than this is answered conservatively.
 const RECENT_EVICTION_ROUNDS: usize = 64;
 
-/// Inserts one event row with a statement prepared from [`INSERT_EVENT`].
+/// Inserts one event row with a statement prepared from [`INSERT_EVENT`];
+/// `event_type` and `attrs` are the stored forms of the event's.
+#[allow(clippy::too_many_arguments)]
 fn bind_event(
     st: &mut rusqlite::Statement<'_>,
     seq: u64,
@@ -143,6 +148,8 @@ fn bind_event(
     stream_seq: u64,
     recv_us: i64,
     only_sink: Option<&str>,
+    event_type: compact::Stored<'_>,
+    attrs: compact::Stored<'_>,
 ) -> rusqlite::Result<()> {
     let crc = RowColumns {
         seq: seq as i64,
@@ -168,11 +175,11 @@ fn bind_event(
         ev.stream,
         stream_seq as i64,
         ev.class.as_i64(),
-        compact::store_type(&ev.event_type),
+        event_type,
         compact::store_time(ev.source_time.as_deref()),
         recv_us,
         ev.data,
-        compact::store_attrs(ev.attrs.as_deref(), &ev.stream),
+        attrs,
         ev.size() as i64,
         only_sink,
         crc,
@@ -289,7 +296,18 @@ impl WriterState {
         only_sink: Option<&str>,
     ) -> rusqlite::Result<()> {
         let mut st = self.conn.prepare_cached(INSERT_EVENT)?;
-        bind_event(&mut st, seq, ev, stream_seq, recv_us, only_sink)?;
+        // Not through `texts`: only the batch's appends, whose transaction
+        // undoes its entries on a rollback, add to it.
+        bind_event(
+            &mut st,
+            seq,
+            ev,
+            stream_seq,
+            recv_us,
+            only_sink,
+            compact::store_type(&ev.event_type),
+            compact::store_attrs(ev.attrs.as_deref(), &ev.stream),
+        )?;
         if ev.class == Class::Critical {
             // A row below `streams_through` (a gap row in the place of an
             // evicted one) is past the flush that would have listed it.
