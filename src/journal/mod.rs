@@ -455,6 +455,8 @@ struct Inner {
     committed: watch::Receiver<Committed>,
     rewinds: watch::Receiver<u64>,
     space: Arc<Notify>,
+    /// See [`writer::Signals::urgent`].
+    urgent: Arc<Notify>,
     stats: Arc<SharedStats>,
     quarantine: Option<Quarantine>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -516,12 +518,14 @@ impl Journal {
         let (rewinds_tx, rewinds) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let space = Arc::new(Notify::new());
+        let urgent = Arc::new(Notify::new());
         let writer = {
             let space = space.clone();
             let signals = writer::Signals {
                 committed: committed_tx,
                 rewinds: rewinds_tx,
                 space,
+                urgent: urgent.clone(),
             };
             std::thread::Builder::new()
                 .name("journal-writer".into())
@@ -540,6 +544,7 @@ impl Journal {
                 committed,
                 rewinds,
                 space,
+                urgent,
                 stats,
                 quarantine,
                 writer: Mutex::new(Some(writer)),
@@ -586,12 +591,23 @@ impl Journal {
         make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Request,
     ) -> Result<T, JournalError> {
         let (reply, rx) = oneshot::channel();
+        self.send(make(reply)).await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Queues a request for the writer; one that ends a commit window also
+    /// wakes the window (it looks at the queue only from time to time).
+    async fn send(&self, request: Request) -> Result<(), JournalError> {
+        let urgent = writer::ends_window(&request);
         self.inner
             .tx
-            .send(make(reply))
+            .send(request)
             .await
             .map_err(|_| JournalError::Closed)?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        if urgent {
+            self.inner.urgent.notify_one();
+        }
+        Ok(())
     }
 
     /// Appends events and returns once they are committed (or found to be
@@ -628,15 +644,12 @@ impl Journal {
         let mut events = events;
         loop {
             let (reply, rx) = oneshot::channel();
-            self.inner
-                .tx
-                .send(Request::Append {
-                    events,
-                    gathered,
-                    reply,
-                })
-                .await
-                .map_err(|_| JournalError::Closed)?;
+            self.send(Request::Append {
+                events,
+                gathered,
+                reply,
+            })
+            .await?;
             match rx.await.map_err(|_| JournalError::Closed)? {
                 Ok((out, _stored)) => return Ok(out),
                 Err((JournalError::Full { .. }, back))
@@ -776,13 +789,7 @@ impl Journal {
     /// Lets the writer commit what is queued, checkpoints, and stops it.
     pub async fn close(&self) {
         let (reply, rx) = oneshot::channel();
-        if self
-            .inner
-            .tx
-            .send(Request::Shutdown { reply })
-            .await
-            .is_ok()
-        {
+        if self.send(Request::Shutdown { reply }).await.is_ok() {
             let _ = rx.await;
         }
         let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());

@@ -41,7 +41,7 @@ use super::rowcheck::RowColumns;
 use super::seqmark::SeqMark;
 use load::DedupLoad;
 use window::CommitWindow;
-pub(crate) use window::WINDOW_ENOUGH_EVENTS;
+pub(crate) use window::{WINDOW_ENOUGH_EVENTS, ends_window};
 
 /// Most events taken into one transaction.
 const MAX_BATCH_EVENTS: usize = 16_384;
@@ -401,11 +401,15 @@ pub(crate) struct Signals {
     pub rewinds: watch::Sender<u64>,
     /// Woken when cursors move (space may be freed for blocked appends).
     pub space: Arc<Notify>,
+    /// The other way: notified by the senders of requests that end a commit
+    /// window ([`ends_window`]), so that the window, which does not wait on
+    /// the queue, sees them at once.
+    pub urgent: Arc<Notify>,
 }
 
 pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signals: Signals) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
-    let mut window = CommitWindow::new(state.opts.commit_window);
+    let mut window = CommitWindow::new(state.opts.commit_window, signals.urgent.clone());
     // Event bytes appended since the WAL's size was last looked at.
     let mut since_wal_check = 0u64;
     loop {

@@ -4,9 +4,10 @@
 //! caller, so every ack still follows the commit, later by at most the
 //! window.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{trace, warn};
 
 use super::event_count;
@@ -48,12 +49,18 @@ pub(super) struct CommitWindow {
     /// at once since.
     fruitless: u32,
     skipped: u32,
+    /// Four times the mean time between requests that joined recent
+    /// windows (a moving average): how long a window sleeps before it
+    /// first looks for more.
+    quiet: Option<Duration>,
+    /// Notified by the senders of requests that end a window.
+    urgent: Arc<Notify>,
 }
 
 impl CommitWindow {
     /// `None` when the window is 0, or when no timer can be made (then
     /// every batch commits at once, as with a window of 0).
-    pub(super) fn new(len: Duration) -> Option<CommitWindow> {
+    pub(super) fn new(len: Duration, urgent: Arc<Notify>) -> Option<CommitWindow> {
         if len.is_zero() {
             return None;
         }
@@ -69,6 +76,8 @@ impl CommitWindow {
                 events: None,
                 fruitless: 0,
                 skipped: 0,
+                quiet: None,
+                urgent,
             }),
             Err(e) => {
                 warn!(error = %e, "cannot set up the commit window's timer; committing every batch at once (as with commit_window = \"0s\")");
@@ -82,9 +91,10 @@ impl CommitWindow {
     /// request must not wait: a forwarder has one batch in flight, and its
     /// drain rate is one batch per commit), when it already holds enough
     /// events to fill a few pages (under load: group commit as before),
-    /// and at shutdown. Once two or more requests are in, it also ends
-    /// when none arrives for four times their mean spacing (at least
-    /// [`WINDOW_QUIET`]): appenders that each wait for their answer before
+    /// and at shutdown. It looks for new requests from time to time rather
+    /// than being woken by each. Once two or more requests are in, it also
+    /// ends when a look finds none came for four times their mean spacing
+    /// (at least [`WINDOW_QUIET`]): appenders that each wait for their answer before
     /// sending more (a source's batch loop) have all arrived by then, and
     /// waiting longer would only delay them. Nor does a batch wait when
     /// batches of appends begin more than two windows apart (or when there
@@ -139,32 +149,70 @@ impl CommitWindow {
             _ => self.len,
         };
         let deadline = start + len;
+        // Looks rather than waits on the queue: a receive would wake this
+        // thread for every request that joins (an MES posting one event per
+        // request: a wake-up and two context switches each, on both
+        // sides), where a sleep wakes it once per quiet time and takes
+        // whatever came meanwhile. A request that ends the window wakes it
+        // at once through `urgent` (a permit left by one that came before
+        // this window is dropped first; the first look below finds it).
+        // `last` is the last look that found something: arrivals are known
+        // to that precision.
+        let urgent = self.urgent.clone();
+        self.rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::ZERO, urgent.notified()).await;
+        });
         let mut last = start;
-        loop {
-            if !window_applies(batch) {
+        // With two requests or more in, a look that finds nothing ends the
+        // window; with one, it is only a look (and the window ends at its
+        // deadline, as when it waits for one client that posts again only
+        // once answered).
+        let mut quiet_ends = false;
+        'window: loop {
+            let before = batch.len();
+            while window_applies(batch) {
+                match rx.try_recv() {
+                    Ok(Request::Maintain) => *maintain = true,
+                    Ok(Request::Shutdown { reply }) => {
+                        *shutdown = Some(reply);
+                        break 'window;
+                    }
+                    Ok(other) => batch.push(other),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    // The journal is going away.
+                    Err(mpsc::error::TryRecvError::Disconnected) => break 'window,
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if !window_applies(batch) || now >= deadline {
+                break;
+            }
+            if batch.len() > before {
+                last = now;
+            } else if quiet_ends {
                 break;
             }
             let until = match u32::try_from(batch.len()) {
                 Ok(n) if n >= 2 => {
+                    quiet_ends = true;
                     let spacing = (last - start) / (n - 1);
                     deadline.min(last + (spacing * 4).max(WINDOW_QUIET))
                 }
-                _ => deadline,
+                _ => deadline.min(now + self.quiet.unwrap_or(WINDOW_QUIET)),
             };
-            let next = self
-                .rt
-                .block_on(async { tokio::time::timeout_at(until, rx.recv()).await });
-            last = tokio::time::Instant::now();
-            match next {
-                Ok(Some(Request::Maintain)) => *maintain = true,
-                Ok(Some(Request::Shutdown { reply })) => {
-                    *shutdown = Some(reply);
-                    break;
+            self.rt.block_on(async {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = urgent.notified() => {}
                 }
-                Ok(Some(other)) => batch.push(other),
-                // Closed (the journal is going away) or the window passed.
-                Ok(None) | Err(_) => break,
-            }
+            });
+        }
+        if let Ok(n) = u32::try_from(batch.len())
+            && n >= 2
+            && batch.len() > initial
+        {
+            let q = ((last - start) / (n - 1) * 4).max(WINDOW_QUIET);
+            self.quiet = Some(self.quiet.map_or(q, |avg| (avg * 3 + q) / 4));
         }
         if batch.len() > initial {
             self.fruitless = 0;
@@ -191,6 +239,12 @@ impl CommitWindow {
         let n = batch.iter().map(event_count).sum::<usize>() as f64;
         self.events = Some(self.events.map_or(n, |avg| (avg * 3.0 + n) / 4.0));
     }
+}
+
+/// True when `request` alone ends a commit window: anything but a small
+/// append that no caller gathered already.
+pub(crate) fn ends_window(request: &Request) -> bool {
+    !window_applies(std::slice::from_ref(request))
 }
 
 /// True while a batch is appends alone that no caller gathered already
