@@ -155,13 +155,9 @@ impl CommitWindow {
         // sides), where a sleep wakes it once per quiet time and takes
         // whatever came meanwhile. A request that ends the window wakes it
         // at once through `urgent` (a permit left by one that came before
-        // this window is dropped first; the first look below finds it).
-        // `last` is the last look that found something: arrivals are known
-        // to that precision.
+        // this window costs one early look at most). `last` is the last
+        // look that found something: arrivals are known to that precision.
         let urgent = self.urgent.clone();
-        self.rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::ZERO, urgent.notified()).await;
-        });
         let mut last = start;
         // With two requests or more in, a look that finds nothing ends the
         // window; with one, it is only a look (and the window ends at its
@@ -265,4 +261,107 @@ fn window_applies(batch: &[Request]) -> bool {
         bytes += evs.iter().map(|e| e.size() as u64).sum::<u64>();
     }
     !batch.is_empty() && events < WINDOW_ENOUGH_EVENTS && bytes < WINDOW_ENOUGH_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Class, NewEvent};
+    use std::time::Instant;
+
+    fn append(gathered: bool) -> Request {
+        let (reply, _) = oneshot::channel();
+        Request::Append {
+            events: vec![NewEvent {
+                source: "mes".into(),
+                id: "e".into(),
+                stream: "line/0".into(),
+                class: Class::Critical,
+                event_type: "test.window".into(),
+                source_time: None,
+                data: b"{}".to_vec(),
+                attrs: None,
+            }],
+            gathered,
+            reply,
+        }
+    }
+
+    /// A window of `len` that applies at once: appends seen 10 ms apart.
+    fn window(len: Duration, urgent: &Arc<Notify>) -> CommitWindow {
+        let mut w = CommitWindow::new(len, urgent.clone()).unwrap();
+        w.spacing = Some(Duration::from_millis(10));
+        w
+    }
+
+    /// Sends `request` after `after` from another thread, notifying
+    /// `urgent` as [`crate::journal::Journal`] does for one that ends a
+    /// window.
+    fn send_later(
+        tx: mpsc::Sender<Request>,
+        urgent: Arc<Notify>,
+        after: Duration,
+        request: Request,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let notify = ends_window(&request);
+            assert!(tx.blocking_send(request).is_ok());
+            if notify {
+                urgent.notify_one();
+            }
+        })
+    }
+
+    #[test]
+    fn a_request_that_ends_the_window_is_taken_at_once_small_appends_at_a_look() {
+        let urgent = Arc::new(Notify::new());
+        let (tx, mut rx) = mpsc::channel(16);
+        let (mut maintain, mut shutdown) = (false, None);
+
+        // A gathered append 100 ms into a 5 s window ends it then, though
+        // with one request in and a quiet time of 5 s known the window
+        // would not look before its deadline.
+        let mut w = window(Duration::from_secs(5), &urgent);
+        w.quiet = Some(Duration::from_secs(5));
+        let mut batch = vec![append(false)];
+        let t = send_later(
+            tx.clone(),
+            urgent.clone(),
+            Duration::from_millis(100),
+            append(true),
+        );
+        let t0 = Instant::now();
+        w.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
+        let took = t0.elapsed();
+        t.join().unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_secs(2),
+            "the window ended after {took:?}, not when the gathered append came"
+        );
+
+        // A small append does not end the window: with a quiet time of
+        // 300 ms known, it is taken at the first look, and the window ends
+        // at a later one that finds nothing (four times the spacing the
+        // looks saw, 1.2 s, after).
+        let mut w = window(Duration::from_secs(5), &urgent);
+        w.quiet = Some(Duration::from_millis(300));
+        let mut batch = vec![append(false)];
+        let t = send_later(
+            tx.clone(),
+            urgent.clone(),
+            Duration::from_millis(50),
+            append(false),
+        );
+        let t0 = Instant::now();
+        w.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
+        let took = t0.elapsed();
+        t.join().unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
+            "the window ended after {took:?}"
+        );
+    }
 }
