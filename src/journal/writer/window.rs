@@ -313,29 +313,42 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_request_that_ends_the_window_is_taken_at_once_small_appends_at_a_look() {
+    /// One window of `len` over one small append, `quiet` known from
+    /// earlier windows, while `request` comes `after` into it: how many
+    /// requests it took and how long it lasted.
+    fn gather_with(
+        len: Duration,
+        quiet: Duration,
+        after: Duration,
+        request: Request,
+    ) -> (usize, Duration) {
         let urgent = Arc::new(Notify::new());
         let (tx, mut rx) = mpsc::channel(16);
         let (mut maintain, mut shutdown) = (false, None);
-
-        // A gathered append 100 ms into a 5 s window ends it then, though
-        // with one request in and a quiet time of 5 s known the window
-        // would not look before its deadline.
-        let mut w = window(Duration::from_secs(5), &urgent);
-        w.quiet = Some(Duration::from_secs(5));
+        let mut w = window(len, &urgent);
+        w.quiet = Some(quiet);
         let mut batch = vec![append(false)];
-        let t = send_later(
-            tx.clone(),
-            urgent.clone(),
-            Duration::from_millis(100),
-            append(true),
-        );
+        // Held to the end: a closed queue would end the window too.
+        let t = send_later(tx.clone(), urgent, after, request);
         let t0 = Instant::now();
         w.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
         let took = t0.elapsed();
         t.join().unwrap();
-        assert_eq!(batch.len(), 2);
+        (batch.len(), took)
+    }
+
+    #[test]
+    fn a_request_that_ends_the_window_is_taken_at_once_small_appends_at_a_look() {
+        // A gathered append 100 ms into a 5 s window ends it then, though
+        // with one request in and a quiet time of 5 s known the window
+        // would not look before its deadline.
+        let (n, took) = gather_with(
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            append(true),
+        );
+        assert_eq!(n, 2);
         assert!(
             took >= Duration::from_millis(100) && took < Duration::from_secs(2),
             "the window ended after {took:?}, not when the gathered append came"
@@ -345,20 +358,13 @@ mod tests {
         // 300 ms known, it is taken at the first look, and the window ends
         // at a later one that finds nothing (four times the spacing the
         // looks saw, 1.2 s, after).
-        let mut w = window(Duration::from_secs(5), &urgent);
-        w.quiet = Some(Duration::from_millis(300));
-        let mut batch = vec![append(false)];
-        let t = send_later(
-            tx.clone(),
-            urgent.clone(),
+        let (n, took) = gather_with(
+            Duration::from_secs(5),
+            Duration::from_millis(300),
             Duration::from_millis(50),
             append(false),
         );
-        let t0 = Instant::now();
-        w.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
-        let took = t0.elapsed();
-        t.join().unwrap();
-        assert_eq!(batch.len(), 2);
+        assert_eq!(n, 2);
         assert!(
             took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
             "the window ended after {took:?}"
