@@ -144,9 +144,7 @@ impl HttpsSink {
             ),
         }
     }
-}
 
-impl HttpsSink {
     /// `json` as a gzip member (RFC 1952): the fixed header, raw deflate at
     /// the fastest level, then CRC-32 and length. The deflate state is the
     /// kept one when it is free (two lanes may encode at once), reset for
@@ -191,7 +189,7 @@ fn gzip_member(deflate: &mut flate2::Compress, json: &[u8]) -> Vec<u8> {
     }
     if !ended {
         // Not seen: a deflate state that refuses its input. A fresh
-        // encoder of its own gives the same bytes.
+        // encoder of its own makes the body instead.
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         // Writing into a Vec cannot fail.
         return match std::io::Write::write_all(&mut enc, json).and_then(|_| enc.finish()) {
