@@ -157,7 +157,6 @@ impl CommitWindow {
         // at once through `urgent` (a permit left by one that came before
         // this window costs one early look at most). `last` is the last
         // look that found something: arrivals are known to that precision.
-        let urgent = self.urgent.clone();
         let mut last = start;
         // With two requests or more in, a look that finds nothing ends the
         // window; with one, it is only a look (and the window ends at its
@@ -191,15 +190,14 @@ impl CommitWindow {
             let until = match u32::try_from(batch.len()) {
                 Ok(n) if n >= 2 => {
                     quiet_ends = true;
-                    let spacing = (last - start) / (n - 1);
-                    deadline.min(last + (spacing * 4).max(WINDOW_QUIET))
+                    deadline.min(last + quiet_time(last - start, n))
                 }
                 _ => deadline.min(now + self.quiet.unwrap_or(WINDOW_QUIET)),
             };
             self.rt.block_on(async {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => {}
-                    _ = urgent.notified() => {}
+                    _ = self.urgent.notified() => {}
                 }
             });
         }
@@ -207,7 +205,7 @@ impl CommitWindow {
             && n >= 2
             && batch.len() > initial
         {
-            let q = ((last - start) / (n - 1) * 4).max(WINDOW_QUIET);
+            let q = quiet_time(last - start, n);
             self.quiet = Some(self.quiet.map_or(q, |avg| (avg * 3 + q) / 4));
         }
         if batch.len() > initial {
@@ -235,6 +233,13 @@ impl CommitWindow {
         let n = batch.iter().map(event_count).sum::<usize>() as f64;
         self.events = Some(self.events.map_or(n, |avg| (avg * 3.0 + n) / 4.0));
     }
+}
+
+/// How long a window with `n` (at least 2) requests in, the last seen
+/// `span` after the first, waits for the next before it ends: four times
+/// their mean spacing, at least [`WINDOW_QUIET`].
+fn quiet_time(span: Duration, n: u32) -> Duration {
+    (span / n.saturating_sub(1).max(1) * 4).max(WINDOW_QUIET)
 }
 
 /// True when `request` alone ends a commit window: anything but a small
