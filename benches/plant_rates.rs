@@ -3,16 +3,22 @@
 //! go to BENCHMARKS.md by hand.
 //!
 //! For the MQTT source (the embedded rumqttd broker, one QoS 1 publisher,
-//! 200-byte JSON over 10 topics) and for HTTP ingest (one event per `POST`,
-//! each on its own connection-pooled request, the way MES integrations
-//! post), each to an HTTPS sink (the embedded receiver), with `sync =
-//! "full"` and defaults otherwise, at paced 10, 100, 1,000 and 5,000
+//! 200-byte JSON over 10 topics) and for HTTP ingest (by default one event
+//! per `POST`, each on its own connection-pooled request, the way MES
+//! integrations post), each to an HTTPS sink (the embedded receiver), with
+//! `sync = "full"` and defaults otherwise, at paced 10, 100, 1,000 and 5,000
 //! events/s and at saturation (MQTT: a burst as fast as the publisher goes;
 //! HTTP: 6 clients × 500 events per request), the real `plantrelay run`
 //! binary as its own process:
 //!
 //! - bytes written to disk per event (`write_bytes` of `/proc/PID/io`) and
 //!   write system calls per event (`syscw`);
+//! - bytes the block device took per event (sectors written, from
+//!   `/sys/dev/block/MAJ:MIN/stat` of the device that holds the journal):
+//!   what the flash wears, the file system's own journal included; it
+//!   counts every writer on that device, so it means something only on a
+//!   machine that is otherwise idle ("–" where the device has no such
+//!   counter, e.g. tmpfs);
 //! - agent CPU µs per event (utime + stime of `/proc/PID/stat`);
 //! - upstream requests per second (over the time events were sent);
 //! - ack p50/p99: MQTT from publish to the journal commit (the row's
@@ -32,6 +38,9 @@
 //! `plantrelay` binary (an earlier release, for the figures before); the
 //! knobs above must then stay unset, as it does not know them);
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".");
+//! `PLANTRELAY_BENCH_HTTP_EVENTS` (default 1) is the events per `POST` of
+//! the paced HTTP rows (more than one: a `cloudevents-batch+json` array
+//! every that many events, an MES that batches);
 //! `PLANTRELAY_BENCH_BROKER` (`host:port`) puts another broker (e.g. a
 //! Mosquitto of one's own) in place of the in-process one;
 //! `PLANTRELAY_BENCH_AGENT_LOG` (a log filter, e.g.
@@ -128,11 +137,18 @@ impl SourceKind {
 /// A paced rate, or `None`: saturation.
 type Rate = Option<u64>;
 
-/// How long a paced row publishes, before the scale.
+/// How long a paced row publishes, before the scale: long enough for the
+/// WAL to reach its checkpoint (4 MiB, `wal_autocheckpoint`) and be
+/// reused at least once, so that the bytes per event include the copies
+/// into the database file and the WAL's steady state, as on a gateway
+/// that has run for a while. A fresh journal's WAL grows ~0.1 MB/s at
+/// 10 events/s and ~0.2 MB/s at 100: rows of 30 and 20 s, as before,
+/// ended before the first checkpoint and read 0.25 KB less per event at
+/// 100/s than the 3.0 KB of a longer run.
 fn paced_seconds(rate: u64) -> f64 {
     match rate {
-        0..=10 => 30.0,
-        11..=100 => 20.0,
+        0..=10 => 120.0,
+        11..=100 => 60.0,
         _ => 10.0,
     }
 }
@@ -142,6 +158,8 @@ struct Row {
     rate: Rate,
     events: u64,
     bytes_per_event: f64,
+    /// `None` where the journal's device has no block counters.
+    device_bytes_per_event: Option<f64>,
     syscw_per_event: f64,
     cpu_us_per_event: f64,
     requests_per_s: f64,
@@ -168,6 +186,34 @@ fn proc_io(pid: u32) -> Io {
         write_bytes: field("write_bytes:"),
         syscw: field("syscw:"),
     }
+}
+
+/// Bytes written so far to the block device that holds `path` (sectors
+/// written × 512, from `/sys/dev/block/MAJ:MIN/stat`); `None` when there
+/// is no such device (tmpfs, overlay).
+fn device_written(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    // glibc's `major`/`minor` encoding of `dev_t`.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    // The seventh field: sectors written, always of 512 bytes.
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
+/// Events per `POST` of the paced HTTP rows (`PLANTRELAY_BENCH_HTTP_EVENTS`).
+fn http_events_per_post() -> u64 {
+    std::env::var("PLANTRELAY_BENCH_HTTP_EVENTS")
+        .ok()
+        .map(|v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .expect("PLANTRELAY_BENCH_HTTP_EVENTS: a number of at least 1")
+        })
+        .unwrap_or(1)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -513,8 +559,16 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let scale = support::scale();
+    let per_post = http_events_per_post();
     let count = match rate {
-        Some(r) => ((r as f64 * paced_seconds(r) * scale).round() as u64).max(20),
+        Some(r) => {
+            let n = ((r as f64 * paced_seconds(r) * scale).round() as u64).max(20);
+            match source {
+                SourceKind::Mqtt => n,
+                // Whole requests.
+                SourceKind::Http => n.next_multiple_of(per_post),
+            }
+        }
         None => match source {
             SourceKind::Mqtt => ((100_000.0 * scale) as u64).max(2_000),
             SourceKind::Http => {
@@ -528,6 +582,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     let base = env.receiver.stats().unique_ids;
     let requests0 = env.receiver.stats().requests;
     let io0 = proc_io(pid);
+    let dev0 = device_written(&state);
     let cpu0 = process_ticks(pid);
     let stop = Arc::new(AtomicBool::new(false));
     let receipts = watch_receipts(&env.receiver, stop.clone());
@@ -550,19 +605,29 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
                 // agent slower than the rate, the send times slip and the
                 // events/s column shows it.
                 let pool = Arc::new(tokio::sync::Semaphore::new(HTTP_POOL));
-                for i in 0..count {
+                for i in (0..count).step_by(per_post as usize) {
                     let due = t0 + Duration::from_secs_f64(i as f64 / r as f64);
                     tokio::time::sleep_until(due.into()).await;
                     let permit = pool.clone().acquire_owned().await.expect("pool");
                     let (client, url) = (client.clone(), ingest.clone());
-                    let body = cloudevent(&name, i);
-                    sent.push(Instant::now());
+                    let (content_type, body) = if per_post == 1 {
+                        ("application/cloudevents+json", cloudevent(&name, i))
+                    } else {
+                        let events: Vec<_> =
+                            (i..i + per_post).map(|k| cloudevent(&name, k)).collect();
+                        (
+                            "application/cloudevents-batch+json",
+                            format!("[{}]", events.join(",")),
+                        )
+                    };
+                    let now = Instant::now();
+                    sent.extend((0..per_post).map(|_| now));
                     tasks.push(tokio::spawn(async move {
                         let _permit = permit;
                         let t = Instant::now();
                         let resp = client
                             .post(&url)
-                            .header("content-type", "application/cloudevents+json")
+                            .header("content-type", content_type)
                             .body(body)
                             .send()
                             .await;
@@ -625,6 +690,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     // The cursor write after the last batch.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let io1 = proc_io(pid);
+    let dev1 = device_written(&state);
     let cpu1 = process_ticks(pid);
     let requests = env.receiver.stats().requests - requests0;
     stop.store(true, Ordering::Relaxed);
@@ -659,6 +725,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
         rate,
         events: count,
         bytes_per_event: io1.write_bytes.saturating_sub(io0.write_bytes) as f64 / n,
+        device_bytes_per_event: dev0.zip(dev1).map(|(a, b)| b.saturating_sub(a) as f64 / n),
         syscw_per_event: io1.syscw.saturating_sub(io0.syscw) as f64 / n,
         cpu_us_per_event: cpu1.saturating_sub(cpu0) as f64 / tck * 1e6 / n,
         requests_per_s: requests as f64 / secs,
@@ -692,11 +759,12 @@ async fn main() {
     let tck = clk_tck();
     let only = std::env::var("PLANTRELAY_BENCH_ONLY").ok();
     println!(
-        "plant_rates: scale {}, batch_linger {}, commit_window {}, page_size {}, load {} at start",
+        "plant_rates: scale {}, batch_linger {}, commit_window {}, page_size {}, HTTP events per POST {}, load {} at start",
         support::scale(),
         env.linger.as_deref().unwrap_or("default"),
         env.window.as_deref().unwrap_or("default"),
         env.page_size.as_deref().unwrap_or("default"),
+        http_events_per_post(),
         loadavg()
     );
     let rates: Vec<Rate> = match std::env::var("PLANTRELAY_BENCH_RATES") {
@@ -732,16 +800,18 @@ async fn main() {
     }
     println!();
     println!(
-        "| source | rate | events | written per event | write calls per event | agent CPU per event | upstream requests/s | ack p50 / p99 ms | delivery p50 / p99 ms | events/s |"
+        "| source | rate | events | written per event | device writes per event | write calls per event | agent CPU per event | upstream requests/s | ack p50 / p99 ms | delivery p50 / p99 ms | events/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} KB | {:.2} | {:.1} µs | {:.1} | {} / {} | {} / {} | {:.0}{} |",
+            "| {} | {} | {} | {:.2} KB | {} | {:.2} | {:.1} µs | {:.1} | {} / {} | {} / {} | {:.0}{} |",
             r.source.label(),
             r.rate.map_or("saturation".into(), |x| format!("{x}/s")),
             r.events,
             r.bytes_per_event / 1000.0,
+            r.device_bytes_per_event
+                .map_or("–".into(), |b| format!("{:.2} KB", b / 1000.0)),
             r.syscw_per_event,
             r.cpu_us_per_event,
             r.requests_per_s,
