@@ -26,7 +26,11 @@
 //!   right after), HTTP from sending the `POST` to its `202`;
 //! - delivery p50/p99: from publish or `POST` to the upstream's receipt
 //!   (the n-th event counts as received when the receiver holds n new
-//!   events; the receiver's count is polled every millisecond).
+//!   events; the receiver's count is polled every millisecond);
+//! - with the HTTP rows, for every paced rate of 1,000/s or more, the
+//!   floor under HTTP ingest's CPU: what a bare axum server on the same
+//!   stack, storing nothing, costs per request under the same client (this
+//!   binary run again with `PLANTRELAY_BENCH_FLOOR_SERVE`).
 //!
 //! Knobs: `PLANTRELAY_BENCH_SCALE` (default 1) scales the run time of every
 //! row; `PLANTRELAY_BENCH_LINGER` and `PLANTRELAY_BENCH_WINDOW` set
@@ -598,48 +602,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
         }
         SourceKind::Http => match rate {
             Some(r) => {
-                let mut tasks = Vec::with_capacity(count as usize);
-                // An MES client keeps a bounded pool: more requests in
-                // flight than the listener admits per address would be
-                // closed at once (`max_connections_per_ip`). Were the
-                // agent slower than the rate, the send times slip and the
-                // events/s column shows it.
-                let pool = Arc::new(tokio::sync::Semaphore::new(HTTP_POOL));
-                for i in (0..count).step_by(per_post as usize) {
-                    let due = t0 + Duration::from_secs_f64(i as f64 / r as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                    let permit = pool.clone().acquire_owned().await.expect("pool");
-                    let (client, url) = (client.clone(), ingest.clone());
-                    let (content_type, body) = if per_post == 1 {
-                        ("application/cloudevents+json", cloudevent(&name, i))
-                    } else {
-                        let events: Vec<_> =
-                            (i..i + per_post).map(|k| cloudevent(&name, k)).collect();
-                        (
-                            "application/cloudevents-batch+json",
-                            format!("[{}]", events.join(",")),
-                        )
-                    };
-                    let now = Instant::now();
-                    sent.extend((0..per_post).map(|_| now));
-                    tasks.push(tokio::spawn(async move {
-                        let _permit = permit;
-                        let t = Instant::now();
-                        let resp = client
-                            .post(&url)
-                            .header("content-type", content_type)
-                            .body(body)
-                            .send()
-                            .await;
-                        let status = resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
-                        (status, t.elapsed().as_secs_f64() * 1e3)
-                    }));
-                }
-                for t in tasks {
-                    let (status, ms) = t.await.expect("post task");
-                    assert_eq!(status, Ok(202), "a POST was not accepted ({name})");
-                    acks.push(ms);
-                }
+                (sent, acks) = post_paced(&client, &ingest, &name, count, r, per_post, t0).await;
             }
             None => {
                 let per_client = count / SAT_CLIENTS;
@@ -736,6 +699,130 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     }
 }
 
+/// Posts `count` CloudEvents to `url` at `rate` events/s from `t0`,
+/// `per_post` to a request; the send time of every event and the time to
+/// each answer (ms). Panics unless every answer is a `202`.
+async fn post_paced(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+    count: u64,
+    rate: u64,
+    per_post: u64,
+    t0: Instant,
+) -> (Vec<Instant>, Vec<f64>) {
+    let mut sent = Vec::with_capacity(count as usize);
+    let mut tasks = Vec::with_capacity(count.div_ceil(per_post) as usize);
+    // An MES client keeps a bounded pool: more requests in flight than the
+    // listener admits per address would be closed at once
+    // (`max_connections_per_ip`). Were the agent slower than the rate, the
+    // send times slip and the events/s column shows it.
+    let pool = Arc::new(tokio::sync::Semaphore::new(HTTP_POOL));
+    for i in (0..count).step_by(per_post as usize) {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = pool.clone().acquire_owned().await.expect("pool");
+        let (client, url) = (client.clone(), url.to_string());
+        let (content_type, body) = if per_post == 1 {
+            ("application/cloudevents+json", cloudevent(name, i))
+        } else {
+            let events: Vec<_> = (i..i + per_post).map(|k| cloudevent(name, k)).collect();
+            (
+                "application/cloudevents-batch+json",
+                format!("[{}]", events.join(",")),
+            )
+        };
+        let now = Instant::now();
+        sent.extend((0..per_post).map(|_| now));
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            let resp = client
+                .post(&url)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await;
+            let status = resp.map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+            (status, t.elapsed().as_secs_f64() * 1e3)
+        }));
+    }
+    let mut acks = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (status, ms) = t.await.expect("post task");
+        assert_eq!(status, Ok(202), "a POST was not accepted ({name})");
+        acks.push(ms);
+    }
+    (sent, acks)
+}
+
+/// The floor under HTTP ingest's CPU: this bench binary, run again with
+/// `PLANTRELAY_BENCH_FLOOR_SERVE=<addr>`, is a bare axum server on the
+/// agent's stack (hyper HTTP/1.1, a two-worker Tokio runtime as the agent
+/// has on two cores) that answers every `POST` to the ingest path with a
+/// `202` and stores nothing: no journal, no commit, no sink.
+async fn serve_floor(addr: &str) {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("floor server: bind");
+    let app = axum::Router::new().route(
+        plantrelay::sources::http::INGEST_PATH,
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            (
+                axum::http::StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({ "accepted": 1, "bytes": body.len() })),
+            )
+        }),
+    );
+    axum::serve(listener, app)
+        .await
+        .expect("floor server: serve");
+}
+
+/// One paced row against the floor server (one event per `POST`): its
+/// CPU per request and the time to each `202`.
+async fn floor_row(rate: u64, tck: f64) -> (f64, (f64, f64)) {
+    let port = support::free_port();
+    let exe = std::env::current_exe().expect("bench executable");
+    let mut child = Command::new(exe)
+        .env("PLANTRELAY_BENCH_FLOOR_SERVE", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the floor server");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
+    let url = format!(
+        "http://127.0.0.1:{port}{}",
+        plantrelay::sources::http::INGEST_PATH
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client
+        .post(&url)
+        .body("{}")
+        .send()
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 202)
+    {
+        assert!(Instant::now() < deadline, "the floor server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count = ((rate as f64 * paced_seconds(rate) * support::scale()).round() as u64).max(20);
+    let pid = child.id();
+    let cpu0 = process_ticks(pid);
+    let (_, acks) = post_paced(&client, &url, "floor", count, rate, 1, Instant::now()).await;
+    let cpu1 = process_ticks(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    (
+        cpu1.saturating_sub(cpu0) as f64 / tck * 1e6 / count as f64,
+        p50_p99(acks),
+    )
+}
+
 fn fmt_ms(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -755,6 +842,10 @@ fn loadavg() -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if let Ok(addr) = std::env::var("PLANTRELAY_BENCH_FLOOR_SERVE") {
+        serve_floor(&addr).await;
+        return;
+    }
     let env = Env::new().await;
     let tck = clk_tck();
     let only = std::env::var("PLANTRELAY_BENCH_ONLY").ok();
@@ -824,6 +915,34 @@ async fn main() {
         );
     }
     println!();
+    // The floor under HTTP ingest's CPU where the CPU target applies.
+    let floor_rates: Vec<u64> = rates
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|r| *r >= 1000)
+        .collect();
+    if !floor_rates.is_empty()
+        && only
+            .as_deref()
+            .is_none_or(|o| o.eq_ignore_ascii_case(SourceKind::Http.label()))
+    {
+        println!(
+            "The floor: a bare axum server on the same stack that stores nothing, the same client, one event per POST:"
+        );
+        println!();
+        println!("| rate | server CPU per request | answer p50 / p99 ms |");
+        println!("|---|---|---|");
+        for rate in floor_rates {
+            let (cpu, (p50, p99)) = floor_row(rate, tck).await;
+            println!(
+                "| {rate}/s | {cpu:.1} µs | {} / {} |",
+                fmt_ms(p50),
+                fmt_ms(p99)
+            );
+        }
+        println!();
+    }
     let linger_ms = env
         .linger
         .as_deref()
