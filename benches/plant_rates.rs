@@ -147,7 +147,7 @@ type Rate = Option<u64>;
 /// into the database file and the WAL's steady state, as on a gateway
 /// that has run for a while. A fresh journal's WAL grows ~0.1 MB/s at
 /// 10 events/s and ~0.2 MB/s at 100: rows of 30 and 20 s, as before,
-/// ended before the first checkpoint and read 0.25 KB less per event at
+/// ended before the first checkpoint and read ~0.2 KB less per event at
 /// 100/s than the 3.0 KB of a longer run.
 fn paced_seconds(rate: u64) -> f64 {
     match rate {
@@ -784,12 +784,16 @@ async fn serve_floor(addr: &str) {
 async fn floor_row(rate: u64, tck: f64) -> (f64, (f64, f64)) {
     let port = support::free_port();
     let exe = std::env::current_exe().expect("bench executable");
-    let mut child = Command::new(exe)
-        .env("PLANTRELAY_BENCH_FLOOR_SERVE", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the floor server");
+    // Ended on drop as an agent is (SIGTERM, then wait), also when a
+    // `POST` fails the row.
+    let server = Agent {
+        child: Command::new(exe)
+            .env("PLANTRELAY_BENCH_FLOOR_SERVE", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the floor server"),
+    };
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -811,12 +815,11 @@ async fn floor_row(rate: u64, tck: f64) -> (f64, (f64, f64)) {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let count = ((rate as f64 * paced_seconds(rate) * support::scale()).round() as u64).max(20);
-    let pid = child.id();
+    let pid = server.pid();
     let cpu0 = process_ticks(pid);
     let (_, acks) = post_paced(&client, &url, "floor", count, rate, 1, Instant::now()).await;
     let cpu1 = process_ticks(pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     (
         cpu1.saturating_sub(cpu0) as f64 / tck * 1e6 / count as f64,
         p50_p99(acks),
