@@ -119,6 +119,8 @@ struct Outcome {
     acks: usize,
     checks: usize,
     syncs: usize,
+    /// Of `syncs`, those by `fsync` (the rest by `fdatasync`).
+    fsyncs: usize,
     /// Acknowledged events absent from the durable state, at the first
     /// check that found any.
     missing: Vec<String>,
@@ -210,6 +212,7 @@ fn replay(trace: &str, scratch: &Path) -> Outcome {
                 let f = files.entry(name.unwrap()).or_default();
                 f.durable = Some(f.current.clone());
                 out.syncs += 1;
+                out.fsyncs += usize::from(call == "fsync");
                 stale = true;
             }
             "write" if ours => panic!("a write the model does not place: {line}"),
@@ -341,6 +344,13 @@ fn interop_power_loss_under_sync_full_keeps_every_acknowledged_event() {
         .sum();
     assert_eq!(out.acks, expected as usize, "every append was acknowledged");
     assert!(out.syncs > 20, "the model saw the fsyncs: {}", out.syncs);
+    // SQLite built with HAVE_FDATASYNC (.cargo/config.toml): an fsync per
+    // commit costs a file system journal commit for the file's times.
+    assert_eq!(
+        out.fsyncs, 0,
+        "the journal's files are synced with fdatasync, not fsync ({} of {} syncs were fsync): is LIBSQLITE3_FLAGS=-DHAVE_FDATASYNC=1 from .cargo/config.toml missing from the build?",
+        out.fsyncs, out.syncs
+    );
     assert!(out.checks > 20, "durable states checked: {}", out.checks);
     assert!(
         out.missing.is_empty(),
