@@ -633,7 +633,10 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     );
     // Let the warm-up's last writes (cursor, stream counters) settle.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    checkpoint(&db);
+    let wal_db = db.clone();
+    tokio::task::spawn_blocking(move || checkpoint(&wal_db))
+        .await
+        .expect("checkpoint task");
 
     let scale = support::scale();
     let per_post = http_events_per_post();
