@@ -129,6 +129,12 @@ fn cloudevent(prefix: &str, i: u64) -> String {
     )
 }
 
+/// The events `range` of `prefix` as one `cloudevents-batch+json` body.
+fn batch_body(prefix: &str, range: std::ops::Range<u64>) -> String {
+    let events: Vec<_> = range.map(|i| cloudevent(prefix, i)).collect();
+    format!("[{}]", events.join(","))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SourceKind {
     Mqtt,
@@ -160,6 +166,11 @@ fn paced_seconds(rate: u64) -> f64 {
         11..=100 => 60.0,
         _ => 10.0,
     }
+}
+
+/// Events of a paced row at `rate` (at least 20).
+fn paced_count(rate: u64) -> u64 {
+    ((rate as f64 * paced_seconds(rate) * support::scale()).round() as u64).max(20)
 }
 
 struct Row {
@@ -603,14 +614,9 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     match source {
         SourceKind::Mqtt => publish(env.broker_addr, WARM_EVENTS, None, 2_000_000_000).await,
         SourceKind::Http => {
+            let prefix = format!("{name}-warm");
             for k in (0..WARM_EVENTS).step_by(SAT_REQUEST_EVENTS as usize) {
-                let body = format!(
-                    "[{}]",
-                    (k..k + SAT_REQUEST_EVENTS)
-                        .map(|i| cloudevent(&format!("{name}-warm"), i))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
+                let body = batch_body(&prefix, k..k + SAT_REQUEST_EVENTS);
                 let accepted = client
                     .post(&ingest)
                     .header("content-type", "application/cloudevents-batch+json")
@@ -642,7 +648,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
     let per_post = http_events_per_post();
     let count = match rate {
         Some(r) => {
-            let n = ((r as f64 * paced_seconds(r) * scale).round() as u64).max(20);
+            let n = paced_count(r);
             match source {
                 SourceKind::Mqtt => n,
                 // Whole requests.
@@ -689,13 +695,7 @@ async fn run_row(env: &Env, source: SourceKind, rate: Rate, tck: f64) -> Row {
                         let mut lat = Vec::new();
                         let mut i = c * per_client;
                         while i < (c + 1) * per_client {
-                            let body = format!(
-                                "[{}]",
-                                (i..i + SAT_REQUEST_EVENTS)
-                                    .map(|k| cloudevent(&name, k))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            );
+                            let body = batch_body(&name, i..i + SAT_REQUEST_EVENTS);
                             let t = Instant::now();
                             let resp = client
                                 .post(&url)
@@ -802,10 +802,9 @@ async fn post_paced(
         let (content_type, body) = if per_post == 1 {
             ("application/cloudevents+json", cloudevent(name, i))
         } else {
-            let events: Vec<_> = (i..i + per_post).map(|k| cloudevent(name, k)).collect();
             (
                 "application/cloudevents-batch+json",
-                format!("[{}]", events.join(",")),
+                batch_body(name, i..i + per_post),
             )
         };
         let now = Instant::now();
@@ -890,7 +889,7 @@ async fn floor_row(rate: u64, tck: f64) -> (f64, (f64, f64)) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let count = ((rate as f64 * paced_seconds(rate) * support::scale()).round() as u64).max(20);
+    let count = paced_count(rate);
     let pid = server.pid();
     let cpu0 = process_ticks(pid);
     let (_, acks) = post_paced(&client, &url, "floor", count, rate, 1, Instant::now()).await;
@@ -947,12 +946,14 @@ async fn main() {
             .collect(),
         Err(_) => vec![Some(10), Some(100), Some(1000), Some(5000), None],
     };
+    // PLANTRELAY_BENCH_ONLY: the one source to run, if set.
+    let runs = |source: SourceKind| {
+        only.as_deref()
+            .is_none_or(|o| o.eq_ignore_ascii_case(source.label()))
+    };
     let mut rows = Vec::new();
     for source in [SourceKind::Mqtt, SourceKind::Http] {
-        if only
-            .as_deref()
-            .is_some_and(|o| !o.eq_ignore_ascii_case(source.label()))
-        {
+        if !runs(source) {
             continue;
         }
         for &rate in &rates {
@@ -1001,11 +1002,7 @@ async fn main() {
         .copied()
         .filter(|r| *r >= 1000)
         .collect();
-    if !floor_rates.is_empty()
-        && only
-            .as_deref()
-            .is_none_or(|o| o.eq_ignore_ascii_case(SourceKind::Http.label()))
-    {
+    if !floor_rates.is_empty() && runs(SourceKind::Http) {
         println!(
             "The floor: a bare axum server on the same stack that stores nothing, the same client, one event per POST:"
         );
