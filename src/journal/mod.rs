@@ -376,6 +376,10 @@ pub struct SharedStats {
     /// Seq ranges a crashed run may have handed out and this journal
     /// jumped over (`first..=last`, see `seqmark.rs`): no event has them.
     pub skipped_seqs: Mutex<Vec<(u64, u64)>>,
+    /// Cursors moved and answered whose rows are not written yet (lazy
+    /// moves, see [`Journal::advance_delivered`]), by cursor key: a reader
+    /// of the running journal takes them over the rows.
+    pub unwritten_cursors: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl SharedStats {
@@ -421,6 +425,10 @@ pub(crate) enum Request {
         /// The eviction count when the delivered events were read, when gap
         /// events put in their range since must stop the cursor.
         read_at_evictions: Option<u64>,
+        /// The move is answered at once and its row written later, with
+        /// other writes (see `writer::cursors`): a delivered batch's move,
+        /// which a crash before the row is written only sends again.
+        lazy: bool,
         reply: oneshot::Sender<Result<Option<u64>, JournalError>>,
     },
     Rewind {
@@ -583,7 +591,7 @@ impl Journal {
 
     /// A new read connection (forwarders, status). Blocking; keep each call short.
     pub fn reader(&self) -> Result<Reader, JournalError> {
-        Reader::open(&self.inner.opts.path)
+        Ok(Reader::open(&self.inner.opts.path)?.with_live(self.inner.stats.clone()))
     }
 
     async fn request<T>(
@@ -595,10 +603,11 @@ impl Journal {
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
-    /// Queues a request for the writer; one that ends a commit window also
-    /// wakes the window (it looks at the queue only from time to time).
+    /// Queues a request for the writer; one the commit window must not
+    /// wait for also wakes the window (it looks at the queue only from time
+    /// to time).
     async fn send(&self, request: Request) -> Result<(), JournalError> {
-        let urgent = writer::ends_window(&request);
+        let urgent = writer::wakes_window(&request);
         self.inner
             .tx
             .send(request)
@@ -686,6 +695,7 @@ impl Journal {
                 from,
                 to,
                 read_at_evictions: None,
+                lazy: false,
                 reply,
             })
             .await?;
@@ -700,6 +710,11 @@ impl Journal {
     /// carry: the cursor then stops just before it, so it goes out next.
     /// Returns where the cursor now stands (`None`: it did not move, as for
     /// [`Journal::advance`]).
+    ///
+    /// The move is answered without a commit of its own: the cursor's row
+    /// is written with a later commit, within about a second or a few
+    /// thousand events (`writer::cursors`). A crash before then sends
+    /// those events again, with the same ids (invariant 3).
     pub async fn advance_delivered(
         &self,
         sink: &str,
@@ -713,6 +728,7 @@ impl Journal {
             from: Some(from),
             to,
             read_at_evictions: Some(read_at_evictions),
+            lazy: true,
             reply,
         })
         .await

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -208,6 +209,10 @@ pub struct Reader {
     damaged: RefCell<HashSet<i64>>,
     /// The entries of table `texts` its rows named (`compact.rs`).
     texts: compact::TextCache,
+    /// The running journal's cursor moves not written yet
+    /// ([`super::SharedStats::unwritten_cursors`]); `None` for a reader of
+    /// a file no agent runs.
+    live: Option<Arc<super::SharedStats>>,
 }
 
 const EVENT_COLUMNS: &str = "seq, source, event_id, stream, stream_seq, class, type, source_time, recv_time, data, attrs, size, only_sink, crc";
@@ -289,7 +294,15 @@ impl Reader {
             path: path.to_path_buf(),
             damaged: RefCell::new(HashSet::new()),
             texts: compact::TextCache::default(),
+            live: None,
         })
+    }
+
+    /// This reader for the journal `stats` belongs to: cursors come from
+    /// its moves not written yet, then from the rows.
+    pub(crate) fn with_live(mut self, stats: Arc<super::SharedStats>) -> Reader {
+        self.live = Some(stats);
+        self
     }
 
     fn err(&self, e: rusqlite::Error) -> JournalError {
@@ -491,7 +504,28 @@ impl Reader {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let mut rows = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        if let Some(stats) = &self.live {
+            let unwritten = stats
+                .unwritten_cursors
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for key in [
+                sink.to_string(),
+                super::cursor_key(sink, Some(Class::Critical)),
+                super::cursor_key(sink, Some(Class::Telemetry)),
+            ] {
+                if let Some(&seq) = unwritten.get(&key) {
+                    match rows.iter_mut().find(|(k, _)| *k == key) {
+                        Some(row) => row.1 = seq,
+                        None => rows.push((key, seq)),
+                    }
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// The durable cursor of `sink` (0 when it has none yet): every event

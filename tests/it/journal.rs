@@ -905,11 +905,27 @@ fn _path(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
 
-/// Cursor-only commits skip the fsync; the once-a-second tick then commits
-/// with full durability (recorded as `cursors_synced_us`), and the cursor
-/// reads the same before and after.
-#[tokio::test]
-async fn relaxed_cursor_moves_are_synced_by_the_next_tick() {
+/// `cursors_synced_us` in `meta`: set when the tick commits with full
+/// durability what cursor moves alone had written.
+fn cursors_synced(path: &Path) -> Option<i64> {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'cursors_synced_us'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+/// The cursor as its row in the file says (a reader of no running agent).
+fn stored_cursor(path: &Path, sink: &str) -> u64 {
+    Reader::open(path).unwrap().cursor(sink).unwrap()
+}
+
+/// A journal holding 20 events that sink `central` delivered, its cursor
+/// moved as a forwarder moves it (lazily): its dir, its file, the journal.
+async fn delivered_20() -> (tempfile::TempDir, PathBuf, Journal) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal.db");
     let j = Journal::open(opts(dir.path())).unwrap();
@@ -917,40 +933,100 @@ async fn relaxed_cursor_moves_are_synced_by_the_next_tick() {
         .map(|i| ev("mes", &format!("e{i}"), "s1", Class::Critical, 10))
         .collect();
     j.append(events).await.unwrap();
-    let synced = |path: &Path| -> Option<i64> {
-        rusqlite::Connection::open(path)
-            .unwrap()
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'cursors_synced_us'",
-                [],
-                |r| r.get(0),
-            )
-            .ok()
-    };
-    assert_eq!(synced(&path), None, "no cursor moved yet");
     let moved = j
         .advance_delivered("central", 0, 20, j.evictions())
         .await
         .unwrap();
     assert_eq!(moved, Some(20));
-    assert_eq!(Reader::open(&path).unwrap().cursor("central").unwrap(), 20);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while synced(&path).is_none() {
+    (dir, path, j)
+}
+
+/// A delivered batch's cursor move is answered without a commit: the
+/// journal's readers see it at once, the file's row only later. With no
+/// events coming, the tick writes it, with full durability (recorded as
+/// `cursors_synced_us`), and the cursor reads the same before and after.
+#[tokio::test]
+async fn lazy_cursor_moves_are_seen_at_once_and_written_by_the_tick() {
+    let (_dir, path, j) = delivered_20().await;
+    assert_eq!(j.reader().unwrap().cursor("central").unwrap(), 20);
+    assert_eq!(cursors_synced(&path), None, "nothing written or synced yet");
+    assert_eq!(
+        stored_cursor(&path, "central"),
+        0,
+        "the row waits for a later commit"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cursors_synced(&path).is_none() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the tick never synced the cursor move"
+            "the tick never wrote the cursor move"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Events committed after a relaxed move are stored as ever.
+    assert_eq!(stored_cursor(&path, "central"), 20);
+    assert_eq!(j.reader().unwrap().cursor("central").unwrap(), 20);
+    // Events committed after are stored as ever.
     let out = j
         .append(vec![ev("mes", "e20", "s1", Class::Critical, 10)])
         .await
         .unwrap();
     assert_eq!(seqs(&out), vec![21]);
     j.close().await;
-    assert_eq!(Reader::open(&path).unwrap().cursor("central").unwrap(), 20);
+    assert_eq!(stored_cursor(&path, "central"), 20);
     assert_eq!(all_events(&path).len(), 21);
+}
+
+/// Under a trickle of events, a lazy move's row goes with a commit of
+/// events once it is due: no commit of its own, so the tick has nothing to
+/// write or sync.
+#[tokio::test]
+async fn lazy_cursor_moves_ride_with_a_commit_of_events() {
+    let (_dir, path, j) = delivered_20().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 20;
+    while stored_cursor(&path, "central") != 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit of events wrote the cursor move"
+        );
+        j.append(vec![ev("mes", &format!("e{i}"), "s1", Class::Critical, 10)])
+            .await
+            .unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A row written by a commit of its own, without an fsync, would have
+    // the tick sync it within a second or two (`cursors_synced_us`); one
+    // that went with the events' commit leaves the tick nothing to do.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        cursors_synced(&path),
+        None,
+        "the move was written by a commit of its own, not with events"
+    );
+    j.close().await;
+    assert_eq!(stored_cursor(&path, "central"), 20);
+}
+
+/// A close writes the lazy moves; a replay right after one writes where
+/// the replay left the cursor, not where the lazy move had put it.
+#[tokio::test]
+async fn a_close_and_a_replay_write_lazy_cursor_moves() {
+    let (dir, path, j) = delivered_20().await;
+    j.close().await;
+    drop(j);
+    assert_eq!(stored_cursor(&path, "central"), 20);
+
+    let j = Journal::open(opts(dir.path())).unwrap();
+    j.advance_delivered("other", 0, 15, j.evictions())
+        .await
+        .unwrap();
+    assert_eq!(j.rewind("other", RewindTo::Seq(3)).await.unwrap(), 2);
+    assert_eq!(stored_cursor(&path, "other"), 2);
+    assert_eq!(j.reader().unwrap().cursor("other").unwrap(), 2);
+    j.close().await;
+    assert_eq!(stored_cursor(&path, "other"), 2);
+    assert_eq!(stored_cursor(&path, "central"), 20);
 }
 
 /// How each row holds `type`, `source_time` and `attrs` (SQLite's

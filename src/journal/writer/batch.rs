@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
+use super::cursors::CURSOR_WRITE_AFTER;
 use super::{
     Fatal, INSERT_EVENT, Signals, Undo, WriterState, bind_event, meta_add, meta_set, take_seq,
 };
@@ -54,7 +55,7 @@ fn streams_due(events: u64, age: Duration) -> bool {
         || age >= STREAMS_FLUSH_MAX_AGE
 }
 
-enum Reply {
+pub(super) enum Reply {
     Append(oneshot::Sender<AppendReply>, AppendReply),
     Unit(
         oneshot::Sender<Result<(), JournalError>>,
@@ -86,7 +87,7 @@ impl Reply {
         }
     }
 
-    fn send(self) {
+    pub(super) fn send(self) {
         // A caller that gave up waiting dropped its receiver; nothing to do.
         match self {
             Reply::Append(tx, r) => drop(tx.send(r)),
@@ -116,6 +117,9 @@ struct Prepared {
 /// committed one reports.
 struct Applied {
     undo: Undo,
+    /// Appends and lazy cursor moves alone: the lazy moves' rows wait
+    /// until due (`cursors.rs`); any other request writes them now.
+    plain: bool,
     replies: Vec<Reply>,
     advanced: bool,
     rewound: bool,
@@ -242,13 +246,7 @@ impl WriterState {
     /// Opens the batch's transaction: what a failed commit must undo, and
     /// the receive time every event of the batch gets.
     fn begin(&mut self) -> Result<(Undo, i64), JournalError> {
-        let undo = Undo {
-            next_seq: self.next_seq,
-            last_recv_us: self.last_recv_us,
-            streams: HashMap::new(),
-            cursors: Vec::new(),
-            retention_through: self.retention_through,
-        };
+        let undo = self.undo();
         self.dedup.begin();
         self.texts.begin();
         self.exec("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
@@ -271,6 +269,12 @@ impl WriterState {
         let mut appended = 0u64;
         let mut duplicates = 0u64;
         let mut failed: Option<JournalError> = None;
+        let plain = batch.iter().all(|r| {
+            matches!(
+                r,
+                Request::Append { .. } | Request::Advance { lazy: true, .. }
+            )
+        });
         for req in batch {
             if failed.is_some() {
                 // The transaction is already lost; answer the rest as failed.
@@ -306,8 +310,9 @@ impl WriterState {
                     from,
                     to,
                     read_at_evictions,
+                    lazy,
                     reply,
-                } => match self.advance(&sink, from, to, read_at_evictions, &mut undo) {
+                } => match self.advance(&sink, from, to, read_at_evictions, lazy, &mut undo) {
                     Ok(moved) => {
                         advanced |= moved.is_some();
                         replies.push(Reply::Advance(reply, Ok(moved)));
@@ -366,6 +371,7 @@ impl WriterState {
         (
             Applied {
                 undo,
+                plain,
                 replies,
                 advanced,
                 rewound,
@@ -389,6 +395,12 @@ impl WriterState {
             && let Err(e) = self.finish_batch(&applied.undo, applied.duplicates)
         {
             failed = Some(e);
+        }
+        if failed.is_none()
+            && (!applied.plain || self.cursors_due(CURSOR_WRITE_AFTER))
+            && let Err(e) = self.write_cursors()
+        {
+            failed = Some(self.err(e));
         }
         // The seqs this commit makes visible must be reserved outside the
         // WAL first (see `seqmark.rs`).
@@ -429,6 +441,7 @@ impl WriterState {
             rewound,
             appended,
             duplicates,
+            ..
         } = applied;
         self.stats
             .events_stored
@@ -450,6 +463,7 @@ impl WriterState {
             self.unsynced_cursors = false;
         }
         self.streams_committed();
+        self.cursors_committed(relaxed);
         if let Some((first, last)) = self.jump
             && self.next_seq > last
         {
@@ -481,6 +495,7 @@ impl WriterState {
         let Applied { undo, replies, .. } = applied;
         let _ = self.conn.execute_batch("ROLLBACK");
         self.flushing_streams = false;
+        self.writing_cursors = false;
         // The size read before the failed COMMIT counted its pages.
         let _ = self.refresh_used();
         error!(error = %e, "journal commit failed: nothing of this batch was stored");

@@ -175,6 +175,7 @@ impl WriterState {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| {
             self.write_streams()?;
+            self.write_cursors()?;
             let n = self.conn.execute(
                 "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2",
                 params![oldest as i64, upto as i64],
@@ -186,6 +187,7 @@ impl WriterState {
         match result.and_then(|r| self.conn.execute_batch("COMMIT").map(|_| r)) {
             Ok((n, through)) => {
                 self.streams_committed();
+                self.cursors_committed(self.relaxed_sync);
                 self.retention_through = through;
                 self.stats
                     .retention_deleted
@@ -195,6 +197,7 @@ impl WriterState {
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.flushing_streams = false;
+                self.writing_cursors = false;
                 Err(e)
             }
         }
@@ -237,6 +240,7 @@ impl WriterState {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = (|| {
             self.write_streams()?;
+            self.write_cursors()?;
             {
                 let mut del = self
                     .conn
@@ -304,6 +308,7 @@ impl WriterState {
         match result.and_then(|_| self.conn.execute_batch("COMMIT")) {
             Ok(()) => {
                 self.streams_committed();
+                self.cursors_committed(self.relaxed_sync);
                 let n = victims.len() as u64;
                 let before = self.stats.evictions();
                 if self.recent_evictions.len() == RECENT_EVICTION_ROUNDS {
@@ -338,6 +343,7 @@ impl WriterState {
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.flushing_streams = false;
+                self.writing_cursors = false;
                 Err(e)
             }
         }

@@ -41,7 +41,7 @@ use super::rowcheck::RowColumns;
 use super::seqmark::SeqMark;
 use load::DedupLoad;
 use window::CommitWindow;
-pub(crate) use window::{WINDOW_ENOUGH_EVENTS, ends_window};
+pub(crate) use window::{WINDOW_ENOUGH_EVENTS, wakes_window};
 
 /// Most events taken into one transaction.
 const MAX_BATCH_EVENTS: usize = 16_384;
@@ -80,6 +80,14 @@ pub(crate) struct WriterState {
     relaxed_sync: bool,
     /// Cursor moves committed without an fsync since the last one.
     unsynced_cursors: bool,
+    /// Lazy cursor moves whose rows are not written yet (see `cursors.rs`;
+    /// the keys are in `stats.unwritten_cursors`): when the first was made,
+    /// and the events they passed.
+    unwritten_since: Option<Instant>,
+    unwritten_events: u64,
+    /// The open transaction writes the cursor rows: `unwritten_cursors`
+    /// is cleared once it commits.
+    writing_cursors: bool,
     /// Streams whose counters changed since the `streams` table was last
     /// written.
     dirty_streams: HashMap<String, HashSet<String>>,
@@ -264,6 +272,17 @@ impl WriterState {
         sqlite_err(&self.path, e)
     }
 
+    /// What a transaction begun now would have to undo.
+    fn undo(&self) -> Undo {
+        Undo {
+            next_seq: self.next_seq,
+            last_recv_us: self.last_recv_us,
+            streams: HashMap::new(),
+            cursors: Vec::new(),
+            retention_through: self.retention_through,
+        }
+    }
+
     fn refresh_used(&mut self) -> rusqlite::Result<u64> {
         let pages: i64 = self
             .conn
@@ -386,6 +405,11 @@ fn event_bytes(r: &Request) -> u64 {
     }
 }
 
+/// A delivered batch's cursor move, answered without a transaction.
+fn is_lazy_advance(r: &Request) -> bool {
+    matches!(r, Request::Advance { lazy: true, .. })
+}
+
 fn event_count(r: &Request) -> usize {
     match r {
         Request::Append { events, .. } => events.len(),
@@ -401,9 +425,9 @@ pub(crate) struct Signals {
     pub rewinds: watch::Sender<u64>,
     /// Woken when cursors move (space may be freed for blocked appends).
     pub space: Arc<Notify>,
-    /// The other way: notified by the senders of requests that end a commit
-    /// window ([`ends_window`]), so that the window, which does not wait on
-    /// the queue, sees them at once.
+    /// The other way: notified by the senders of requests a commit window
+    /// must not wait for ([`wakes_window`]), so that the window, which does
+    /// not wait on the queue, sees them at once.
     pub urgent: Arc<Notify>,
 }
 
@@ -452,14 +476,39 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
                 next = rx.try_recv().ok();
             }
         }
+        // Lazy cursor moves among appends need no transaction: answered
+        // now, their rows go with a later commit. Beside anything else
+        // (a replay, dead letters) they keep their place in the batch.
+        if batch.iter().any(is_lazy_advance)
+            && batch
+                .iter()
+                .all(|r| is_lazy_advance(r) || matches!(r, Request::Append { .. }))
+        {
+            let (lazy, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(is_lazy_advance);
+            for r in lazy {
+                state.advance_at_once(r, &signals);
+            }
+            batch = rest;
+        }
         if shutdown.is_none()
             && let Some(window) = &mut window
         {
-            window.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
+            window.gather(
+                &mut rx,
+                &mut batch,
+                &mut maintain,
+                &mut shutdown,
+                &mut |r| state.advance_at_once(r, &signals),
+            );
         }
         if !batch.is_empty() {
             since_wal_check += batch.iter().map(event_bytes).sum::<u64>();
             state.process(batch, &signals);
+        }
+        // No commit carried them (no events came, as in a drain): the
+        // cursor rows get a transaction of their own once due.
+        if state.cursors_due(cursors::CURSOR_WRITE_ALONE_AFTER) {
+            state.write_cursors_alone(true);
         }
         if maintain {
             since_wal_check = 0;

@@ -1,5 +1,5 @@
-//! Upkeep between batches: retention in chunks, dedup expiry, syncing
-//! relaxed cursor moves, the WAL's size, the disk reserve, and the orderly
+//! Upkeep between batches: retention in chunks, dedup expiry, writing and
+//! syncing cursor moves, the WAL's size, the disk reserve, and the orderly
 //! stop. It runs only while no batch is open, and must never hold queued
 //! requests for long: retention deletes one chunk per turn of the loop.
 
@@ -67,7 +67,7 @@ impl WriterState {
         self.stats
             .dedup_ids
             .store(self.dedup.len() as u64, Ordering::Relaxed);
-        self.sync_cursors();
+        self.sync_cursors(false);
         self.check_wal(BUSY_TIMEOUT);
         if self.disk_short && self.reserve.restore() {
             self.disk_short = false;
@@ -139,7 +139,7 @@ impl WriterState {
 
     pub(super) fn shutdown(&mut self) {
         self.flush_streams();
-        self.sync_cursors();
+        self.sync_cursors(true);
         if let Some(load) = self.dedup_loading.take() {
             load.stop();
         }

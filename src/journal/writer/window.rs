@@ -86,10 +86,12 @@ impl CommitWindow {
         }
     }
 
-    /// Waits up to the window for more appends to join `batch`. Ends at
-    /// once when the batch is not appends alone (a cursor move or an admin
-    /// request must not wait: a forwarder has one batch in flight, and its
-    /// drain rate is one batch per commit), when it already holds enough
+    /// Waits up to the window for more appends to join `batch`. A lazy
+    /// cursor move that comes meanwhile is handed to `at_once` (the writer
+    /// answers it without a transaction) and the window goes on: a
+    /// forwarder has one batch in flight, and must not wait for a window
+    /// at each. Ends at once when the batch is not appends alone (any other
+    /// cursor move or an admin request must not wait either), when it already holds enough
     /// events to fill a few pages (under load: group commit as before),
     /// and at shutdown. It looks for new requests from time to time rather
     /// than being woken by each. Once two or more requests are in, it also
@@ -115,6 +117,7 @@ impl CommitWindow {
         batch: &mut Vec<Request>,
         maintain: &mut bool,
         shutdown: &mut Option<oneshot::Sender<()>>,
+        at_once: &mut dyn FnMut(Request),
     ) {
         if batch.is_empty() || !batch.iter().all(|r| matches!(r, Request::Append { .. })) {
             return;
@@ -165,8 +168,13 @@ impl CommitWindow {
         let mut quiet_ends = false;
         'window: loop {
             let before = batch.len();
+            let mut answered = false;
             while window_applies(batch) {
                 match rx.try_recv() {
+                    Ok(r @ Request::Advance { lazy: true, .. }) => {
+                        at_once(r);
+                        answered = true;
+                    }
                     Ok(Request::Maintain) => *maintain = true,
                     Ok(Request::Shutdown { reply }) => {
                         *shutdown = Some(reply);
@@ -184,7 +192,8 @@ impl CommitWindow {
             }
             if batch.len() > before {
                 last = now;
-            } else if quiet_ends {
+            } else if quiet_ends && !answered {
+                // (A look that a cursor move woke is not a quiet one.)
                 break;
             }
             let until = match u32::try_from(batch.len()) {
@@ -242,9 +251,10 @@ fn quiet_time(span: Duration, n: u32) -> Duration {
     (span / n.saturating_sub(1).max(1) * 4).max(WINDOW_QUIET)
 }
 
-/// True when `request` alone ends a commit window: anything but a small
-/// append that no caller gathered already.
-pub(crate) fn ends_window(request: &Request) -> bool {
+/// True when a commit window must look at `request` at once: anything but
+/// a small append that no caller gathered already. A lazy cursor move is
+/// answered and the window goes on; anything else ends it.
+pub(crate) fn wakes_window(request: &Request) -> bool {
     !window_applies(std::slice::from_ref(request))
 }
 
@@ -300,8 +310,8 @@ mod tests {
     }
 
     /// Sends `request` after `after` from another thread, notifying
-    /// `urgent` as [`crate::journal::Journal`] does for one that ends a
-    /// window.
+    /// `urgent` as [`crate::journal::Journal`] does for one the window must
+    /// look at at once.
     fn send_later(
         tx: mpsc::Sender<Request>,
         urgent: Arc<Notify>,
@@ -310,7 +320,7 @@ mod tests {
     ) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             std::thread::sleep(after);
-            let notify = ends_window(&request);
+            let notify = wakes_window(&request);
             assert!(tx.blocking_send(request).is_ok());
             if notify {
                 urgent.notify_one();
@@ -336,7 +346,13 @@ mod tests {
         // Held to the end: a closed queue would end the window too.
         let t = send_later(tx.clone(), urgent, after, request);
         let t0 = Instant::now();
-        w.gather(&mut rx, &mut batch, &mut maintain, &mut shutdown);
+        w.gather(
+            &mut rx,
+            &mut batch,
+            &mut maintain,
+            &mut shutdown,
+            &mut |_| {},
+        );
         let took = t0.elapsed();
         t.join().unwrap();
         (batch.len(), took)

@@ -150,7 +150,8 @@ impl Rig {
     /// Where the sink stands in the journal: every event at or before it
     /// is delivered (over its lanes, as the status reports it).
     pub fn cursor(&self) -> u64 {
-        Reader::open(self.journal.path())
+        self.journal
+            .reader()
             .unwrap()
             .position(SINK, &self.lanes, self.head)
             .unwrap()
