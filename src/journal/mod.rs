@@ -72,19 +72,25 @@
 //! `commit_window` so that appends arriving meanwhile share its commit (one
 //! fsync and one page write for several events). The window ends early when
 //! the batch already holds a few pages' worth of events (under load group
-//! commit works as it always did), when anything but an append is queued
-//! (cursor moves never wait), when the appenders that answer-then-send have
+//! commit works as it always did), when anything but an append or a
+//! delivered batch's cursor move is queued (nothing else waits; such a
+//! move is answered at once), when the appenders that answer-then-send have
 //! all come in, and at shutdown; it is shortened to what the current rate
 //! needs to fill a batch (so a source with a bounded number of unacked
 //! messages is never held below its rate), and skipped when batches come
 //! more than two windows apart. Callers are answered after the commit as
 //! always: the window only delays the ack, by at most its length.
 //!
-//! A transaction of cursor moves alone skips the fsync under `"full"`: a
-//! move lost to power failure only sends acknowledged events again (the
-//! upstream drops them by id), while an fsync per delivered batch slows the
-//! drain and wears flash storage. The next event commit's fsync covers it,
-//! or else the writer's once-a-second tick.
+//! A delivered batch's cursor move ([`Journal::advance_delivered`]) is
+//! answered at once and its row written later: with a commit of events once
+//! it is a second old, alone after two seconds or 4,096 events, by any
+//! transaction that deletes rows, rewinds or writes dead letters, and at
+//! shutdown (`writer/cursors.rs`). A transaction of cursor moves alone
+//! skips the fsync under `"full"`. Either way a move lost to a crash or a
+//! power failure only sends acknowledged events again (the upstream drops
+//! them by id), while a commit, let alone an fsync, per delivered batch
+//! wears flash storage. The next event commit's fsync covers such a
+//! commit, or else the writer's once-a-second tick.
 //!
 //! # The cursor rule
 //!

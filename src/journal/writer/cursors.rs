@@ -275,10 +275,14 @@ impl WriterState {
         }
         match written {
             Ok(()) => self.cursors_committed(relaxed),
-            // The moves stay in memory and the next commit tries again; a
-            // crash meanwhile sends their events again.
             Err(e) => {
-                debug!(error = %e, "cannot write the cursor rows; trying again with the next commit")
+                // The moves stay in memory; not every turn of the writer's
+                // loop tries again (a full disk), but the next commit of
+                // events, the tick, or this after two seconds or 4,096 more
+                // events. A crash meanwhile sends their events again.
+                self.unwritten_since = Some(Instant::now());
+                self.unwritten_events = 0;
+                debug!(error = %e, "cannot write the cursor rows; trying again with the next commit or in two seconds")
             }
         }
     }

@@ -1,5 +1,7 @@
 //! The writer thread: owns the only write connection, applies every queued
-//! request in one transaction (group commit) and answers after the commit.
+//! request in one transaction (group commit) and answers after the commit;
+//! a delivered batch's cursor move alone is answered at once, its row
+//! written with a later commit (`cursors.rs`).
 //! Between batches it does retention and WAL upkeep. It must never block on
 //! anything but SQLite and its own queue.
 //!
@@ -506,8 +508,9 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
             state.process(batch, &signals);
         }
         // No commit carried them (no events came, as in a drain): the
-        // cursor rows get a transaction of their own once due.
-        if state.cursors_due(cursors::CURSOR_WRITE_ALONE_AFTER) {
+        // cursor rows get a transaction of their own once due (the tick's
+        // upkeep writes them with an fsync).
+        if !maintain && state.cursors_due(cursors::CURSOR_WRITE_ALONE_AFTER) {
             state.write_cursors_alone(true);
         }
         if maintain {

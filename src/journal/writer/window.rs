@@ -1,8 +1,9 @@
 //! The commit window: under a trickle, appends that arrive shortly after a
 //! first one join its batch and share its commit. It only decides how long
-//! the writer gathers; it never touches the journal and never answers a
-//! caller, so every ack still follows the commit, later by at most the
-//! window.
+//! the writer gathers; it never touches the journal and never answers an
+//! append, so every ack still follows the commit, later by at most the
+//! window. A delivered batch's cursor move that comes meanwhile goes back
+//! to the writer, which answers it at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,9 +91,10 @@ impl CommitWindow {
     /// cursor move that comes meanwhile is handed to `at_once` (the writer
     /// answers it without a transaction) and the window goes on: a
     /// forwarder has one batch in flight, and must not wait for a window
-    /// at each. Ends at once when the batch is not appends alone (any other
-    /// cursor move or an admin request must not wait either), when it already holds enough
-    /// events to fill a few pages (under load: group commit as before),
+    /// at each. Ends at once when the batch is not appends alone (any
+    /// other cursor move or an admin request must not wait either), when
+    /// it already holds enough events to fill a few pages (under load:
+    /// group commit as before),
     /// and at shutdown. It looks for new requests from time to time rather
     /// than being woken by each. Once two or more requests are in, it also
     /// ends when a look finds none came for four times their mean spacing
