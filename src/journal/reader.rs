@@ -528,8 +528,11 @@ impl Reader {
         Ok(rows)
     }
 
-    /// The durable cursor of `sink` (0 when it has none yet): every event
-    /// at or before it is delivered. For a sink with lanes, the lowest of
+    /// The cursor of `sink` (0 when it has none yet): every event at or
+    /// before it is delivered. A reader of the running journal
+    /// ([`super::Journal::reader`]) sees it as acknowledged, one of a file
+    /// alone as stored (up to a second behind, see
+    /// [`super::Journal::advance_delivered`]). For a sink with lanes, the lowest of
     /// its lanes', a lane counting as far as the event before the first one
     /// of its class it has not delivered (the head, if none): a critical
     /// lane is never "behind" telemetry it does not carry.
@@ -580,8 +583,9 @@ impl Reader {
             .saturating_sub(self.critical_after(after)?))
     }
 
-    /// The durable cursor under `key` (see [`super::cursor_key`]); a lane
-    /// without a row of its own stands at its sink's row.
+    /// The cursor under `key` (see [`super::cursor_key`], and
+    /// [`Reader::cursor`] for what a reader sees); a lane without a row of
+    /// its own stands at its sink's row.
     pub fn lane_cursor(&self, key: &str) -> Result<u64, JournalError> {
         let sink = super::lane_of_key(key).map_or(key, |(s, _)| s);
         let rows = self.cursor_rows(sink)?;

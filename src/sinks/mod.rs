@@ -1,8 +1,8 @@
 //! The forwarder loop, written once for every sink, and the sinks.
 //!
-//! A forwarder reads the journal after its sink's durable cursor, in
-//! batches, with **one batch in flight** so order holds, and moves the cursor
-//! only past what the upstream acknowledged. Failures are retried with capped
+//! A forwarder reads the journal after its sink's cursor, in batches, with
+//! **one batch in flight** so order holds, and moves the cursor only past
+//! what the upstream acknowledged. Failures are retried with capped
 //! exponential backoff and full jitter (honouring the upstream's
 //! `Retry-After`); a batch the upstream rejects is split until the poison
 //! event stands alone, and that event is dead-lettered with the upstream's
