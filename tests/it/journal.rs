@@ -905,8 +905,8 @@ fn _path(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
 
-/// `cursors_synced_us` in `meta`: set when the tick commits with full
-/// durability what cursor moves alone had written.
+/// `cursors_synced_us` in `meta`: set when the tick writes cursor rows no
+/// commit of events carried, or makes a relaxed commit of cursors durable.
 fn cursors_synced(path: &Path) -> Option<i64> {
     rusqlite::Connection::open(path)
         .unwrap()

@@ -330,15 +330,29 @@ mod tests {
         })
     }
 
+    /// A delivered batch's cursor move, as a forwarder sends it.
+    fn lazy_advance() -> Request {
+        let (reply, _) = oneshot::channel();
+        Request::Advance {
+            sink: "central".into(),
+            from: Some(0),
+            to: 1,
+            read_at_evictions: Some(0),
+            lazy: true,
+            reply,
+        }
+    }
+
     /// One window of `len` over one small append, `quiet` known from
     /// earlier windows, while `request` comes `after` into it: how many
-    /// requests it took and how long it lasted.
+    /// requests it took, how long it lasted, and when (from its start) it
+    /// handed requests on to be answered at once.
     fn gather_with(
         len: Duration,
         quiet: Duration,
         after: Duration,
         request: Request,
-    ) -> (usize, Duration) {
+    ) -> (usize, Duration, Vec<Duration>) {
         let urgent = Arc::new(Notify::new());
         let (tx, mut rx) = mpsc::channel(16);
         let (mut maintain, mut shutdown) = (false, None);
@@ -348,16 +362,17 @@ mod tests {
         // Held to the end: a closed queue would end the window too.
         let t = send_later(tx.clone(), urgent, after, request);
         let t0 = Instant::now();
+        let mut answered = Vec::new();
         w.gather(
             &mut rx,
             &mut batch,
             &mut maintain,
             &mut shutdown,
-            &mut |_| {},
+            &mut |_| answered.push(t0.elapsed()),
         );
         let took = t0.elapsed();
         t.join().unwrap();
-        (batch.len(), took)
+        (batch.len(), took, answered)
     }
 
     #[test]
@@ -365,7 +380,7 @@ mod tests {
         // A gathered append 100 ms into a 5 s window ends it then, though
         // with one request in and a quiet time of 5 s known the window
         // would not look before its deadline.
-        let (n, took) = gather_with(
+        let (n, took, _) = gather_with(
             Duration::from_secs(5),
             Duration::from_secs(5),
             Duration::from_millis(100),
@@ -381,7 +396,7 @@ mod tests {
         // 300 ms known, it is taken at the first look, and the window ends
         // at a later one that finds nothing (four times the spacing the
         // looks saw, 1.2 s, after).
-        let (n, took) = gather_with(
+        let (n, took, _) = gather_with(
             Duration::from_secs(5),
             Duration::from_millis(300),
             Duration::from_millis(50),
@@ -391,6 +406,31 @@ mod tests {
         assert!(
             took >= Duration::from_millis(1500) && took < Duration::from_secs(4),
             "the window ended after {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_delivered_batchs_cursor_move_is_handed_on_at_once_and_the_window_goes_on() {
+        // 100 ms into a 1.5 s window that, with one request in and a quiet
+        // time of 5 s known, would not look before its deadline: the move
+        // wakes it and is handed on then, and the window goes on to its
+        // deadline with its one append.
+        let (n, took, answered) = gather_with(
+            Duration::from_millis(1_500),
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            lazy_advance(),
+        );
+        assert_eq!(n, 1, "the move joined the batch");
+        assert_eq!(answered.len(), 1, "the move was not handed on");
+        assert!(
+            answered[0] >= Duration::from_millis(100) && answered[0] < Duration::from_millis(1_000),
+            "the move was handed on after {:?}, not when it came",
+            answered[0]
+        );
+        assert!(
+            took >= Duration::from_millis(1_500),
+            "the move ended the window after {took:?}"
         );
     }
 }
