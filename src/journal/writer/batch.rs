@@ -246,7 +246,13 @@ impl WriterState {
     /// Opens the batch's transaction: what a failed commit must undo, and
     /// the receive time every event of the batch gets.
     fn begin(&mut self) -> Result<(Undo, i64), JournalError> {
-        let undo = self.undo();
+        let undo = Undo {
+            next_seq: self.next_seq,
+            last_recv_us: self.last_recv_us,
+            streams: HashMap::new(),
+            cursors: Vec::new(),
+            retention_through: self.retention_through,
+        };
         self.dedup.begin();
         self.texts.begin();
         self.exec("BEGIN IMMEDIATE").map_err(|e| self.err(e))?;
@@ -312,7 +318,13 @@ impl WriterState {
                     read_at_evictions,
                     lazy,
                     reply,
-                } => match self.advance(&sink, from, to, read_at_evictions, lazy, &mut undo) {
+                } => match self.advance(
+                    &sink,
+                    from,
+                    to,
+                    read_at_evictions,
+                    (!lazy).then_some(&mut undo),
+                ) {
                     Ok(moved) => {
                         advanced |= moved.is_some();
                         replies.push(Reply::Advance(reply, Ok(moved)));
@@ -484,8 +496,7 @@ impl WriterState {
             r.send();
         }
         if advanced {
-            self.retention_pending = true;
-            signals.space.notify_waiters();
+            self.cursors_moved(signals);
         }
     }
 

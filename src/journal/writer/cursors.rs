@@ -122,16 +122,16 @@ impl WriterState {
 
     /// Moves `sink`'s cursor to `to`, or short of it (see
     /// [`WriterState::unsent_gap`]); returns where it now stands, or `None`
-    /// when it did not move. A lazy move leaves its row to a later commit;
-    /// any other is written in the open transaction and recorded in `undo`.
+    /// when it did not move. With an open transaction's `undo`, the row is
+    /// written in it and the move recorded there; without (a lazy move),
+    /// the row is left to a later commit.
     pub(super) fn advance(
         &mut self,
         sink: &str,
         from: Option<u64>,
         to: u64,
         read_at_evictions: Option<u64>,
-        lazy: bool,
-        undo: &mut Undo,
+        undo: Option<&mut Undo>,
     ) -> Result<Option<u64>, Fatal> {
         let current = self.cursor_of(sink);
         if let Some(from) = from
@@ -160,14 +160,17 @@ impl WriterState {
         if to <= current.unwrap_or(0) && current.is_some() {
             return Ok(None);
         }
-        if lazy {
-            self.unwritten_events += to - current.unwrap_or(0);
-            self.unwritten_since.get_or_insert_with(Instant::now);
-            self.unwritten().insert(sink.to_string(), to);
-        } else {
-            self.store_cursor(sink, to)
-                .map_err(|e| Fatal(self.err(e)))?;
-            undo.cursors.push((sink.to_string(), current));
+        match undo {
+            Some(undo) => {
+                self.store_cursor(sink, to)
+                    .map_err(|e| Fatal(self.err(e)))?;
+                undo.cursors.push((sink.to_string(), current));
+            }
+            None => {
+                self.unwritten_events += to - current.unwrap_or(0);
+                self.unwritten_since.get_or_insert_with(Instant::now);
+                self.unwritten().insert(sink.to_string(), to);
+            }
         }
         self.cursors.insert(sink.to_string(), to);
         Ok(Some(to))
@@ -187,16 +190,21 @@ impl WriterState {
         else {
             return;
         };
-        // Nothing to undo outside a transaction: a lazy move records none.
-        let mut undo = self.undo();
         let moved = self
-            .advance(&sink, from, to, read_at_evictions, true, &mut undo)
+            .advance(&sink, from, to, read_at_evictions, None)
             .map_err(|Fatal(e)| e);
         if matches!(moved, Ok(Some(_))) {
-            self.retention_pending = true;
-            signals.space.notify_waiters();
+            self.cursors_moved(signals);
         }
         Reply::Advance(reply, moved).send();
+    }
+
+    /// After a cursor moved forward (committed, or answered from memory):
+    /// retention may delete what it passed, and appends blocked on a full
+    /// journal may find room.
+    pub(super) fn cursors_moved(&mut self, signals: &Signals) {
+        self.retention_pending = true;
+        signals.space.notify_waiters();
     }
 
     /// True when the lazy moves not yet written are due to be: the first
@@ -252,39 +260,57 @@ impl WriterState {
         }
     }
 
-    /// Writes the rows of the lazy moves in a transaction of their own:
-    /// without an fsync when `relaxed` (under `sync = "full"`, as any
-    /// commit that only moves cursors).
-    pub(super) fn write_cursors_alone(&mut self, relaxed: bool) {
+    /// Writes the rows of the lazy moves in a transaction of their own,
+    /// without an fsync (under `sync = "full"`, as any commit that only
+    /// moves cursors): no events came to carry them, as in a drain.
+    pub(super) fn write_cursors_alone(&mut self) {
         if self.unwritten_since.is_none() {
             return;
         }
-        let written = self.relax_sync(relaxed).and_then(|()| {
-            self.exec("BEGIN IMMEDIATE")
-                .and_then(|()| self.write_cursors())
-                .and_then(|()| self.exec("COMMIT"))
-                .map_err(|e| {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                    self.writing_cursors = false;
-                    self.err(e)
-                })
-        });
-        let relaxed = self.relaxed_sync;
+        if let Err(e) = self.commit_cursors(true, true) {
+            // The moves stay in memory; not every turn of the writer's
+            // loop tries again (a full disk), but the next commit of
+            // events, the tick, or this after two seconds or 4,096 more
+            // events. A crash meanwhile sends their events again.
+            self.unwritten_since = Some(Instant::now());
+            self.unwritten_events = 0;
+            debug!(error = %e, "cannot write the cursor rows; trying again with the next commit or in two seconds");
+        }
+    }
+
+    /// A transaction of cursors alone: the lazy moves' rows when `rows`;
+    /// without an fsync when `relaxed`, else with one, which also makes
+    /// every relaxed cursor commit before it durable (recorded as
+    /// `cursors_synced_us`).
+    fn commit_cursors(&mut self, rows: bool, relaxed: bool) -> Result<(), JournalError> {
+        self.relax_sync(relaxed)?;
+        let now_us = unix_micros(SystemTime::now());
+        let done = self
+            .exec("BEGIN IMMEDIATE")
+            .and_then(|()| if rows { self.write_cursors() } else { Ok(()) })
+            .and_then(|()| {
+                if relaxed {
+                    Ok(())
+                } else {
+                    meta_set(&self.conn, "cursors_synced_us", now_us)
+                }
+            })
+            .and_then(|()| self.exec("COMMIT"))
+            .map_err(|e| {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.writing_cursors = false;
+                self.err(e)
+            });
+        let without_fsync = self.relaxed_sync;
         if let Err(e) = self.relax_sync(false) {
             error!(error = %e, "journal: cannot restore full commit durability");
         }
-        match written {
-            Ok(()) => self.cursors_committed(relaxed),
-            Err(e) => {
-                // The moves stay in memory; not every turn of the writer's
-                // loop tries again (a full disk), but the next commit of
-                // events, the tick, or this after two seconds or 4,096 more
-                // events. A crash meanwhile sends their events again.
-                self.unwritten_since = Some(Instant::now());
-                self.unwritten_events = 0;
-                debug!(error = %e, "cannot write the cursor rows; trying again with the next commit or in two seconds")
-            }
+        done?;
+        if !relaxed {
+            self.unsynced_cursors = false;
         }
+        self.cursors_committed(without_fsync);
+        Ok(())
     }
 
     /// The lowest seq in `(base, to]` where a gap event was put after the
@@ -434,33 +460,16 @@ impl WriterState {
     /// old (every one with `all`), and makes relaxed cursor commits durable
     /// when no event commit has.
     pub(super) fn sync_cursors(&mut self, all: bool) {
-        let write = if all {
+        let rows = if all {
             self.unwritten_since.is_some()
         } else {
             self.cursors_due(CURSOR_WRITE_ALONE_AFTER)
         };
-        if !self.unsynced_cursors && !write {
+        if !self.unsynced_cursors && !rows {
             return;
         }
-        let synced = self.relax_sync(false).and_then(|()| {
-            let now_us = unix_micros(SystemTime::now());
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .and_then(|()| if write { self.write_cursors() } else { Ok(()) })
-                .and_then(|()| meta_set(&self.conn, "cursors_synced_us", now_us))
-                .and_then(|()| self.conn.execute_batch("COMMIT"))
-                .map_err(|e| {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                    self.writing_cursors = false;
-                    self.err(e)
-                })
-        });
-        match synced {
-            Ok(()) => {
-                self.unsynced_cursors = false;
-                self.cursors_committed(false);
-            }
-            Err(e) => debug!(error = %e, "cannot sync the cursor moves; trying again in a second"),
+        if let Err(e) = self.commit_cursors(rows, false) {
+            debug!(error = %e, "cannot sync the cursor moves; trying again in a second");
         }
     }
 }

@@ -274,17 +274,6 @@ impl WriterState {
         sqlite_err(&self.path, e)
     }
 
-    /// What a transaction begun now would have to undo.
-    fn undo(&self) -> Undo {
-        Undo {
-            next_seq: self.next_seq,
-            last_recv_us: self.last_recv_us,
-            streams: HashMap::new(),
-            cursors: Vec::new(),
-            retention_through: self.retention_through,
-        }
-    }
-
     fn refresh_used(&mut self) -> rusqlite::Result<u64> {
         let pages: i64 = self
             .conn
@@ -511,7 +500,7 @@ pub(crate) fn run(mut state: WriterState, mut rx: mpsc::Receiver<Request>, signa
         // cursor rows get a transaction of their own once due (the tick's
         // upkeep writes them with an fsync).
         if !maintain && state.cursors_due(cursors::CURSOR_WRITE_ALONE_AFTER) {
-            state.write_cursors_alone(true);
+            state.write_cursors_alone();
         }
         if maintain {
             since_wal_check = 0;
