@@ -996,9 +996,24 @@ async fn lazy_cursor_moves_ride_with_a_commit_of_events() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A row written by a commit of its own, without an fsync, would have
-    // the tick sync it within a second or two (`cursors_synced_us`); one
-    // that went with the events' commit leaves the tick nothing to do.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // the tick sync it (`cursors_synced_us`); one that went with the
+    // events' commit leaves the tick nothing to do. The writer's heartbeat,
+    // set as each turn of its loop begins, shows a turn begun 1.5 s after
+    // now; the tick's turn (one a second) before it has then ended.
+    let seen_us = plantrelay::units::unix_micros(SystemTime::now());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while j
+        .stats()
+        .writer_heartbeat_us
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < seen_us + 1_500_000
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer's tick stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         cursors_synced(&path),
         None,
