@@ -33,14 +33,16 @@
 //! - with the HTTP rows, for every paced rate of 1,000/s or more, the
 //!   floor under HTTP ingest's CPU: what a bare axum server on the same
 //!   stack, storing nothing, costs per request under the same client (this
-//!   binary run again with `PLANTRELAY_BENCH_FLOOR_SERVE`).
+//!   binary run again with `PLANTRELAY_BENCH_FLOOR_SERVE`; its runtime
+//!   has `PLANTRELAY_BENCH_FLOOR_WORKERS` workers, default 2 as the agent
+//!   on two cores, 0 for a current-thread runtime).
 //!
 //! Knobs: `PLANTRELAY_BENCH_SCALE` (default 1) scales the run time of every
 //! row; `PLANTRELAY_BENCH_LINGER` and `PLANTRELAY_BENCH_WINDOW` set
 //! `batch_linger` and `commit_window` (unset: the defaults; `"0s"` for both
 //! behaves as the releases before them did); `PLANTRELAY_BENCH_PAGE_SIZE`
 //! sets `journal.page_size` (e.g. `"2KiB"`); `PLANTRELAY_BENCH_ONLY`
-//! (`mqtt` or `http`) runs one source; `PLANTRELAY_BENCH_RATES` (e.g.
+//! (`mqtt` or `http`) runs one source (`floor`: the floor rows alone); `PLANTRELAY_BENCH_RATES` (e.g.
 //! `100,1000,sat`) picks rows; `PLANTRELAY_BENCH_BIN` runs another
 //! `plantrelay` binary (an earlier release, for the figures before); the
 //! knobs above must then stay unset, as it does not know them);
@@ -918,12 +920,35 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
     if let Ok(addr) = std::env::var("PLANTRELAY_BENCH_FLOOR_SERVE") {
-        serve_floor(&addr).await;
+        // PLANTRELAY_BENCH_FLOOR_WORKERS: the floor server's runtime, 0 for
+        // a current-thread one (default 2, the agent's on two cores).
+        let workers: usize = std::env::var("PLANTRELAY_BENCH_FLOOR_WORKERS")
+            .map(|w| w.parse().expect("PLANTRELAY_BENCH_FLOOR_WORKERS: a number"))
+            .unwrap_or(2);
+        let runtime = match workers {
+            0 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            n => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+        }
+        .expect("floor server: runtime");
+        runtime.block_on(serve_floor(&addr));
         return;
     }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("bench runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     let env = Env::new().await;
     let tck = clk_tck();
     let only = std::env::var("PLANTRELAY_BENCH_ONLY").ok();
@@ -946,14 +971,16 @@ async fn main() {
             .collect(),
         Err(_) => vec![Some(10), Some(100), Some(1000), Some(5000), None],
     };
-    // PLANTRELAY_BENCH_ONLY: the one source to run, if set.
+    // PLANTRELAY_BENCH_ONLY: the one source to run, if set, or `floor`
+    // for the floor rows alone.
+    let floor_only = only.as_deref() == Some("floor");
     let runs = |source: SourceKind| {
         only.as_deref()
             .is_none_or(|o| o.eq_ignore_ascii_case(source.label()))
     };
     let mut rows = Vec::new();
     for source in [SourceKind::Mqtt, SourceKind::Http] {
-        if !runs(source) {
+        if !runs(source) || floor_only {
             continue;
         }
         for &rate in &rates {
@@ -1002,7 +1029,7 @@ async fn main() {
         .copied()
         .filter(|r| *r >= 1000)
         .collect();
-    if !floor_rates.is_empty() && runs(SourceKind::Http) {
+    if !floor_rates.is_empty() && (runs(SourceKind::Http) || floor_only) {
         println!(
             "The floor: a bare axum server on the same stack that stores nothing, the same client, one event per POST:"
         );
