@@ -42,10 +42,11 @@
 //! `batch_linger` and `commit_window` (unset: the defaults; `"0s"` for both
 //! behaves as the releases before them did); `PLANTRELAY_BENCH_PAGE_SIZE`
 //! sets `journal.page_size` (e.g. `"2KiB"`); `PLANTRELAY_BENCH_ONLY`
-//! (`mqtt` or `http`) runs one source (`floor`: the floor rows alone); `PLANTRELAY_BENCH_RATES` (e.g.
-//! `100,1000,sat`) picks rows; `PLANTRELAY_BENCH_BIN` runs another
-//! `plantrelay` binary (an earlier release, for the figures before); the
-//! knobs above must then stay unset, as it does not know them);
+//! (`mqtt` or `http`) runs one source (`floor`: the floor rows alone);
+//! `PLANTRELAY_BENCH_RATES` (e.g. `100,1000,sat`) picks rows;
+//! `PLANTRELAY_BENCH_BIN` runs another `plantrelay` binary (an earlier
+//! release, for the figures before); the knobs above must then stay unset,
+//! as it does not know them;
 //! `PLANTRELAY_BENCH_DIR` is where the temp dirs go (default ".");
 //! `PLANTRELAY_BENCH_HTTP_EVENTS` (default 1) is the events per `POST` of
 //! the paced HTTP rows (more than one: a `cloudevents-batch+json` array
@@ -973,7 +974,9 @@ async fn bench() {
     };
     // PLANTRELAY_BENCH_ONLY: the one source to run, if set, or `floor`
     // for the floor rows alone.
-    let floor_only = only.as_deref() == Some("floor");
+    let floor_only = only
+        .as_deref()
+        .is_some_and(|o| o.eq_ignore_ascii_case("floor"));
     let runs = |source: SourceKind| {
         only.as_deref()
             .is_none_or(|o| o.eq_ignore_ascii_case(source.label()))
