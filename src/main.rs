@@ -22,6 +22,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use plantrelay::cli::{self, CliError};
 use plantrelay::journal::RewindTo;
 use plantrelay::logging::{self, LogFormat};
+use tokio::signal::unix::{Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 /// Plant-edge store-and-forward agent.
@@ -285,14 +286,20 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
                 );
             }
             let stop = CancellationToken::new();
-            tokio::spawn(signals(stop.clone()));
+            // Made before the journal opens and the listeners bind: a
+            // signal that comes while the agent starts (systemd stopping
+            // a service that is still starting) must not take its default
+            // action, which ends the process with no shutdown. A SIGTERM
+            // then stops the agent once it has started.
+            let streams = SignalStreams::install();
+            tokio::spawn(signals(stop.clone(), streams.term, streams.int));
             let agent = plantrelay::agent::start(&config)
                 .await
                 .map_err(|e| CliError {
                     code: e.exit_code(),
                     message: e.to_string(),
                 })?;
-            tokio::spawn(hangups(agent.tls_reloader()));
+            tokio::spawn(hangups(streams.hup, agent.tls_reloader()));
             stop.cancelled().await;
             agent.shutdown().await;
             Ok(0)
@@ -404,18 +411,50 @@ async fn dispatch(command: Command) -> Result<u8, CliError> {
     }
 }
 
-/// SIGHUP: reload the health listener's certificates (a failed reload keeps
-/// the old ones). Installed for the agent's whole life, so that SIGHUP never
-/// takes its default action (terminate).
-async fn hangups(reloader: Option<plantrelay::health::TlsReloader>) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler");
-            return;
+/// The agent's signal streams. Making one installs its handler, after
+/// which the signal no longer takes its default action (terminate); a
+/// signal that comes before its stream is read waits in it.
+struct SignalStreams {
+    term: Option<Signal>,
+    int: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+impl SignalStreams {
+    fn install() -> SignalStreams {
+        let make = |kind: SignalKind, name: &str| match tokio::signal::unix::signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the {name} handler");
+                None
+            }
+        };
+        SignalStreams {
+            term: make(SignalKind::terminate(), "SIGTERM"),
+            int: make(SignalKind::interrupt(), "SIGINT"),
+            hup: make(SignalKind::hangup(), "SIGHUP"),
         }
-    };
-    while hup.recv().await.is_some() {
+    }
+}
+
+/// The next signal of `stream`; never without one (or once the stream
+/// ends, which it does only with the runtime).
+async fn next(stream: &mut Option<Signal>) {
+    if let Some(s) = stream
+        && s.recv().await.is_some()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// SIGHUP: reload the health listener's certificates (a failed reload keeps
+/// the old ones). Its handler is installed before the agent starts and
+/// stays for its whole life, so that SIGHUP never takes its default action
+/// (terminate).
+async fn hangups(mut hup: Option<Signal>, reloader: Option<plantrelay::health::TlsReloader>) {
+    loop {
+        next(&mut hup).await;
         match &reloader {
             // Errors are logged by the reloader.
             Some(r) => {
@@ -428,33 +467,20 @@ async fn hangups(reloader: Option<plantrelay::health::TlsReloader>) {
 }
 
 /// First SIGTERM or SIGINT: graceful shutdown. Second: exit at once.
-async fn signals(stop: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the SIGTERM handler");
-            return;
-        }
+async fn signals(stop: CancellationToken, mut term: Option<Signal>, mut int: Option<Signal>) {
+    let first = tokio::select! {
+        _ = next(&mut term) => "SIGTERM",
+        _ = next(&mut int) => "SIGINT",
     };
-    let wait = async {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        }
-    };
-    let first = wait.await;
     tracing::info!(
         signal = first,
         "shutting down (send it again to exit at once)"
     );
     stop.cancel();
-    let again = async {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        }
+    let second = tokio::select! {
+        _ = next(&mut term) => "SIGTERM",
+        _ = next(&mut int) => "SIGINT",
     };
-    let second = again.await;
     tracing::warn!(
         signal = second,
         "second signal: exiting without a clean shutdown"
