@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 /// The last µs humantime can format (9999-12-31T23:59:59.999999Z); past it
 /// its `Display` fails, and `to_string` would panic.
-const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
+pub(crate) const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
 
 /// `t` as µs since the Unix epoch; negative before it, saturating.
 pub fn unix_micros(t: SystemTime) -> i64 {

@@ -34,6 +34,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql};
 use tracing::info;
 
 use crate::event::GAP_EVENT_TYPE;
+use crate::units::MAX_FORMATTABLE_US;
 
 /// Tag of a known type: the next byte indexes [`KNOWN_TYPES`].
 const TAG_TYPE: u8 = 1;
@@ -144,7 +145,7 @@ pub(crate) fn store_time(t: Option<&str>) -> Stored<'_> {
     let Ok(units) = u64::try_from(units) else {
         return Stored::Text(t);
     };
-    if format_time(tag, at) != t {
+    if format_time(tag, at).as_deref() != Some(t) {
         return Stored::Text(t);
     }
     if tag == TAG_TIME_US {
@@ -422,18 +423,37 @@ pub(crate) fn read_time(v: ValueRef<'_>) -> FromSqlResult<Option<String>> {
                 .and_then(|u| u.checked_mul(1_000_000 / per_s))
                 .and_then(|us| UNIX_EPOCH.checked_add(Duration::from_micros(us)))
                 .ok_or_else(|| unknown("source_time", b))?;
-            Ok(Some(format_time(*tag, at)))
+            // The writer stores only times it parsed, none past 9999; a
+            // later one is a damaged row, as an unknown tag is.
+            let time = format_time(*tag, at).ok_or_else(|| {
+                FromSqlError::Other(
+                    format!(
+                        "source_time: a stored time past the year 9999 ({} bytes), which no release writes",
+                        b.len()
+                    )
+                    .into(),
+                )
+            })?;
+            Ok(Some(time))
         }
         v => text(v).map(Some),
     }
 }
 
-fn format_time(tag: u8, at: SystemTime) -> String {
-    match tag {
+/// `at` in RFC 3339 at the precision of `tag`; `None` outside 1970..=9999,
+/// where humantime's formatter fails (past 9999) or panics (before 1970),
+/// and `to_string` would turn the failure into a panic too.
+fn format_time(tag: u8, at: SystemTime) -> Option<String> {
+    let us = at.duration_since(UNIX_EPOCH).ok()?.as_micros();
+    // A positive constant: the cast is exact.
+    if us > MAX_FORMATTABLE_US as u128 {
+        return None;
+    }
+    Some(match tag {
         TAG_TIME_S => humantime::format_rfc3339_seconds(at).to_string(),
         TAG_TIME_MS => humantime::format_rfc3339_millis(at).to_string(),
         _ => humantime::format_rfc3339_micros(at).to_string(),
-    }
+    })
 }
 
 pub(crate) fn read_attrs(
@@ -702,5 +722,46 @@ mod tests {
         assert!(read_time(ValueRef::Blob(&[])).is_err());
         assert!(read_attrs(ValueRef::Blob(&[TAG_MQTT_ATTRS, 0]), "s", texts).is_err());
         assert!(read_attrs(ValueRef::Blob(&[TAG_TEXT, 7]), "s", texts).is_err());
+    }
+
+    /// A damaged byte can make a stored time one that RFC 3339 cannot
+    /// write: it must read as a damaged value, not end the process.
+    #[test]
+    fn a_stored_time_past_the_year_9999_is_an_error_not_a_panic() {
+        let last_s = 253_402_300_799_u64;
+        let last_ms = last_s * 1_000 + 999;
+        let last_us = last_ms * 1_000 + 999;
+        let read = |b: Stored<'_>| read_time((&value(&b)).into());
+        let us = |v: u64| {
+            let mut b = [0u8; 9];
+            b[0] = TAG_TIME_US;
+            b[1..].copy_from_slice(&v.to_be_bytes());
+            Stored::Short(b, 9)
+        };
+        assert_eq!(
+            read(us(last_us)).unwrap().as_deref(),
+            Some("9999-12-31T23:59:59.999999Z")
+        );
+        assert_eq!(
+            read(tagged(TAG_TIME_MS, last_ms)).unwrap().as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(
+            read(tagged(TAG_TIME_S, last_s)).unwrap().as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
+        for (b, what) in [
+            (us(last_us + 1), "µs"),
+            (us(u64::MAX >> 1), "µs, far"),
+            (tagged(TAG_TIME_MS, last_ms + 1), "ms"),
+            (tagged(TAG_TIME_MS, u64::MAX / 1_000), "ms, far"),
+            (tagged(TAG_TIME_S, last_s + 1), "s"),
+        ] {
+            let e = read(b).expect_err(what).to_string();
+            assert!(e.contains("past the year 9999"), "{what}: {e}");
+        }
+        // The latest time the writer stores short reads back the same.
+        let latest = "9999-12-31T23:59:59.999999Z";
+        assert_eq!(round_time(latest), (Some(9), latest.to_string()));
     }
 }

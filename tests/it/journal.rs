@@ -1119,6 +1119,18 @@ async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchan
         read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
         ["m-2", "m-3", "h-1"]
     );
+    // So is a stored time that a damaged byte put past the year 9999,
+    // which RFC 3339 cannot write (it once ended the process).
+    conn.execute(
+        "UPDATE events SET source_time = x'027fffffffffffffff' WHERE seq = 2",
+        [],
+    )
+    .unwrap();
+    let read = all_events(&path);
+    assert_eq!(
+        read.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["m-3", "h-1"]
+    );
 }
 
 #[tokio::test]
