@@ -724,6 +724,42 @@ mod tests {
         assert!(read_attrs(ValueRef::Blob(&[TAG_TEXT, 7]), "s", texts).is_err());
     }
 
+    /// Every blob a damaged page can hand the readers, by tag and length
+    /// (the forms are at most 9 bytes; longer ones reach every length
+    /// check): each reads as a value or an error, never a panic, and a
+    /// time that reads is one the writer could have stored.
+    #[test]
+    fn no_blob_in_these_columns_makes_a_reader_panic() {
+        use rand::{Rng, SeedableRng};
+        let c = conn();
+        c.execute("INSERT INTO texts (id, value) VALUES (1, 'kept')", [])
+            .unwrap();
+        let cache = TextCache::default();
+        let texts = Texts {
+            conn: &c,
+            cache: &cache,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let mut read = 0;
+        for tag in 0..=u8::MAX {
+            for len in 0..=12 {
+                let mut patterns = vec![vec![0x00; len], vec![0xff; len], vec![0x7f; len]];
+                patterns.extend((0..16).map(|_| (0..len).map(|_| rng.random()).collect()));
+                for mut rest in patterns {
+                    rest.insert(0, tag);
+                    let b = ValueRef::Blob(&rest);
+                    let _ = read_type(b, texts);
+                    let _ = read_attrs(b, "line1", texts);
+                    if let Ok(Some(t)) = read_time(b) {
+                        assert!(humantime::parse_rfc3339(&t).is_ok(), "{rest:?} read as {t}");
+                        read += 1;
+                    }
+                }
+            }
+        }
+        assert!(read > 0, "some times read");
+    }
+
     /// A damaged byte can make a stored time one that RFC 3339 cannot
     /// write: it must read as a damaged value, not end the process.
     #[test]
