@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::event::{Class, NewEvent};
 use crate::journal::Journal;
 use crate::status::SinkStatus;
-use crate::units::unix_micros;
+use crate::units::{formattable, rfc3339_us, unix_micros};
 
 /// `type` of the report journaled when the upstream is back.
 pub const OUTAGE_EVENT_TYPE: &str = "plantrelay.outage";
@@ -151,7 +151,7 @@ fn seconds(us: i64) -> f64 {
 
 fn rfc3339(us: i64) -> String {
     let at = SystemTime::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0));
-    humantime::format_rfc3339_millis(at).to_string()
+    humantime::format_rfc3339_millis(formattable(at)).to_string()
 }
 
 async fn append(
@@ -168,7 +168,7 @@ async fn append(
         stream: format!("plantrelay/outage/{sink}"),
         class: Class::Critical,
         event_type: event_type.to_owned(),
-        source_time: Some(humantime::format_rfc3339_micros(SystemTime::now()).to_string()),
+        source_time: Some(rfc3339_us(unix_micros(SystemTime::now()))),
         data: data.to_string().into_bytes(),
         attrs: Some(r#"{"datacontenttype":"application/json"}"#.to_owned()),
     };

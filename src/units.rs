@@ -24,9 +24,21 @@ pub fn unix_micros(t: SystemTime) -> i64 {
 /// RFC 3339 with microseconds, UTC; clamped to 1970..=9999, so that no
 /// stored or received value can make formatting fail.
 pub fn rfc3339_us(us: i64) -> String {
+    humantime::format_rfc3339_micros(formattable_us(us)).to_string()
+}
+
+/// `t` clamped to 1970..=9999, the times humantime can format: before
+/// 1970 its formatter panics, past 9999 it fails and `to_string` panics.
+/// For the wall clock too, which a gateway's administrator can set to any
+/// time at all.
+pub fn formattable(t: SystemTime) -> SystemTime {
+    formattable_us(unix_micros(t))
+}
+
+fn formattable_us(us: i64) -> SystemTime {
     let us = us.clamp(0, MAX_FORMATTABLE_US);
-    let t = SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64);
-    humantime::format_rfc3339_micros(t).to_string()
+    // Clamped to 0.. above: the cast is exact.
+    SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
 }
 
 /// A byte count in IEC units (`1.5 GiB`).
@@ -88,6 +100,22 @@ mod tests {
         assert_eq!(rfc3339_us(-5), "1970-01-01T00:00:00.000000Z");
         assert_eq!(rfc3339_us(i64::MAX), "9999-12-31T23:59:59.999999Z");
         assert_eq!(rfc3339_us(0), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn any_clock_formats_without_panicking() {
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_000_000_123_456);
+        assert_eq!(
+            humantime::format_rfc3339_seconds(formattable(before)).to_string(),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            humantime::format_rfc3339_millis(formattable(after)).to_string(),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(formattable(at), at);
     }
 
     #[test]

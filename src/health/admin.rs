@@ -33,7 +33,7 @@ use tracing::info;
 use super::AppState;
 use super::auth::{Caller, Refusal};
 use crate::journal::{DeadLetter, JournalError, RewindTo};
-use crate::units::rfc3339_us;
+use crate::units::{formattable, rfc3339_us, unix_micros};
 
 /// An API refusal: a status and a reason, answered as `{"error": reason}`.
 #[derive(Debug)]
@@ -92,7 +92,7 @@ fn audit(caller: Option<&Caller>, action: &str, object: &str, outcome: &str) {
         action,
         object,
         outcome,
-        at = %humantime::format_rfc3339_micros(SystemTime::now()),
+        at = %rfc3339_us(unix_micros(SystemTime::now())),
         "admin action"
     );
 }
@@ -141,7 +141,10 @@ pub(crate) fn parse_since(s: &str) -> Result<SystemTime, String> {
 pub(crate) fn describe(to: RewindTo) -> String {
     match to {
         RewindTo::Seq(s) => format!("from_seq {s}"),
-        RewindTo::Since(t) => format!("since {}", humantime::format_rfc3339_seconds(t)),
+        RewindTo::Since(t) => format!(
+            "since {}",
+            humantime::format_rfc3339_seconds(formattable(t))
+        ),
     }
 }
 

@@ -308,7 +308,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), OpenFailure> {
 
 fn utc_stamp(t: SystemTime) -> String {
     // RFC 3339 without separators that are awkward in file names.
-    humantime::format_rfc3339_seconds(t)
+    humantime::format_rfc3339_seconds(crate::units::formattable(t))
         .to_string()
         .replace([':', '-'], "")
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{OAuth2AuthMethod, OAuth2Config, read_secret};
 use crate::text::escape_control;
+use crate::units::formattable;
 
 /// Renew this long before the token expires, or a fifth of its life if
 /// that is shorter: a batch sent just before expiry must not arrive after.
@@ -163,13 +164,13 @@ impl OAuth2 {
             s.fetches += 1;
             s.valid_until = t
                 .expires_at
-                .map(|at| humantime::format_rfc3339_seconds(at).to_string());
+                .map(|at| humantime::format_rfc3339_seconds(formattable(at)).to_string());
             if s.last_error.take().is_some() {
                 info!(token_url = %self.token_url, "access token fetched again");
             }
             s.last_error_time = None;
         }
-        debug!(token_url = %self.token_url, valid_until = ?t.expires_at.map(humantime::format_rfc3339_seconds), "access token fetched");
+        debug!(token_url = %self.token_url, valid_until = ?t.expires_at.map(|at| humantime::format_rfc3339_seconds(formattable(at))), "access token fetched");
     }
 
     fn record_failure(&self, message: &str) {
@@ -179,7 +180,7 @@ impl OAuth2 {
             }
             s.last_error = Some(message.to_owned());
             s.last_error_time =
-                Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+                Some(humantime::format_rfc3339_seconds(formattable(SystemTime::now())).to_string());
         }
     }
 

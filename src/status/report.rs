@@ -426,7 +426,7 @@ impl AgentView {
         let quarantined = self.journal.quarantine().map(|q| QuarantineReport {
             moved_to: q.moved_to.display().to_string(),
             reason: q.reason.clone(),
-            time: humantime::format_rfc3339_seconds(q.time).to_string(),
+            time: humantime::format_rfc3339_seconds(crate::units::formattable(q.time)).to_string(),
             salvaged_events: q.salvaged.events,
         });
         if let Some(q) = &quarantined {

@@ -18,7 +18,7 @@ use super::{EvictionRound, RECENT_EVICTION_ROUNDS, WriterState, meta_add, meta_s
 use crate::event::{Class, GAP_EVENT_TYPE, NewEvent};
 use crate::journal::schema::WRITER_CACHE_KIB;
 use crate::journal::{self, JournalError, WhenFull};
-use crate::units::unix_micros;
+use crate::units::{rfc3339_us, unix_micros};
 
 /// Rows deleted per retention transaction.
 const RETENTION_CHUNK: u64 = 4_096;
@@ -267,9 +267,7 @@ impl WriterState {
                     // that take that class.
                     class,
                     event_type: GAP_EVENT_TYPE.to_string(),
-                    source_time: Some(
-                        humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-                    ),
+                    source_time: Some(rfc3339_us(unix_micros(SystemTime::now()))),
                     data: data.to_string().into_bytes(),
                     attrs: None,
                 };

@@ -541,7 +541,7 @@ fn attrs_json(m: &Message, extra: &[(&str, &str)]) -> String {
 }
 
 fn arrival(m: &Message) -> String {
-    humantime::format_rfc3339_micros(m.received).to_string()
+    humantime::format_rfc3339_micros(crate::units::formattable(m.received)).to_string()
 }
 
 /// The event id at `ptr`: a non-empty string (at most [`MAX_ID_LEN`] bytes)
