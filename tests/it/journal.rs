@@ -1120,7 +1120,7 @@ async fn the_mqtt_sources_repeated_columns_are_stored_short_and_read_back_unchan
         ["m-2", "m-3", "h-1"]
     );
     // So is a stored time that a damaged byte put past the year 9999,
-    // which RFC 3339 cannot write (it once ended the process).
+    // which RFC 3339 cannot write: a damaged row, never a panic.
     conn.execute(
         "UPDATE events SET source_time = x'027fffffffffffffff' WHERE seq = 2",
         [],
