@@ -466,21 +466,23 @@ async fn hangups(mut hup: Option<Signal>, reloader: Option<plantrelay::health::T
     }
 }
 
+/// The name of the next SIGTERM or SIGINT.
+async fn term_or_int(term: &mut Option<Signal>, int: &mut Option<Signal>) -> &'static str {
+    tokio::select! {
+        _ = next(term) => "SIGTERM",
+        _ = next(int) => "SIGINT",
+    }
+}
+
 /// First SIGTERM or SIGINT: graceful shutdown. Second: exit at once.
 async fn signals(stop: CancellationToken, mut term: Option<Signal>, mut int: Option<Signal>) {
-    let first = tokio::select! {
-        _ = next(&mut term) => "SIGTERM",
-        _ = next(&mut int) => "SIGINT",
-    };
+    let first = term_or_int(&mut term, &mut int).await;
     tracing::info!(
         signal = first,
         "shutting down (send it again to exit at once)"
     );
     stop.cancel();
-    let second = tokio::select! {
-        _ = next(&mut term) => "SIGTERM",
-        _ = next(&mut int) => "SIGINT",
-    };
+    let second = term_or_int(&mut term, &mut int).await;
     tracing::warn!(
         signal = second,
         "second signal: exiting without a clean shutdown"

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 /// The last µs humantime can format (9999-12-31T23:59:59.999999Z); past it
 /// its `Display` fails, and `to_string` would panic.
-pub(crate) const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
+const MAX_FORMATTABLE_US: i64 = 253_402_300_800 * 1_000_000 - 1;
 
 /// `t` as µs since the Unix epoch; negative before it, saturating.
 pub fn unix_micros(t: SystemTime) -> i64 {
@@ -33,6 +33,15 @@ pub fn rfc3339_us(us: i64) -> String {
 /// time at all.
 pub fn formattable(t: SystemTime) -> SystemTime {
     formattable_us(unix_micros(t))
+}
+
+/// `t` if humantime can format it (1970..=9999), else `None`: for a stored
+/// value, where a time outside that range is damage rather than a clock
+/// to clamp.
+pub fn if_formattable(t: SystemTime) -> Option<SystemTime> {
+    (0..=MAX_FORMATTABLE_US)
+        .contains(&unix_micros(t))
+        .then_some(t)
 }
 
 fn formattable_us(us: i64) -> SystemTime {
@@ -116,6 +125,10 @@ mod tests {
             "9999-12-31T23:59:59.999Z"
         );
         assert_eq!(formattable(at), at);
+        assert_eq!(if_formattable(at), Some(at));
+        assert_eq!(if_formattable(before), None);
+        assert_eq!(if_formattable(after), None);
+        assert_eq!(if_formattable(formattable(after)), Some(formattable(after)));
     }
 
     #[test]

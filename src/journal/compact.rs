@@ -34,7 +34,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql};
 use tracing::info;
 
 use crate::event::GAP_EVENT_TYPE;
-use crate::units::MAX_FORMATTABLE_US;
+use crate::units::if_formattable;
 
 /// Tag of a known type: the next byte indexes [`KNOWN_TYPES`].
 const TAG_TYPE: u8 = 1;
@@ -444,11 +444,7 @@ pub(crate) fn read_time(v: ValueRef<'_>) -> FromSqlResult<Option<String>> {
 /// where humantime's formatter fails (past 9999) or panics (before 1970),
 /// and `to_string` would turn the failure into a panic too.
 fn format_time(tag: u8, at: SystemTime) -> Option<String> {
-    let us = at.duration_since(UNIX_EPOCH).ok()?.as_micros();
-    // A positive constant: the cast is exact.
-    if us > MAX_FORMATTABLE_US as u128 {
-        return None;
-    }
+    let at = if_formattable(at)?;
     Some(match tag {
         TAG_TIME_S => humantime::format_rfc3339_seconds(at).to_string(),
         TAG_TIME_MS => humantime::format_rfc3339_millis(at).to_string(),
