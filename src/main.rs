@@ -114,7 +114,7 @@ enum Command {
     #[cfg(feature = "demo")]
     Demo {
         /// How long the MES posts events.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = plantrelay::config::units::parse_duration)]
         duration: std::time::Duration,
         /// Keep the journal afterwards and print its path.
         #[arg(long)]
@@ -161,7 +161,7 @@ struct StatusArgs {
     json: bool,
     /// Give up after this long (with --fleet: per gateway, connect, TLS and
     /// answer together; a gateway still silent then is unreachable).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = plantrelay::config::units::parse_duration)]
     timeout: std::time::Duration,
 }
 

@@ -67,6 +67,13 @@ pub fn short_duration(d: Duration) -> String {
     }
 }
 
+/// [`short_duration`] of a number of seconds another process reported (a
+/// gateway's status answer): negative reads as 0, and one past what a
+/// `Duration` holds (`1e20`) as the longest, where `from_secs_f64` panics.
+pub fn short_secs(secs: f64) -> String {
+    short_duration(Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX))
+}
+
 /// A replay start as people give it: an RFC 3339 time
 /// (`2026-11-29T08:00:00Z`) or an age (`90m`, `2h`), checked to lie between
 /// 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z, so that nothing downstream
@@ -103,6 +110,16 @@ pub fn since_time(field: &str, s: &str) -> Result<SystemTime, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_reported_age_formats_without_panicking() {
+        assert_eq!(short_secs(42.0), "42.0s");
+        assert_eq!(short_secs(-3.0), "0.0s");
+        assert_eq!(short_secs(f64::NAN), "0.0s");
+        assert_eq!(short_secs(7_200.0), "2h00m");
+        assert_eq!(short_secs(1e20), short_duration(Duration::MAX));
+        assert_eq!(short_secs(f64::INFINITY), short_duration(Duration::MAX));
+    }
 
     #[test]
     fn any_stored_time_formats_without_panicking() {

@@ -33,7 +33,7 @@ use crate::cli::CliError;
 use crate::cli::status::{chain, is_healthy, status_url};
 use crate::config::read_secret;
 use crate::tls::{self, ClientTls};
-use crate::units::short_duration;
+use crate::units::short_secs;
 
 /// Default for `--timeout`: a gateway that has not answered by then is
 /// `unreachable`.
@@ -494,7 +494,7 @@ pub fn render(rows: &[Row]) -> String {
             r.state.as_str().to_string(),
             opt(r.backlog),
             match (r.state, r.oldest_undelivered_age_s) {
-                (_, Some(a)) => short_duration(Duration::from_secs_f64(a.max(0.0))),
+                (_, Some(a)) => short_secs(a),
                 (State::Healthy | State::Degraded, None) => "-".into(),
                 _ => "?".into(),
             },
@@ -563,6 +563,15 @@ mod tests {
         assert_eq!(r.dead_letters, Some(2));
         assert_eq!(r.sources_down, Some(1));
         assert_eq!(r.error, None);
+    }
+
+    #[test]
+    fn an_age_no_duration_holds_reads_as_the_longest() {
+        let mut a = answer(true);
+        a["sinks"][0]["oldest_undelivered_age_seconds"] = json!(1e20);
+        let text = render(&[summarise("hamburg-01", &a)]);
+        let longest = crate::units::short_duration(Duration::MAX);
+        assert!(text.contains(&longest), "{text}");
     }
 
     #[test]

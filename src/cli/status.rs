@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::cli::CliError;
 use crate::config::read_secret;
 use crate::tls::{self, ClientTls};
-use crate::units::{fmt_bytes, short_duration};
+use crate::units::{fmt_bytes, short_duration, short_secs};
 
 /// The path of the status endpoint under the agent's base URL.
 pub const STATUS_PATH: &str = "/api/v1/status";
@@ -287,9 +287,7 @@ pub fn render(s: &Value) -> String {
     for k in &sinks {
         let oldest = k["oldest_undelivered_age_seconds"]
             .as_f64()
-            .map_or("-".into(), |a| {
-                short_duration(Duration::from_secs_f64(a.max(0.0)))
-            });
+            .map_or("-".into(), short_secs);
         sink_rows.push(vec![
             text(&k["name"]),
             text(&k["kind"]),
@@ -306,9 +304,7 @@ pub fn render(s: &Value) -> String {
                     .map(|c| {
                         let oldest = c["oldest_undelivered_age_seconds"]
                             .as_f64()
-                            .map_or("-".into(), |a| {
-                                short_duration(Duration::from_secs_f64(a.max(0.0)))
-                            });
+                            .map_or("-".into(), short_secs);
                         format!(
                             "{} backlog {} oldest {oldest}",
                             text(&c["class"]),
@@ -425,6 +421,20 @@ mod tests {
             text.contains("warnings (1)\n  - sink 'central' stalled"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_age_no_duration_holds_reads_as_the_longest() {
+        let mut s = sample();
+        s["sinks"][0]["oldest_undelivered_age_seconds"] = json!(1e300);
+        s["sinks"][0]["classes"][1]["oldest_undelivered_age_seconds"] = json!(-1.0);
+        let text = render(&s);
+        let longest = short_duration(Duration::MAX);
+        assert!(
+            text.contains(&format!("backlog 50  oldest {longest}")),
+            "{text}"
+        );
+        assert!(text.contains("telemetry backlog 48 oldest 0.0s"), "{text}");
     }
 
     #[test]

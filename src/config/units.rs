@@ -20,10 +20,25 @@ const DURATION_EXAMPLES: &str = r#"a duration such as "500ms", "30s", "5m" or "2
 const SIZE_EXAMPLES: &str =
     r#"a size such as "16MiB", "2GiB", "500KB" or an integer number of bytes"#;
 
-/// Parses a human-readable duration (`"500ms"`, `"30s"`, `"1h 30m"`).
+/// The longest duration any key takes: 100 years (of 365.25 days).
+///
+/// humantime reads up to `u64::MAX` seconds, and `Instant + Duration`, the
+/// sum of two durations and `Duration * n` panic on overflow; under 100
+/// years, any time the daemon derives from a key (a deadline, a timeout
+/// plus a retry cap, an interval times a count) stays far from it.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Parses a human-readable duration (`"500ms"`, `"30s"`, `"1h 30m"`), at
+/// most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?}: {e}; expected {DURATION_EXAMPLES}"))
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e}; expected {DURATION_EXAMPLES}"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {text:?}: longer than 100 years, the most any setting takes"
+        ));
+    }
+    Ok(d)
 }
 
 /// Parses a size: an integer number of bytes, or a number with a unit
@@ -203,6 +218,16 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5_400)));
+    }
+
+    #[test]
+    fn durations_past_100_years_are_rejected() {
+        assert_eq!(parse_duration("100years"), Ok(MAX_DURATION));
+        let err = parse_duration("101years").unwrap_err();
+        assert!(err.contains("\"101years\": longer than 100 years"), "{err}");
+        // Past what an `Instant` can be moved by, and past `u64` seconds.
+        assert!(parse_duration("300000000000y").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
     }
 
     #[test]

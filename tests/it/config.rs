@@ -369,6 +369,32 @@ fn a_duration_without_a_unit_is_rejected_with_an_example() {
 }
 
 #[test]
+fn a_duration_past_100_years_is_rejected_where_it_would_overflow_a_deadline() {
+    // "Forever" written as the most seconds there are: `Instant + d` in the
+    // journal's append would have ended the process at the first event.
+    let text = BASE.replace(
+        "[[sources.http]]",
+        "[journal]\nblock_timeout = \"18446744073709551615s\"\n\n[[sources.http]]",
+    );
+    let found = issues(&text);
+    assert_issue(
+        &found,
+        "journal.block_timeout",
+        Some(line_of(&text, "", "block_timeout")),
+        "invalid duration \"18446744073709551615s\": longer than 100 years",
+    );
+    // Two keys whose sum the JetStream check adds: each is refused alone.
+    let text = format!("{BASE}retry_max = \"300000000000y\"\n");
+    let found = issues(&text);
+    assert_issue(
+        &found,
+        "sinks.https[0].retry_max",
+        Some(line_of(&text, "", "retry_max")),
+        "longer than 100 years",
+    );
+}
+
+#[test]
 fn a_zero_timeout_is_rejected() {
     let text = format!("{BASE}timeout = \"0s\"\n");
     let issues = issues(&text);

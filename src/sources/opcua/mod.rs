@@ -151,6 +151,22 @@ pub const BATCH_MAX: usize = 2000;
 pub use super::reconnect::{BACKOFF_INITIAL, BACKOFF_MAX, STABLE_AFTER};
 /// Added to the keep-alive window before the publish watchdog fires.
 pub const WATCHDOG_SLACK: Duration = Duration::from_millis(500);
+/// How long the server may stay silent before the publish watchdog ends
+/// the generation: the keep-alive window, two more intervals, and the
+/// slack or half the window, whichever is longer (module doc).
+///
+/// Both values are the server's revised ones, so they are input: a server
+/// may answer an interval of 10^300 ms (async-opcua saturates it to
+/// `u64::MAX` ms) and any keep-alive count, and `Duration`'s `*` and `+`
+/// panic on overflow. Saturated, such a window never fires, which is what
+/// the server announced.
+fn watchdog_window(publishing_interval: Duration, keep_alive_count: u32) -> Duration {
+    let keep_alive = publishing_interval.saturating_mul(keep_alive_count.max(1));
+    keep_alive
+        .saturating_add(publishing_interval.saturating_mul(2))
+        .saturating_add(WATCHDOG_SLACK.max(keep_alive / 2))
+}
+
 /// How often nodes the server refused are tried again.
 pub const NODE_RETRY: Duration = Duration::from_secs(5);
 /// Most notifications the server may put in one publish response. A
@@ -511,13 +527,12 @@ impl OpcuaSource {
         status: &SourceStatus,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
-        let keep_alive = live.publishing_interval * live.keep_alive_count.max(1);
-        let window = keep_alive + live.publishing_interval * 2 + WATCHDOG_SLACK.max(keep_alive / 2);
+        let window = watchdog_window(live.publishing_interval, live.keep_alive_count);
         let mut last_publish = Instant::now();
         let mut last_failure: Option<StatusCode> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(
-            (window.as_millis() as u64 / 10).clamp(20, 500),
-        ));
+        let mut tick = tokio::time::interval(
+            (window / 10).clamp(Duration::from_millis(20), Duration::from_millis(500)),
+        );
         let mut retry =
             tokio::time::interval_at(tokio::time::Instant::now() + NODE_RETRY, NODE_RETRY);
         loop {
@@ -603,5 +618,42 @@ async fn wait_lost(events: &mut mpsc::UnboundedReceiver<LoopEvent>) -> LinkError
             Some(_) => {}
             None => return LinkError::Failed("session event loop ended during set-up".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_window_follows_the_servers_revised_values() {
+        // 200 ms × 10: 2 s of keep-alive, two intervals, and 1 s (half the
+        // window, longer than the slack).
+        let w = watchdog_window(Duration::from_millis(200), 10);
+        assert_eq!(w, Duration::from_millis(2000 + 400 + 1000));
+        // 100 ms × 3: the slack is the longer of the two.
+        let w = watchdog_window(Duration::from_millis(100), 3);
+        assert_eq!(w, Duration::from_millis(300 + 200 + 500));
+        // A count of 0 counts as 1.
+        let w = watchdog_window(Duration::from_secs(1), 0);
+        assert_eq!(w, Duration::from_millis(1000 + 2000 + 500));
+    }
+
+    #[test]
+    fn a_servers_absurd_revision_saturates_instead_of_panicking() {
+        // What async-opcua makes of a revised interval of 1e300 ms.
+        let huge = Duration::from_millis(u64::MAX);
+        for count in [0, 1, 3, 1000] {
+            assert!(watchdog_window(huge, count) > huge * 3, "count {count}");
+        }
+        for count in [1001, u32::MAX] {
+            assert_eq!(watchdog_window(huge, count), Duration::MAX, "count {count}");
+        }
+        // Each product fits and only the sums overflow.
+        let w = watchdog_window(Duration::from_secs(u64::MAX / 3), 2);
+        assert_eq!(w, Duration::MAX);
+        // 10^13 ms × u32::MAX overflows the product itself.
+        let w = watchdog_window(Duration::from_millis(10_000_000_000_000), u32::MAX);
+        assert_eq!(w, Duration::MAX);
     }
 }

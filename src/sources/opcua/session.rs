@@ -28,7 +28,12 @@ impl OpcuaSource {
             path: self.pki_dir.clone(),
             detail,
         })?;
-        let window = self.cfg.publishing_interval * self.cfg.keep_alive_count;
+        // The configuration bounds both (config::sources::opcua), and the
+        // arithmetic saturates anyway: `Duration`'s operators panic.
+        let window = self
+            .cfg
+            .publishing_interval
+            .saturating_mul(self.cfg.keep_alive_count);
         let request_timeout = self.cfg.connect_timeout;
         let client = ClientBuilder::new()
             .application_name(format!("plantrelay {}", self.name))
@@ -41,13 +46,18 @@ impl OpcuaSource {
             .session_retry_limit(0)
             .recreate_subscriptions(false)
             .session_timeout(
-                u32::try_from((window * 4).max(Duration::from_secs(60)).as_millis())
-                    .unwrap_or(u32::MAX),
+                u32::try_from(
+                    window
+                        .saturating_mul(4)
+                        .max(Duration::from_secs(60))
+                        .as_millis(),
+                )
+                .unwrap_or(u32::MAX),
             )
             .keep_alive_interval(window.max(Duration::from_secs(1)))
             .max_failed_keep_alive_count(2)
             .request_timeout(request_timeout)
-            .publish_timeout(window * 2 + request_timeout)
+            .publish_timeout(window.saturating_mul(2).saturating_add(request_timeout))
             .min_publish_interval(Duration::from_millis(10))
             .channel_lifetime(600_000)
             // A publish response carries up to MAX_NOTIFICATIONS_PER_PUBLISH
