@@ -135,6 +135,14 @@ impl<'a> MakeWriter<'a> for Stderr {
 /// tracing-subscriber's fmt layer formats each event into a buffer and hands
 /// it over with a single `write_all`, so each `write` here is one whole line
 /// (possibly with `\n` inside, which is the point).
+///
+/// A line that cannot be written is dropped, never reported as an error:
+/// the fmt layer answers a failed write with `eprintln!`, which panics when
+/// standard error fails, and the release build aborts on a panic. Standard
+/// error fails for real on a gateway: a pipe whose reader went away
+/// (`EPIPE`; Rust ignores `SIGPIPE`), a log file on a full disk
+/// (`StandardError=file:`), an I/O error. The agent goes on without those
+/// lines rather than end at the next one.
 pub struct EscapingWriter<W: Write> {
     pub inner: W,
     pub escape: LineEscape,
@@ -143,12 +151,13 @@ pub struct EscapingWriter<W: Write> {
 impl<W: Write> Write for EscapingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let line = String::from_utf8_lossy(buf);
-        self.inner.write_all(self.escape.apply(&line).as_bytes())?;
+        let _dropped = self.inner.write_all(self.escape.apply(&line).as_bytes());
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        let _dropped = self.inner.flush();
+        Ok(())
     }
 }
 
@@ -160,6 +169,31 @@ mod tests {
         format: LogFormat::Text,
         ansi: false,
     };
+
+    /// A writer whose every call fails, as standard error does once its
+    /// pipe's reader is gone.
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+    }
+
+    #[test]
+    fn a_line_standard_error_refuses_is_dropped_not_an_error() {
+        let mut w = EscapingWriter {
+            inner: Broken,
+            escape: TEXT,
+        };
+        let line = b"WARN sink 'central' unreachable\n";
+        assert_eq!(w.write(line).unwrap(), line.len());
+        w.write_all(line).unwrap();
+        w.flush().unwrap();
+    }
 
     #[test]
     fn a_newline_inside_an_event_cannot_start_a_new_line() {

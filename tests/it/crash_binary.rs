@@ -340,3 +340,52 @@ async fn after_the_wal_lost_delivered_commits_no_sequence_or_key_names_two_event
         "new events start past every seq handed out: {new_min}"
     );
 }
+
+/// Standard error that fails (here a pipe whose reader has gone, as when
+/// the process reading the agent's output exits; a log file on a full disk
+/// fails the same way) costs the log lines, not the agent: it takes and
+/// delivers events, logs its shutdown into the broken pipe, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_standard_error_costs_log_lines_not_the_agent() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+
+    let h = Harness::new().await;
+    let port = free_port();
+    let text = h.config_text(&format!("127.0.0.1:{port}"), &h.receiver.url(), "", "");
+    let config = h.write_config(&text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plantrelay"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("PLANTRELAY_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    wait_listening(port).await;
+    // The agent has logged its start: read some of it, then go away.
+    let mut first = [0u8; 256];
+    let n = stderr.read(&mut first).unwrap();
+    assert!(n > 0, "the agent logs its start");
+    drop(stderr);
+
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    let client = http_client();
+    let events = mes_events("no-stderr", 100, 2);
+    for chunk in events.chunks(10) {
+        assert_eq!(post(&client, &url, chunk).await, Some(true));
+    }
+    assert!(
+        h.receiver
+            .wait_until(Duration::from_secs(60), |s| s.unique_ids >= 100)
+            .await,
+        "the 100 events were delivered with standard error gone"
+    );
+    support::signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "the agent ended with {status} after logging into a broken pipe"
+    );
+}
