@@ -47,9 +47,12 @@ pub(crate) fn skipped_seqs(conn: &Connection) -> rusqlite::Result<Vec<(u64, u64)
 pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::Result<Option<u64>> {
     let bounds: Option<(i64, i64)> =
         // Two index probes: `min(seq), max(seq)` in one query is a full scan.
+        // Seqs start at 1; a row at 0 or below is damage (a flipped sign
+        // bit in the first row's key passes quick_check), and a bound near
+        // i64::MIN would make `hi - lo` overflow and the search never end.
         conn.query_row(
-            "SELECT (SELECT seq FROM events ORDER BY seq LIMIT 1),
-                    (SELECT seq FROM events ORDER BY seq DESC LIMIT 1)",
+            "SELECT (SELECT seq FROM events WHERE seq > 0 ORDER BY seq LIMIT 1),
+                    (SELECT seq FROM events WHERE seq > 0 ORDER BY seq DESC LIMIT 1)",
             [],
             |r| {
             Ok(
@@ -78,7 +81,7 @@ pub(crate) fn first_seq_at_or_after(conn: &Connection, t_us: i64) -> rusqlite::R
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match at(mid)? {
-            Some((seq, t)) if t < t_us => lo = seq + 1,
+            Some((seq, t)) if t < t_us => lo = seq.saturating_add(1),
             Some((seq, _)) => hi = seq.min(hi),
             None => hi = mid,
         }

@@ -162,12 +162,16 @@ impl WriterState {
     pub(super) fn delete_chunk(&mut self, limit: u64) -> rusqlite::Result<u64> {
         let oldest: Option<i64> = self
             .conn
-            .query_row("SELECT seq FROM events ORDER BY seq LIMIT 1", [], |r| {
-                r.get(0)
-            })
+            // Seqs start at 1: a row at 0 or below is damage, and from it
+            // each chunk would stop short of the rows still to delete.
+            .query_row(
+                "SELECT seq FROM events WHERE seq > 0 ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         let Some(oldest) = oldest else { return Ok(0) };
-        let oldest = oldest.max(0) as u64;
+        let oldest = oldest as u64;
         if oldest > limit {
             return Ok(0);
         }
