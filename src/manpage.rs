@@ -197,13 +197,34 @@ fn fixed_sections() -> Roff {
 /// The page date: `SOURCE_DATE_EPOCH` when set (reproducible builds), else
 /// empty (man shows none).
 fn build_date() -> String {
-    std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
+    date_of(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())
+}
+
+/// The date of a `SOURCE_DATE_EPOCH` value, or none for one that is not a
+/// time humantime can format (it panics before 1970 and past 9999).
+fn date_of(epoch: Option<&str>) -> String {
+    epoch
         .and_then(|s| s.parse::<u64>().ok())
-        .map(|secs| {
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        .and_then(|secs| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs)))
+        .and_then(crate::units::if_formattable)
+        .map(|t| {
             let stamp = humantime::format_rfc3339(t).to_string();
             stamp.get(..10).unwrap_or_default().to_owned()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_date_follows_source_date_epoch_within_what_formats() {
+        assert_eq!(date_of(Some("1765152000")), "2025-12-08");
+        assert_eq!(date_of(None), "");
+        assert_eq!(date_of(Some("soon")), "");
+        // Past 9999, and past what a SystemTime holds.
+        assert_eq!(date_of(Some("253402300800")), "");
+        assert_eq!(date_of(Some("18446744073709551615")), "");
+    }
 }

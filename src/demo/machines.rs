@@ -281,7 +281,7 @@ pub async fn wait_until_stored(sources: &[Arc<SourceStatus>], counters: &FleetCo
 }
 
 fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(crate::units::formattable(SystemTime::now())).to_string()
 }
 
 async fn json_machine(

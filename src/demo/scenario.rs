@@ -60,7 +60,8 @@ fn mes_event(stream: &str, event_type: &str, n: u64) -> serde_json::Value {
         "source": "urn:mes:plant-hamburg",
         "type": event_type,
         "subject": stream,
-        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "time": humantime::format_rfc3339_millis(crate::units::formattable(std::time::SystemTime::now()))
+            .to_string(),
         "datacontenttype": "application/json",
         "data": data,
     })
