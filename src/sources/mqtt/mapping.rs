@@ -450,6 +450,19 @@ impl Mapper {
                     .to_string()
             })
             .unwrap_or_else(|| arrival(m));
+        let data = decoded.data.to_string().into_bytes();
+        // The same bound as a JSON payload's (`map_json`): a host's STATE is
+        // JSON as published, and a template nested in a template adds more
+        // than one level of JSON per level of protobuf, so either can pass
+        // the decoder's own limits and still come back from upstream as a
+        // dead letter.
+        let depth = json_depth(&data);
+        if depth > DEFAULT_MAX_DEPTH {
+            return Err(format!(
+                "the message would become JSON nested {depth} levels deep; \
+                 at most {DEFAULT_MAX_DEPTH} are accepted"
+            ));
+        }
         Ok(NewEvent {
             source: self.source.clone(),
             id,
@@ -457,7 +470,7 @@ impl Mapper {
             class: self.class,
             event_type: self.event_type.clone(),
             source_time: Some(time),
-            data: decoded.data.to_string().into_bytes(),
+            data,
             attrs: Some(attrs_json(m, &[("datacontenttype", "application/json")])),
         })
     }
@@ -802,6 +815,41 @@ mod tests {
                 panic!("{n} deep not rejected");
             };
             assert!(reason.contains(&format!("{n} levels deep")), "{reason}");
+            assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
+        }
+    }
+
+    #[test]
+    fn sparkplug_nested_past_the_depth_limit_becomes_a_rejected_record() {
+        let mut mapper = Mapper::new(&cfg(MqttFormat::SparkplugB));
+        // A host's STATE, `{"a": [[…1…]]}` with n brackets: the event's
+        // data, `{"host_id", "state": …}`, nests n + 2 deep.
+        let state = |n: usize| {
+            let text = format!("{{\"a\":{}1{}}}", "[".repeat(n), "]".repeat(n));
+            let payload = Bytes::from(text.into_bytes());
+            Message::new(
+                1,
+                7,
+                1,
+                false,
+                "spBv1.0/STATE/scada".into(),
+                payload,
+                None,
+                1 << 20,
+            )
+        };
+        let e = event(mapper.map(&state(DEFAULT_MAX_DEPTH - 2)));
+        assert_eq!(json_depth(&e.data), DEFAULT_MAX_DEPTH);
+        // 126 deep still parses (serde_json's limit is 128) but would not
+        // upstream, inside a batch.
+        for n in [DEFAULT_MAX_DEPTH - 1, 126] {
+            let Mapped::Rejected(e, reason) = mapper.map(&state(n)) else {
+                panic!("a STATE nested {n} deep was not rejected");
+            };
+            assert!(
+                reason.contains(&format!("nested {} levels deep", n + 2)),
+                "{reason}"
+            );
             assert_eq!(e.event_type, REJECTED_EVENT_TYPE);
         }
     }

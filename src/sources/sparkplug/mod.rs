@@ -35,8 +35,10 @@
 //! set columns, types, rows and cells, property set entries), and refuses a
 //! message with more than [`Limits::max_metrics`] of them or nested deeper
 //! than [`MAX_NESTING`]; a document whose JSON would exceed
-//! [`Limits::max_event_size`] is refused too. A refused message is an
-//! `Err` here, and the MQTT source applies its `on_invalid`.
+//! [`Limits::max_event_size`] is refused too (and the MQTT source's
+//! mapping refuses one nested deeper than its JSON payloads may be). A
+//! refused message is an `Err` here, and the MQTT source applies its
+//! `on_invalid`.
 //!
 //! The alias tables are bounded three ways: at most [`Limits::max_nodes`]
 //! edge nodes are remembered (the one used least recently is forgotten
