@@ -373,24 +373,7 @@ impl Conn {
 
     /// One packet from the read buffer, or `None` when it is incomplete.
     fn parse(&mut self) -> Result<Option<Incoming>, LinkError> {
-        match self.protocol {
-            MqttProtocol::V311 => match p4::Packet::read(&mut self.rbuf, MAX_PACKET) {
-                Ok(p) => Ok(Some(incoming_v4(p))),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-                    self.rbuf.reserve(n);
-                    Ok(None)
-                }
-                Err(e) => Err(LinkError(format!("malformed packet from the broker: {e}"))),
-            },
-            MqttProtocol::V5 => match p5::Packet::read(&mut self.rbuf, Some(MAX_PACKET as u32)) {
-                Ok(p) => incoming_v5(p).map(Some),
-                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => {
-                    self.rbuf.reserve(n);
-                    Ok(None)
-                }
-                Err(e) => Err(LinkError(format!("malformed packet from the broker: {e}"))),
-            },
-        }
+        parse(self.protocol, &mut self.rbuf)
     }
 
     fn encode4(&mut self, p: p4::Packet) {
@@ -538,6 +521,40 @@ impl Conn {
                 humantime::format_duration(self.io_timeout)
             ))),
         }
+    }
+}
+
+/// One packet from `rbuf`, or `None` when it is incomplete.
+///
+/// rumqttc answers `InsufficientBytes` both for a frame that has not all
+/// arrived and for a whole frame whose fields run past its own end (a
+/// topic length longer than the packet); in the second case it has already
+/// taken the frame out of the buffer. Waiting for more bytes then would
+/// lose the packet without a word (a PUBLISH never acknowledged, holding
+/// one of the broker's in-flight slots until the session ends), so a
+/// buffer that shrank is a malformed packet, as any other decoding error.
+fn parse(protocol: MqttProtocol, rbuf: &mut BytesMut) -> Result<Option<Incoming>, LinkError> {
+    let before = rbuf.len();
+    let incomplete = |rbuf: &mut BytesMut, n: usize| {
+        if rbuf.len() < before {
+            return Err(LinkError(
+                "malformed packet from the broker: its fields run past its end".into(),
+            ));
+        }
+        rbuf.reserve(n);
+        Ok(None)
+    };
+    match protocol {
+        MqttProtocol::V311 => match p4::Packet::read(rbuf, MAX_PACKET) {
+            Ok(p) => Ok(Some(incoming_v4(p))),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => incomplete(rbuf, n),
+            Err(e) => Err(LinkError(format!("malformed packet from the broker: {e}"))),
+        },
+        MqttProtocol::V5 => match p5::Packet::read(rbuf, Some(MAX_PACKET as u32)) {
+            Ok(p) => incoming_v5(p).map(Some),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(n)) => incomplete(rbuf, n),
+            Err(e) => Err(LinkError(format!("malformed packet from the broker: {e}"))),
+        },
     }
 }
 
@@ -699,6 +716,38 @@ fn pubrec_code(r: p5::PubRecReason) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_packet_whose_fields_run_past_its_end_is_malformed_not_incomplete() {
+        // MQTT 5 PUBLISH QoS 0 of 5 bytes: the topic `abc`, and the frame
+        // ends where its properties' length should be, or in the middle of
+        // it (a continuation bit set in its last byte).
+        for frame in [
+            &[0x30, 5, 0, 3, b'a', b'b', b'c'][..],
+            &[0x30, 6, 0, 3, b'a', b'b', b'c', 0x80],
+        ] {
+            let mut rbuf = BytesMut::from(frame);
+            let err = parse(MqttProtocol::V5, &mut rbuf).unwrap_err();
+            assert!(err.0.contains("fields run past its end"), "{err}");
+        }
+        for protocol in [MqttProtocol::V311, MqttProtocol::V5] {
+            // A frame still arriving is incomplete, and stays in the buffer.
+            let mut rbuf = BytesMut::from(&[0x30, 10, 0x00, 0x03, b'a'][..]);
+            assert!(parse(protocol, &mut rbuf).unwrap().is_none());
+            assert_eq!(rbuf.len(), 5);
+            rbuf.extend_from_slice(b"bc");
+            if protocol == MqttProtocol::V5 {
+                rbuf.extend_from_slice(&[0]); // no properties
+                rbuf[1] = 11;
+            }
+            rbuf.extend_from_slice(b"hello");
+            let Some(Incoming::Publish(m)) = parse(protocol, &mut rbuf).unwrap() else {
+                panic!("the completed frame is not a PUBLISH");
+            };
+            assert_eq!((m.topic.as_str(), &m.payload[..]), ("abc", &b"hello"[..]));
+            assert!(rbuf.is_empty());
+        }
+    }
 
     #[test]
     fn mqtt5_refusals_carry_their_wire_codes() {
