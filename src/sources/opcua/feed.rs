@@ -14,7 +14,9 @@ use std::sync::Arc;
 use opcua::client::{
     MonitoredItemMap, OnSubscriptionNotificationCore, SessionPollResult, SubscriptionActivity,
 };
-use opcua::types::{DataChangeNotification, NotificationMessage, StatusCode};
+use opcua::types::{
+    DataChangeNotification, MonitoredItemNotification, NotificationMessage, StatusCode,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -102,9 +104,44 @@ pub(super) struct Notifications {
     /// Sequence number of the last data notification message (0: none yet;
     /// the server numbers them from 1).
     pub(super) last_sequence: u32,
+    /// Data changes for client handles this source never gave out.
+    pub(super) unknown_handles: u64,
 }
 
 impl Notifications {
+    /// One monitored item's data change: to the node's health and the
+    /// appender's queue.
+    fn data_change(&mut self, n: MonitoredItemNotification) {
+        // Client handles are node index + 1 (see NodeSpec::request). Any
+        // other is the server's error, and ignored: kept, it would be a key
+        // in the node health and the queue's overflow, which a server
+        // sending every u32 would grow without bound.
+        let Some(index) = (n.client_handle as usize)
+            .checked_sub(1)
+            .filter(|i| *i < self.names_of.len())
+        else {
+            self.unknown_handles += 1;
+            if self.unknown_handles == 1 {
+                warn!(
+                    source = %self.source,
+                    client_handle = n.client_handle,
+                    "the server sent a data change for a client handle this source never gave out; ignored, and further ones are not logged until the next session"
+                );
+            }
+            return;
+        };
+        let code = n.value.status.unwrap_or(StatusCode::Good);
+        if self.health.record(index, code) {
+            let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
+            if code.is_bad() {
+                warn!(source = %self.source, node, status = %code, "node reports a bad status; listed in bad_nodes until a good value arrives");
+            } else {
+                info!(source = %self.source, node, status = %code, "node reports good values again");
+            }
+        }
+        self.feed.changes([(index, n.value)], false);
+    }
+
     /// A keep-alive carries the sequence number of the next data message, a
     /// data message its own: either one above `last_sequence + 1` means
     /// messages were lost (e.g. a response the server could not send).
@@ -147,21 +184,58 @@ impl OnSubscriptionNotificationCore for Notifications {
                 continue;
             };
             for n in change.monitored_items.into_iter().flatten() {
-                // Client handles are node index + 1 (see NodeSpec::request).
-                let Some(index) = (n.client_handle as usize).checked_sub(1) else {
-                    continue;
-                };
-                let code = n.value.status.unwrap_or(StatusCode::Good);
-                if self.health.record(index, code) {
-                    let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
-                    if code.is_bad() {
-                        warn!(source = %self.source, node, status = %code, "node reports a bad status; listed in bad_nodes until a good value arrives");
-                    } else {
-                        info!(source = %self.source, node, status = %code, "node reports good values again");
-                    }
-                }
-                self.feed.changes([(index, n.value)], false);
+                self.data_change(n);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opcua::types::{DataValue, Variant};
+
+    use super::super::queue::{self, Item};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_handle_this_source_never_gave_out_is_ignored() {
+        let status = Arc::new(SourceStatus::new("press", "opcua"));
+        let (feed, mut rx) = queue::channel(100, "press", status.clone());
+        let health = Arc::new(NodeHealth::default());
+        let mut n = Notifications {
+            source: "press".into(),
+            feed,
+            health: health.clone(),
+            names_of: Arc::from(vec!["ns=2;s=A".to_string(), "ns=2;s=B".to_string()]),
+            status,
+            last_sequence: 0,
+            unknown_handles: 0,
+        };
+        for handle in [0, 1, 2, 3, u32::MAX] {
+            n.data_change(MonitoredItemNotification {
+                client_handle: handle,
+                value: DataValue {
+                    status: Some(StatusCode::BadSensorFailure),
+                    ..DataValue::value_only(Variant::UInt32(handle))
+                },
+            });
+        }
+        assert_eq!(n.unknown_handles, 3);
+        let bad: Vec<usize> = health.bad().into_iter().map(|(i, _)| i).collect();
+        assert_eq!(bad, vec![0, 1]);
+        drop(n);
+        let mut out = Vec::new();
+        while rx.recv_many(&mut out, 10).await > 0 {}
+        let got: Vec<(usize, Option<Variant>)> = out
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Change { index, value, .. } => Some((index, value.value)),
+                Item::Names(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(0, Some(Variant::UInt32(1))), (1, Some(Variant::UInt32(2)))]
+        );
     }
 }

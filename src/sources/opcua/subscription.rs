@@ -139,6 +139,7 @@ impl OpcuaSource {
             names_of: names_of.clone(),
             status: status.clone(),
             last_sequence: 0,
+            unknown_handles: 0,
         };
         let subscription_id = session
             .create_subscription(
@@ -344,7 +345,7 @@ impl NodeHealth {
         self.changed.swap(false, Ordering::Relaxed)
     }
 
-    fn bad(&self) -> Vec<(usize, String)> {
+    pub(super) fn bad(&self) -> Vec<(usize, String)> {
         self.bad
             .lock()
             .map(|b| b.iter().map(|(i, s)| (*i, s.clone())).collect())
