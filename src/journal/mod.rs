@@ -126,7 +126,9 @@
 //!
 //! # Damage
 //!
-//! At open, `PRAGMA quick_check` runs. A file SQLite calls corrupt is renamed
+//! At open, `PRAGMA quick_check` runs. A file SQLite calls corrupt, or
+//! whose counters, cursors or texts hold a value of a type no release
+//! writes there (which quick_check does not look at), is renamed
 //! to `journal.db.corrupt-<utc time>`, a fresh journal continues the seq
 //! numbering where the old one can still be read (or from the clock), the
 //! intact events and the cursors are copied into it (`salvage.rs`), and the
@@ -167,6 +169,7 @@ pub(crate) fn skipped_between(skips: &[(u64, u64)], after: u64, through: u64) ->
 pub use files::{JOURNAL_FILE_MODE, STATE_DIR_MODE, is_locked};
 use files::{create_private_file, create_state_dir, lock_file, restrict_journal_files};
 pub use reserve::DEFAULT_DISK_RESERVE;
+use writer::LoadError;
 pub(crate) use writer::WINDOW_ENOUGH_EVENTS;
 
 use std::path::{Path, PathBuf};
@@ -527,10 +530,34 @@ impl Journal {
         }
         let lock = lock_file(&opts.path)?;
         create_private_file(&opts.path)?;
-        let (conn, quarantine) = schema::open_writer(&opts.path, opts.sync, opts.page_size)?;
+        let (conn, mut quarantine) = schema::open_writer(&opts.path, opts.sync, opts.page_size)?;
         restrict_journal_files(&opts.path)?;
-        let stats = Arc::new(SharedStats::default());
-        let state = writer::WriterState::load(conn, &opts, stats.clone())?;
+        let mut stats = Arc::new(SharedStats::default());
+        let state = match writer::WriterState::load(conn, &opts, stats.clone()) {
+            Ok(state) => state,
+            Err(LoadError::Damaged(reason)) if quarantine.is_none() => {
+                // `load` has closed its connection: the file can move.
+                let (conn, q) =
+                    schema::replace_damaged(&opts.path, opts.sync, opts.page_size, &reason)?;
+                restrict_journal_files(&opts.path)?;
+                quarantine = Some(q);
+                stats = Arc::new(SharedStats::default());
+                writer::WriterState::load(conn, &opts, stats.clone()).map_err(|e| match e {
+                    LoadError::Damaged(detail) => JournalError::Sqlite {
+                        path: opts.path.clone(),
+                        detail: format!("fresh journal after quarantine: {detail}"),
+                    },
+                    LoadError::Other(e) => e,
+                })?
+            }
+            Err(LoadError::Damaged(detail)) => {
+                return Err(JournalError::Sqlite {
+                    path: opts.path.clone(),
+                    detail: format!("fresh journal after quarantine: {detail}"),
+                });
+            }
+            Err(LoadError::Other(e)) => return Err(e),
+        };
         let (committed_tx, committed) = watch::channel(Committed::at(state.head_seq()));
         let (rewinds_tx, rewinds) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);

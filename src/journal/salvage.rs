@@ -222,11 +222,14 @@ fn copy(fresh: &Connection, rows: Vec<Row>, out: &mut Salvaged) -> rusqlite::Res
 
 /// The sinks' cursors, so that what was delivered is not sent again.
 fn copy_cursors(old: &Connection, fresh: &Connection) -> u64 {
+    // A row that cannot be read costs its own sink's cursor, not the others'.
     let rows: Vec<(String, i64, i64)> = match old
         .prepare("SELECT sink, seq, updated_us FROM cursors")
         .and_then(|mut st| {
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect()
+            Ok(st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .filter_map(Result::ok)
+                .collect())
         }) {
         Ok(rows) => rows,
         Err(_) => return 0,

@@ -163,6 +163,21 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
         if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
 }
 
+/// Whether reading the writer's state failed on damage: what SQLite calls
+/// corrupt, or a stored value of a type no release writes there (a text
+/// where a counter is kept: one flipped bit in a record's header, which
+/// quick_check does not look at).
+pub(crate) fn is_damage(e: &rusqlite::Error) -> bool {
+    is_corruption(e)
+        || matches!(
+            e,
+            rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::Utf8Error(..)
+        )
+}
+
 /// Opens (creating if needed) the journal for writing: WAL, the sync mode,
 /// the schema at its newest version. A file that SQLite calls corrupt, or
 /// that fails `quick_check`, is renamed aside and replaced by a fresh one.
@@ -174,27 +189,36 @@ pub fn open_writer(
     match try_open(path, sync, true, Some(page_size)) {
         Ok(conn) => Ok((conn, None)),
         Err(OpenFailure::Corrupt(reason)) => {
-            let mut q = quarantine(path, &reason)?;
-            let conn = try_open(path, sync, false, Some(page_size)).map_err(|f| match f {
-                OpenFailure::Corrupt(r)
-                | OpenFailure::Other(JournalError::Sqlite { detail: r, .. }) => {
-                    JournalError::Sqlite {
-                        path: path.to_path_buf(),
-                        detail: format!("fresh journal after quarantine failed: {r}"),
-                    }
-                }
-                OpenFailure::Other(e) => e,
-            })?;
-            seed_after_quarantine(&conn, path, &q)?;
-            q.salvaged = super::salvage::salvage_events(
-                &conn,
-                &q.moved_to,
-                q.salvaged_last_seq.unwrap_or(u64::MAX),
-            );
+            let (conn, q) = replace_damaged(path, sync, page_size, &reason)?;
             Ok((conn, Some(q)))
         }
         Err(OpenFailure::Other(e)) => Err(e),
     }
+}
+
+/// Moves a damaged journal aside and opens a fresh one in its place, which
+/// continues the seq numbering and holds what could be salvaged. The
+/// caller has closed every connection to the damaged file.
+pub(crate) fn replace_damaged(
+    path: &Path,
+    sync: SyncMode,
+    page_size: u32,
+    reason: &str,
+) -> Result<(Connection, Quarantine), JournalError> {
+    let mut q = quarantine(path, reason)?;
+    let conn = try_open(path, sync, false, Some(page_size)).map_err(|f| match f {
+        OpenFailure::Corrupt(r) | OpenFailure::Other(JournalError::Sqlite { detail: r, .. }) => {
+            JournalError::Sqlite {
+                path: path.to_path_buf(),
+                detail: format!("fresh journal after quarantine failed: {r}"),
+            }
+        }
+        OpenFailure::Other(e) => e,
+    })?;
+    seed_after_quarantine(&conn, path, &q)?;
+    q.salvaged =
+        super::salvage::salvage_events(&conn, &q.moved_to, q.salvaged_last_seq.unwrap_or(u64::MAX));
+    Ok((conn, q))
 }
 
 /// Reopens the journal after a failed commit, without the integrity check:

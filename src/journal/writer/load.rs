@@ -23,7 +23,7 @@ use crate::journal::dedup::{DedupIndex, key_hash};
 use crate::journal::reader::{first_seq_at_or_after, skipped_seqs};
 use crate::journal::reserve::Reserve;
 use crate::journal::schema::{
-    STARTUP_CACHE_KIB, STREAM_HEADS, WRITER_CACHE_KIB, open_reader, sqlite_err,
+    STARTUP_CACHE_KIB, STREAM_HEADS, WRITER_CACHE_KIB, is_damage, open_reader, sqlite_err,
 };
 use crate::journal::seqmark::SeqMark;
 use crate::journal::{JournalError, JournalOptions, SharedStats};
@@ -142,14 +142,37 @@ fn dedup_row<'r>(row: &'r rusqlite::Row<'_>) -> rusqlite::Result<(i64, &'r str, 
     ))
 }
 
+/// Why the writer's state could not be read.
+pub(crate) enum LoadError {
+    /// The file is damaged where the writer keeps its state (see
+    /// [`is_damage`]): the caller moves it aside, as a file that fails
+    /// quick_check, rather than fail at every start.
+    Damaged(String),
+    Other(JournalError),
+}
+
+impl From<JournalError> for LoadError {
+    fn from(e: JournalError) -> LoadError {
+        LoadError::Other(e)
+    }
+}
+
 impl WriterState {
     pub(crate) fn load(
         conn: Connection,
         opts: &JournalOptions,
         stats: Arc<SharedStats>,
-    ) -> Result<WriterState, JournalError> {
+    ) -> Result<WriterState, LoadError> {
         let path = opts.path.clone();
-        let e = |e| sqlite_err(&path, e);
+        let e = |e: rusqlite::Error| {
+            if is_damage(&e) {
+                LoadError::Damaged(format!(
+                    "a stored counter, cursor or text of the wrong type: {e}"
+                ))
+            } else {
+                LoadError::Other(sqlite_err(&path, e))
+            }
+        };
         let meta_last = meta_get(&conn, "last_seq").map_err(e)?.unwrap_or(0).max(0) as u64;
         let (max_seq, last_recv): (Option<i64>, Option<i64>) = conn
             .query_row(
@@ -252,28 +275,31 @@ impl WriterState {
         let (mark, jump) = open_seq_mark(&path, head)?;
         let mark = mark.fit_dedup(opts.dedup_max_ids);
 
-        // The dedup index of a large journal takes seconds to read (about
-        // 1 s per million ids). Forwarders need none of it: it is read on
-        // its own connection while the writer already serves them, and only
-        // the first append waits for it.
-        let dedup_loading = DedupLoad::start(&path, opts, head);
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
             .map_err(e)?;
         let retention_through = meta_get(&conn, "retention_through")
             .map_err(e)?
             .unwrap_or(0)
             .max(0) as u64;
+        let evicted_telemetry = meta_get(&conn, "evicted_telemetry")
+            .map_err(e)?
+            .unwrap_or(0) as u64;
+        let evicted_critical = meta_get(&conn, "evicted_critical").map_err(e)?.unwrap_or(0) as u64;
+        // The dedup index of a large journal takes seconds to read (about
+        // 1 s per million ids). Forwarders need none of it: it is read on
+        // its own connection while the writer already serves them, and only
+        // the first append waits for it. Started after every read that can
+        // fail on damage: a file that fails here is moved aside, and a
+        // connection still open on it would, when it closes, delete the
+        // `-wal` of the fresh file by name.
+        let dedup_loading = DedupLoad::start(&path, opts, head);
         stats.head_seq.store(head, Ordering::Relaxed);
-        stats.evicted_telemetry.store(
-            meta_get(&conn, "evicted_telemetry")
-                .map_err(e)?
-                .unwrap_or(0) as u64,
-            Ordering::Relaxed,
-        );
-        stats.evicted_critical.store(
-            meta_get(&conn, "evicted_critical").map_err(e)?.unwrap_or(0) as u64,
-            Ordering::Relaxed,
-        );
+        stats
+            .evicted_telemetry
+            .store(evicted_telemetry, Ordering::Relaxed);
+        stats
+            .evicted_critical
+            .store(evicted_critical, Ordering::Relaxed);
         stats.writer_alive.store(true, Ordering::Relaxed);
         let mut state = WriterState {
             conn,
@@ -311,7 +337,12 @@ impl WriterState {
             jump,
             texts,
         };
-        state.refresh_used().map_err(e)?;
+        if let Err(err) = state.refresh_used() {
+            if let Some(load) = state.dedup_loading.take() {
+                load.stop();
+            }
+            return Err(e(err));
+        }
         state.load_skipped_seqs();
         Ok(state)
     }

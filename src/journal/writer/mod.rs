@@ -42,6 +42,7 @@ mod window;
 use super::rowcheck::RowColumns;
 use super::seqmark::SeqMark;
 use load::DedupLoad;
+pub(crate) use load::LoadError;
 use window::CommitWindow;
 pub(crate) use window::{WINDOW_ENOUGH_EVENTS, wakes_window};
 
