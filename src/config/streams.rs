@@ -79,18 +79,17 @@ fn foreseeable_streams(sources: &super::SourcesConfig) -> Vec<(String, Class, Ve
     out
 }
 
-/// Whether some stream name matches both patterns.
+/// Whether some stream name matches both patterns. A loop, not a
+/// recursion per level: a pattern's length is the config's to choose.
 fn overlap(a: &[Level], b: &[Level]) -> bool {
-    match (a.first(), b.first()) {
-        (Some(Level::Rest), _) | (_, Some(Level::Rest)) => true,
-        (None, None) => true,
-        (None, _) | (_, None) => false,
-        (Some(x), Some(y)) => {
-            let same = match (x, y) {
-                (Level::Exact(p), Level::Exact(q)) => p == q,
-                _ => true,
-            };
-            same && overlap(&a[1..], &b[1..])
+    let (mut a, mut b) = (a.iter(), b.iter());
+    loop {
+        match (a.next(), b.next()) {
+            (Some(Level::Rest), _) | (_, Some(Level::Rest)) => return true,
+            (None, None) => return true,
+            (None, _) | (_, None) => return false,
+            (Some(Level::Exact(p)), Some(Level::Exact(q))) if p != q => return false,
+            (Some(_), Some(_)) => {}
         }
     }
 }
@@ -193,4 +192,44 @@ pub(super) fn unmatched_filters(config: &Config) -> Vec<RiskWarning> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn levels(pattern: &str) -> Vec<Level> {
+        pattern
+            .split('/')
+            .map(|l| match l {
+                "+" => Level::Any,
+                "#" => Level::Rest,
+                _ => Level::Exact(l.to_string()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn patterns_overlap_where_some_name_matches_both() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/c", true),
+            ("a/#", "a/c/d", true),
+            ("a", "a/b", false),
+            ("+/b", "a/+", true),
+            ("#", "x", true),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(overlap(&levels(a), &levels(b)), want, "{a} and {b}");
+            assert_eq!(overlap(&levels(b), &levels(a)), want, "{b} and {a}");
+        }
+    }
+
+    #[test]
+    fn a_pattern_of_a_million_levels_is_compared_without_recursion() {
+        let long = vec!["x"; 1_000_000].join("/");
+        assert!(overlap(&levels(&long), &levels(&long)));
+        assert!(!overlap(&levels(&long), &levels(&format!("{long}/y"))));
+    }
 }
