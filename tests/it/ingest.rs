@@ -763,19 +763,31 @@ async fn a_full_journal_under_block_answers_503_with_retry_after_1() {
 
 #[tokio::test]
 async fn a_failed_commit_answers_503_with_retry_after_5() {
-    let ingest = setup().start().await;
+    crate::support::logs::start();
+    let mut s = setup();
+    s.cfg.name = "mes-stopped-journal".into();
+    let ingest = s.start().await;
     // A journal whose writer has stopped: every append fails.
     ingest.journal.close().await;
-    let answer = ingest.post_json(SINGLE, &event("lost?")).await;
-    assert_rejected(&answer, 503, "journal commit failed:");
-    assert_eq!(
-        answer
-            .headers
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
-        Some("5")
-    );
+    for i in 0..20 {
+        let answer = ingest.post_json(SINGLE, &event(&format!("lost-{i}"))).await;
+        assert_rejected(&answer, 503, "journal commit failed:");
+        assert_eq!(
+            answer
+                .headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
+    }
     assert!(ingest.events().is_empty());
+    // Clients retrying against a journal that cannot take anything: one
+    // warning, not one per request.
+    let warned = crate::support::logs::text()
+        .lines()
+        .filter(|l| l.contains("source=mes-stopped-journal") && l.contains("not stored"))
+        .count();
+    assert_eq!(warned, 1);
     ingest.finish().await;
 }
 

@@ -566,6 +566,69 @@ async fn block_refuses_appends_when_full_and_accepts_them_after_delivery() {
     j.close().await;
 }
 
+/// Evicting from many streams at once (a publisher can make as many topics
+/// as it likes) is one warning per class and append, with the sums, not
+/// one per stream; each run is still a gap event.
+#[tokio::test]
+async fn drop_oldest_over_thousands_of_streams_logs_sums_not_a_line_per_stream() {
+    crate::support::logs::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let mut o = opts(dir.path());
+    o.max_size = 4 << 20;
+    o.when_full = WhenFull::DropOldest;
+    o.sync = plantrelay::journal::SyncMode::Normal;
+    let j = Journal::open(o).unwrap();
+    let mut appends = 0;
+    for round in 0..16 {
+        let events: Vec<_> = (0..500)
+            .map(|i| {
+                ev(
+                    "mqtt",
+                    &format!("t{round}-{i}"),
+                    &format!("topic-{round}-{i}"),
+                    Class::Telemetry,
+                    1000,
+                )
+            })
+            .collect();
+        j.append(events).await.unwrap();
+        appends += 1;
+    }
+    let (evicted_t, _) = evicted(&j);
+    j.close().await;
+    let gaps = all_events(&path)
+        .iter()
+        .filter(|e| e.event_type == GAP_EVENT_TYPE)
+        .count();
+    assert!(gaps > 1000, "one gap event per evicted stream: {gaps}");
+    let ours = format!("journal={}", path.display());
+    let lines: Vec<String> = crate::support::logs::text()
+        .lines()
+        .filter(|l| l.contains(&ours) && l.contains("journal full: evicted"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.len() <= appends,
+        "{} warnings for {appends} appends: {lines:?}",
+        lines.len()
+    );
+    let summed: u64 = lines
+        .iter()
+        .map(|l| {
+            l.split("evicted=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(summed, evicted_t, "the warnings add up to what was evicted");
+}
+
 #[tokio::test]
 async fn drop_oldest_evicts_telemetry_first_and_accounts_every_event_with_gaps() {
     let dir = tempfile::tempdir().unwrap();
@@ -915,6 +978,45 @@ async fn a_counter_cursor_or_text_of_the_wrong_type_is_quarantined_not_a_failure
         );
         j.close().await;
     }
+}
+
+/// A clock behind the last receive time (a gateway without a clock battery
+/// or NTP: months, not seconds) is logged once, not at every commit.
+#[tokio::test]
+async fn a_clock_behind_the_journal_is_logged_once_not_at_every_commit() {
+    crate::support::logs::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    let j = Journal::open(opts(dir.path())).unwrap();
+    j.append(vec![ev("mes", "0", "s", Class::Critical, 5)])
+        .await
+        .unwrap();
+    j.close().await;
+    drop(j);
+    {
+        // The last receive time an hour ahead of the clock.
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let ahead = plantrelay::units::unix_micros(SystemTime::now()) + 3_600_000_000;
+        db.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_recv_us', ?1)",
+            [ahead],
+        )
+        .unwrap();
+    }
+    let j = Journal::open(opts(dir.path())).unwrap();
+    for i in 1..=50 {
+        j.append(vec![ev("mes", &i.to_string(), "s", Class::Critical, 5)])
+            .await
+            .unwrap();
+        j.advance("central", None, i).await.unwrap();
+    }
+    j.close().await;
+    let ours = format!("journal={}", path.display());
+    let warned = crate::support::logs::text()
+        .lines()
+        .filter(|l| l.contains(&ours) && l.contains("system clock stepped back"))
+        .count();
+    assert_eq!(warned, 1, "one warning for 100 commits behind the clock");
 }
 
 #[tokio::test]

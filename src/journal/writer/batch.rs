@@ -7,12 +7,12 @@
 //! caller in the batch, never as partly stored.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hashbrown::HashMap;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::cursors::CURSOR_WRITE_AFTER;
 use super::{
@@ -28,6 +28,10 @@ use crate::units::unix_micros;
 /// Per-row overhead on disk beyond the accounted event size (row header,
 /// integer columns, B-tree cell).
 const ROW_OVERHEAD: u64 = 64;
+
+/// How often a clock still behind the last receive time is logged again.
+const CLOCK_BEHIND_WARN_EVERY: Duration = Duration::from_secs(3600);
+
 /// The `streams` table and `meta.last_seq` are written with an event commit
 /// (`streams_due`), not with every commit: under a trickle they were two of
 /// the three pages each commit wrote. Start-up reads the rows committed
@@ -524,14 +528,26 @@ impl WriterState {
     fn recv_now(&mut self) -> i64 {
         let now = unix_micros(SystemTime::now());
         if now < self.last_recv_us {
-            if self.last_recv_us - now > 1_000_000 {
+            // Once when it happens and then hourly: a gateway without a
+            // clock battery or NTP can stay behind for months, and this
+            // runs for every transaction.
+            if self.last_recv_us - now > 1_000_000
+                && self
+                    .clock_behind_warned
+                    .is_none_or(|at| at.elapsed() >= CLOCK_BEHIND_WARN_EVERY)
+            {
+                self.clock_behind_warned = Some(Instant::now());
                 warn!(
+                    journal = %self.path.display(),
                     behind_ms = (self.last_recv_us - now) / 1000,
-                    "system clock stepped back: receive times hold at the last value until it catches up"
+                    "system clock stepped back: receive times hold at the last value until it catches up (logged again hourly while it is behind)"
                 );
             }
             self.last_recv_us
         } else {
+            if self.clock_behind_warned.take().is_some() {
+                info!(journal = %self.path.display(), "system clock caught up with the last receive time");
+            }
             self.last_recv_us = now;
             now
         }

@@ -103,14 +103,34 @@ impl WriterState {
         }
         if self.opts.when_full == WhenFull::DropOldest {
             for class in [Class::Telemetry, Class::Critical] {
-                loop {
-                    let used = self.refresh_used().map_err(|e| self.err(e))?;
+                // One warning per class and call, with the sums: a call can
+                // take many rounds, each round as many runs as streams.
+                let (mut rows, mut runs) = (0, 0);
+                let result = loop {
+                    let used = match self.refresh_used() {
+                        Ok(used) => used,
+                        Err(e) => break Err(e),
+                    };
                     if used <= target {
-                        return Ok(());
+                        break Ok(true);
                     }
-                    if self.evict_round(class).map_err(|e| self.err(e))? == 0 {
-                        break;
+                    match self.evict_round(class) {
+                        Ok((0, _)) => break Ok(false),
+                        Ok((n, r)) => (rows, runs) = (rows + n, runs + r),
+                        Err(e) => break Err(e),
                     }
+                };
+                if rows > 0 {
+                    warn!(
+                        journal = %self.path.display(),
+                        class = %class,
+                        evicted = rows,
+                        runs,
+                        "journal full: evicted the oldest undelivered events (when_full = \"drop_oldest\"); a plantrelay.gap event takes the place of each run, and the gaps table lists them"
+                    );
+                }
+                if result.map_err(|e| self.err(e))? {
+                    return Ok(());
                 }
             }
             let used = self.refresh_used().map_err(|e| self.err(e))?;
@@ -208,8 +228,9 @@ impl WriterState {
     }
 
     /// Evicts the oldest undelivered events of `class` (one chunk) and puts a
-    /// gap event in place of every evicted range. Returns the rows evicted.
-    fn evict_round(&mut self, class: Class) -> rusqlite::Result<u64> {
+    /// gap event in place of every evicted range. Returns the rows evicted
+    /// and the ranges (runs of one stream) they made.
+    fn evict_round(&mut self, class: Class) -> rusqlite::Result<(u64, u64)> {
         let min_cursor = self.min_cursor_for(class);
         let victims: Vec<Evicted> = {
             let mut st = self.conn.prepare_cached(
@@ -236,7 +257,7 @@ impl WriterState {
             .collect::<Result<_, _>>()?
         };
         if victims.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let runs = eviction_runs(&victims);
         let reason = "journal full (when_full = \"drop_oldest\")";
@@ -330,7 +351,7 @@ impl WriterState {
                     Class::Critical => self.stats.evicted_critical.fetch_add(n, Ordering::Relaxed),
                 };
                 for run in &runs {
-                    warn!(
+                    debug!(
                         source = %run.source,
                         stream = %run.stream,
                         class = %class,
@@ -340,7 +361,7 @@ impl WriterState {
                         "journal full: evicted undelivered events (when_full = \"drop_oldest\"); a plantrelay.gap event takes their place"
                     );
                 }
-                Ok(n)
+                Ok((n, runs.len() as u64))
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");

@@ -319,6 +319,7 @@ impl WriterState {
             retention_pending: true,
             full_logged: false,
             capped_warned_us: None,
+            clock_behind_warned: None,
             recent_evictions: VecDeque::new(),
             probes: RefCell::new(HashMap::new()),
             relaxed_sync: false,

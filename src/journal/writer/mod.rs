@@ -76,6 +76,9 @@ pub(crate) struct WriterState {
     full_logged: bool,
     /// When the last "dedup index at its count limit" warning was logged.
     capped_warned_us: Option<i64>,
+    /// When the last "system clock stepped back" warning was logged, while
+    /// the clock is still behind.
+    clock_behind_warned: Option<Instant>,
     /// The latest eviction rounds, oldest first.
     recent_evictions: VecDeque<EvictionRound>,
     /// The connection is at `synchronous = NORMAL` for a transaction that

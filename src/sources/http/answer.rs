@@ -169,7 +169,20 @@ impl Ingest {
             ),
             other => ("5", format!("journal commit failed: {other}")),
         };
-        warn!(source = %self.name, events = count, error = %e, "ingest request not stored; answered 503");
+        // Clients retry at their own pace while the journal cannot take
+        // anything: one line a minute, not one per request.
+        match self.warnings.check("commit_failed") {
+            Some(suppressed) => warn!(
+                source = %self.name,
+                events = count,
+                error = %e,
+                suppressed_since_last_warning = suppressed,
+                "ingest request not stored; answered 503 (further ones are logged at debug for a minute)"
+            ),
+            None => {
+                debug!(source = %self.name, events = count, error = %e, "ingest request not stored; answered 503")
+            }
+        }
         self.status.record_error(format!("answered 503: {message}"));
         let body = serde_json::json!({ "error": message });
         let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
