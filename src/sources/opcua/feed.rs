@@ -19,10 +19,11 @@ use opcua::types::{
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Feed;
 use super::subscription::NodeHealth;
+use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
 
 /// What the event loop driver reports.
@@ -106,6 +107,9 @@ pub(super) struct Notifications {
     pub(super) last_sequence: u32,
     /// Data changes for client handles this source never gave out.
     pub(super) unknown_handles: u64,
+    /// A flapping sensor or a server that numbers its messages wrongly
+    /// would otherwise log at its own rate.
+    pub(super) warnings: WarnLimiter,
 }
 
 impl Notifications {
@@ -133,10 +137,17 @@ impl Notifications {
         let code = n.value.status.unwrap_or(StatusCode::Good);
         if self.health.record(index, code) {
             let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
-            if code.is_bad() {
-                warn!(source = %self.source, node, status = %code, "node reports a bad status; listed in bad_nodes until a good value arrives");
-            } else {
-                info!(source = %self.source, node, status = %code, "node reports good values again");
+            let kind = if code.is_bad() { "node_bad" } else { "node_good" };
+            match self.warnings.check(kind) {
+                Some(suppressed) if code.is_bad() => {
+                    warn!(source = %self.source, node, status = %code, suppressed_since_last_warning = suppressed, "node reports a bad status; listed in bad_nodes until a good value arrives (further changes to bad are logged at debug for a minute)");
+                }
+                Some(suppressed) => {
+                    info!(source = %self.source, node, status = %code, suppressed_since_last_line = suppressed, "node reports good values again (further changes to good are logged at debug for a minute)");
+                }
+                None => {
+                    debug!(source = %self.source, node, status = %code, "node status changed");
+                }
             }
         }
         self.feed.changes([(index, n.value)], false);
@@ -149,12 +160,21 @@ impl Notifications {
         let expected = self.last_sequence.wrapping_add(1);
         if sequence > expected {
             let lost = sequence - expected;
-            warn!(
-                source = %self.source,
-                lost_messages = lost,
-                first_missing = expected,
-                "OPC UA notification messages were lost between server and agent; the data changes in them are missing from the journal"
-            );
+            match self.warnings.check("sequence_gap") {
+                Some(suppressed) => warn!(
+                    source = %self.source,
+                    lost_messages = lost,
+                    first_missing = expected,
+                    suppressed_since_last_warning = suppressed,
+                    "OPC UA notification messages were lost between server and agent; the data changes in them are missing from the journal (further gaps are logged at debug for a minute)"
+                ),
+                None => debug!(
+                    source = %self.source,
+                    lost_messages = lost,
+                    first_missing = expected,
+                    "OPC UA notification messages were lost"
+                ),
+            }
             self.status.record_error(format!(
                 "{lost} notification message(s) from sequence number {expected} never arrived; their data changes are missing"
             ));
@@ -197,20 +217,80 @@ mod tests {
     use super::super::queue::{self, Item};
     use super::*;
 
-    #[tokio::test]
-    async fn a_client_handle_this_source_never_gave_out_is_ignored() {
+    /// Log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned()
+    }
+
+    fn notifications(nodes: usize) -> (Notifications, queue::Receiver, Arc<NodeHealth>) {
         let status = Arc::new(SourceStatus::new("press", "opcua"));
-        let (feed, mut rx) = queue::channel(100, "press", status.clone());
+        let (feed, rx) = queue::channel(100, "press", status.clone());
         let health = Arc::new(NodeHealth::default());
-        let mut n = Notifications {
+        let n = Notifications {
             source: "press".into(),
             feed,
             health: health.clone(),
-            names_of: Arc::from(vec!["ns=2;s=A".to_string(), "ns=2;s=B".to_string()]),
+            names_of: (0..nodes).map(|i| format!("ns=2;i={i}")).collect(),
             status,
             last_sequence: 0,
             unknown_handles: 0,
+            warnings: WarnLimiter::default(),
         };
+        (n, rx, health)
+    }
+
+    #[test]
+    fn a_flapping_sensor_is_logged_once_a_minute_not_at_every_change() {
+        let (mut n, _rx, health) = notifications(2);
+        let text = logged(|| {
+            for i in 0..200u32 {
+                let status = if i % 2 == 0 {
+                    StatusCode::BadSensorFailure
+                } else {
+                    StatusCode::Good
+                };
+                n.data_change(MonitoredItemNotification {
+                    client_handle: 1 + i % 4 / 2,
+                    value: DataValue {
+                        status: Some(status),
+                        ..DataValue::value_only(Variant::UInt32(i))
+                    },
+                });
+            }
+            // A server whose sequence numbers skip at every message.
+            for seq in (1..100).map(|k| k * 3) {
+                n.check_sequence(seq, false);
+            }
+        });
+        assert_eq!(text.matches("node reports a bad status").count(), 1, "{text}");
+        assert_eq!(text.matches("node reports good values again").count(), 1, "{text}");
+        assert_eq!(text.matches("notification messages were lost").count(), 1, "{text}");
+        // The health still follows every change: the last values were good.
+        assert!(health.bad().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_client_handle_this_source_never_gave_out_is_ignored() {
+        let (mut n, mut rx, health) = notifications(2);
         for handle in [0, 1, 2, 3, u32::MAX] {
             n.data_change(MonitoredItemNotification {
                 client_handle: handle,

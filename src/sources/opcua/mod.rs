@@ -142,6 +142,7 @@ use self::feed::{Driver, LoopEvent};
 use self::session::{connect_failure, user_identity_cert};
 use self::subscription::{Live, publish_bad_nodes};
 use super::reconnect::ReconnectBackoff;
+use super::warn_limit::WarnLimiter;
 use crate::config::{OpcuaSourceConfig, read_secret};
 use crate::journal::Journal;
 use crate::status::SourceStatus;
@@ -528,6 +529,7 @@ impl OpcuaSource {
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
         let window = watchdog_window(live.publishing_interval, live.keep_alive_count);
+        let warnings = WarnLimiter::default();
         let mut last_publish = Instant::now();
         let mut last_failure: Option<StatusCode> = None;
         let mut tick = tokio::time::interval(
@@ -551,12 +553,16 @@ impl OpcuaSource {
                         if code == StatusCode::BadResponseTooLarge {
                             // The server dropped a notification message it
                             // could not send: those data changes are lost.
-                            warn!(
-                                source = %self.name,
-                                status = %code,
-                                max_notifications_per_publish = MAX_NOTIFICATIONS_PER_PUBLISH,
-                                "the server could not send a publish response within its max message size; the data changes in it are lost — raise the server's max message size"
-                            );
+                            // Up to once a publishing interval: limited.
+                            if let Some(suppressed) = warnings.check("response_too_large") {
+                                warn!(
+                                    source = %self.name,
+                                    status = %code,
+                                    max_notifications_per_publish = MAX_NOTIFICATIONS_PER_PUBLISH,
+                                    suppressed_since_last_warning = suppressed,
+                                    "the server could not send a publish response within its max message size; the data changes in it are lost — raise the server's max message size"
+                                );
+                            }
                             status.record_error(format!(
                                 "{}: publish response too large for the server's max message size ({code}); data changes were lost",
                                 self.cfg.endpoint

@@ -140,6 +140,7 @@ impl OpcuaSource {
             status: status.clone(),
             last_sequence: 0,
             unknown_handles: 0,
+            warnings: Default::default(),
         };
         let subscription_id = session
             .create_subscription(
