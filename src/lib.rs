@@ -61,3 +61,4 @@ pub mod supervise;
 pub mod text;
 pub mod tls;
 pub mod units;
+pub(crate) mod warn_limit;

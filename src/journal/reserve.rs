@@ -17,7 +17,9 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::warn_limit::WarnLimiter;
 
 /// Bytes kept in reserve: room for the WAL of a checkpoint interval (1,000
 /// pages, 4 MiB) and the cursor, retention and checkpoint writes that
@@ -28,6 +30,7 @@ pub(crate) struct Reserve {
     path: PathBuf,
     size: u64,
     held: bool,
+    warnings: WarnLimiter,
 }
 
 impl Reserve {
@@ -38,6 +41,7 @@ impl Reserve {
             path: journal.with_extension("reserve"),
             size,
             held: false,
+            warnings: WarnLimiter::default(),
         };
         if size > 0 {
             match r.make() {
@@ -88,7 +92,15 @@ impl Reserve {
                 true
             }
             Err(e) => {
-                warn!(reserve = %self.path.display(), error = %e, "cannot set aside the disk reserve again; will retry");
+                // Tried every second while the disk is short.
+                match self.warnings.check("restore") {
+                    Some(suppressed) => {
+                        warn!(reserve = %self.path.display(), error = %e, suppressed_since_last_warning = suppressed, "cannot set aside the disk reserve again; will retry (further failures are logged at debug for a minute)")
+                    }
+                    None => {
+                        debug!(reserve = %self.path.display(), error = %e, "cannot set aside the disk reserve again")
+                    }
+                }
                 false
             }
         }

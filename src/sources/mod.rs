@@ -12,7 +12,6 @@ pub mod mqtt;
 pub mod opcua;
 pub mod reconnect;
 pub mod sparkplug;
-pub(crate) mod warn_limit;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -320,6 +320,7 @@ impl WriterState {
             full_logged: false,
             capped_warned_us: None,
             clock_behind_warned: None,
+            warnings: Default::default(),
             recent_evictions: VecDeque::new(),
             probes: RefCell::new(HashMap::new()),
             relaxed_sync: false,

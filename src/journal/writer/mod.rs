@@ -79,6 +79,9 @@ pub(crate) struct WriterState {
     /// When the last "system clock stepped back" warning was logged, while
     /// the clock is still behind.
     clock_behind_warned: Option<Instant>,
+    /// Upkeep that fails is tried again every second: its warnings are
+    /// limited to one a minute per kind.
+    warnings: crate::warn_limit::WarnLimiter,
     /// The latest eviction rounds, oldest first.
     recent_evictions: VecDeque<EvictionRound>,
     /// The connection is at `synchronous = NORMAL` for a transaction that

@@ -105,7 +105,13 @@ impl WriterState {
                 let _ = self.refresh_used();
             }
             Err(e) => {
-                warn!(error = %self.err(e), "retention step failed; will retry");
+                let error = self.err(e);
+                match self.warnings.check("retention") {
+                    Some(suppressed) => {
+                        warn!(%error, suppressed_since_last_warning = suppressed, "retention step failed; will retry (further failures are logged at debug for a minute)")
+                    }
+                    None => debug!(%error, "retention step failed; will retry"),
+                }
                 self.retention_pending = false;
             }
         }
@@ -132,7 +138,12 @@ impl WriterState {
                     wal_bytes = size,
                     busy, log, done, "WAL over its limit: checkpointed"
                 ),
-                Err(e) => warn!(error = %e, wal_bytes = size, "WAL checkpoint failed"),
+                Err(e) => match self.warnings.check("checkpoint") {
+                    Some(suppressed) => {
+                        warn!(error = %e, wal_bytes = size, suppressed_since_last_warning = suppressed, "WAL checkpoint failed; will retry (further failures are logged at debug for a minute)")
+                    }
+                    None => debug!(error = %e, wal_bytes = size, "WAL checkpoint failed"),
+                },
             }
         }
     }

@@ -27,9 +27,9 @@ use crate::event::Class;
 use crate::journal::Journal;
 use crate::schema::Schemas;
 use crate::serve;
-use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
 use crate::tls;
+use crate::warn_limit::WarnLimiter;
 
 /// A bound (not yet serving) ingest listener.
 pub struct HttpSource {

@@ -129,7 +129,7 @@ pub use self::listener::HttpSource;
 use self::listener::Token;
 pub(crate) use self::parse::{body_format, parse_events};
 use self::trace::TraceContext;
-use super::warn_limit::WarnLimiter;
+use crate::warn_limit::WarnLimiter;
 
 /// The one ingest path.
 pub const INGEST_PATH: &str = "/v1/events";

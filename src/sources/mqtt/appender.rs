@@ -18,8 +18,8 @@ use super::connection::Done;
 use super::mapping::{Mapped, Mapper, Message};
 use super::{BATCH_MAX, MqttSourceError};
 use crate::journal::{AppendOutcome, Journal, JournalError};
-use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
+use crate::warn_limit::WarnLimiter;
 
 /// The task that maps, appends and reports, in arrival order.
 pub(super) struct Appender {

@@ -99,13 +99,13 @@ pub use mapping::{
 use self::appender::{Appender, Window};
 use self::connection::Connection;
 use self::mapping::Mapper;
-use super::warn_limit::WarnLimiter;
 use crate::config::MqttSourceConfig;
 use crate::journal::Journal;
 use crate::mqtt::link::LinkSettings;
 use crate::schema::Schemas;
 use crate::status::SourceStatus;
 use crate::tls::TlsError;
+use crate::warn_limit::WarnLimiter;
 
 /// Most messages in one journal append.
 pub const BATCH_MAX: usize = 1000;

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 
 use super::Feed;
 use super::subscription::NodeHealth;
-use crate::sources::warn_limit::WarnLimiter;
 use crate::status::SourceStatus;
+use crate::warn_limit::WarnLimiter;
 
 /// What the event loop driver reports.
 #[derive(Debug)]
@@ -137,7 +137,11 @@ impl Notifications {
         let code = n.value.status.unwrap_or(StatusCode::Good);
         if self.health.record(index, code) {
             let node = self.names_of.get(index).map(String::as_str).unwrap_or("?");
-            let kind = if code.is_bad() { "node_bad" } else { "node_good" };
+            let kind = if code.is_bad() {
+                "node_bad"
+            } else {
+                "node_good"
+            };
             match self.warnings.check(kind) {
                 Some(suppressed) if code.is_bad() => {
                     warn!(source = %self.source, node, status = %code, suppressed_since_last_warning = suppressed, "node reports a bad status; listed in bad_nodes until a good value arrives (further changes to bad are logged at debug for a minute)");
@@ -281,9 +285,21 @@ mod tests {
                 n.check_sequence(seq, false);
             }
         });
-        assert_eq!(text.matches("node reports a bad status").count(), 1, "{text}");
-        assert_eq!(text.matches("node reports good values again").count(), 1, "{text}");
-        assert_eq!(text.matches("notification messages were lost").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("node reports a bad status").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("node reports good values again").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("notification messages were lost").count(),
+            1,
+            "{text}"
+        );
         // The health still follows every change: the last values were good.
         assert!(health.bad().is_empty());
     }

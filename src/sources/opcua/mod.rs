@@ -142,10 +142,10 @@ use self::feed::{Driver, LoopEvent};
 use self::session::{connect_failure, user_identity_cert};
 use self::subscription::{Live, publish_bad_nodes};
 use super::reconnect::ReconnectBackoff;
-use super::warn_limit::WarnLimiter;
 use crate::config::{OpcuaSourceConfig, read_secret};
 use crate::journal::Journal;
 use crate::status::SourceStatus;
+use crate::warn_limit::WarnLimiter;
 
 /// Most data changes in one journal append.
 pub const BATCH_MAX: usize = 2000;

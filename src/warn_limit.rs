@@ -1,7 +1,8 @@
-//! A source's warnings, rate-limited per kind: a client or a publisher that
-//! sends the same fault a thousand times a second gets one `warn` line a
-//! minute (with the count of the ones in between), not a flood that fills
-//! the disk and hides everything else. The rest are logged at `debug`.
+//! Warnings rate-limited per kind: a client or a publisher that sends the
+//! same fault a thousand times a second, or a fault of the disk that lasts
+//! for hours, gets one `warn` line a minute (with the count of the ones in
+//! between), not a flood that fills the disk and hides everything else.
+//! The rest are logged at `debug`.
 //!
 //! It only decides whether a line is a warning; it never drops, counts or
 //! answers anything itself.
