@@ -173,6 +173,11 @@ pub struct Forwarder<S: Sink> {
     sink: Arc<S>,
     journal: Journal,
     status: Arc<SinkStatus>,
+    /// An upstream that refuses everything (a changed API, a proxy that
+    /// answers 400) rejects and dead-letters at network speed: its lines
+    /// are limited to one a minute per kind; the dead letters table and
+    /// the status keep every one.
+    warnings: crate::warn_limit::WarnLimiter,
 }
 
 enum Wait {
@@ -221,6 +226,7 @@ impl<S: Sink> Forwarder<S> {
             sink: Arc::new(sink),
             journal,
             status,
+            warnings: Default::default(),
         }
     }
 
@@ -678,7 +684,14 @@ impl<S: Sink> Forwarder<S> {
                                 reason,
                                 acked,
                             } => {
-                                warn!(sink = %name, first, last, acked, index = ?index, reason = %reason, "upstream rejected the batch");
+                                match self.warnings.check("reject") {
+                                    Some(suppressed) => {
+                                        warn!(sink = %name, first, last, acked, index = ?index, reason = %reason, suppressed_since_last_warning = suppressed, "upstream rejected the batch (further rejections are logged at debug for a minute)")
+                                    }
+                                    None => {
+                                        debug!(sink = %name, first, last, acked, index = ?index, reason = %reason, "upstream rejected the batch")
+                                    }
+                                }
                                 self.record_error(reason.clone());
                             }
                         }
@@ -713,7 +726,14 @@ impl<S: Sink> Forwarder<S> {
                     let (seq, id) = (ev.seq, ev.id.clone());
                     match self.journal.dead_letter(name, ev, &reason).await {
                         Ok(dl) => {
-                            error!(sink = %name, seq, id = %id, dead_letter = dl, reason = %reason, "event dead-lettered: the upstream rejects it for good");
+                            match self.warnings.check("dead_letter") {
+                                Some(suppressed) => {
+                                    error!(sink = %name, seq, id = %id, dead_letter = dl, reason = %reason, suppressed_since_last_line = suppressed, "event dead-lettered: the upstream rejects it for good (further dead letters are logged at debug for a minute; plantrelay journal dead-letters lists them all)")
+                                }
+                                None => {
+                                    debug!(sink = %name, seq, id = %id, dead_letter = dl, reason = %reason, "event dead-lettered")
+                                }
+                            }
                             lane.core.on_dead_lettered(true);
                         }
                         Err(e) => {

@@ -162,6 +162,51 @@ async fn an_upstream_refusing_our_credentials_holds_the_backlog_without_dead_let
     a.shutdown().await;
 }
 
+/// An upstream that refuses every event (a changed API, a proxy answering
+/// 400) dead-letters them all, each one kept in the table; the log has one
+/// rejection and one dead-letter line a minute, not two per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_everything_is_logged_once_a_minute_not_per_event() {
+    support::logs::start();
+    let h = Harness::new().await;
+    h.receiver.set_fail(400, None, 1.0);
+    let text = h
+        .config_text(
+            "127.0.0.1:0",
+            &h.receiver.url(),
+            "batch_max_events = 50",
+            "",
+        )
+        .replace("name = \"central\"", "name = \"refuses-all\"");
+    let config = plantrelay::config::Config::load(&h.write_config(&text)).unwrap();
+    let a = agent::start(&config).await.unwrap();
+    let client = http_client();
+    assert_eq!(
+        post(&client, &ingest_url(&a), &mes_events("refused", 100, 2))
+            .await
+            .0,
+        202
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.view.sinks[0].progress().dead_letters < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            a.view.sinks[0].progress()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown().await;
+    let log = support::logs::text();
+    let ours = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains("sink=refuses-all") && l.contains(what))
+            .count()
+    };
+    assert_eq!(ours("upstream rejected the batch"), 1);
+    assert_eq!(ours("event dead-lettered"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_poison_events_in_a_thousand_become_exactly_three_dead_letters() {
     let h = Harness::new().await;
