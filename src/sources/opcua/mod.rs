@@ -356,6 +356,8 @@ impl OpcuaSource {
             pki = %self.pki_dir.display(),
             "OPC UA source starting"
         );
+        // Failed generations in a row (a stable one resets the count).
+        let mut failures: u64 = 0;
         let result = loop {
             generation += 1;
             let started = Instant::now();
@@ -385,10 +387,19 @@ impl OpcuaSource {
                 Err(e) => {
                     if started.elapsed() >= STABLE_AFTER {
                         backoff.reset();
+                        failures = 0;
                     }
+                    failures += 1;
                     let wait = backoff.delay();
                     let message = format!("{}: {e}", self.cfg.endpoint);
-                    warn!(source = %self.name, error = %message, retry_in_ms = wait.as_millis() as u64, "OPC UA connection failed or lost; reconnecting");
+                    // The first failure and every 20th while it lasts (as
+                    // the MQTT source does): a PLC off for a weekend is
+                    // tried every 5 s.
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        warn!(source = %self.name, error = %message, attempts = failures, retry_in_ms = wait.as_millis() as u64, "OPC UA connection failed or lost; reconnecting");
+                    } else {
+                        debug!(source = %self.name, error = %message, attempts = failures, "OPC UA connection failed");
+                    }
                     status.record_error(message);
                     tokio::select! {
                         () = shutdown.cancelled() => break Ok(()),
