@@ -14,6 +14,7 @@ use async_nats::{AuthError, ConnectOptions, Event};
 use tracing::{debug, info, warn};
 
 use super::JetStreamSink;
+use crate::warn_limit::WarnLimiter;
 
 /// Credentials sent at connect.
 #[derive(Clone)]
@@ -82,6 +83,7 @@ impl JetStreamSink {
     /// and drops what it held, and the next send opens a new connection.
     async fn open(&self) -> Result<Upstream, String> {
         let sink = self.name.clone();
+        let warnings = Arc::new(WarnLimiter::default());
         let auth = self.auth.clone();
         let first = Arc::new(AtomicBool::new(true));
         let gate = first.clone();
@@ -107,8 +109,8 @@ impl JetStreamSink {
         .max_reconnects(Some(self.servers.len().max(1)))
         .reconnect_delay_callback(|_| Duration::ZERO)
         .event_callback(move |event| {
-            let sink = sink.clone();
-            async move { log_event(&sink, event) }
+            let (sink, warnings) = (sink.clone(), warnings.clone());
+            async move { log_event(&sink, &warnings, event) }
         });
         if let Some(tls) = &self.tls {
             opts = opts.require_tls(true).tls_client_config(tls.clone());
@@ -176,7 +178,9 @@ impl JetStreamSink {
     }
 }
 
-fn log_event(sink: &str, event: Event) {
+/// A server refusing every publish (a permission violation) sends a
+/// `-ERR` for each one: those lines are limited to one a minute.
+fn log_event(sink: &str, warnings: &WarnLimiter, event: Event) {
     match event {
         Event::Connected => info!(sink = %sink, "connected to the NATS server"),
         Event::Disconnected => {
@@ -185,7 +189,12 @@ fn log_event(sink: &str, event: Event) {
         Event::LameDuckMode => {
             warn!(sink = %sink, "the NATS server is shutting down (lame duck mode)")
         }
-        Event::ServerError(e) => warn!(sink = %sink, error = %e, "NATS server error"),
+        Event::ServerError(e) => match warnings.check("server_error") {
+            Some(suppressed) => {
+                warn!(sink = %sink, error = %e, suppressed_since_last_warning = suppressed, "NATS server error (further ones are logged at debug for a minute)")
+            }
+            None => debug!(sink = %sink, error = %e, "NATS server error"),
+        },
         Event::ClientError(e) => warn!(sink = %sink, error = %e, "NATS client error"),
         other => debug!(sink = %sink, event = %other, "NATS connection event"),
     }
