@@ -527,9 +527,9 @@ impl Conn {
 /// One packet from `rbuf`, or `None` when it is incomplete.
 ///
 /// rumqttc answers `InsufficientBytes` both for a frame that has not all
-/// arrived and for a whole frame whose fields run past its own end (a
-/// topic length longer than the packet); in the second case it has already
-/// taken the frame out of the buffer. Waiting for more bytes then would
+/// arrived and for a whole frame whose fields run past its own end (an MQTT
+/// 5 properties length cut off by the end of the frame); in the second
+/// case it has already taken the frame out of the buffer. Waiting for more bytes then would
 /// lose the packet without a word (a PUBLISH never acknowledged, holding
 /// one of the broker's in-flight slots until the session ends), so a
 /// buffer that shrank is a malformed packet, as any other decoding error.
