@@ -534,7 +534,6 @@ impl Journal {
         restrict_journal_files(&opts.path)?;
         let mut stats = Arc::new(SharedStats::default());
         let state = match writer::WriterState::load(conn, &opts, stats.clone()) {
-            Ok(state) => state,
             Err(LoadError::Damaged(reason)) if quarantine.is_none() => {
                 // `load` has closed its connection: the file can move.
                 let (conn, q) =
@@ -542,22 +541,18 @@ impl Journal {
                 restrict_journal_files(&opts.path)?;
                 quarantine = Some(q);
                 stats = Arc::new(SharedStats::default());
-                writer::WriterState::load(conn, &opts, stats.clone()).map_err(|e| match e {
-                    LoadError::Damaged(detail) => JournalError::Sqlite {
-                        path: opts.path.clone(),
-                        detail: format!("fresh journal after quarantine: {detail}"),
-                    },
-                    LoadError::Other(e) => e,
-                })?
+                writer::WriterState::load(conn, &opts, stats.clone())
             }
-            Err(LoadError::Damaged(detail)) => {
-                return Err(JournalError::Sqlite {
-                    path: opts.path.clone(),
-                    detail: format!("fresh journal after quarantine: {detail}"),
-                });
-            }
-            Err(LoadError::Other(e)) => return Err(e),
-        };
+            loaded => loaded,
+        }
+        .map_err(|e| match e {
+            // Only a fresh journal is left to fail this way.
+            LoadError::Damaged(detail) => JournalError::Sqlite {
+                path: opts.path.clone(),
+                detail: format!("fresh journal after quarantine: {detail}"),
+            },
+            LoadError::Other(e) => e,
+        })?;
         let (committed_tx, committed) = watch::channel(Committed::at(state.head_seq()));
         let (rewinds_tx, rewinds) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
