@@ -106,20 +106,15 @@ impl WriterState {
                 // One warning per class and call, with the sums: a call can
                 // take many rounds, each round as many runs as streams.
                 let (mut rows, mut runs) = (0, 0);
-                let result = loop {
-                    let used = match self.refresh_used() {
-                        Ok(used) => used,
-                        Err(e) => break Err(e),
-                    };
-                    if used <= target {
-                        break Ok(true);
+                let result = (|| loop {
+                    if self.refresh_used()? <= target {
+                        return Ok(true);
                     }
-                    match self.evict_round(class) {
-                        Ok((0, _)) => break Ok(false),
-                        Ok((n, r)) => (rows, runs) = (rows + n, runs + r),
-                        Err(e) => break Err(e),
+                    match self.evict_round(class)? {
+                        (0, _) => return Ok(false),
+                        (n, r) => (rows, runs) = (rows + n, runs + r),
                     }
-                };
+                })();
                 if rows > 0 {
                     warn!(
                         journal = %self.path.display(),
